@@ -1,0 +1,47 @@
+"""lossd: per-sample losses and batch aggregates from a lossd server.
+
+    from lossd import LossClient
+    with LossClient("127.0.0.1:50051") as client:
+        r = client.evaluate(logits, targets, loss="cross_entropy")
+        r.per_sample, r.mean
+
+Installs without torch; torch tensors are accepted when torch is present.
+"""
+
+from lossd._client import LossClient
+from lossd._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    LossdError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from lossd._result import Aggregates, LossInfo, LossResult, OptionInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregates",
+    "Cancelled",
+    "DeadlineExceeded",
+    "InternalError",
+    "InvalidArgument",
+    "LossClient",
+    "LossInfo",
+    "LossResult",
+    "LossdError",
+    "NotFound",
+    "OptionInfo",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "__version__",
+]

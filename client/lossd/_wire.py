@@ -1,0 +1,146 @@
+"""Arrays and tensors <-> ``lossd.v1.Tensor`` messages.
+
+The dtype table lives here and nowhere else; the server imports it. A tensor travels as
+raw little-endian, row-major bytes plus its dtype and shape. Encoding makes at most one
+copy of the payload (``tobytes`` of a contiguous array); decoding a response is a view.
+
+torch is optional: a ``torch.Tensor`` is recognised without importing torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lossd.v1 import loss_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class WireDType:
+    """One row of the dtype table: the proto enum value, its name and numpy layout."""
+
+    proto: int
+    name: str
+    numpy: np.dtype[Any]
+    is_float: bool
+
+    @property
+    def itemsize(self) -> int:
+        return int(self.numpy.itemsize)
+
+
+# bfloat16 has no numpy dtype: it travels as its 16 raw bits (viewed as little-endian uint16).
+WIRE_DTYPES: dict[int, WireDType] = {
+    d.proto: d
+    for d in (
+        WireDType(pb.FLOAT32, "float32", np.dtype("<f4"), True),
+        WireDType(pb.FLOAT16, "float16", np.dtype("<f2"), True),
+        WireDType(pb.BFLOAT16, "bfloat16", np.dtype("<u2"), True),
+        WireDType(pb.FLOAT64, "float64", np.dtype("<f8"), True),
+        WireDType(pb.INT64, "int64", np.dtype("<i8"), False),
+        WireDType(pb.INT32, "int32", np.dtype("<i4"), False),
+    )
+}
+_BY_NUMPY_KIND: dict[str, int] = {"f4": pb.FLOAT32, "f2": pb.FLOAT16, "f8": pb.FLOAT64,
+                                  "i8": pb.INT64, "i4": pb.INT32}
+_TORCH_NAMES: dict[str, int] = {"torch.float32": pb.FLOAT32, "torch.float16": pb.FLOAT16,
+                                "torch.bfloat16": pb.BFLOAT16, "torch.float64": pb.FLOAT64,
+                                "torch.int64": pb.INT64, "torch.int32": pb.INT32}
+
+
+def dtype_name(proto_dtype: int) -> str:
+    """The wire dtype's name ("float32", ...), or ``DType(<n>)`` for an unknown value."""
+    d = WIRE_DTYPES.get(proto_dtype)
+    return d.name if d else f"DType({proto_dtype})"
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _torch_to_numpy(t: Any) -> tuple[np.ndarray, int]:
+    """A CPU, contiguous numpy view of a torch tensor (a copy only if it lives elsewhere)."""
+    name = str(t.dtype)
+    if name not in _TORCH_NAMES:
+        raise TypeError(f"unsupported torch dtype {name}; send one of {sorted(_TORCH_NAMES)}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    proto = _TORCH_NAMES[name]
+    if proto == pb.BFLOAT16:
+        import torch  # present: we hold a torch tensor
+
+        t = t.view(torch.int16)
+    return t.numpy(), proto
+
+
+def as_array(value: Any, *, field: str) -> tuple[np.ndarray, int]:
+    """Normalise an array-like to a C-contiguous little-endian numpy array and a wire dtype.
+
+    Accepts numpy arrays, torch tensors on any device (bfloat16 too), and nested lists
+    (floats become float64, integers int64). No copy is made for a contiguous,
+    little-endian array of an accepted dtype.
+    """
+    if _is_torch_tensor(value):
+        arr, proto = _torch_to_numpy(value)
+        return arr.reshape(arr.shape), proto
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_:
+        raise TypeError(f"{field}: bool arrays are not accepted; convert to float or int")
+    key = f"{arr.dtype.kind}{arr.dtype.itemsize}"
+    if key not in _BY_NUMPY_KIND:
+        accepted = "float32, float16, bfloat16 (torch), float64, int64, int32"
+        raise TypeError(f"{field}: dtype {arr.dtype} is not accepted; use one of {accepted}")
+    want = WIRE_DTYPES[_BY_NUMPY_KIND[key]].numpy
+    arr = np.ascontiguousarray(arr, dtype=want)  # no-op unless strided or big-endian
+    return arr, _BY_NUMPY_KIND[key]
+
+
+def array_to_tensor(arr: np.ndarray, proto_dtype: int) -> pb.Tensor:
+    """Wrap a contiguous array as a Tensor message: one copy of the payload (tobytes)."""
+    return pb.Tensor(dtype=proto_dtype, shape=arr.shape, data=arr.tobytes())
+
+
+def to_tensor(value: Any, *, field: str) -> pb.Tensor:
+    """Array-like -> Tensor message (see :func:`as_array` for what is accepted)."""
+    arr, proto = as_array(value, field=field)
+    return array_to_tensor(arr, proto)
+
+
+def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
+    """Tensor message -> numpy array (a read-only view of the message's bytes).
+
+    bfloat16 comes back as float32 since numpy has no bfloat16.
+    """
+    d = WIRE_DTYPES.get(t.dtype)
+    if d is None:
+        raise ValueError(f"unknown wire dtype {t.dtype}")
+    arr = np.frombuffer(t.data, dtype=d.numpy).reshape(tuple(t.shape))
+    if t.dtype == pb.BFLOAT16:
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+def option_value(name: str, value: Any) -> pb.OptionValue:
+    """A Python option value -> OptionValue. Arrays and sequences become tensors."""
+    if isinstance(value, bool | np.bool_):
+        return pb.OptionValue(bool_value=bool(value))
+    if isinstance(value, int | np.integer):
+        return pb.OptionValue(int_value=int(value))
+    if isinstance(value, float | np.floating):
+        return pb.OptionValue(float_value=float(value))
+    if isinstance(value, str):
+        return pb.OptionValue(string_value=value)
+    if isinstance(value, np.ndarray | Sequence) or _is_torch_tensor(value):
+        return pb.OptionValue(tensor_value=to_tensor(value, field=f"options.{name}"))
+    raise TypeError(f"options.{name}: unsupported value of type {type(value).__name__}")
+
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    # as_array converts to little-endian explicitly; tensor_to_numpy reads '<' dtypes.
+    pass

@@ -1,0 +1,146 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT64: DType
+INT64: DType
+INT32: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OptionValue(_message.Message):
+    __slots__ = ("float_value", "int_value", "bool_value", "string_value", "tensor_value")
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    float_value: float
+    int_value: int
+    bool_value: bool
+    string_value: str
+    tensor_value: Tensor
+    def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: OptionValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[OptionValue, _Mapping]] = ...) -> None: ...
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    loss: str
+    predictions: Tensor
+    targets: Tensor
+    weights: Tensor
+    options: _containers.MessageMap[str, OptionValue]
+    tag: str
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class Aggregates(_message.Message):
+    __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_SUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_MEAN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    sum: float
+    mean: float
+    weighted_sum: float
+    weighted_mean: float
+    count: int
+    ignored: int
+    omitted: int
+    weight_sum: float
+    def __init__(self, sum: _Optional[float] = ..., mean: _Optional[float] = ..., weighted_sum: _Optional[float] = ..., weighted_mean: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., omitted: _Optional[int] = ..., weight_sum: _Optional[float] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("per_sample", "aggregates", "running")
+    PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    per_sample: Tensor
+    aggregates: Aggregates
+    running: Aggregates
+    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ...) -> None: ...
+
+class ListLossesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OptionSpec(_message.Message):
+    __slots__ = ("name", "type", "default", "description", "choices")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default: str
+    description: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., description: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LossSpec(_message.Message):
+    __slots__ = ("name", "description", "options", "prediction_shapes", "target_shapes", "prediction_dtypes", "target_dtypes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    options: _containers.RepeatedCompositeFieldContainer[OptionSpec]
+    prediction_shapes: _containers.RepeatedScalarFieldContainer[str]
+    target_shapes: _containers.RepeatedScalarFieldContainer[str]
+    prediction_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    target_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., options: _Optional[_Iterable[_Union[OptionSpec, _Mapping]]] = ..., prediction_shapes: _Optional[_Iterable[str]] = ..., target_shapes: _Optional[_Iterable[str]] = ..., prediction_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ...) -> None: ...
+
+class ListLossesResponse(_message.Message):
+    __slots__ = ("losses", "max_message_bytes")
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    losses: _containers.RepeatedCompositeFieldContainer[LossSpec]
+    max_message_bytes: int
+    def __init__(self, losses: _Optional[_Iterable[_Union[LossSpec, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

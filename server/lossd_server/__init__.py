@@ -1,0 +1,7 @@
+"""lossd_server: the lossd gRPC service (install with ``lossd[server]``).
+
+The functional core (``losses``, ``reduce``, ``validate``, ``engine``) is plain torch and
+knows nothing of gRPC; ``servicer`` and ``app`` put it on the wire.
+"""
+
+__version__ = "0.1.0"

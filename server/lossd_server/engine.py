@@ -1,0 +1,95 @@
+"""One evaluation on one device: validate, compute, reduce. No gRPC here.
+
+>>> import torch
+>>> e = Engine(torch.device("cpu"))
+>>> r = e.evaluate(Batch("mse_loss", torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])))
+>>> r.per_sample.tolist(), r.aggregate.mean
+([1.0, 4.0], 2.5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossd_server import validate
+from lossd_server.reduce import Aggregate, per_sample
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A decoded request: host tensors as they came off the wire, options as Python values."""
+
+    loss: str
+    predictions: Tensor
+    targets: Tensor
+    weights: Tensor | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-sample losses (float32, host, (N,)) and the batch's exact aggregate."""
+
+    per_sample: Tensor
+    aggregate: Aggregate
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Engine:
+    """Evaluates batches on ``device``; every input is validated on the host first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
+        """Per-sample losses and aggregates of one batch.
+
+        ``allow_zero_weight_sum``: streams accept a batch whose weights are all zero (the
+        running total decides); a single Evaluate does not.
+        Raises ``validate.RequestError`` for bad input.
+        """
+        spec = validate.loss(batch.loss)
+        opts = validate.options(spec, batch.options)
+        class_index = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
+                                     allow_zero_weight_sum=allow_zero_weight_sum)
+        nan_policy = opts.pop("nan_policy")
+
+        dtype = compute_dtype(batch.predictions.dtype)
+        pred = batch.predictions.to(self.device).to(dtype)
+        if class_index:
+            target = batch.targets.to(self.device).long()
+        else:
+            target = batch.targets.to(self.device).to(dtype)
+        for name, value in opts.items():
+            if isinstance(value, Tensor):
+                opts[name] = value.to(self.device, dtype)
+
+        finite = None
+        if nan_policy != "propagate":
+            finite = validate.finite_predictions(pred)
+            if nan_policy == "raise":
+                validate.no_nonfinite(finite)
+
+        values = spec.fn(pred, target, **opts)
+        valid = (target != opts["ignore_index"]) if class_index else None
+        losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
+
+        losses_host = losses.cpu()
+        weights = None if batch.weights is None else batch.weights.to(torch.float64).numpy()
+        aggregate = Aggregate.of_batch(
+            losses_host.numpy(), weights,
+            ignored=None if all_ignored is None else all_ignored.cpu().numpy(),
+            omitted=None if finite is None or nan_policy != "omit"
+            else ~finite.cpu().numpy().astype(np.bool_))
+        return Evaluation(per_sample=losses_host.to(torch.float32), aggregate=aggregate)

@@ -1,0 +1,151 @@
+"""Per-sample reduction and batch aggregates.
+
+Per-sample rule: the loss of sample i is torch's elementwise loss (``reduction='none'``)
+averaged over sample i's valid positions (all positions but those whose target equals
+``ignore_index``); for ``kl_div`` the class dimension is summed first. A sample with no
+valid position gets 0.0 (torch's value at ignored positions) and is left out of the
+aggregates, counted in ``ignored``.
+
+Aggregates are sums of float64 values computed *exactly* and rounded once (Shewchuk's
+algorithm via ``math.fsum``). The result does not depend on summation order, device or how
+a batch was split, so a stream's running aggregates equal those of the concatenated batch,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def per_sample(values: Tensor, valid: Tensor | None, *, sum_class_dim: bool = False
+               ) -> tuple[Tensor, Tensor | None]:
+    """Reduce an elementwise loss (N, ...) to one value per sample (N,).
+
+    ``valid`` is a bool mask shaped as ``values`` (after the class-dimension sum), or None
+    when every position counts. Returns the per-sample values and, with a mask, a bool (N,)
+    tensor that is True for samples with no valid position (their value is 0.0).
+
+    >>> v = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    >>> per_sample(v, torch.tensor([[True, True], [True, False]]))[0]
+    tensor([2., 2.])
+    """
+    if sum_class_dim and values.dim() >= 2:
+        values = values.sum(dim=1)
+    n = values.shape[0]
+    if values.dim() == 1:
+        if valid is None:
+            return values, None
+        return values, ~valid
+    flat = values.reshape(n, -1)
+    if valid is None:
+        return flat.mean(dim=1), None
+    counts = valid.reshape(n, -1).sum(dim=1)
+    all_ignored = counts == 0
+    # Ignored positions already hold 0 in torch's elementwise output.
+    out = flat.sum(dim=1) / counts.clamp(min=1).to(flat.dtype)
+    return out, all_ignored
+
+
+def exact_parts(values: list[float]) -> list[float]:
+    """Non-overlapping floats whose exact sum is the exact sum of ``values``.
+
+    Each round takes the correctly rounded residual; it shrinks by 2**-53 a round, so a
+    handful of rounds suffice. Non-finite input gives a one-element non-finite result.
+    """
+    try:
+        parts: list[float] = []
+        while True:
+            r = math.fsum([*values, *(-p for p in parts)])
+            if r == 0.0:
+                return parts
+            if not math.isfinite(r):
+                return [r]
+            parts.append(r)
+    except OverflowError:
+        with np.errstate(over="ignore"):
+            return [float(np.sum(np.asarray(values, dtype=np.float64)))]
+
+
+def _value(parts: list[float]) -> float:
+    return math.fsum(parts) if all(math.isfinite(p) for p in parts) else float(sum(parts))
+
+
+@dataclass
+class Aggregate:
+    """Exact running sums over the samples that count; mergeable across batches."""
+
+    weighted: bool
+    count: int = 0
+    ignored: int = 0
+    omitted: int = 0
+    sum_parts: list[float] = field(default_factory=list)
+    weighted_parts: list[float] = field(default_factory=list)
+    weight_parts: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of_batch(cls, losses: np.ndarray, weights: np.ndarray | None, *,
+                 ignored: np.ndarray | None = None, omitted: np.ndarray | None = None
+                 ) -> Aggregate:
+        """Aggregates of one batch.
+
+        ``losses`` (N,) per-sample values (any float dtype; summed as float64); ``weights``
+        (N,) or None; ``ignored``/``omitted`` bool masks of samples left out.
+        """
+        keep = np.ones(losses.shape[0], dtype=bool)
+        n_ignored = n_omitted = 0
+        if ignored is not None:
+            keep &= ~ignored
+            n_ignored = int(ignored.sum())
+        if omitted is not None:
+            n_omitted = int((omitted & keep).sum())
+            keep &= ~omitted
+        kept = losses[keep].astype(np.float64)
+        agg = cls(weighted=weights is not None, count=int(kept.shape[0]), ignored=n_ignored,
+                  omitted=n_omitted, sum_parts=exact_parts(kept.tolist()))
+        if weights is not None:
+            w = weights[keep].astype(np.float64)
+            # float32 x float32 products are exact in float64.
+            agg.weighted_parts = exact_parts((w * kept).tolist())
+            agg.weight_parts = exact_parts(w.tolist())
+        return agg
+
+    def merge(self, other: Aggregate) -> Aggregate:
+        """The aggregate over both batches (exact: order and split do not matter)."""
+        return Aggregate(
+            weighted=self.weighted and other.weighted,
+            count=self.count + other.count,
+            ignored=self.ignored + other.ignored,
+            omitted=self.omitted + other.omitted,
+            sum_parts=exact_parts(self.sum_parts + other.sum_parts),
+            weighted_parts=exact_parts(self.weighted_parts + other.weighted_parts),
+            weight_parts=exact_parts(self.weight_parts + other.weight_parts),
+        )
+
+    @property
+    def sum(self) -> float:
+        return _value(self.sum_parts)
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else math.nan
+
+    @property
+    def weighted_sum(self) -> float | None:
+        return _value(self.weighted_parts) if self.weighted else None
+
+    @property
+    def weight_sum(self) -> float | None:
+        return _value(self.weight_parts) if self.weighted else None
+
+    @property
+    def weighted_mean(self) -> float | None:
+        if not self.weighted:
+            return None
+        total = _value(self.weight_parts)
+        return _value(self.weighted_parts) / total if total != 0 else math.nan

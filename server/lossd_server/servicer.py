@@ -1,0 +1,128 @@
+"""The gRPC face of the engine: decode, delegate, encode. No math here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd_server import losses, wire
+from lossd_server.engine import Batch, Engine, Evaluation
+from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_FLOAT_PROTOS = [wire._PROTO_BY_TORCH[d] for d in FLOAT_DTYPES]
+_INDEX_PROTOS = [wire._PROTO_BY_TORCH[d] for d in INDEX_DTYPES]
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, RequestError):
+        log.info("rejected: %s", exc)
+        context.abort(exc.code, str(exc))
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def unary_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Map RequestError to its status and anything else to a generic INTERNAL."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+    return wrapper
+
+
+def stream_errors(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    """unary_errors for response-streaming methods."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return wrapper
+
+
+def decode_request(req: pb.EvaluateRequest) -> Batch:
+    if not req.HasField("predictions"):
+        raise RequestError("predictions", "missing")
+    if not req.HasField("targets"):
+        raise RequestError("targets", "missing")
+    return Batch(
+        loss=req.loss,
+        predictions=wire.decode_tensor(req.predictions, "predictions"),
+        targets=wire.decode_tensor(req.targets, "targets"),
+        weights=wire.decode_tensor(req.weights, "weights") if req.HasField("weights") else None,
+        options=wire.decode_options(req.options),
+    )
+
+
+def encode_response(ev: Evaluation) -> pb.EvaluateResponse:
+    resp = pb.EvaluateResponse(per_sample=wire.encode_tensor(ev.per_sample))
+    wire.encode_aggregate(ev.aggregate, resp.aggregates)
+    return resp
+
+
+class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
+    """Implements lossd.v1.LossService over an :class:`Engine`."""
+
+    def __init__(self, engine: Engine, *, max_message_bytes: int) -> None:
+        self.engine = engine
+        self.max_message_bytes = max_message_bytes
+
+    @unary_errors
+    def Evaluate(self, request: pb.EvaluateRequest,
+                 context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        return encode_response(self.engine.evaluate(decode_request(request)))
+
+    @stream_errors
+    def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
+                       context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
+        running = None
+        first: pb.EvaluateRequest | None = None
+        for i, request in enumerate(request_iterator):
+            if first is None:
+                first = request
+            elif request.loss != first.loss:
+                raise RequestError("loss", f"batch {i}: {request.loss!r} differs from the "
+                                           f"stream's first batch ({first.loss!r})")
+            elif request.HasField("weights") != first.HasField("weights"):
+                raise RequestError("weights", f"batch {i}: weights must be given on every "
+                                              "batch of a stream or on none")
+            ev = self.engine.evaluate(decode_request(request), allow_zero_weight_sum=True)
+            running = ev.aggregate if running is None else running.merge(ev.aggregate)
+            resp = encode_response(ev)
+            wire.encode_aggregate(running, resp.running)
+            yield resp
+
+    def ListLosses(self, request: pb.ListLossesRequest,
+                   context: grpc.ServicerContext) -> pb.ListLossesResponse:
+        return catalogue_response(self.max_message_bytes)
+
+
+def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:
+    resp = pb.ListLossesResponse(max_message_bytes=max_message_bytes)
+    for spec in losses.CATALOGUE:
+        index = spec.targets is not losses.Targets.SAME_SHAPE
+        float_targets = spec.targets is not losses.Targets.CLASS_INDEX
+        resp.losses.append(pb.LossSpec(
+            name=spec.name, description=spec.description,
+            options=[pb.OptionSpec(name=o.name, type=o.type.value,
+                                   default=losses.render_default(o.default),
+                                   description=o.description, choices=o.choices)
+                     for o in losses.all_options(spec)],
+            prediction_shapes=spec.prediction_shapes, target_shapes=spec.target_shapes,
+            prediction_dtypes=_FLOAT_PROTOS,
+            target_dtypes=(_INDEX_PROTOS if index else []) + (_FLOAT_PROTOS if float_targets
+                                                                else [])))
+    return resp

@@ -1,0 +1,207 @@
+"""Every check a request passes before any kernel runs.
+
+Each failure raises :class:`RequestError` naming the field and the problem; the servicer
+turns it into INVALID_ARGUMENT (or the status it carries). Nothing here touches a device:
+class indices are range-checked on the host, because an out-of-range index on a GPU
+raises a device-side assert that poisons the CUDA context for every later request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import torch
+
+from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+class RequestError(Exception):
+    """A bad request: ``field`` names what is wrong, ``problem`` says how."""
+
+    def __init__(self, field: str, problem: str,
+                 code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+        self.code = code
+
+
+def shape_str(shape: tuple[int, ...] | torch.Size) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def loss(name: str) -> Loss:
+    """The catalogue entry for ``name``."""
+    if not name:
+        raise RequestError("loss", f"missing; one of {', '.join(sorted(LOSSES))}")
+    if name not in LOSSES:
+        raise RequestError("loss", f"unknown loss {name!r}; one of {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def _typed(opt: Option, value: Any) -> Any:
+    field = f"options.{opt.name}"
+    t = opt.type
+    if t is OptionType.FLOAT and isinstance(value, int | float) and not isinstance(value, bool):
+        value = float(value)
+        if not math.isfinite(value):
+            raise RequestError(field, f"must be finite, got {value}")
+    elif t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool):
+        pass
+    elif (t is OptionType.BOOL and isinstance(value, bool)) or \
+            (t is OptionType.STR and isinstance(value, str)):
+        pass
+    elif t is OptionType.TENSOR and isinstance(value, Tensor):
+        if not value.dtype.is_floating_point:
+            raise RequestError(field, f"dtype {dtype_str(value.dtype)} not accepted; "
+                                      "send a float tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise RequestError(field, "contains non-finite values")
+    else:
+        raise RequestError(field, f"expected {t.value}, got {_kind(value)}")
+    if opt.choices and value not in opt.choices:
+        raise RequestError(field, f"must be one of {', '.join(opt.choices)}; got {value!r}")
+    if opt.check is not None and (problem := opt.check(value)) is not None:
+        raise RequestError(field, problem)
+    return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return "tensor"
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value),
+                                                                     type(value).__name__)
+
+
+def options(spec: Loss, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed options with defaults filled in; unknown names and bad values rejected."""
+    known = {o.name: o for o in all_options(spec)}
+    for name in raw:
+        if name not in known:
+            raise RequestError(f"options.{name}",
+                               f"unknown option for {spec.name}; accepted: "
+                               f"{', '.join(known) or 'none'}")
+    return {name: (_typed(o, raw[name]) if name in raw else o.default)
+            for name, o in known.items()}
+
+
+def _float_tensor(field: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise RequestError(field, f"dtype {dtype_str(t.dtype)} not accepted; "
+                                  "use float32, float16, bfloat16 or float64")
+
+
+def _first(mask: Tensor) -> int:
+    """Index of the first sample (dim 0) where ``mask`` holds anywhere."""
+    rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() > 1 else mask
+    return int(rows.nonzero()[0, 0])
+
+
+def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | None,
+          opts: Mapping[str, Any], *, allow_zero_weight_sum: bool = False) -> bool:
+    """Check shapes, dtypes and values; return True when targets are class indices."""
+    _float_tensor("predictions", predictions)
+    if predictions.dim() < spec.min_prediction_dims:
+        raise RequestError("predictions",
+                           f"shape {shape_str(predictions.shape)} has {predictions.dim()} dims; "
+                           f"{spec.name} takes {' or '.join(spec.prediction_shapes)}")
+    if predictions.shape[0] == 0:
+        raise RequestError("predictions", "empty batch (N = 0)")
+    if predictions.numel() == 0:
+        raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no elements")
+
+    class_index = targets.dtype in INDEX_DTYPES
+    if class_index and spec.targets is Targets.SAME_SHAPE:
+        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
+                                      f"{spec.name}; send float values")
+    if not class_index and spec.targets is Targets.CLASS_INDEX:
+        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
+                                      f"{spec.name}; send int64 or int32 class indices")
+    if class_index:
+        _class_targets(spec, predictions, targets, opts)
+    else:
+        _float_tensor("targets", targets)
+        if targets.shape != predictions.shape:
+            raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
+                                          f"predictions {shape_str(predictions.shape)}")
+        if spec.targets is Targets.CLASS_INDEX_OR_PROBS and opts.get("ignore_index", -100) != -100:
+            raise RequestError("options.ignore_index", "not supported with probability targets")
+
+    _tensor_options(spec, predictions, opts)
+    if weights is not None:
+        _weights(predictions.shape[0], weights, allow_zero_sum=allow_zero_weight_sum)
+    return class_index
+
+
+def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
+                   opts: Mapping[str, Any]) -> None:
+    want = (predictions.shape[0], *predictions.shape[2:])
+    if tuple(targets.shape) != want:
+        raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
+                                      f"predictions {shape_str(predictions.shape)}; class "
+                                      f"indices must be {shape_str(want)}")
+    n_classes = predictions.shape[1]
+    ignore_index = opts.get("ignore_index", -100)
+    bad = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        i = _first(bad)
+        value = int(targets[i][bad[i]].reshape(-1)[0]) if targets.dim() > 1 else int(targets[i])
+        raise RequestError("targets", f"class index {value} out of range [0, {n_classes}) "
+                                      f"at sample {i} (ignore_index is {ignore_index})")
+
+
+def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:
+    cw = opts.get("class_weights")
+    if cw is not None:
+        dim = 1 if spec.targets is not Targets.SAME_SHAPE else predictions.dim() - 1
+        n = predictions.shape[dim]
+        if tuple(cw.shape) != (n,):
+            raise RequestError("options.class_weights",
+                               f"shape {shape_str(cw.shape)}; expected ({n},), one weight per "
+                               f"class (predictions dim {dim})")
+    pw = opts.get("pos_weight")
+    if pw is not None:
+        n = predictions.shape[-1]
+        if tuple(pw.shape) not in ((n,), (1,)):
+            raise RequestError("options.pos_weight",
+                               f"shape {shape_str(pw.shape)}; expected ({n},), one per class "
+                               "(the last dim of predictions)")
+
+
+def _weights(n: int, w: Tensor, *, allow_zero_sum: bool) -> None:
+    _float_tensor("weights", w)
+    if tuple(w.shape) != (n,):
+        raise RequestError("weights", f"shape {shape_str(w.shape)}; expected ({n},), one per "
+                                      "sample")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        raise RequestError("weights", f"non-finite value at sample {_first(~finite)}")
+    negative = w < 0
+    if bool(negative.any()):
+        i = _first(negative)
+        raise RequestError("weights", f"negative value {float(w[i])} at sample {i}")
+    if not allow_zero_sum and not bool(w.any()):
+        raise RequestError("weights", "sum to zero; weighted_mean would be undefined")
+
+
+def finite_predictions(predictions: Tensor) -> Tensor:
+    """(N,) bool: True where every prediction of the sample is finite."""
+    return torch.isfinite(predictions).reshape(predictions.shape[0], -1).all(dim=1)
+
+
+def no_nonfinite(finite: Tensor) -> None:
+    """nan_policy='raise': reject a batch with a non-finite prediction."""
+    if not bool(finite.all()):
+        raise RequestError("predictions", f"non-finite value at sample {_first(~finite)} "
+                                          "(nan_policy='raise')")

@@ -1,0 +1,76 @@
+"""``lossd.v1`` messages <-> host torch tensors, without copying the payload.
+
+Decoding checks what the message itself claims (a known dtype, non-negative dims, bytes
+matching shape x itemsize) and then views the bytes as a tensor; what the loss needs of
+the tensor is ``validate``'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from lossd._wire import WIRE_DTYPES, dtype_name
+from lossd.v1 import loss_service_pb2 as pb
+from lossd_server.reduce import Aggregate
+from lossd_server.validate import RequestError
+
+TORCH_DTYPES: dict[int, torch.dtype] = {k: getattr(torch, d.name) for k, d in WIRE_DTYPES.items()}
+_PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
+
+# Request bytes are immutable; tensors viewing them are never written to.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def decode_tensor(t: pb.Tensor, field: str) -> torch.Tensor:
+    """A host tensor viewing the message's bytes (no copy)."""
+    if t.dtype not in TORCH_DTYPES:
+        raise RequestError(f"{field}.dtype", f"{dtype_name(t.dtype)} not accepted; use one of "
+                                             f"{', '.join(d.name for d in WIRE_DTYPES.values())}")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
+    itemsize = WIRE_DTYPES[t.dtype].itemsize
+    expected = math.prod(shape) * itemsize
+    data = t.data
+    if len(data) != expected:
+        raise RequestError(f"{field}.data", f"{len(data)} bytes; shape {list(shape)} of "
+                                            f"{dtype_name(t.dtype)} needs {expected}")
+    dtype = TORCH_DTYPES[t.dtype]
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def decode_option(name: str, v: pb.OptionValue) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind is None:
+        raise RequestError(f"options.{name}", "no value set")
+    if kind == "tensor_value":
+        return decode_tensor(v.tensor_value, f"options.{name}")
+    return getattr(v, kind)
+
+
+def decode_options(options: Any) -> dict[str, Any]:
+    return {name: decode_option(name, v) for name, v in options.items()}
+
+
+def encode_tensor(t: torch.Tensor) -> pb.Tensor:
+    """A host tensor as a Tensor message (its bytes copied once into the message)."""
+    t = t.contiguous()
+    return pb.Tensor(dtype=_PROTO_BY_TORCH[t.dtype], shape=t.shape, data=t.numpy().tobytes())
+
+
+def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:
+    out.sum = a.sum
+    out.mean = a.mean
+    out.count = a.count
+    out.ignored = a.ignored
+    out.omitted = a.omitted
+    if a.weighted:
+        out.weighted_sum = a.weighted_sum
+        out.weighted_mean = a.weighted_mean
+        out.weight_sum = a.weight_sum

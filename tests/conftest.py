@@ -1,0 +1,59 @@
+"""Fixtures: real lossd servers on free loopback ports, and clients to them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lossd import LossClient
+from lossd_server.app import LossdServer, create_server
+from lossd_server.settings import Settings
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def start_server(**overrides: object) -> LossdServer:
+    """A started server on 127.0.0.1 with a free gRPC port and no metrics port by default."""
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "device": "cpu"}
+    values.update(overrides)
+    return create_server(Settings(**values)).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LossdServer]:
+    srv = start_server()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def client(server: LossdServer) -> Iterator[LossClient]:
+    with LossClient(f"127.0.0.1:{server.port}", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def gpu_server() -> Iterator[LossdServer]:
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    srv = start_server(device="cuda")
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def gpu_client(gpu_server: LossdServer) -> Iterator[LossClient]:
+    with LossClient(f"127.0.0.1:{gpu_server.port}", timeout=120) as c:
+        yield c
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
