@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.lossd-setup
-want="$(cat pyproject.toml scripts/bootstrap.sh constraints.txt 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/bootstrap*.sh 2>/dev/null | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
@@ -34,3 +34,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     "${pip[@]}" -c constraints.txt -e ".[server,dev]"
     echo "$want" > "$STAMP"
 fi
+
+# System packages (e.g. Debian's prometheus for the scrape test) and lint tools kept out of
+# the main environment; each script is idempotent and skips what is already there.
+for extra in scripts/bootstrap_system.sh scripts/bootstrap_tools.sh; do
+    if [ -f "$extra" ]; then
+        bash "$extra"
+    fi
+done
