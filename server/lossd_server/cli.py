@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
+from lossd_server import logs
 from lossd_server import settings as settings_mod
 
 
@@ -29,8 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lossd_server.app import serve
 
         s = settings_mod.from_args(args)
-        logging.basicConfig(level=s.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logs.configure(s.log_level, s.log_format)
         try:
             return serve(s)
         except (ValueError, OSError) as exc:

@@ -35,10 +35,14 @@ class Batch:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-sample losses (float32, host, (N,)) and the batch's exact aggregate."""
+    """Per-sample losses (float32, host, (N,)) and the batch's exact aggregate.
+
+    ``device_seconds``: device-side time of the loss computation (CUDA only, else None).
+    """
 
     per_sample: Tensor
     aggregate: Aggregate
+    device_seconds: float | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,9 +85,15 @@ class Engine:
             if nan_policy == "raise":
                 validate.no_nonfinite(finite)
 
+        events = None
+        if self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         values = spec.fn(pred, target, **opts)
         valid = (target != opts["ignore_index"]) if class_index else None
         losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
+        if events is not None:
+            events[1].record()
 
         losses_host = losses.cpu()
         weights = None if batch.weights is None else batch.weights.to(torch.float64).numpy()
@@ -92,4 +102,9 @@ class Engine:
             ignored=None if all_ignored is None else all_ignored.cpu().numpy(),
             omitted=None if finite is None or nan_policy != "omit"
             else ~finite.cpu().numpy().astype(np.bool_))
-        return Evaluation(per_sample=losses_host.to(torch.float32), aggregate=aggregate)
+        device_seconds = None
+        if events is not None:
+            events[1].synchronize()
+            device_seconds = events[0].elapsed_time(events[1]) / 1000.0
+        return Evaluation(per_sample=losses_host.to(torch.float32), aggregate=aggregate,
+                          device_seconds=device_seconds)

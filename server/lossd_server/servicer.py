@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -13,6 +15,7 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import losses, wire
 from lossd_server.engine import Batch, Engine, Evaluation
+from lossd_server.metrics import CallRecord, Metrics
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
 
 log = logging.getLogger(__name__)
@@ -74,40 +77,86 @@ def encode_response(ev: Evaluation) -> pb.EvaluateResponse:
 
 
 class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
-    """Implements lossd.v1.LossService over an :class:`Engine`."""
+    """Implements lossd.v1.LossService over an :class:`Engine`.
 
-    def __init__(self, engine: Engine, *, max_message_bytes: int) -> None:
+    ``slots`` bounds concurrent evaluations on the device (time spent waiting for one is
+    the ``queue`` stage).
+    """
+
+    def __init__(self, engine: Engine, *, max_message_bytes: int,
+                 metrics: Metrics | None = None, slots: int = 2) -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
+        self.metrics = metrics or Metrics(process=False)
+        self._slots = threading.BoundedSemaphore(slots)
+
+    def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
+                  stream: bool) -> tuple[Evaluation, pb.EvaluateResponse]:
+        """decode -> queue -> compute -> encode for one message, recorded on ``call``."""
+        call.loss = request.loss
+        call.received(request.ByteSize())
+        with call.stage("decode"):
+            batch = decode_request(request)
+        with call.stage("queue"):
+            self._slots.acquire()
+        try:
+            with call.stage("compute"):
+                ev = self.engine.evaluate(batch, allow_zero_weight_sum=stream)
+        finally:
+            self._slots.release()
+        with call.stage("encode"):
+            resp = encode_response(ev)
+        call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
+                       ev.aggregate.weighted_mean, ev.device_seconds)
+        return ev, resp
 
     @unary_errors
     def Evaluate(self, request: pb.EvaluateRequest,
                  context: grpc.ServicerContext) -> pb.EvaluateResponse:
-        return encode_response(self.engine.evaluate(decode_request(request)))
+        with _logged(self.metrics.call("Evaluate")) as call:
+            _, resp = self._evaluate(call, request, stream=False)
+            call.sent(resp.ByteSize())
+            return resp
 
     @stream_errors
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
-        running = None
-        first: pb.EvaluateRequest | None = None
-        for i, request in enumerate(request_iterator):
-            if first is None:
-                first = request
-            elif request.loss != first.loss:
-                raise RequestError("loss", f"batch {i}: {request.loss!r} differs from the "
-                                           f"stream's first batch ({first.loss!r})")
-            elif request.HasField("weights") != first.HasField("weights"):
-                raise RequestError("weights", f"batch {i}: weights must be given on every "
-                                              "batch of a stream or on none")
-            ev = self.engine.evaluate(decode_request(request), allow_zero_weight_sum=True)
-            running = ev.aggregate if running is None else running.merge(ev.aggregate)
-            resp = encode_response(ev)
-            wire.encode_aggregate(running, resp.running)
-            yield resp
+        with _logged(self.metrics.call("EvaluateStream")) as call:
+            running = None
+            first: pb.EvaluateRequest | None = None
+            for i, request in enumerate(request_iterator):
+                if first is None:
+                    first = request
+                elif request.loss != first.loss:
+                    raise RequestError("loss", f"batch {i}: {request.loss!r} differs from the "
+                                               f"stream's first batch ({first.loss!r})")
+                elif request.HasField("weights") != first.HasField("weights"):
+                    raise RequestError("weights", f"batch {i}: weights must be given on every "
+                                                  "batch of a stream or on none")
+                ev, resp = self._evaluate(call, request, stream=True)
+                running = ev.aggregate if running is None else running.merge(ev.aggregate)
+                wire.encode_aggregate(running, resp.running)
+                call.sent(resp.ByteSize())
+                yield resp
 
+    @unary_errors
     def ListLosses(self, request: pb.ListLossesRequest,
                    context: grpc.ServicerContext) -> pb.ListLossesResponse:
-        return catalogue_response(self.max_message_bytes)
+        with _logged(self.metrics.call("ListLosses")) as call:
+            resp = catalogue_response(self.max_message_bytes)
+            call.sent(resp.ByteSize())
+            return resp
+
+
+@contextlib.contextmanager
+def _logged(tracked: contextlib.AbstractContextManager[CallRecord]) -> Iterator[CallRecord]:
+    """One debug line per request: method, loss, N, status and duration."""
+    with contextlib.ExitStack() as stack:
+        call = stack.enter_context(tracked)
+        stack.callback(lambda: log.debug(
+            "request", extra={"method": call.method, "loss": call.loss, "n": call.samples,
+                              "code": call.code.name, "duration_s": round(call.duration, 6)}))
+        yield call
 
 
 def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:

@@ -31,11 +31,18 @@ class Settings:
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
     workers: int = _setting(8, "threads serving calls concurrently")
+    concurrency: int = _setting(2, "evaluations running on the device at once; further calls "
+                                   "wait (the 'queue' stage)")
     grace_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight calls may "
                                           "finish before the server exits")
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
     reflection: bool = _setting(True, "serve gRPC server reflection")
+    loss_buckets: str = _setting("0.001,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2,4,8,16",
+                                 "bucket bounds of the lossd_sample_loss histogram")
+    tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
+                             "(others count as 'other'); empty: the first --max-tags seen")
+    max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
 
     @property
     def max_message_bytes(self) -> int:

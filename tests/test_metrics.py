@@ -1,0 +1,178 @@
+"""Metrics after real traffic: every counter and histogram moves by exactly what was sent."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import lossd
+from lossd import LossClient
+from lossd._client import _Requests
+from lossd_server.app import LossdServer
+from lossd_server.metrics import DEFAULT_LOSS_BUCKETS, TagPolicy
+from tests.conftest import start_server
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+def metered() -> Iterator[LossdServer]:
+    srv = start_server(metrics_port=0, tags="resnet,vit")
+    yield srv
+    srv.stop(0)
+
+
+def test_traffic_moves_metrics_by_exactly_what_was_sent(metered: LossdServer) -> None:
+    assert metered.metrics_port
+    before = scrape(metered.metrics_port)
+    assert value(before, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                 code="OK") == 0
+    rng = np.random.default_rng(0)
+    sizes = [5, 7, 11]
+    sent_bytes = 0
+    per_sample = []
+    with LossClient(f"127.0.0.1:{metered.port}") as client:
+        for n in sizes:
+            x = rng.standard_normal((n, 4)).astype(np.float32)
+            t = rng.integers(0, 4, n)
+            [req] = _Requests(2**26).build("cross_entropy", x, t, None, "resnet", {})
+            sent_bytes += req.ByteSize()
+            r = client.evaluate(x, t, tag="resnet")
+            per_sample.append(r.per_sample)
+        with pytest.raises(lossd.InvalidArgument):
+            client.evaluate(np.zeros((2, 4), np.float32), np.array([0, 9]), tag="resnet")
+        stream = [(rng.standard_normal((3, 4)).astype(np.float32), rng.integers(0, 4, 3))
+                  for _ in range(2)]
+        streamed = list(client.evaluate_stream(stream, tag="unlisted"))
+        last_mean = r.mean
+
+    text = scrape(metered.metrics_port)
+    total_ok = sum(sizes)
+    assert value(text, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                 code="OK") == 3
+    assert value(text, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                 code="INVALID_ARGUMENT") == 1
+    assert value(text, "lossd_requests_total", method="EvaluateStream", loss="cross_entropy",
+                 code="OK") == 1
+    assert value(text, "lossd_samples_total", loss="cross_entropy") == total_ok + 6
+    assert value(text, "lossd_request_duration_seconds_count", method="Evaluate",
+                 loss="cross_entropy") == 4
+    # decode ran for every Evaluate message (4) and both stream batches.
+    assert value(text, "lossd_stage_duration_seconds_count", method="Evaluate",
+                 stage="decode") == 4
+    assert value(text, "lossd_stage_duration_seconds_count", method="EvaluateStream",
+                 stage="compute") == 2
+    assert value(text, "lossd_requests_in_flight", method="Evaluate") == 0
+    invalid_bytes = value(text, "lossd_received_bytes_total", method="Evaluate") - sent_bytes
+    assert invalid_bytes > 0  # the rejected request was received too
+    assert value(text, "lossd_request_size_bytes_count", method="Evaluate") == 4
+
+    # Loss histogram: the per-sample values, bucketed exactly as numpy says.
+    values = np.concatenate(per_sample).astype(np.float64)
+    assert value(text, "lossd_sample_loss_count", loss="cross_entropy", tag="resnet") == total_ok
+    assert value(text, "lossd_sample_loss_sum", loss="cross_entropy",
+                 tag="resnet") == pytest.approx(values.sum(), rel=1e-6)
+    for bound in DEFAULT_LOSS_BUCKETS:
+        assert value(text, "lossd_sample_loss_bucket", loss="cross_entropy", tag="resnet",
+                     le=repr(bound)) == int((values <= bound).sum())
+    # A tag outside the allow-list is counted as "other".
+    assert value(text, "lossd_sample_loss_count", loss="cross_entropy", tag="other") == 6
+    assert ("lossd_sample_loss_count",
+            frozenset({("loss", "cross_entropy"), ("tag", "unlisted")})) not in samples(text)
+    assert value(text, "lossd_batch_mean_loss", loss="cross_entropy",
+                 tag="resnet") == pytest.approx(last_mean)
+    assert value(text, "lossd_batch_mean_loss", loss="cross_entropy",
+                 tag="other") == pytest.approx(streamed[-1].mean)
+
+
+def test_known_combinations_device_and_process_metrics(metered: LossdServer) -> None:
+    assert metered.metrics_port
+    text = scrape(metered.metrics_port)
+    assert value(text, "lossd_requests_total", method="EvaluateStream", loss="kl_div",
+                 code="RESOURCE_EXHAUSTED") == 0
+    assert value(text, "lossd_samples_total", loss="huber_loss") == 0
+    info = [s for f in text_string_to_metric_families(text) if f.name == "lossd_device_info"
+            for s in f.samples]
+    assert info and info[0].labels["type"] == "cpu" and info[0].value == 1
+    assert samples(text)[("process_resident_memory_bytes", frozenset())] > 0
+    assert ("process_open_fds", frozenset()) in samples(text)
+
+
+def test_unknown_loss_is_counted_under_a_bounded_label(metered: LossdServer) -> None:
+    assert metered.metrics_port
+    with LossClient(f"127.0.0.1:{metered.port}") as client, pytest.raises(lossd.InvalidArgument):
+        client.evaluate([[0.0, 1.0]], [0], loss="no-such-loss-1234")
+    text = scrape(metered.metrics_port)
+    assert "no-such-loss-1234" not in text
+    assert value(text, "lossd_requests_total", method="Evaluate", loss="invalid",
+                 code="INVALID_ARGUMENT") == 1
+
+
+def test_tag_policy_bounds_distinct_tags() -> None:
+    policy = TagPolicy(max_tags=2)
+    assert [policy.resolve(t) for t in ("a", "b", "c", "a", "")] == ["a", "b", "other", "a",
+                                                                      "none"]
+    allow = TagPolicy(allow=["x"], max_tags=100)
+    assert [allow.resolve(t) for t in ("x", "y")] == ["x", "other"]
+
+
+def test_custom_buckets_are_exposed() -> None:
+    srv = start_server(metrics_port=0, loss_buckets="0.5,1,2")
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}") as client:
+            client.evaluate(torch.tensor([0.0, 1.0, 3.0]), torch.zeros(3), loss="l1_loss")
+        assert srv.metrics_port
+        text = scrape(srv.metrics_port)
+        buckets = {le: value(text, "lossd_sample_loss_bucket", loss="l1_loss", tag="none",
+                             le=le) for le in ("0.5", "1.0", "2.0", "+Inf")}
+        assert buckets == {"0.5": 1, "1.0": 2, "2.0": 2, "+Inf": 3}
+    finally:
+        srv.stop(0)
+
+
+def test_promtool_accepts_the_exposition(metered: LossdServer) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: scripts/bootstrap_system.sh installs Debian's prometheus"
+    assert metered.metrics_port
+    with LossClient(f"127.0.0.1:{metered.port}") as client:
+        client.evaluate([[0.0, 1.0]], [1], tag="vit")
+    text = scrape(metered.metrics_port)
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_queries_only_metrics_the_server_exports(metered: LossdServer) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    assert metered.metrics_port
+    exported = {s[0] for s in samples(scrape(metered.metrics_port))}
+    exported |= {"lossd_device_compute_seconds_bucket"}  # CUDA only
+    dashboard = json.loads((Path(__file__).parent.parent / "dashboards/lossd.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b((?:lossd|process)_[a-z_]+)\b", e)}
+    assert used and used <= exported, used - exported
