@@ -170,6 +170,8 @@ def test_dashboard_queries_only_metrics_the_server_exports(metered: LossdServer)
     from pathlib import Path
 
     assert metered.metrics_port
+    with LossClient(f"127.0.0.1:{metered.port}") as client:  # per-tag series need traffic
+        client.evaluate([[0.0, 1.0]], [1], weights=[1.0], tag="vit")
     exported = {s[0] for s in samples(scrape(metered.metrics_port))}
     exported |= {"lossd_device_compute_seconds_bucket"}  # CUDA only
     dashboard = json.loads((Path(__file__).parent.parent / "dashboards/lossd.json").read_text())
