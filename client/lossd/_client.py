@@ -38,18 +38,24 @@ class _Requests:
         return {k: option_value(k, v) for k, v in options.items() if v is not None}
 
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
-              options: dict[str, pb.OptionValue]) -> list[pb.EvaluateRequest]:
+              options: dict[str, pb.OptionValue], gradient: str | None = None
+              ) -> list[pb.EvaluateRequest]:
         """One request, or several along N when the payload exceeds the message limit."""
+        reduction = _reduction(gradient)
         arrays = [as_array(predictions, field="predictions"), as_array(targets, field="targets")]
         if weights is not None:
             arrays.append(as_array(weights, field="weights"))
         total = sum(a.nbytes for a, _ in arrays)
         n = arrays[0][0].shape[0] if arrays[0][0].ndim else 0
         if total + _ENVELOPE_BYTES <= self.max_message_bytes or n <= 1:
-            return [self._request(loss, arrays, tag, options)]
+            return [self._request(loss, arrays, tag, options, reduction)]
         if any(a.ndim == 0 or a.shape[0] != n for a, _ in arrays):
             # Let the server name the mismatch; it cannot be split consistently.
-            return [self._request(loss, arrays, tag, options)]
+            return [self._request(loss, arrays, tag, options, reduction)]
+        if reduction:
+            raise ValueError(f"a gradient request must fit one message ({total} bytes > "
+                             f"max_message_bytes {self.max_message_bytes}); raise "
+                             "max_message_bytes (and the server's --max-message-mb)")
         if weights is not None:
             self._check_weights_sum(arrays[2][0])
         row_bytes = max(1, math.ceil(total / n))
@@ -65,13 +71,25 @@ class _Requests:
             raise InvalidArgument("weights: sum to zero; weighted_mean would be undefined")
 
     def _request(self, loss: str, arrays: list[tuple[np.ndarray, int]], tag: str | None,
-                 options: dict[str, pb.OptionValue]) -> pb.EvaluateRequest:
-        req = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "")
+                 options: dict[str, pb.OptionValue], reduction: int = 0) -> pb.EvaluateRequest:
+        req = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "", gradient=reduction)
         req.predictions.CopyFrom(array_to_tensor(*arrays[0]))
         req.targets.CopyFrom(array_to_tensor(*arrays[1]))
         if len(arrays) > 2:
             req.weights.CopyFrom(array_to_tensor(*arrays[2]))
         return req
+
+
+_REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "weighted_mean": pb.WEIGHTED_MEAN,
+               "weighted_sum": pb.WEIGHTED_SUM}
+
+
+def _reduction(gradient: str | None) -> int:
+    if gradient is None:
+        return int(pb.REDUCTION_UNSPECIFIED)
+    if gradient not in _REDUCTIONS:
+        raise ValueError(f"gradient={gradient!r}: one of {', '.join(_REDUCTIONS)}")
+    return int(_REDUCTIONS[gradient])
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -117,16 +135,20 @@ class LossClient:
 
     def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
                  weights: Any = None, tag: str | None = None, timeout: float | None = None,
-                 **options: Any) -> LossResult:
+                 gradient: str | None = None, **options: Any) -> LossResult:
         """Per-sample losses and aggregates of one batch.
 
         ``options`` are the loss's options by their torch.nn.functional names
         (``label_smoothing=0.1``, ``ignore_index=0``, ``class_weights=[...]``) plus
         ``nan_policy``. A batch larger than ``max_message_bytes`` is split along N over
         one stream and comes back as one result, exactly as if it had gone in one message.
+
+        ``gradient`` ("mean", "sum", "weighted_mean", "weighted_sum") also returns
+        d(reduction)/d(predictions) as ``result.gradient``, shaped as the predictions
+        (bfloat16 comes back as float32 numpy).
         """
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
-                                    self._requests.options(options))
+                                    self._requests.options(options), gradient)
         t = self._timeout(timeout)
         try:
             if len(reqs) == 1:

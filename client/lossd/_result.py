@@ -47,11 +47,13 @@ class LossResult:
 
     ``per_sample`` is a float32 array of shape (N,). ``running`` holds the aggregates over
     the whole stream so far (``evaluate_stream`` only; None from ``evaluate``).
+    ``gradient``: d(reduction)/d(predictions) when asked for with ``gradient=``, else None.
     """
 
     per_sample: np.ndarray
     aggregates: Aggregates
     running: Aggregates | None = None
+    gradient: np.ndarray | None = None
 
     @property
     def sum(self) -> float:
@@ -89,8 +91,9 @@ class LossResult:
     def from_proto(cls, r: pb.EvaluateResponse) -> LossResult:
         running = Aggregates.from_proto(r.running) if r.HasField("running") else None
         per_sample = tensor_to_numpy(r.per_sample).copy()  # writable, owned by the caller
+        gradient = tensor_to_numpy(r.gradient).copy() if r.HasField("gradient") else None
         return cls(per_sample=per_sample, aggregates=Aggregates.from_proto(r.aggregates),
-                   running=running)
+                   running=running, gradient=gradient)
 
     def __repr__(self) -> str:
         a = self.aggregates

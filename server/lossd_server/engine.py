@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from lossd_server import validate
-from lossd_server.reduce import Aggregate, per_sample
+from lossd_server.losses import Loss
+from lossd_server.reduce import Aggregate, per_sample, reduction
 
 Tensor = torch.Tensor
 
@@ -31,6 +32,8 @@ class Batch:
     targets: Tensor
     weights: Tensor | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    gradient: str | None = None
+    """A reduction (``reduce.REDUCTIONS``) whose gradient w.r.t. predictions is wanted."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,14 @@ class Evaluation:
     """Per-sample losses (float32, host, (N,)) and the batch's exact aggregate.
 
     ``device_seconds``: device-side time of the loss computation (CUDA only, else None).
+    ``gradient``: with ``Batch.gradient``, d(reduction)/d(predictions) on the host, in the
+    predictions' shape and dtype.
     """
 
     per_sample: Tensor
     aggregate: Aggregate
     device_seconds: float | None = None
+    gradient: Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +73,7 @@ class Engine:
         opts = validate.options(spec, batch.options)
         class_index = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
                                      allow_zero_weight_sum=allow_zero_weight_sum)
+        validate.gradient(batch.gradient, weighted=batch.weights is not None)
         nan_policy = opts.pop("nan_policy")
 
         dtype = compute_dtype(batch.predictions.dtype)
@@ -85,6 +92,15 @@ class Engine:
             if nan_policy == "raise":
                 validate.no_nonfinite(finite)
 
+        if batch.gradient:
+            pred = pred.detach().requires_grad_(True)
+        with torch.enable_grad() if batch.gradient else torch.inference_mode():
+            return self._compute(batch, spec, pred, target, opts, class_index, nan_policy,
+                                 finite)
+
+    def _compute(self, batch: Batch, spec: Loss, pred: Tensor, target: Tensor,
+                 opts: dict[str, Any], class_index: bool, nan_policy: str,
+                 finite: Tensor | None) -> Evaluation:
         events = None
         if self.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -95,16 +111,28 @@ class Engine:
         if events is not None:
             events[1].record()
 
-        losses_host = losses.cpu()
+        losses_host = losses.detach().cpu()
         weights = None if batch.weights is None else batch.weights.to(torch.float64).numpy()
         aggregate = Aggregate.of_batch(
             losses_host.numpy(), weights,
             ignored=None if all_ignored is None else all_ignored.cpu().numpy(),
             omitted=None if finite is None or nan_policy != "omit"
             else ~finite.cpu().numpy().astype(np.bool_))
+        gradient = None
+        if batch.gradient:
+            keep = torch.ones_like(losses, dtype=torch.bool)
+            if all_ignored is not None:
+                keep &= ~all_ignored
+            if finite is not None and nan_policy == "omit":
+                keep &= finite
+            w = None if batch.weights is None else batch.weights.to(self.device, losses.dtype)
+            reduced = reduction(batch.gradient, losses, keep, w)
+            (grad,) = torch.autograd.grad(reduced, pred)
+            gradient = grad.to(batch.predictions.dtype).cpu()
         device_seconds = None
         if events is not None:
             events[1].synchronize()
             device_seconds = events[0].elapsed_time(events[1]) / 1000.0
-        return Evaluation(per_sample=losses_host.to(torch.float32), aggregate=aggregate,
-                          device_seconds=device_seconds)
+        return Evaluation(per_sample=losses_host.detach().to(torch.float32),
+                          aggregate=aggregate, device_seconds=device_seconds,
+                          gradient=gradient)

@@ -52,6 +52,27 @@ def per_sample(values: Tensor, valid: Tensor | None, *, sum_class_dim: bool = Fa
     return out, all_ignored
 
 
+REDUCTIONS = ("mean", "sum", "weighted_mean", "weighted_sum")
+
+
+def reduction(kind: str, losses: Tensor, keep: Tensor, weights: Tensor | None) -> Tensor:
+    """A differentiable reduction of per-sample ``losses`` over the samples in ``keep``.
+
+    The value the gradient is taken of: ``mean`` = sum/count, ``sum``, ``weighted_sum`` =
+    sum of w*l, ``weighted_mean`` = weighted_sum / sum of w (over kept samples).
+    """
+    kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    if kind in ("mean", "sum"):
+        total = kept.sum()
+        return total / keep.sum().clamp(min=1) if kind == "mean" else total
+    if weights is None:
+        raise ValueError(f"{kind} needs weights")
+    weighted = (weights * kept).sum()
+    if kind == "weighted_sum":
+        return weighted
+    return weighted / torch.where(keep, weights, 0).sum()
+
+
 def exact_parts(values: list[float]) -> list[float]:
     """Non-overlapping floats whose exact sum is the exact sum of ``values``.
 

@@ -67,12 +67,15 @@ def decode_request(req: pb.EvaluateRequest) -> Batch:
         targets=wire.decode_tensor(req.targets, "targets"),
         weights=wire.decode_tensor(req.weights, "weights") if req.HasField("weights") else None,
         options=wire.decode_options(req.options),
+        gradient=wire.decode_reduction(req.gradient),
     )
 
 
 def encode_response(ev: Evaluation) -> pb.EvaluateResponse:
     resp = pb.EvaluateResponse(per_sample=wire.encode_tensor(ev.per_sample))
     wire.encode_aggregate(ev.aggregate, resp.aggregates)
+    if ev.gradient is not None:
+        resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
     return resp
 
 

@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
+from lossd_server.reduce import REDUCTIONS
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -193,6 +194,17 @@ def _weights(n: int, w: Tensor, *, allow_zero_sum: bool) -> None:
         raise RequestError("weights", f"negative value {float(w[i])} at sample {i}")
     if not allow_zero_sum and not bool(w.any()):
         raise RequestError("weights", "sum to zero; weighted_mean would be undefined")
+
+
+def gradient(kind: str | None, *, weighted: bool) -> None:
+    """A gradient request names a known reduction; weighted ones need weights."""
+    if kind is None:
+        return
+    if kind not in REDUCTIONS:
+        raise RequestError("gradient", f"unknown reduction {kind!r}; one of "
+                                       f"{', '.join(REDUCTIONS)}")
+    if kind.startswith("weighted") and not weighted:
+        raise RequestError("gradient", f"{kind} needs weights")
 
 
 def finite_predictions(predictions: Tensor) -> Tensor:

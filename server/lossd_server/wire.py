@@ -54,6 +54,19 @@ def decode_option(name: str, v: pb.OptionValue) -> Any:
     return getattr(v, kind)
 
 
+_REDUCTIONS = {pb.MEAN: "mean", pb.SUM: "sum", pb.WEIGHTED_MEAN: "weighted_mean",
+               pb.WEIGHTED_SUM: "weighted_sum"}
+
+
+def decode_reduction(value: int) -> str | None:
+    """Reduction enum -> its name (``reduce.REDUCTIONS``); UNSPECIFIED -> None."""
+    if value == pb.REDUCTION_UNSPECIFIED:
+        return None
+    if value not in _REDUCTIONS:
+        raise RequestError("gradient", f"unknown reduction {value}")
+    return _REDUCTIONS[value]
+
+
 def decode_options(options: Any) -> dict[str, Any]:
     return {name: decode_option(name, v) for name, v in options.items()}
 
@@ -61,7 +74,8 @@ def decode_options(options: Any) -> dict[str, Any]:
 def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     """A host tensor as a Tensor message (its bytes copied once into the message)."""
     t = t.contiguous()
-    return pb.Tensor(dtype=_PROTO_BY_TORCH[t.dtype], shape=t.shape, data=t.numpy().tobytes())
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+    return pb.Tensor(dtype=_PROTO_BY_TORCH[t.dtype], shape=t.shape, data=raw.numpy().tobytes())
 
 
 def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:

@@ -16,6 +16,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT64: _ClassVar[DType]
     INT64: _ClassVar[DType]
     INT32: _ClassVar[DType]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    MEAN: _ClassVar[Reduction]
+    SUM: _ClassVar[Reduction]
+    WEIGHTED_MEAN: _ClassVar[Reduction]
+    WEIGHTED_SUM: _ClassVar[Reduction]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -23,6 +31,11 @@ BFLOAT16: DType
 FLOAT64: DType
 INT64: DType
 INT32: DType
+REDUCTION_UNSPECIFIED: Reduction
+MEAN: Reduction
+SUM: Reduction
+WEIGHTED_MEAN: Reduction
+WEIGHTED_SUM: Reduction
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -49,7 +62,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,13 +76,15 @@ class EvaluateRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     loss: str
     predictions: Tensor
     targets: Tensor
     weights: Tensor
     options: _containers.MessageMap[str, OptionValue]
     tag: str
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ...) -> None: ...
+    gradient: Reduction
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -92,14 +107,16 @@ class Aggregates(_message.Message):
     def __init__(self, sum: _Optional[float] = ..., mean: _Optional[float] = ..., weighted_sum: _Optional[float] = ..., weighted_mean: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., omitted: _Optional[int] = ..., weight_sum: _Optional[float] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("per_sample", "aggregates", "running")
+    __slots__ = ("per_sample", "aggregates", "running", "gradient")
     PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     per_sample: Tensor
     aggregates: Aggregates
     running: Aggregates
-    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ...) -> None: ...
+    gradient: Tensor
+    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListLossesRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,117 @@
+"""The server's gradient equals local autograd; RemoteLoss backpropagates it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lossd
+from lossd import LossClient
+from lossd.torch import RemoteLoss
+from lossd_server.losses import sigmoid_focal_loss
+
+N, C = 6, 5
+
+
+def _per_sample(elementwise: torch.Tensor, sum_class_dim: bool = False) -> torch.Tensor:
+    if sum_class_dim:
+        elementwise = elementwise.sum(dim=1)
+    return elementwise.reshape(elementwise.shape[0], -1).mean(dim=1)
+
+
+def _cases() -> dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]]]:
+    def logits_index(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, C, 3, generator=g), torch.randint(0, C, (N, 3), generator=g)
+
+    def same(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(N, C, generator=g), torch.rand(N, C, generator=g)
+
+    def logp(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(N, C, generator=g).log_softmax(1),
+                torch.randn(N, C, generator=g).softmax(1))
+
+    def none(fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor],
+                                                          torch.Tensor]:
+        return lambda x, t: _per_sample(fn(x, t, reduction="none"))
+
+    return {
+        "cross_entropy": (none(F.cross_entropy), logits_index),
+        "nll_loss": (none(F.nll_loss), logits_index),
+        "binary_cross_entropy_with_logits": (none(F.binary_cross_entropy_with_logits), same),
+        "mse_loss": (none(F.mse_loss), same),
+        "l1_loss": (none(F.l1_loss), same),
+        "smooth_l1_loss": (none(F.smooth_l1_loss), same),
+        "huber_loss": (none(F.huber_loss), same),
+        "kl_div": (lambda x, t: _per_sample(F.kl_div(x, t, reduction="none"), True), logp),
+        "sigmoid_focal_loss": (lambda x, t: _per_sample(sigmoid_focal_loss(x, t)), same),
+        "poisson_nll_loss": (none(F.poisson_nll_loss), same),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("loss", sorted(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "weighted_mean"])
+def test_server_gradient_equals_local_autograd(client: LossClient, loss: str,
+                                               reduction: str) -> None:
+    reference, make = CASES[loss]
+    g = torch.Generator().manual_seed(hash((loss, reduction)) % 2**31)
+    x, t = make(g)
+    if loss == "nll_loss":  # the server gets log-probabilities
+        x = x.log_softmax(1).detach()
+
+        def reference(p: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            return _per_sample(F.nll_loss(p, tt, reduction="none"))
+    w = torch.rand(N, generator=g)
+    leaf = x.clone().requires_grad_(True)
+    per = reference(leaf, t)
+    local = {"mean": per.mean(), "sum": per.sum(),
+             "weighted_mean": (w * per).sum() / w.sum()}[reduction]
+    local.backward()
+    r = client.evaluate(x, t, loss=loss, weights=w if reduction.startswith("w") else None,
+                        gradient=reduction)
+    assert r.gradient is not None and r.gradient.shape == tuple(x.shape)
+    torch.testing.assert_close(torch.from_numpy(r.gradient), leaf.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_remote_loss_backward_fills_grad(client: LossClient) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, generator=g)
+    t = torch.randint(0, C, (N,), generator=g)
+    remote = RemoteLoss(client, "cross_entropy", label_smoothing=0.1)
+    remote_x = x.clone().requires_grad_(True)
+    loss = remote(remote_x, t)
+    (loss * 2).backward()
+    local_x = x.clone().requires_grad_(True)
+    local = F.cross_entropy(local_x, t, label_smoothing=0.1)
+    (local * 2).backward()
+    torch.testing.assert_close(loss.detach(), local.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(remote_x.grad, local_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_remote_loss_bfloat16_gradient_in_predictions_dtype(client: LossClient) -> None:
+    x = torch.randn(N, C).bfloat16().requires_grad_(True)
+    t = torch.randint(0, C, (N,))
+    RemoteLoss(client)(x, t).backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    local_x = x.detach().float().requires_grad_(True)
+    F.cross_entropy(local_x, t).backward()
+    torch.testing.assert_close(x.grad.float(), local_x.grad.bfloat16().float())
+
+
+def test_no_gradient_without_requires_grad(client: LossClient) -> None:
+    remote = RemoteLoss(client, "mse_loss")
+    out = remote(torch.ones(3), torch.zeros(3))
+    assert out.item() == 1.0 and not out.requires_grad
+    assert remote.last_result is not None and remote.last_result.gradient is None
+
+
+def test_weighted_gradient_needs_weights(client: LossClient) -> None:
+    with pytest.raises(lossd.InvalidArgument) as exc:
+        client.evaluate(torch.ones(3), torch.zeros(3), loss="mse_loss", gradient="weighted_mean")
+    assert exc.value.message == "gradient: weighted_mean needs weights"
