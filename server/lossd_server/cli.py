@@ -1,4 +1,6 @@
-"""The ``lossd`` command: ``lossd serve`` runs the server."""
+"""``lossd serve``. The ``lossd`` command itself lives in ``lossd._cli`` (it also runs
+without the server installed); ``python -m lossd_server.cli serve ...`` works too.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +12,23 @@ from lossd_server import logs
 from lossd_server import settings as settings_mod
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lossd",
-        description="lossd: per-sample losses and batch aggregates as a gRPC service.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser(
-        "serve", help="run the gRPC server",
-        description="Run the lossd gRPC server. Every flag can also be set through the "
-                    "LOSSD_* environment variable named in its help; a flag wins.")
-    settings_mod.add_arguments(serve)
-    return parser
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server with settings from parsed flags and LOSSD_* variables."""
+    from lossd_server.app import serve
+
+    s = settings_mod.from_args(args)
+    logs.configure(s.log_level, s.log_format)
+    try:
+        return serve(s)
+    except (ValueError, OSError) as exc:
+        print(f"lossd: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from lossd_server.app import serve
+    from lossd._cli import main as lossd_main
 
-        s = settings_mod.from_args(args)
-        logs.configure(s.log_level, s.log_format)
-        try:
-            return serve(s)
-        except (ValueError, OSError) as exc:
-            print(f"lossd: {exc}", file=sys.stderr)
-            return 2
-    return 2
+    return lossd_main(argv)
 
 
 if __name__ == "__main__":

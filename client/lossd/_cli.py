@@ -1,0 +1,107 @@
+"""The ``lossd`` command.
+
+    lossd serve ...     run the server (needs ``lossd[server]``)
+    lossd eval ...      stream prediction/target files through a server
+    lossd losses ...    print a server's loss catalogue
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lossd import _eval
+from lossd._client import LossClient
+from lossd._errors import DeadlineExceeded, LossdError, Unavailable
+
+EVAL_EPILOG = """exit codes: 0 done; 1 the server rejected the input; 2 usage or local input
+error (missing file, shape mismatch); 3 the server could not be reached or timed out.
+
+example:
+  lossd eval --target 127.0.0.1:50051 --loss cross_entropy logits.npy labels.npy \\
+      --batch-size 4096 --option label_smoothing=0.1 --out losses.csv --top 10"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lossd",
+        description="lossd: per-sample losses and batch aggregates as a gRPC service.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve", help="run the gRPC server (needs lossd[server])",
+        description="Run the lossd gRPC server. Every flag can also be set through the "
+                    "LOSSD_* environment variable named in its help; a flag wins.")
+    try:
+        from lossd_server.settings import add_arguments
+    except ImportError:
+        serve.set_defaults(server_missing=True)
+    else:
+        add_arguments(serve)
+
+    ev = sub.add_parser("eval", help="evaluate prediction/target files on a server",
+                        description="Stream predictions and targets (.npy, .pt or "
+                                    ".safetensors; name a tensor as FILE:KEY) in batches over "
+                                    "EvaluateStream and print the aggregates.",
+                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("predictions", help="predictions file, (N, ...)")
+    ev.add_argument("targets", help="targets file, (N, ...)")
+    ev.add_argument("--target", default="127.0.0.1:50051", help="server address (gRPC target)")
+    ev.add_argument("--loss", default="cross_entropy", help="loss name (see `lossd losses`)")
+    ev.add_argument("--weights", help="per-sample weights file, (N,)")
+    ev.add_argument("--batch-size", type=int, default=4096, help="samples per streamed batch")
+    ev.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                    help="a loss option, e.g. label_smoothing=0.1 or class_weights=1,2,3 "
+                         "(repeatable)")
+    ev.add_argument("--tag", help="tag for the server's loss metrics (a model or run name)")
+    ev.add_argument("--out", help="write per-sample losses to this .npy or .csv file")
+    ev.add_argument("--top", type=int, default=0, metavar="K", help="print the K hardest samples")
+    ev.add_argument("--timeout", type=float, default=None, help="deadline for the whole run, s")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
+
+    ls = sub.add_parser("losses", help="print a server's loss catalogue")
+    ls.add_argument("--target", default="127.0.0.1:50051", help="server address (gRPC target)")
+    return parser
+
+
+def _losses(target: str) -> int:
+    try:
+        with LossClient(target, timeout=10) as client:
+            catalogue = client.losses()
+    except (Unavailable, DeadlineExceeded) as exc:
+        print(f"lossd losses: cannot reach {target}: {exc}", file=sys.stderr)
+        return _eval.EXIT_UNREACHABLE
+    except LossdError as exc:
+        print(f"lossd losses: {exc}", file=sys.stderr)
+        return _eval.EXIT_REJECTED
+    for info in catalogue:
+        print(f"{info.name}: {info.description}")
+        print(f"    predictions {' | '.join(info.prediction_shapes)}; "
+              f"targets {' | '.join(info.target_shapes)}")
+        for o in info.options:
+            choices = f" ({'|'.join(o.choices)})" if o.choices else ""
+            print(f"    {o.name}: {o.type} = {o.default}{choices}  {o.description}")
+    return _eval.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        if getattr(args, "server_missing", False):
+            print("lossd serve: the server is not installed; pip install 'lossd[server]'",
+                  file=sys.stderr)
+            return 2
+        from lossd_server.cli import run_serve
+
+        return run_serve(args)
+    if args.command == "losses":
+        return _losses(args.target)
+    return _eval.run(target=args.target, loss=args.loss, predictions=args.predictions,
+                     targets=args.targets, weights=args.weights, batch_size=args.batch_size,
+                     out=args.out, top=args.top, tag=args.tag, options=args.option,
+                     timeout=args.timeout, progress=args.progress)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""``lossd eval``: stream .npy/.pt/.safetensors files through EvaluateStream.
+
+Exit codes (also in ``lossd eval --help``): 0 done; 1 the server rejected the input
+(e.g. a class index out of range); 2 usage or local input error (missing file, shape
+mismatch, unknown format); 3 the server could not be reached or timed out.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from lossd._client import LossClient
+from lossd._errors import DeadlineExceeded, LossdError, Unavailable
+from lossd._result import Aggregates
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class InputError(Exception):
+    """A local problem with the files or flags (exit code 2)."""
+
+
+def load_array(spec: str) -> Any:
+    """An array from ``path.npy`` (memory-mapped), ``path.pt`` or ``path.safetensors[:key]``.
+
+    .pt and .safetensors files holding several tensors need ``:key``.
+    """
+    path_text, _, key = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path = Path(path_text)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if suffix == ".pt":
+        try:
+            import torch
+        except ImportError:
+            raise InputError(f"{path}: reading .pt files needs torch installed") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _pick(path, obj if not isinstance(obj, torch.Tensor) else {"": obj}, key)
+    if suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise InputError(f"{path}: reading .safetensors needs `pip install safetensors`"
+                             ) from None
+        try:
+            return _pick(path, load_file(str(path)), key)
+        except Exception as exc:  # safetensors raises its own error types
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"{path}: {exc}") from None
+    raise InputError(f"{path}: unknown format {suffix!r}; use .npy, .pt or .safetensors")
+
+
+def _pick(path: Path, tensors: Any, key: str) -> Any:
+    if not isinstance(tensors, dict):
+        raise InputError(f"{path}: holds a {type(tensors).__name__}, not a tensor")
+    if key:
+        if key not in tensors:
+            raise InputError(f"{path}: no tensor {key!r}; has {', '.join(map(str, tensors))}")
+        return tensors[key]
+    if len(tensors) != 1:
+        raise InputError(f"{path}: holds {len(tensors)} tensors; name one as "
+                         f"{path}:<key> ({', '.join(map(str, tensors))})")
+    return next(iter(tensors.values()))
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value``: ints, floats, true/false, comma lists (tensors), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"--option {text!r}: expected key=value")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    if "," in raw:
+        try:
+            return key, [float(x) for x in raw.split(",")]
+        except ValueError:
+            pass
+    return key, raw
+
+
+@dataclass
+class Progress:
+    """A one-line progress report on a terminal: samples, samples/s and ETA."""
+
+    total: int
+    out: TextIO
+    enabled: bool
+    done: int = 0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        self.out.write(f"\r{self.done:,}/{self.total:,} samples  {rate:,.0f} samples/s  "
+                       f"ETA {eta:,.1f}s ")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.out.write("\n")
+
+
+def _batches(predictions: Any, targets: Any, weights: Any, size: int
+             ) -> Iterator[tuple[Any, ...]]:
+    for i in range(0, len(predictions), size):
+        batch = (predictions[i:i + size], targets[i:i + size])
+        yield batch if weights is None else (*batch, weights[i:i + size])
+
+
+def format_aggregates(loss: str, a: Aggregates) -> str:
+    rows: list[tuple[str, Any]] = [("loss", loss), ("count", a.count), ("sum", a.sum),
+                                   ("mean", a.mean)]
+    if a.weighted_mean is not None:
+        rows += [("weighted_sum", a.weighted_sum), ("weighted_mean", a.weighted_mean),
+                 ("weight_sum", a.weight_sum)]
+    rows += [("ignored", a.ignored), ("omitted", a.omitted)]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:.10g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in rows)
+
+
+def write_losses(path: Path, losses: np.ndarray) -> None:
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "loss"])
+            w.writerows((i, repr(float(v))) for i, v in enumerate(losses))
+    elif path.suffix.lower() == ".npy":
+        np.save(path, losses)
+    else:
+        raise InputError(f"--out {path}: use a .npy or .csv file")
+
+
+def run(*, target: str, loss: str, predictions: str, targets: str, weights: str | None,
+        batch_size: int, out: str | None, top: int, tag: str | None, options: Sequence[str],
+        timeout: float | None, progress: bool | None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
+    """The body of ``lossd eval``; returns the exit code."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        opts = dict(parse_option(o) for o in options)
+        pred, targ = load_array(predictions), load_array(targets)
+        w = load_array(weights) if weights else None
+        n = len(pred)
+        for name, arr in (("targets", targ), ("weights", w)):
+            if arr is not None and len(arr) != n:
+                raise InputError(f"{name} has {len(arr)} samples, predictions {n}")
+        if batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except InputError as exc:
+        print(f"lossd eval: {exc}", file=stderr)
+        return EXIT_USAGE
+
+    bar = Progress(n, stderr, stderr.isatty() if progress is None else progress)
+    per_sample: list[np.ndarray] = []
+    running: Aggregates | None = None
+    try:
+        with LossClient(target, timeout=timeout) as client:
+            for result in client.evaluate_stream(_batches(pred, targ, w, batch_size),
+                                                 loss=loss, tag=tag, **opts):
+                per_sample.append(result.per_sample)
+                running = result.running
+                bar.update(result.per_sample.shape[0])
+    except (Unavailable, DeadlineExceeded) as exc:
+        bar.close()
+        print(f"lossd eval: cannot reach {target}: {exc}", file=stderr)
+        return EXIT_UNREACHABLE
+    except LossdError as exc:
+        bar.close()
+        print(f"lossd eval: {exc}", file=stderr)
+        return EXIT_REJECTED
+    bar.close()
+    assert running is not None
+    losses = np.concatenate(per_sample) if per_sample else np.zeros(0, np.float32)
+    print(format_aggregates(loss, running), file=stdout)
+    if top > 0:
+        order = np.argsort(np.where(np.isnan(losses), -np.inf, losses))[::-1][:top]
+        print(f"\ntop {len(order)} hardest samples", file=stdout)
+        for i in order:
+            print(f"{int(i):>10}  {float(losses[i]):.6g}", file=stdout)
+    if out:
+        try:
+            write_losses(Path(out), losses)
+        except InputError as exc:
+            print(f"lossd eval: {exc}", file=stderr)
+            return EXIT_USAGE
+    return EXIT_OK
