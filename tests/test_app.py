@@ -144,3 +144,8 @@ def test_serve_logs_json_and_drains_on_sigterm(tmp_path: Path) -> None:
     assert request["n"] == 2 and request["code"] == "OK" and "duration_s" in request
     assert any(x["msg"] == "draining" for x in rest)
     assert rest[-1]["msg"] == "lossd stopped"
+
+
+def test_a_taken_port_fails_loudly(server: LossdServer) -> None:
+    with pytest.raises(OSError, match="cannot bind"):
+        start_server(port=server.port)

@@ -57,16 +57,18 @@ class _Requests:
                              f"max_message_bytes {self.max_message_bytes}); raise "
                              "max_message_bytes (and the server's --max-message-mb)")
         if weights is not None:
-            self._check_weights_sum(arrays[2][0])
+            self._check_weights_sum(*arrays[2])
         row_bytes = max(1, math.ceil(total / n))
         rows = max(1, (self.max_message_bytes - _ENVELOPE_BYTES) // row_bytes)
         return [self._request(loss, [(a[i:i + rows], d) for a, d in arrays], tag, options)
                 for i in range(0, n, rows)]
 
     @staticmethod
-    def _check_weights_sum(w: np.ndarray) -> None:
+    def _check_weights_sum(w: np.ndarray, proto_dtype: int) -> None:
         # A split batch streams in chunks, where a chunk may sum to zero legitimately; the
         # whole batch may not (Evaluate's rule), so check it here.
+        if proto_dtype == pb.BFLOAT16:  # its raw bits travel as int16; read them as floats
+            w = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         if w.dtype.kind == "f" and np.all(np.isfinite(w)) and np.all(w >= 0) and not w.any():
             raise InvalidArgument("weights: sum to zero; weighted_mean would be undefined")
 

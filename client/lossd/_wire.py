@@ -97,7 +97,9 @@ def as_array(value: Any, *, field: str) -> tuple[np.ndarray, int]:
         accepted = "float32, float16, bfloat16 (torch), float64, int64, int32"
         raise TypeError(f"{field}: dtype {arr.dtype} is not accepted; use one of {accepted}")
     want = WIRE_DTYPES[_BY_NUMPY_KIND[key]].numpy
-    arr = np.ascontiguousarray(arr, dtype=want)  # no-op unless strided or big-endian
+    # No-op unless strided or big-endian; reshape keeps 0-d arrays 0-d (ascontiguousarray
+    # makes them (1,), which would hide a bad shape from the server).
+    arr = np.ascontiguousarray(arr, dtype=want).reshape(arr.shape)
     return arr, _BY_NUMPY_KIND[key]
 
 

@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd_server import kserve
 from lossd_server.engine import Batch, Engine
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.servicer import LossServicer
@@ -72,6 +73,7 @@ class LossdServer:
     metrics: Metrics
     health: health.HealthServicer
     services: tuple[str, ...]
+    ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
 
@@ -84,6 +86,10 @@ class LossdServer:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", *self.services):
             self.health.set(name, status)
+        if serving:
+            self.ready.set()
+        else:
+            self.ready.clear()
 
     def start(self) -> LossdServer:
         """Start serving; health turns SERVING once a warm-up evaluation passed."""
@@ -99,6 +105,7 @@ class LossdServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+        self.ready.clear()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if self._metrics_http is not None:
@@ -124,6 +131,9 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", -1),
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
+        # silently share its traffic. Fail loudly instead.
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers,
                                                     thread_name_prefix="lossd"),
@@ -131,7 +141,10 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     pb_grpc.add_LossServiceServicer_to_server(
         LossServicer(engine, max_message_bytes=settings.max_message_bytes, metrics=metrics,
                      slots=settings.concurrency), server)
-    services = [LOSS_SERVICE]
+    ready = threading.Event()
+    services = [LOSS_SERVICE,
+                kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,
+                                     ready=ready.is_set)]
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,11 +152,15 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        raise OSError(f"cannot bind {settings.host}:{settings.port} (in use?)")
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
-                        metrics=metrics, health=health_servicer, services=tuple(services))
+                        metrics=metrics, health=health_servicer, services=tuple(services),
+                        ready=ready)
     lossd.set_serving(False)
     return lossd
 

@@ -88,8 +88,8 @@ def exact_parts(values: list[float]) -> list[float]:
             if not math.isfinite(r):
                 return [r]
             parts.append(r)
-    except OverflowError:
-        with np.errstate(over="ignore"):
+    except (OverflowError, ValueError):  # ValueError: fsum of both +inf and -inf
+        with np.errstate(over="ignore", invalid="ignore"):
             return [float(np.sum(np.asarray(values, dtype=np.float64)))]
 
 

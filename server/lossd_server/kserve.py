@@ -1,0 +1,352 @@
+"""The Open Inference Protocol (KServe v2) face of the engine: ``inference.GRPCInferenceService``.
+
+Served beside ``lossd.v1.LossService`` so Triton and KServe clients (``tritonclient.grpc``
+and others) can call lossd unchanged. Each loss of the catalogue is a model of the same
+name, version ``"1"``, platform ``"lossd"``.
+
+ModelInfer, per model (loss):
+
+* inputs ``PREDICTIONS`` and ``TARGETS``, optional ``WEIGHTS`` (N,), and one optional input
+  per tensor-valued loss option, named after it in capitals (``CLASS_WEIGHTS``,
+  ``POS_WEIGHT``). Datatypes ``FP32``, ``FP16``, ``BF16``, ``FP64``, ``INT64``, ``INT32``,
+  as the native API accepts them. Data comes as ``raw_input_contents`` (one entry per input,
+  in input order) or as typed ``contents`` (``fp32_contents``, ``fp64_contents``,
+  ``int64_contents``, ``int_contents``; FP16 and BF16 only raw).
+* request ``parameters`` are the loss's scalar options by their native names
+  (``label_smoothing``, ``ignore_index``, ``nan_policy``, ...): bool, int64, double or
+  string values, checked exactly as the native API checks options. Any other parameter,
+  Triton's scheduling ones (``priority``, ``timeout``) included, is rejected.
+* outputs ``PER_SAMPLE`` (FP32 [N]); ``SUM``, ``MEAN`` (FP64 [1]); ``COUNT``, ``IGNORED``,
+  ``OMITTED`` (INT64 [1]); with ``WEIGHTS`` also ``WEIGHTED_SUM``, ``WEIGHTED_MEAN``,
+  ``WEIGHT_SUM`` (FP64 [1]). The values are the native API's, bit for bit. A request that
+  lists ``outputs`` gets those, in its order; otherwise every output the request produces.
+  Outputs travel as ``raw_output_contents``.
+
+Errors are the native API's: a bad request is INVALID_ARGUMENT with a message that starts
+with the field at fault, named as here (``PREDICTIONS``, ``TARGETS``, ``WEIGHTS``,
+``CLASS_WEIGHTS``, ``parameters.<name>``, ``raw_input_contents[<i>]``, ``outputs.<name>``);
+an unknown model or version is NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from lossd.kserve.v2 import grpc_service_pb2 as pb
+from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from lossd_server import __version__
+from lossd_server.engine import Batch, Engine, Evaluation
+from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
+from lossd_server.servicer import unary_errors
+from lossd_server.validate import RequestError
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "lossd"
+PLATFORM = "lossd"
+MODEL_VERSION = "1"
+# Triton's extension names: request/response `parameters` are the one lossd implements.
+EXTENSIONS = ("parameters",)
+
+PREDICTIONS, TARGETS, WEIGHTS = "PREDICTIONS", "TARGETS", "WEIGHTS"
+
+
+@dataclass(frozen=True)
+class DataType:
+    """One accepted tensor datatype: its torch dtype and the typed contents field, if any."""
+
+    torch: torch.dtype
+    numpy: np.dtype[Any]
+    contents_field: str | None
+
+
+DATATYPES: Mapping[str, DataType] = {
+    "FP32": DataType(torch.float32, np.dtype("<f4"), "fp32_contents"),
+    "FP16": DataType(torch.float16, np.dtype("<f2"), None),
+    "BF16": DataType(torch.bfloat16, np.dtype("<u2"), None),
+    "FP64": DataType(torch.float64, np.dtype("<f8"), "fp64_contents"),
+    "INT64": DataType(torch.int64, np.dtype("<i8"), "int64_contents"),
+    "INT32": DataType(torch.int32, np.dtype("<i4"), "int_contents"),
+}
+
+# Request bytes are immutable; tensors viewing them are never written to.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output tensor: its datatype, whether it needs WEIGHTS, and how to read it."""
+
+    name: str
+    datatype: str
+    weighted: bool
+    value: Callable[[Evaluation], np.ndarray]
+
+
+def _scalar(dtype: str, read: Callable[[Evaluation], Any]) -> Callable[[Evaluation], np.ndarray]:
+    return lambda ev: np.array([read(ev)], dtype=dtype)
+
+
+OUTPUTS: tuple[Output, ...] = (
+    Output("PER_SAMPLE", "FP32", False,
+           lambda ev: ev.per_sample.numpy().astype("<f4", copy=False)),
+    Output("SUM", "FP64", False, _scalar("<f8", lambda ev: ev.aggregate.sum)),
+    Output("MEAN", "FP64", False, _scalar("<f8", lambda ev: ev.aggregate.mean)),
+    Output("COUNT", "INT64", False, _scalar("<i8", lambda ev: ev.aggregate.count)),
+    Output("IGNORED", "INT64", False, _scalar("<i8", lambda ev: ev.aggregate.ignored)),
+    Output("OMITTED", "INT64", False, _scalar("<i8", lambda ev: ev.aggregate.omitted)),
+    Output("WEIGHTED_SUM", "FP64", True, _scalar("<f8", lambda ev: ev.aggregate.weighted_sum)),
+    Output("WEIGHTED_MEAN", "FP64", True,
+           _scalar("<f8", lambda ev: ev.aggregate.weighted_mean)),
+    Output("WEIGHT_SUM", "FP64", True, _scalar("<f8", lambda ev: ev.aggregate.weight_sum)),
+)
+OUTPUT_BY_NAME: Mapping[str, Output] = {o.name: o for o in OUTPUTS}
+
+
+def tensor_inputs(spec: Loss) -> dict[str, str]:
+    """Input name -> option name for the loss's tensor-valued options (``CLASS_WEIGHTS``...)."""
+    return {o.name.upper(): o.name for o in all_options(spec) if o.type is OptionType.TENSOR}
+
+
+def input_names(spec: Loss) -> list[str]:
+    return [PREDICTIONS, TARGETS, WEIGHTS, *tensor_inputs(spec)]
+
+
+def _field(spec: Loss, field: str) -> str:
+    """A native field name (``predictions``, ``options.label_smoothing``) as named here."""
+    head, _, rest = field.partition(".")
+    native = {"predictions": PREDICTIONS, "targets": TARGETS, "weights": WEIGHTS}
+    if head in native:
+        return native[head] + (f".{rest}" if rest else "")
+    if head == "options" and rest:
+        tensors = {v: k for k, v in tensor_inputs(spec).items()}
+        return tensors.get(rest, f"parameters.{rest}")
+    return field
+
+
+def _model(name: str, version: str) -> Loss:
+    if name not in LOSSES:
+        raise RequestError("model_name", f"unknown model {name!r}; the models are the losses: "
+                                         f"{', '.join(sorted(LOSSES))}",
+                           grpc.StatusCode.NOT_FOUND)
+    if version not in ("", MODEL_VERSION):
+        raise RequestError("model_version", f"{name} has no version {version!r}; its only "
+                                            f"version is {MODEL_VERSION!r}",
+                           grpc.StatusCode.NOT_FOUND)
+    return LOSSES[name]
+
+
+def _datatype(name: str, datatype: str) -> DataType:
+    if datatype not in DATATYPES:
+        raise RequestError(f"{name}.datatype", f"{datatype!r} not accepted; use one of "
+                                               f"{', '.join(DATATYPES)}")
+    return DATATYPES[datatype]
+
+
+def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
+                 index: int) -> torch.Tensor:
+    """A host tensor from one input: a view of ``raw`` bytes, or a copy of typed contents."""
+    name = tensor.name
+    dt = _datatype(name, tensor.datatype)
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise RequestError(f"{name}.shape", f"negative dimension in {list(shape)}")
+    count = math.prod(shape)
+    if tensor.parameters:
+        raise RequestError(f"{name}.parameters", f"{', '.join(sorted(tensor.parameters))} not "
+                                                 "supported (shared memory is not either)")
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise RequestError(f"{name}.contents", "set together with raw_input_contents; "
+                                                   "send one or the other")
+        expected = count * dt.numpy.itemsize
+        if len(raw) != expected:
+            raise RequestError(f"raw_input_contents[{index}]",
+                               f"{len(raw)} bytes; {name} of shape {list(shape)} and datatype "
+                               f"{tensor.datatype} needs {expected}")
+        if expected == 0:
+            return torch.empty(shape, dtype=dt.torch)
+        return torch.frombuffer(raw, dtype=dt.torch).reshape(shape)
+    if dt.contents_field is None:
+        raise RequestError(f"{name}.contents", f"{tensor.datatype} has no typed contents; "
+                                               "send it as raw_input_contents")
+    values = getattr(tensor.contents, dt.contents_field)
+    if len(values) != count:
+        raise RequestError(f"{name}.contents.{dt.contents_field}",
+                           f"{len(values)} values; shape {list(shape)} needs {count}")
+    return torch.from_numpy(np.asarray(values, dtype=dt.numpy).reshape(shape))
+
+
+def decode_parameter(name: str, p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    if kind is None:
+        raise RequestError(f"parameters.{name}", "no value set")
+    return getattr(p, kind)
+
+
+def decode_request(request: pb.ModelInferRequest) -> Batch:
+    """The engine's batch for a ModelInfer request (model, inputs and parameters)."""
+    spec = _model(request.model_name, request.model_version)
+    raws = request.raw_input_contents
+    if raws and len(raws) != len(request.inputs):
+        raise RequestError("raw_input_contents", f"{len(raws)} entries for "
+                                                 f"{len(request.inputs)} inputs; send one per "
+                                                 "input, in input order")
+    accepted = input_names(spec)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(request.inputs):
+        if t.name not in accepted:
+            raise RequestError(t.name or f"inputs[{i}]",
+                               f"unknown input for model {spec.name}; its inputs are "
+                               f"{', '.join(accepted)}")
+        if t.name in tensors:
+            raise RequestError(t.name, "given twice")
+        tensors[t.name] = decode_input(t, raws[i] if raws else None, i)
+    for name in (PREDICTIONS, TARGETS):
+        if name not in tensors:
+            raise RequestError(name, f"missing input; model {spec.name} takes "
+                                     f"{', '.join(accepted)}")
+
+    tensor_options = tensor_inputs(spec)
+    scalar_options = [o.name for o in all_options(spec) if o.type is not OptionType.TENSOR]
+    options: dict[str, Any] = {}
+    for name, p in request.parameters.items():
+        if name in tensor_options.values():
+            raise RequestError(f"parameters.{name}", f"a tensor; send it as input "
+                                                     f"{name.upper()}")
+        if name not in scalar_options:
+            raise RequestError(f"parameters.{name}", f"unknown parameter for model "
+                                                     f"{spec.name}; accepted: "
+                                                     f"{', '.join(scalar_options)}")
+        options[name] = decode_parameter(name, p)
+    for input_name, option in tensor_options.items():
+        if input_name in tensors:
+            options[option] = tensors[input_name]
+    return Batch(loss=spec.name, predictions=tensors[PREDICTIONS], targets=tensors[TARGETS],
+                 weights=tensors.get(WEIGHTS), options=options)
+
+
+def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool) -> list[Output]:
+    """The outputs to return: those the request lists, in its order, or all it produces."""
+    if not request.outputs:
+        return [o for o in OUTPUTS if weighted or not o.weighted]
+    chosen: list[Output] = []
+    for r in request.outputs:
+        field = f"outputs.{r.name}"
+        if r.name not in OUTPUT_BY_NAME:
+            raise RequestError(field, f"unknown output; the outputs are "
+                                      f"{', '.join(OUTPUT_BY_NAME)}")
+        out = OUTPUT_BY_NAME[r.name]
+        if out in chosen:
+            raise RequestError(field, "requested twice")
+        if out.weighted and not weighted:
+            raise RequestError(field, f"produced only when the request has input {WEIGHTS}")
+        if r.parameters:
+            raise RequestError(f"{field}.parameters", f"{', '.join(sorted(r.parameters))} not "
+                                                      "supported")
+        chosen.append(out)
+    return chosen
+
+
+def encode_response(request: pb.ModelInferRequest, outputs: Sequence[Output],
+                    ev: Evaluation) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
+                                 id=request.id)
+    for out in outputs:
+        value = out.value(ev)
+        resp.outputs.add(name=out.name, datatype=out.datatype, shape=value.shape)
+        resp.raw_output_contents.append(value.tobytes())
+    return resp
+
+
+def _metadata(name: str, datatype: str, shape: Sequence[int]
+              ) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+
+
+def model_metadata(spec: Loss) -> pb.ModelMetadataResponse:
+    """Inputs and outputs of one model with their canonical datatype and smallest shape.
+
+    The protocol has one datatype and one rank per tensor: PREDICTIONS is listed as FP32
+    (FP16, BF16, FP64 are accepted too), class-index TARGETS as INT64 (INT32 too; for
+    cross_entropy also float probabilities shaped as PREDICTIONS), float TARGETS as
+    PREDICTIONS; trailing dimensions d1, ... beyond the listed shape are accepted.
+    """
+    pred_shape = [-1] * spec.min_prediction_dims
+    if spec.targets is Targets.SAME_SHAPE:
+        targets = _metadata(TARGETS, "FP32", pred_shape)
+    else:
+        targets = _metadata(TARGETS, "INT64", [-1])
+    inputs = [_metadata(PREDICTIONS, "FP32", pred_shape), targets,
+              _metadata(WEIGHTS, "FP32", [-1]),
+              *(_metadata(name, "FP32", [-1]) for name in tensor_inputs(spec))]
+    outputs = [_metadata(o.name, o.datatype, [-1] if o.name == "PER_SAMPLE" else [1])
+               for o in OUTPUTS]
+    return pb.ModelMetadataResponse(name=spec.name, versions=[MODEL_VERSION],
+                                    platform=PLATFORM, inputs=inputs, outputs=outputs)
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc,unused-ignore]
+    """Implements ``inference.GRPCInferenceService`` over an :class:`Engine`.
+
+    ``max_message_bytes`` is the request limit the gRPC server enforces for every service
+    (RESOURCE_EXHAUSTED beyond it). ``ready`` says whether the server is ready (default:
+    always, once serving); ModelReady is ServerReady for every model in the catalogue.
+    """
+
+    def __init__(self, engine: Engine, *, max_message_bytes: int,
+                 ready: Callable[[], bool] | None = None) -> None:
+        self.engine = engine
+        self.max_message_bytes = max_message_bytes
+        self._ready = ready or (lambda: True)
+
+    def ServerLive(self, request: pb.ServerLiveRequest,
+                   context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: pb.ServerReadyRequest,
+                    context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    def ModelReady(self, request: pb.ModelReadyRequest,
+                   context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        # As Triton: an unknown model or version is not ready (no error).
+        known = request.name in LOSSES and request.version in ("", MODEL_VERSION)
+        return pb.ModelReadyResponse(ready=known and self._ready())
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                       context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=EXTENSIONS)
+
+    @unary_errors
+    def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                      context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+        return model_metadata(_model(request.name, request.version))
+
+    @unary_errors
+    def ModelInfer(self, request: pb.ModelInferRequest,
+                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        batch = decode_request(request)
+        outputs = requested_outputs(request, weighted=batch.weights is not None)
+        try:
+            ev = self.engine.evaluate(batch)
+        except RequestError as exc:
+            raise RequestError(_field(LOSSES[batch.loss], exc.field), exc.problem,
+                               exc.code) from None
+        return encode_response(request, outputs, ev)
+
+
+def add_to_server(server: grpc.Server, engine: Engine, *, max_message_bytes: int,
+                  ready: Callable[[], bool] | None = None) -> str:
+    """Serve ``inference.GRPCInferenceService`` on ``server``; returns the service name."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call,unused-ignore]
+        KServeServicer(engine, max_message_bytes=max_message_bytes, ready=ready), server)
+    return SERVICE_NAME

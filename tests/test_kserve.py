@@ -1,0 +1,84 @@
+"""The Open Inference Protocol (KServe v2) endpoint (issue 7).
+
+The checks with the real ``tritonclient[grpc]`` live in ``tests/kserve_tritonclient.py`` and
+run in a pytest process of their own: tritonclient and the lossd server each register the
+protocol's ``inference.*`` messages in protobuf's default descriptor pool, and this process
+has the server's copy (conftest imports the server). Here: that run, and the endpoint
+beside LossService in-process with lossd's own generated stub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from lossd import LossClient
+from lossd.kserve.v2 import grpc_service_pb2 as pb
+from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from lossd_server.app import LossdServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = Path(__file__).with_name("kserve_tritonclient.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient[grpc] not installed (dev extra)")
+def test_tritonclient_in_a_process_of_its_own() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(CASES), "--noconftest", "-p", "no:cacheprovider",
+         "-q", "-rfEs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    report = proc.stdout[-12000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, report
+    assert " passed" in report and "skipped" not in report, report
+
+
+@pytest.fixture
+def stub(server: LossdServer) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_served_beside_the_loss_service(stub: pb_grpc.GRPCInferenceServiceStub,
+                                        client: LossClient) -> None:
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+    assert stub.ModelReady(pb.ModelReadyRequest(name="kl_div"), timeout=30).ready
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 4)).astype(np.float64)
+    t = rng.integers(0, 4, 9).astype(np.int32)
+    req = pb.ModelInferRequest(model_name="cross_entropy")
+    req.inputs.add(name="PREDICTIONS", datatype="FP64", shape=x.shape)
+    req.inputs.add(name="TARGETS", datatype="INT32", shape=t.shape)
+    req.raw_input_contents.extend([x.tobytes(), t.tobytes()])
+    req.outputs.add(name="PER_SAMPLE")
+    req.outputs.add(name="MEAN")
+    resp = stub.ModelInfer(req, timeout=30)
+    expected = client.evaluate(x, t)
+    assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [
+        ("PER_SAMPLE", "FP32", [9]), ("MEAN", "FP64", [1])]
+    assert resp.raw_output_contents[0] == expected.per_sample.tobytes()
+    assert resp.raw_output_contents[1] == np.float64(expected.mean).tobytes()
+
+
+def test_contents_and_raw_are_exclusive(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    req = pb.ModelInferRequest(model_name="mse_loss")
+    x = req.inputs.add(name="PREDICTIONS", datatype="FP32", shape=[2])
+    x.contents.fp32_contents.extend([1.0, 2.0])
+    req.inputs.add(name="TARGETS", datatype="FP32", shape=[2])
+    req.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("raw_input_contents: 1 entries for 2 inputs")
+    req.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req, timeout=30)
+    assert err.value.details().startswith("PREDICTIONS.contents: set together with "
+                                          "raw_input_contents")
