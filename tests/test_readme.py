@@ -27,9 +27,18 @@ def test_top_of_readme_has_the_two_commands() -> None:
     assert "make test" in ci
 
 
-def test_quick_start_example_runs_as_written() -> None:
-    example = python_blocks()[0]
-    assert 'LossClient("127.0.0.1:50051")' in example
+def runnable_examples() -> list[str]:
+    """The quick start and the Triton client example: self-contained, port 50051."""
+    blocks = python_blocks()
+    triton = [b for b in blocks if "import tritonclient" in b]
+    assert len(triton) == 1
+    return [blocks[0], triton[0]]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["quick-start", "tritonclient"])
+def test_example_runs_as_written(index: int) -> None:
+    example = runnable_examples()[index]
+    assert '("127.0.0.1:50051")' in example
     try:
         srv = start_server(port=50051)
     except OSError:
