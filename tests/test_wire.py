@@ -1,0 +1,237 @@
+"""Unit tests of the wire codecs: lossd._wire (client) and lossd_server.wire (server)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lossd._wire import (
+    WIRE_DTYPES,
+    array_to_tensor,
+    as_array,
+    dtype_name,
+    option_value,
+    tensor_to_numpy,
+    to_tensor,
+)
+from lossd.v1 import loss_service_pb2 as pb
+from lossd_server import wire
+from lossd_server.reduce import Aggregate
+from lossd_server.validate import RequestError
+
+TORCH_BY_NAME = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "float64": torch.float64,
+                 "int64": torch.int64, "int32": torch.int32}
+
+
+def _address(buf: bytes) -> int:
+    return int(np.frombuffer(buf, np.uint8).ctypes.data)
+
+
+def test_dtype_table_covers_the_proto_enum() -> None:
+    enum_values = {v.number for v in pb.DType.DESCRIPTOR.values} - {pb.DTYPE_UNSPECIFIED}
+    assert set(WIRE_DTYPES) == enum_values
+    for proto, d in WIRE_DTYPES.items():
+        assert pb.DType.Name(proto).lower() == d.name
+        assert d.itemsize == torch.empty(0, dtype=TORCH_BY_NAME[d.name]).element_size()
+        assert d.is_float == TORCH_BY_NAME[d.name].is_floating_point
+        assert d.numpy.str.startswith("<")  # little-endian on the wire
+    assert set(wire.TORCH_DTYPES) == enum_values
+    assert dtype_name(pb.INT32) == "int32" and dtype_name(99) == "DType(99)"
+
+
+# ---------------------------------------------------------------------------------------
+# Client: as_array / tensor_to_numpy / option_value
+
+
+def test_as_array_no_copy_for_contiguous_little_endian() -> None:
+    for dtype in ("<f4", "<f2", "<f8", "<i8", "<i4"):
+        a = np.arange(12).reshape(3, 4).astype(dtype)
+        arr, proto = as_array(a, field="x")
+        assert arr is a or np.shares_memory(arr, a)
+        assert WIRE_DTYPES[proto].numpy == np.dtype(dtype)
+
+
+def test_as_array_converts_layout() -> None:
+    big = np.arange(6, dtype=">f8").reshape(2, 3)
+    arr, proto = as_array(big, field="x")
+    assert proto == pb.FLOAT64 and arr.dtype.str == "<f8" and np.array_equal(arr, big)
+    strided = np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2]
+    arr, _ = as_array(strided, field="x")
+    assert arr.flags.c_contiguous and np.array_equal(arr, strided)
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3))
+    arr, proto = as_array(fortran, field="x")
+    assert proto == pb.INT32 and arr.flags.c_contiguous and np.array_equal(arr, fortran)
+
+
+def test_as_array_keeps_zero_dim_shape() -> None:
+    arr, _ = as_array(np.float32(2.5), field="x")
+    assert arr.shape == () and float(arr) == 2.5
+    assert array_to_tensor(arr, pb.FLOAT32).shape == []
+    arr, _ = as_array(torch.tensor(3), field="x")
+    assert arr.shape == ()
+
+
+def test_as_array_lists() -> None:
+    arr, proto = as_array([[1.0, 2], [3, 4]], field="x")
+    assert proto == pb.FLOAT64 and arr.shape == (2, 2)
+    arr, proto = as_array([1, 2, 3], field="x")
+    assert proto == pb.INT64 and arr.tolist() == [1, 2, 3]
+    with pytest.raises(TypeError, match=r"^x: bool arrays"):
+        as_array([True, False], field="x")
+    with pytest.raises(TypeError, match=r"^y: dtype complex128 is not accepted"):
+        as_array(np.zeros(2, complex), field="y")
+
+
+def test_as_array_torch() -> None:
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    arr, proto = as_array(t, field="x")
+    assert proto == pb.FLOAT32 and arr.ctypes.data == t.data_ptr()  # a view, no copy
+    bf = torch.tensor([1.5, -2.0, 3.0e38], dtype=torch.bfloat16)
+    arr, proto = as_array(bf, field="x")
+    assert proto == pb.BFLOAT16 and arr.itemsize == 2
+    back = tensor_to_numpy(array_to_tensor(arr, proto))
+    assert back.dtype == np.float32 and np.array_equal(back, bf.float().numpy())
+    nc = torch.arange(12, dtype=torch.int32).reshape(3, 4).t()
+    arr, proto = as_array(nc, field="x")
+    assert proto == pb.INT32 and arr.flags.c_contiguous and arr.tolist() == nc.tolist()
+    with pytest.raises(TypeError, match=r"unsupported torch dtype torch.bool"):
+        as_array(torch.zeros(2, dtype=torch.bool), field="x")
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_BY_NAME))
+def test_round_trip_through_both_codecs(name: str) -> None:
+    """Client encode -> server decode -> server encode -> client decode, for every dtype."""
+    dtype = TORCH_BY_NAME[name]
+    src = (torch.randn(3, 2, 4) * 100).to(dtype)
+    msg = to_tensor(src, field="x")
+    assert msg.dtype == getattr(pb, name.upper()) and list(msg.shape) == [3, 2, 4]
+    assert len(msg.data) == src.numel() * src.element_size()
+    decoded = wire.decode_tensor(msg, "x")
+    assert decoded.dtype == dtype and torch.equal(decoded, src)
+    assert np.array_equal(tensor_to_numpy(msg), src.float().numpy() if dtype == torch.bfloat16
+                          else src.numpy())
+    if dtype != torch.bfloat16:  # the server encodes float32 per-sample values
+        assert wire.encode_tensor(decoded) == msg
+
+
+def test_tensor_to_numpy_is_a_read_only_view() -> None:
+    msg = to_tensor(np.arange(4, dtype=np.float32), field="x")
+    arr = tensor_to_numpy(msg)
+    assert not arr.flags.writeable and not arr.flags.owndata
+    assert arr.tolist() == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"unknown wire dtype 42"):
+        tensor_to_numpy(pb.Tensor(dtype=42, shape=[1], data=b"\0" * 4))
+
+
+def test_option_value() -> None:
+    assert option_value("a", True).WhichOneof("kind") == "bool_value"
+    assert option_value("a", np.bool_(False)).bool_value is False
+    assert option_value("a", 3).int_value == 3
+    assert option_value("a", np.int32(-7)).int_value == -7
+    assert option_value("a", 0.5).float_value == 0.5
+    assert option_value("a", np.float32(0.25)).float_value == 0.25
+    assert option_value("a", "omit").string_value == "omit"
+    for seq in ([1.0, 2.0], (1.0, 2.0), np.array([1.0, 2.0]), torch.tensor([1.0, 2.0])):
+        v = option_value("w", seq)
+        assert v.WhichOneof("kind") == "tensor_value"
+        assert tensor_to_numpy(v.tensor_value).tolist() == [1.0, 2.0]
+    with pytest.raises(TypeError, match=r"^options.w: unsupported value of type dict"):
+        option_value("w", {})
+    with pytest.raises(TypeError, match=r"^options.w: bool arrays"):
+        option_value("w", [True])
+
+
+# ---------------------------------------------------------------------------------------
+# Server: decode_tensor / decode_option / encode_aggregate
+
+
+def test_decode_tensor_views_the_bytes() -> None:
+    """No copy: the tensor's storage is the bytes object the message handed out."""
+    data = np.arange(6, dtype="<f4").tobytes()
+    msg: Any = SimpleNamespace(dtype=pb.FLOAT32, shape=[2, 3], data=data)
+    t = wire.decode_tensor(msg, "x")
+    assert t.data_ptr() == _address(data)
+    assert t.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    for proto, name in ((pb.INT64, "int64"), (pb.FLOAT16, "float16"), (pb.BFLOAT16, "bfloat16")):
+        n = 4 * WIRE_DTYPES[proto].itemsize
+        raw = bytes(range(n))
+        t = wire.decode_tensor(SimpleNamespace(dtype=proto, shape=[4], data=raw), "x")  # type: ignore[arg-type]
+        assert t.dtype == TORCH_BY_NAME[name] and t.data_ptr() == _address(raw)
+
+
+def test_decode_tensor_real_message() -> None:
+    msg = pb.Tensor(dtype=pb.INT32, shape=[2, 2], data=np.array([1, -2, 3, 4], "<i4").tobytes())
+    assert wire.decode_tensor(msg, "targets").tolist() == [[1, -2], [3, 4]]
+
+
+def test_decode_tensor_shapes() -> None:
+    scalar = wire.decode_tensor(pb.Tensor(dtype=pb.FLOAT64, data=np.float64(2.5).tobytes()), "x")
+    assert scalar.shape == () and float(scalar) == 2.5
+    empty = wire.decode_tensor(pb.Tensor(dtype=pb.FLOAT32, shape=[0, 3]), "x")
+    assert empty.shape == (0, 3) and empty.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("msg", "field", "problem"), [
+    (pb.Tensor(dtype=pb.FLOAT32, shape=[2, 3], data=b"\0" * 23), "x.data",
+     "23 bytes; shape [2, 3] of float32 needs 24"),
+    (pb.Tensor(dtype=pb.FLOAT64, shape=[2], data=b"\0" * 24), "x.data",
+     "24 bytes; shape [2] of float64 needs 16"),
+    (pb.Tensor(dtype=pb.INT32, shape=[0], data=b"\0" * 4), "x.data", "4 bytes"),
+    (pb.Tensor(dtype=pb.FLOAT32, shape=[3, -1], data=b"\0" * 12), "x.shape",
+     "negative dimension in [3, -1]"),
+    (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "x.dtype",
+     "DType(0) not accepted"),
+    (pb.Tensor(dtype=17, shape=[1], data=b"\0" * 4), "x.dtype", "DType(17) not accepted"),
+])
+def test_decode_tensor_errors(msg: pb.Tensor, field: str, problem: str) -> None:
+    with pytest.raises(RequestError) as info:
+        wire.decode_tensor(msg, "x")
+    assert info.value.field == field
+    assert str(info.value) == f"{field}: {info.value.problem}"
+    assert problem in info.value.problem
+
+
+def test_decode_option() -> None:
+    assert wire.decode_option("a", pb.OptionValue(float_value=0.5)) == 0.5
+    assert wire.decode_option("a", pb.OptionValue(int_value=-100)) == -100
+    assert wire.decode_option("a", pb.OptionValue(bool_value=False)) is False
+    assert wire.decode_option("a", pb.OptionValue(string_value="omit")) == "omit"
+    t = wire.decode_option("cw", option_value("cw", [1.0, 2.0]))
+    assert isinstance(t, torch.Tensor) and t.tolist() == [1.0, 2.0]
+    with pytest.raises(RequestError, match=r"^options.a: no value set"):
+        wire.decode_option("a", pb.OptionValue())
+    bad = pb.OptionValue(tensor_value=pb.Tensor(dtype=pb.FLOAT32, shape=[2], data=b"\0"))
+    with pytest.raises(RequestError, match=r"^options.cw.data: 1 bytes"):
+        wire.decode_option("cw", bad)
+
+
+def test_encode_tensor() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # non-contiguous
+    msg = wire.encode_tensor(t)
+    assert msg.dtype == pb.FLOAT32 and list(msg.shape) == [4, 3]
+    assert np.array_equal(tensor_to_numpy(msg), t.numpy())
+
+
+def test_encode_aggregate() -> None:
+    out = pb.Aggregates()
+    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0, 3.0]), None,
+                                             ignored=np.array([False, False])), out)
+    assert (out.sum, out.mean, out.count, out.ignored, out.omitted) == (4.0, 2.0, 2, 0, 0)
+    assert not out.HasField("weighted_sum") and not out.HasField("weighted_mean")
+    assert not out.HasField("weight_sum")
+    out = pb.Aggregates()
+    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0, 3.0, 5.0]), np.array([1.0, 0.0, 2.0]),
+                                             omitted=np.array([False, False, True])), out)
+    assert (out.count, out.omitted, out.sum) == (2, 1, 4.0)
+    assert (out.weighted_sum, out.weight_sum, out.weighted_mean) == (1.0, 1.0, 1.0)
+    empty = pb.Aggregates()
+    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0]), np.array([0.0]),
+                                             ignored=np.array([True])), empty)
+    assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.weighted_mean)
+    assert empty.HasField("weight_sum") and empty.weight_sum == 0.0
