@@ -56,11 +56,48 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A batch that passed validation, with its typed options."""
+
+    batch: Batch
+    spec: Loss
+    options: dict[str, Any]
+    class_index: bool
+    nan_policy: str
+
+
+@dataclass(frozen=True)
+class _Computed:
+    """Host results of one device call: per-sample values and the masks of left-out samples."""
+
+    losses: np.ndarray
+    ignored: np.ndarray | None
+    omitted: np.ndarray | None
+    device_seconds: float | None
+    gradient: Tensor | None
+
+
 class Engine:
-    """Evaluates batches on ``device``; every input is validated on the host first."""
+    """Evaluates batches on ``device``; every input is validated on the host first.
+
+    On CUDA, inputs go through pinned host memory with non-blocking copies, and results come
+    back with one synchronisation per batch.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._cuda = device.type == "cuda"
+
+    def check(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> _Checked:
+        """Validate ``batch`` on the host; raises ``validate.RequestError``."""
+        spec = validate.loss(batch.loss)
+        opts = validate.options(spec, batch.options)
+        class_index = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
+                                     allow_zero_weight_sum=allow_zero_weight_sum)
+        validate.gradient(batch.gradient, weighted=batch.weights is not None)
+        nan_policy = opts.pop("nan_policy")
+        return _Checked(batch, spec, opts, class_index, nan_policy)
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
@@ -69,70 +106,118 @@ class Engine:
         running total decides); a single Evaluate does not.
         Raises ``validate.RequestError`` for bad input.
         """
-        spec = validate.loss(batch.loss)
-        opts = validate.options(spec, batch.options)
-        class_index = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
-                                     allow_zero_weight_sum=allow_zero_weight_sum)
-        validate.gradient(batch.gradient, weighted=batch.weights is not None)
-        nan_policy = opts.pop("nan_policy")
+        checked = self.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
+        computed = self._run(checked)
+        return _evaluation(computed, batch.weights, slice(None), computed.device_seconds)
 
+    def evaluate_many(self, checked: list[_Checked]) -> list[Evaluation]:
+        """One device call for several validated batches that share loss, options, dtypes
+        and trailing shape (see ``batching.coalesce_key``); each gets its own exact result.
+        """
+        if len(checked) == 1:
+            computed = self._run(checked[0])
+            return [_evaluation(computed, checked[0].batch.weights, slice(None),
+                                computed.device_seconds)]
+        first = checked[0]
+        batches = [c.batch for c in checked]
+        weights = None if first.batch.weights is None else torch.cat(
+            [b.weights for b in batches if b.weights is not None])
+        merged = Batch(first.batch.loss, torch.cat([b.predictions for b in batches]),
+                       torch.cat([b.targets for b in batches]), weights, first.batch.options)
+        computed = self._run(_Checked(merged, first.spec, first.options, first.class_index,
+                                      first.nan_policy))
+        out, start = [], 0
+        for b in batches:
+            n = b.predictions.shape[0]
+            out.append(_evaluation(computed, b.weights, slice(start, start + n),
+                                   computed.device_seconds))
+            start += n
+        return out
+
+    def _to_device(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        if self._cuda:
+            staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            staged.copy_(t)
+            t = staged.to(self.device, non_blocking=True)
+        return t if dtype is None else t.to(dtype)
+
+    def _run(self, c: _Checked) -> _Computed:
+        batch = c.batch
         dtype = compute_dtype(batch.predictions.dtype)
-        pred = batch.predictions.to(self.device).to(dtype)
-        if class_index:
-            target = batch.targets.to(self.device).long()
-        else:
-            target = batch.targets.to(self.device).to(dtype)
-        for name, value in opts.items():
-            if isinstance(value, Tensor):
-                opts[name] = value.to(self.device, dtype)
+        pred = self._to_device(batch.predictions, dtype)
+        target = (self._to_device(batch.targets).long() if c.class_index
+                  else self._to_device(batch.targets, dtype))
+        opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
+                for name, value in c.options.items()}
 
         finite = None
-        if nan_policy != "propagate":
+        if c.nan_policy != "propagate":
             finite = validate.finite_predictions(pred)
-            if nan_policy == "raise":
+            if c.nan_policy == "raise":
                 validate.no_nonfinite(finite)
 
         if batch.gradient:
             pred = pred.detach().requires_grad_(True)
         with torch.enable_grad() if batch.gradient else torch.inference_mode():
-            return self._compute(batch, spec, pred, target, opts, class_index, nan_policy,
-                                 finite)
-
-    def _compute(self, batch: Batch, spec: Loss, pred: Tensor, target: Tensor,
-                 opts: dict[str, Any], class_index: bool, nan_policy: str,
-                 finite: Tensor | None) -> Evaluation:
-        events = None
-        if self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
-        values = spec.fn(pred, target, **opts)
-        valid = (target != opts["ignore_index"]) if class_index else None
-        losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
-        if events is not None:
-            events[1].record()
-
-        losses_host = losses.detach().cpu()
-        weights = None if batch.weights is None else batch.weights.to(torch.float64).numpy()
-        aggregate = Aggregate.of_batch(
-            losses_host.numpy(), weights,
-            ignored=None if all_ignored is None else all_ignored.cpu().numpy(),
-            omitted=None if finite is None or nan_policy != "omit"
-            else ~finite.cpu().numpy().astype(np.bool_))
-        gradient = None
-        if batch.gradient:
-            keep = torch.ones_like(losses, dtype=torch.bool)
-            if all_ignored is not None:
-                keep &= ~all_ignored
-            if finite is not None and nan_policy == "omit":
-                keep &= finite
-            w = None if batch.weights is None else batch.weights.to(self.device, losses.dtype)
-            reduced = reduction(batch.gradient, losses, keep, w)
-            (grad,) = torch.autograd.grad(reduced, pred)
-            gradient = grad.to(batch.predictions.dtype).cpu()
+            events = None
+            if self._cuda:
+                events = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+                events[0].record()
+            values = c.spec.fn(pred, target, **opts)
+            valid = (target != opts["ignore_index"]) if c.class_index else None
+            losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
+            if events is not None:
+                events[1].record()
+            omitted = ~finite if finite is not None and c.nan_policy == "omit" else None
+            gradient = None
+            if batch.gradient:
+                keep = torch.ones_like(losses, dtype=torch.bool)
+                if all_ignored is not None:
+                    keep &= ~all_ignored
+                if omitted is not None:
+                    keep &= ~omitted
+                w = None if batch.weights is None else self._to_device(batch.weights,
+                                                                       losses.dtype)
+                (gradient,) = torch.autograd.grad(
+                    reduction(batch.gradient, losses, keep, w), pred)
+                gradient = gradient.to(batch.predictions.dtype)
+            host = self._to_host([losses.detach(), all_ignored, omitted, gradient])
         device_seconds = None
         if events is not None:
-            events[1].synchronize()
             device_seconds = events[0].elapsed_time(events[1]) / 1000.0
-        return Evaluation(per_sample=losses_host.detach().to(torch.float32),
-                          aggregate=aggregate, device_seconds=device_seconds,
-                          gradient=gradient)
+        h_losses, h_ignored, h_omitted, h_gradient = host
+        assert h_losses is not None
+        return _Computed(
+            losses=h_losses.numpy(),
+            ignored=None if h_ignored is None else h_ignored.numpy(),
+            omitted=None if h_omitted is None else h_omitted.numpy(),
+            device_seconds=device_seconds, gradient=h_gradient)
+
+    def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """Copy device results to the host with one synchronisation."""
+        if not self._cuda:
+            return tensors
+        out: list[Tensor | None] = []
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+
+def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
+                device_seconds: float | None) -> Evaluation:
+    """The Evaluation of samples ``part`` of a computed batch."""
+    losses = c.losses[part]
+    aggregate = Aggregate.of_batch(
+        losses, None if weights is None else weights.to(torch.float64).numpy(),
+        ignored=None if c.ignored is None else c.ignored[part],
+        omitted=None if c.omitted is None else c.omitted[part])
+    return Evaluation(per_sample=torch.from_numpy(losses).to(torch.float32),
+                      aggregate=aggregate, device_seconds=device_seconds,
+                      gradient=c.gradient)

@@ -1,0 +1,113 @@
+"""Dynamic batching: concurrent small requests that can share one device call do.
+
+Requests coalesce when they have the same loss, options, dtypes and trailing shapes (see
+:func:`coalesce_key`); the first to arrive leads: it waits up to ``max_delay`` for others
+to join (only while other calls are in flight, so a lone caller pays nothing), runs one
+``Engine.evaluate_many`` and hands each caller exactly its own per-sample losses and
+aggregates. Validation happens per caller before joining, so one bad request fails alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lossd_server.engine import Batch, Engine, Evaluation, _Checked
+
+
+def coalesce_key(c: _Checked) -> Hashable | None:
+    """What must match for two checked batches to share a device call (None: never)."""
+    b = c.batch
+    if b.gradient is not None or c.nan_policy == "raise":
+        return None
+    options: list[tuple[str, Any]] = []
+    for name, value in sorted(c.options.items()):
+        if isinstance(value, torch.Tensor):
+            value = (str(value.dtype), tuple(value.shape), value.contiguous().numpy().tobytes())
+        options.append((name, value))
+    return (b.loss, tuple(options), c.nan_policy, b.predictions.dtype, b.targets.dtype,
+            tuple(b.predictions.shape[1:]), tuple(b.targets.shape[1:]), b.weights is not None)
+
+
+@dataclass
+class _Group:
+    members: list[_Checked] = field(default_factory=list)
+    results: list[Evaluation] | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def samples(self) -> int:
+        return sum(m.batch.predictions.shape[0] for m in self.members)
+
+
+class Batcher:
+    """Coalesces concurrent evaluations; ``evaluate`` is called from many threads.
+
+    ``max_samples``: a group closes when it holds this many samples (larger requests run
+    alone). ``max_delay``: seconds a leader waits for company. ``in_flight``: how many calls
+    the server is serving now (a leader alone in the server does not wait). ``run``: wraps
+    the device call (e.g. to hold a compute slot).
+    """
+
+    def __init__(self, engine: Engine, *, max_samples: int, max_delay: float,
+                 in_flight: Callable[[], int] = lambda: 0,
+                 run: Callable[[Callable[[], list[Evaluation]]], list[Evaluation]]
+                 = lambda f: f()) -> None:
+        self.engine = engine
+        self.max_samples = max_samples
+        self.max_delay = max_delay
+        self._in_flight = in_flight
+        self._run = run
+        self._open: dict[Hashable, _Group] = {}
+        self._cond = threading.Condition()
+        self.coalesced_calls = 0
+
+    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
+        checked = self.engine.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
+        key = coalesce_key(checked)
+        n = batch.predictions.shape[0]
+        if key is None or n >= self.max_samples:
+            return self._run(lambda: self.engine.evaluate_many([checked]))[0]
+        with self._cond:
+            group = self._open.get(key)
+            leader = group is None
+            if group is None:
+                group = self._open[key] = _Group()
+            index = len(group.members)
+            group.members.append(checked)
+            if group.samples >= self.max_samples:
+                self._open.pop(key, None)
+                self._cond.notify_all()
+            if leader:
+                deadline = time.monotonic() + self.max_delay
+                while self._open.get(key) is group and self._in_flight() > len(group.members):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._open.get(key) is group:
+                    del self._open[key]
+        if leader:
+            try:
+                group.results = self._run(lambda: self.engine.evaluate_many(group.members))
+                if len(group.members) > 1:
+                    self.coalesced_calls += 1
+            except BaseException as exc:
+                group.error = exc
+                raise
+            finally:
+                group.done.set()
+        else:
+            with self._cond:
+                self._cond.notify_all()  # the leader may be waiting for this arrival
+            group.done.wait()
+            if group.error is not None:
+                raise group.error
+        assert group.results is not None
+        return group.results[index]

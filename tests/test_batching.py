@@ -1,0 +1,93 @@
+"""Dynamic batching: coalesced callers get exactly their own results."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lossd_server.batching import Batcher, coalesce_key
+from lossd_server.engine import Batch, Engine
+from lossd_server.validate import RequestError
+
+
+def batch(seed: int, n: int = 8, *, weights: bool = True, **options: object) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch("cross_entropy", torch.randn(n, 5, generator=g),
+                 torch.randint(0, 5, (n,), generator=g),
+                 torch.rand(n, generator=g) if weights else None, options)
+
+
+def run_concurrently(batcher: Batcher, batches: list[Batch]) -> list[object]:
+    results: list[object] = [None] * len(batches)
+    barrier = threading.Barrier(len(batches))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = batcher.evaluate(batches[i])
+        except RequestError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_coalesced_results_equal_separate_evaluations() -> None:
+    engine = Engine(torch.device("cpu"))
+    batches = [batch(i, n=3 + i, label_smoothing=0.1) for i in range(8)]
+    in_flight = len(batches)
+    batcher = Batcher(engine, max_samples=10_000, max_delay=2.0, in_flight=lambda: in_flight)
+    results = run_concurrently(batcher, batches)
+    assert batcher.coalesced_calls >= 1
+    for b, r in zip(batches, results, strict=True):
+        alone = engine.evaluate(b)
+        assert torch.equal(r.per_sample, alone.per_sample)  # type: ignore[union-attr]
+        assert r.aggregate == alone.aggregate  # type: ignore[union-attr]
+
+
+def test_a_bad_request_fails_alone() -> None:
+    engine = Engine(torch.device("cpu"))
+    good = [batch(i) for i in range(3)]
+    bad = Batch("cross_entropy", torch.zeros(2, 5), torch.tensor([0, 9]))
+    batcher = Batcher(engine, max_samples=10_000, max_delay=0.5, in_flight=lambda: 4)
+    results = run_concurrently(batcher, [*good, bad])
+    assert isinstance(results[3], RequestError) and results[3].field == "targets"
+    for b, r in zip(good, results[:3], strict=True):
+        assert torch.equal(r.per_sample, engine.evaluate(b).per_sample)  # type: ignore[union-attr]
+
+
+def test_lone_caller_does_not_wait() -> None:
+    engine = Engine(torch.device("cpu"))
+    batcher = Batcher(engine, max_samples=10_000, max_delay=30.0, in_flight=lambda: 1)
+    r = batcher.evaluate(batch(0))
+    assert np.isfinite(r.aggregate.mean)
+
+
+@pytest.mark.parametrize("change", ["options", "classes", "weights", "raise", "gradient"])
+def test_incompatible_batches_do_not_share_a_key(change: str) -> None:
+    engine = Engine(torch.device("cpu"))
+    base = engine.check(batch(0))
+    if change == "options":
+        other = engine.check(batch(0, label_smoothing=0.2))
+    elif change == "classes":
+        other = engine.check(Batch("cross_entropy", torch.zeros(2, 6), torch.tensor([0, 1]),
+                                   torch.ones(2)))
+    elif change == "weights":
+        other = engine.check(batch(0, weights=False))
+    elif change == "raise":
+        assert coalesce_key(engine.check(batch(0, nan_policy="raise"))) is None
+        return
+    else:
+        b = batch(0)
+        assert coalesce_key(engine.check(Batch(b.loss, b.predictions, b.targets, b.weights,
+                                               gradient="mean"))) is None
+        return
+    assert coalesce_key(base) != coalesce_key(other)
+    assert coalesce_key(base) == coalesce_key(engine.check(batch(1)))
