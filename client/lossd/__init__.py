@@ -23,6 +23,7 @@ from lossd._errors import (
     Unimplemented,
 )
 from lossd._result import Aggregates, LossInfo, LossResult, OptionInfo
+from lossd._shm import SharedMemory
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "OptionInfo",
     "PermissionDenied",
     "ResourceExhausted",
+    "SharedMemory",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

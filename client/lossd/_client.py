@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -22,6 +22,9 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Room for the message's own fields (shapes, options, framing) besides the tensor bytes.
 _ENVELOPE_BYTES = 64 * 1024
+
+if TYPE_CHECKING:
+    from lossd._shm import SharedMemory
 
 Batch = tuple[Any, Any] | tuple[Any, Any, Any]
 
@@ -186,6 +189,15 @@ class LossClient:
                 yield LossResult.from_proto(resp)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def shared_memory(self, size: int, *, name: str = "lossd") -> SharedMemory:
+        """A shared-memory region of ``size`` bytes registered with the server, for callers
+        on the same host or in the same pod: ``with client.shared_memory(1 << 28) as shm:
+        shm.evaluate(...)``. See :class:`lossd.SharedMemory`.
+        """
+        from lossd._shm import SharedMemory
+
+        return SharedMemory(self, size, name=name)
 
     def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """The server's loss catalogue: names, options, accepted shapes and dtypes."""

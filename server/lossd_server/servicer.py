@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import losses, wire
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.metrics import CallRecord, Metrics
+from lossd_server.shm import SharedMemoryRegistry
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
 
 log = logging.getLogger(__name__)
@@ -56,23 +58,48 @@ def stream_errors(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
     return wrapper
 
 
-def decode_request(req: pb.EvaluateRequest) -> Batch:
+def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | None
+                   ) -> wire.SharedMemoryView | None:
+    if not req.shared_memory_session or registry is None:
+        return None
+    session = req.shared_memory_session
+    return lambda ref, field: registry.view(session, ref.region, ref.offset, ref.byte_size,
+                                            field)
+
+
+def decode_request(req: pb.EvaluateRequest,
+                   shared_memory: SharedMemoryRegistry | None = None) -> Batch:
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
     if not req.HasField("targets"):
         raise RequestError("targets", "missing")
+    view = _shared_memory(req, shared_memory)
+    if req.HasField("per_sample_output") and view is None:
+        raise RequestError("per_sample_output", "needs shared_memory_session")
     return Batch(
         loss=req.loss,
-        predictions=wire.decode_tensor(req.predictions, "predictions"),
-        targets=wire.decode_tensor(req.targets, "targets"),
-        weights=wire.decode_tensor(req.weights, "weights") if req.HasField("weights") else None,
+        predictions=wire.decode_tensor(req.predictions, "predictions", view),
+        targets=wire.decode_tensor(req.targets, "targets", view),
+        weights=(wire.decode_tensor(req.weights, "weights", view) if req.HasField("weights")
+                 else None),
         options=wire.decode_options(req.options),
         gradient=wire.decode_reduction(req.gradient),
     )
 
 
-def encode_response(ev: Evaluation) -> pb.EvaluateResponse:
-    resp = pb.EvaluateResponse(per_sample=wire.encode_tensor(ev.per_sample))
+def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
+                    shared_memory: SharedMemoryRegistry | None = None) -> pb.EvaluateResponse:
+    """The response; per-sample losses go to ``req.per_sample_output`` when it names one."""
+    view = None if req is None else _shared_memory(req, shared_memory)
+    if view is not None and req is not None and req.HasField("per_sample_output"):
+        out = view(req.per_sample_output, "per_sample_output")
+        n = ev.per_sample.shape[0]
+        if len(out) != 4 * n:
+            raise RequestError("per_sample_output", f"{len(out)} bytes; {n} float32 need {4 * n}")
+        torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
+        resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32, shape=[n]))
+    else:
+        resp = pb.EvaluateResponse(per_sample=wire.encode_tensor(ev.per_sample))
     wire.encode_aggregate(ev.aggregate, resp.aggregates)
     if ev.gradient is not None:
         resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
@@ -91,6 +118,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics or Metrics(process=False)
+        self.shared_memory = SharedMemoryRegistry()
         self._slots = threading.BoundedSemaphore(slots)
 
     def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
@@ -99,7 +127,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
         call.loss = request.loss
         call.received(request.ByteSize())
         with call.stage("decode"):
-            batch = decode_request(request)
+            batch = decode_request(request, self.shared_memory)
         with call.stage("queue"):
             self._slots.acquire()
         try:
@@ -108,7 +136,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
         finally:
             self._slots.release()
         with call.stage("encode"):
-            resp = encode_response(ev)
+            resp = encode_response(ev, request, self.shared_memory)
         call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
@@ -141,6 +169,29 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
                 wire.encode_aggregate(running, resp.running)
                 call.sent(resp.ByteSize())
                 yield resp
+
+    def SharedMemorySession(self, request_iterator: Iterator[pb.SharedMemoryRequest],
+                            context: grpc.ServicerContext) -> Iterator[pb.SharedMemoryResponse]:
+        """A session of shared-memory regions; they are released when the stream ends."""
+        session = self.shared_memory.open_session()
+        context.add_callback(lambda: self.shared_memory.close_session(session.id))
+        try:
+            yield pb.SharedMemoryResponse(session=session.id)
+            for request in request_iterator:
+                error = ""
+                try:
+                    if request.HasField("register"):
+                        r = request.register
+                        self.shared_memory.register(session, r.name, r.key, r.byte_size)
+                    elif request.HasField("unregister"):
+                        self.shared_memory.unregister(session, request.unregister)
+                    else:
+                        raise RequestError("action", "missing: register or unregister")
+                except RequestError as exc:
+                    error = str(exc)
+                yield pb.SharedMemoryResponse(regions=sorted(session.regions), error=error)
+        finally:
+            self.shared_memory.close_session(session.id)
 
     @unary_errors
     def ListLosses(self, request: pb.ListLossesRequest,

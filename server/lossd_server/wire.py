@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,8 +26,15 @@ _PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
-def decode_tensor(t: pb.Tensor, field: str) -> torch.Tensor:
-    """A host tensor viewing the message's bytes (no copy)."""
+SharedMemoryView = Callable[[pb.SharedMemoryRef, str], memoryview]
+
+
+def decode_tensor(t: pb.Tensor, field: str,
+                  shared_memory: SharedMemoryView | None = None) -> torch.Tensor:
+    """A host tensor viewing the message's bytes, or its shared-memory bytes (no copy).
+
+    ``shared_memory`` resolves a SharedMemoryRef of the request's session.
+    """
     if t.dtype not in TORCH_DTYPES:
         raise RequestError(f"{field}.dtype", f"{dtype_name(t.dtype)} not accepted; use one of "
                                              f"{', '.join(d.name for d in WIRE_DTYPES.values())}")
@@ -35,7 +43,13 @@ def decode_tensor(t: pb.Tensor, field: str) -> torch.Tensor:
         raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
     itemsize = WIRE_DTYPES[t.dtype].itemsize
     expected = math.prod(shape) * itemsize
-    data = t.data
+    data: bytes | memoryview = t.data
+    if t.HasField("shared_memory"):
+        if data:
+            raise RequestError(field, "both data and shared_memory are set")
+        if shared_memory is None:
+            raise RequestError(f"{field}.shared_memory", "needs shared_memory_session")
+        data = shared_memory(t.shared_memory, f"{field}.shared_memory")
     if len(data) != expected:
         raise RequestError(f"{field}.data", f"{len(data)} bytes; shape {list(shape)} of "
                                             f"{dtype_name(t.dtype)} needs {expected}")

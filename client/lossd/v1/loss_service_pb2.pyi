@@ -38,14 +38,26 @@ WEIGHTED_MEAN: Reduction
 WEIGHTED_SUM: Reduction
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class OptionValue(_message.Message):
     __slots__ = ("float_value", "int_value", "bool_value", "string_value", "tensor_value")
@@ -62,7 +74,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +89,8 @@ class EvaluateRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     loss: str
     predictions: Tensor
     targets: Tensor
@@ -84,7 +98,9 @@ class EvaluateRequest(_message.Message):
     options: _containers.MessageMap[str, OptionValue]
     tag: str
     gradient: Reduction
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ...) -> None: ...
+    shared_memory_session: str
+    per_sample_output: SharedMemoryRef
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -117,6 +133,34 @@ class EvaluateResponse(_message.Message):
     running: Aggregates
     gradient: Tensor
     def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRequest(_message.Message):
+    __slots__ = ("register", "unregister")
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    UNREGISTER_FIELD_NUMBER: _ClassVar[int]
+    register: RegisterRegion
+    unregister: str
+    def __init__(self, register: _Optional[_Union[RegisterRegion, _Mapping]] = ..., unregister: _Optional[str] = ...) -> None: ...
+
+class RegisterRegion(_message.Message):
+    __slots__ = ("name", "key", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryResponse(_message.Message):
+    __slots__ = ("session", "regions", "error")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    error: str
+    def __init__(self, session: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListLossesRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.ListLossesRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.ListLossesResponse.FromString,
                 _registered_method=True)
+        self.SharedMemorySession = channel.stream_stream(
+                '/lossd.v1.LossService/SharedMemorySession',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.SharedMemoryRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.SharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -77,6 +82,15 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharedMemorySession(self, request_iterator, context):
+        """Shared memory for callers on the same host or in the same pod. The stream is the
+        session: its first response carries the session id that requests quote; regions are
+        registered and unregistered on it, and all are released when the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ListLosses,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.ListLossesRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.ListLossesResponse.SerializeToString,
+            ),
+            'SharedMemorySession': grpc.stream_stream_rpc_method_handler(
+                    servicer.SharedMemorySession,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.SharedMemoryRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.SharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +196,33 @@ class LossService:
             '/lossd.v1.LossService/ListLosses',
             lossd_dot_v1_dot_loss__service__pb2.ListLossesRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.ListLossesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemorySession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/SharedMemorySession',
+            lossd_dot_v1_dot_loss__service__pb2.SharedMemoryRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.SharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
