@@ -151,17 +151,22 @@ def test_option_value() -> None:
 # Server: decode_tensor / decode_option / encode_aggregate
 
 
+def _fake(**fields: Any) -> Any:
+    """A Tensor message stand-in that hands out exactly the bytes object given."""
+    return SimpleNamespace(HasField=lambda name: False, **fields)
+
+
 def test_decode_tensor_views_the_bytes() -> None:
     """No copy: the tensor's storage is the bytes object the message handed out."""
     data = np.arange(6, dtype="<f4").tobytes()
-    msg: Any = SimpleNamespace(dtype=pb.FLOAT32, shape=[2, 3], data=data)
+    msg: Any = _fake(dtype=pb.FLOAT32, shape=[2, 3], data=data)
     t = wire.decode_tensor(msg, "x")
     assert t.data_ptr() == _address(data)
     assert t.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     for proto, name in ((pb.INT64, "int64"), (pb.FLOAT16, "float16"), (pb.BFLOAT16, "bfloat16")):
         n = 4 * WIRE_DTYPES[proto].itemsize
         raw = bytes(range(n))
-        t = wire.decode_tensor(SimpleNamespace(dtype=proto, shape=[4], data=raw), "x")  # type: ignore[arg-type]
+        t = wire.decode_tensor(_fake(dtype=proto, shape=[4], data=raw), "x")
         assert t.dtype == TORCH_BY_NAME[name] and t.data_ptr() == _address(raw)
 
 
