@@ -6,7 +6,7 @@
 # Both install the project from its own pyproject.toml (`pip install "<src>[server]"`);
 # nothing is installed by hand. The server runs as UID/GID 10001, needs no writable path
 # other than /tmp (a volume here, an emptyDir in k8s/), and is configured through LOSSD_*
-# variables (see `lossd serve --help`). See docs/deploy.md.
+# variables (see `lossd serve --help`). See the README, "Deploy".
 
 # Base images are written out in the FROM lines (not build args) so that scanners and
 # update bots see the exact tags: python:3.11-slim-bookworm for the CPU image, the official
