@@ -1,19 +1,23 @@
 """``LossClient``: numpy arrays or torch tensors in, ``LossResult`` out.
 
 Request building lives in :class:`_Requests` so every front (this sync client, and any
-other) shares it.
+other) shares it. Channel configuration (TLS, token, retries, keepalive, load balancing)
+lives in :func:`_channel_options`, :func:`service_config` and :func:`channel_credentials`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from lossd._errors import InvalidArgument, from_rpc_error
+from lossd._errors import InvalidArgument, LossdError, from_rpc_error
 from lossd._result import LossInfo, LossResult
 from lossd._wire import array_to_tensor, as_array, option_value
 from lossd.v1 import loss_service_pb2 as pb
@@ -97,11 +101,152 @@ def _reduction(gradient: str | None) -> int:
     return int(_REDUCTIONS[gradient])
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+DEFAULT_TIMEOUT = 60.0
+"""Default deadline of unary calls (seconds); streams have none unless asked."""
+KEEPALIVE_SECONDS = 30.0
+"""Keepalive ping interval; servers accept pings from every 10 s (--min-client-ping-seconds)."""
+RETRY_ATTEMPTS = 5
+SERVICE = "lossd.v1.LossService"
+# Idempotent methods: evaluating is a pure function of the request, so a call refused with
+# UNAVAILABLE (server unreachable, draining, connection lost before an answer) is safely
+# sent again. gRPC retries a stream only until its first response arrived (and while the
+# sent messages fit its 256 KiB retry buffer); after that an UNAVAILABLE stream fails.
+# SharedMemorySession is a stateful session and is not retried.
+RETRIED_METHODS = ("Evaluate", "EvaluateStream", "ListLosses")
+
+ENV_TOKEN = "LOSSD_TOKEN"
+ENV_TLS_CA = "LOSSD_TLS_CA"
+# Not LOSSD_TLS_CERT/LOSSD_TLS_KEY: those are the server's own --tls-cert/--tls-key.
+ENV_TLS_CERT = "LOSSD_TLS_CLIENT_CERT"
+ENV_TLS_KEY = "LOSSD_TLS_CLIENT_KEY"
+ENV_TLS_SERVER_NAME = "LOSSD_TLS_SERVER_NAME"
+
+
+def service_config(*, load_balancing: str = "round_robin",
+                   retry_attempts: int = RETRY_ATTEMPTS, initial_backoff: float = 0.1,
+                   max_backoff: float = 2.0, backoff_multiplier: float = 2.0) -> str:
+    """The gRPC service config (JSON): load balancing across every resolved address and
+    retries with exponential backoff on UNAVAILABLE for the idempotent methods.
+
+    >>> cfg = json.loads(service_config())
+    >>> cfg["loadBalancingConfig"], cfg["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+    ([{'round_robin': {}}], 5)
+    """
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if retry_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
+            "retryPolicy": {
+                "maxAttempts": retry_attempts,
+                "initialBackoff": f"{initial_backoff:g}s",
+                "maxBackoff": f"{max_backoff:g}s",
+                "backoffMultiplier": backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def _channel_options(max_message_bytes: int, *, keepalive_seconds: float = KEEPALIVE_SECONDS,
+                     load_balancing: str = "round_robin",
+                     retry_attempts: int = RETRY_ATTEMPTS,
+                     server_name: str | None = None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", -1),
+        ("grpc.service_config", service_config(load_balancing=load_balancing,
+                                               retry_attempts=retry_attempts)),
+        ("grpc.enable_retries", 1 if retry_attempts > 1 else 0),
+        # The service config above wins over one published in DNS TXT records.
+        ("grpc.service_config_disable_resolution", 1),
     ]
+    if keepalive_seconds > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+PemSource = str | os.PathLike[str] | bytes | None
+
+
+def _pem(value: PemSource, env: Mapping[str, str], var: str, what: str) -> bytes | None:
+    """PEM bytes from bytes, a file path, or (when ``value`` is None) the file named by
+    ``env[var]``."""
+    if value is None:
+        path = env.get(var) or None
+        if path is None:
+            return None
+        value, what = path, f"{what} (from {var})"
+    if isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {os.fspath(value)}: {exc.strerror}") from None
+
+
+def channel_credentials(*, root_certificates: PemSource = None,
+                        certificate_chain: PemSource = None, private_key: PemSource = None,
+                        tls: bool | None = None, env: Mapping[str, str] | None = None
+                        ) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext.
+
+    Each PEM option is bytes or a file path; one left out comes from the file named by
+    ``LOSSD_TLS_CA``, ``LOSSD_TLS_CLIENT_CERT`` or ``LOSSD_TLS_CLIENT_KEY``. TLS is on when
+    ``tls`` is True or (``tls`` None) when any PEM is given; without a root CA the system's
+    roots apply. A client certificate (mutual TLS) needs both chain and key.
+    """
+    env = os.environ if env is None else env
+    ca = _pem(root_certificates, env, ENV_TLS_CA, "root_certificates")
+    chain = _pem(certificate_chain, env, ENV_TLS_CERT, "certificate_chain")
+    key = _pem(private_key, env, ENV_TLS_KEY, "private_key")
+    if (chain is None) != (key is None):
+        raise ValueError("certificate_chain and private_key go together (mutual TLS)")
+    if tls is False:
+        if ca or chain:
+            raise ValueError("tls=False with TLS certificates given")
+        return None
+    if tls is None and ca is None and chain is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=chain)
+
+
+_INTERCEPTORS: tuple[type, ...] = (
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor)
+
+
+class _Metadata(*_INTERCEPTORS):  # type: ignore[misc]
+    """Adds fixed metadata (the bearer token) to every call on a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
+                              request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
+                               request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any,
+                               request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
+                                request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
 
 
 class LossClient:
@@ -113,19 +258,71 @@ class LossClient:
             r = client.evaluate(logits, targets, loss="cross_entropy", label_smoothing=0.1)
             r.per_sample, r.mean
 
-    ``target`` is any gRPC target ("host:port", "dns:///name:port", ...).
+    ``target`` is any gRPC target: "host:port",
+    "dns:///lossd-headless.<ns>.svc.cluster.local:50051" (every resolved address is used,
+    round robin), "ipv4:10.0.0.1:50051,10.0.0.2:50051", ...
     ``max_message_bytes`` must not exceed the server's ``--max-message-mb``; larger batches
-    are split along N and reassembled. ``timeout`` (seconds) is the default per call.
+    are split along N and reassembled.
+
+    Deadlines: ``timeout`` (seconds, default 60) bounds each unary call (``evaluate`` of a
+    batch that fits one message, ``losses``); ``stream_timeout`` (default none) bounds
+    streams (``evaluate_stream``, and ``evaluate`` of a batch split over a stream). A
+    per-call ``timeout=`` overrides both; None means no deadline.
+
+    Security (see docs/security.md), each also read from the environment when left out:
+
+    * ``token`` (``LOSSD_TOKEN``): sent as ``authorization: Bearer <token>`` on every call.
+    * ``root_certificates`` (``LOSSD_TLS_CA``): PEM bytes or a file path; turns TLS on.
+    * ``certificate_chain`` / ``private_key`` (``LOSSD_TLS_CLIENT_CERT`` /
+      ``LOSSD_TLS_CLIENT_KEY``): the client certificate for mutual TLS.
+    * ``tls``: True for TLS with the system's roots; None (default) for TLS exactly when a
+      certificate is given. ``server_name`` (``LOSSD_TLS_SERVER_NAME``) checks the server
+      certificate against this name instead of the target's host.
+
+    Resilience (see docs/resilience.md): ``retry_attempts`` (5; 1 turns retries off) tries
+    for UNAVAILABLE with exponential backoff 0.1 s .. 2 s on Evaluate, EvaluateStream
+    (before its first answer) and ListLosses; ``keepalive_seconds`` (30; 0 off) pings the
+    server so a dead connection is noticed; ``load_balancing`` ("round_robin" or
+    "pick_first") spreads calls over every address of the target. When retries run out the
+    call raises :class:`lossd.Unavailable`; every error is a typed :class:`lossd.LossdError`.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 stream_timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, token: str | None = None,
+                 root_certificates: PemSource = None, certificate_chain: PemSource = None,
+                 private_key: PemSource = None, tls: bool | None = None,
+                 server_name: str | None = None, retry_attempts: int = RETRY_ATTEMPTS,
+                 keepalive_seconds: float = KEEPALIVE_SECONDS,
+                 load_balancing: str = "round_robin",
+                 env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
         self.target = target
         self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.retry_attempts = retry_attempts if channel is None else 1
         self._requests = _Requests(max_message_bytes)
-        self._channel = channel or grpc.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        if load_balancing not in ("round_robin", "pick_first"):
+            raise ValueError(f"load_balancing={load_balancing!r}: round_robin or pick_first")
+        if channel is None:
+            options = _channel_options(
+                max_message_bytes, keepalive_seconds=keepalive_seconds,
+                load_balancing=load_balancing, retry_attempts=retry_attempts,
+                server_name=server_name or env.get(ENV_TLS_SERVER_NAME) or None)
+            credentials = channel_credentials(
+                root_certificates=root_certificates, certificate_chain=certificate_chain,
+                private_key=private_key, tls=tls, env=env)
+            channel = (grpc.secure_channel(target, credentials, options=options)
+                       if credentials is not None
+                       else grpc.insecure_channel(target, options=options))
+        self._raw_channel = channel
+        token = token if token is not None else env.get(ENV_TOKEN) or None
+        if token is not None and (not token.strip() or any(c in token for c in "\r\n")):
+            raise ValueError("token: empty or contains a line break")
+        self._channel = (grpc.intercept_channel(
+            channel, _Metadata((("authorization", f"Bearer {token.strip()}"),)))
+            if token is not None else channel)
         self._stub = pb_grpc.LossServiceStub(self._channel)
 
     def __enter__(self) -> LossClient:
@@ -136,7 +333,10 @@ class LossClient:
 
     def close(self) -> None:
         """Close the channel. Calls after this fail."""
-        self._channel.close()
+        self._raw_channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> LossdError:
+        return from_rpc_error(exc, retry_attempts=self.retry_attempts)
 
     def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
                  weights: Any = None, tag: str | None = None, timeout: float | None = None,
@@ -154,14 +354,14 @@ class LossClient:
         """
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
                                     self._requests.options(options), gradient)
-        t = self._timeout(timeout)
         try:
             if len(reqs) == 1:
-                return LossResult.from_proto(self._stub.Evaluate(reqs[0], timeout=t))
-            parts = [LossResult.from_proto(r)
-                     for r in self._stub.EvaluateStream(iter(reqs), timeout=t)]
+                return LossResult.from_proto(self._stub.Evaluate(
+                    reqs[0], timeout=self._timeout(timeout)))
+            parts = [LossResult.from_proto(r) for r in self._stub.EvaluateStream(
+                iter(reqs), timeout=self._stream_timeout(timeout))]
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         last = parts[-1].running
         assert last is not None  # EvaluateStream always sets running
         return LossResult(per_sample=np.concatenate([p.per_sample for p in parts]),
@@ -185,10 +385,11 @@ class LossClient:
                                                 tag, opts)
 
         try:
-            for resp in self._stub.EvaluateStream(requests(), timeout=self._timeout(timeout)):
+            for resp in self._stub.EvaluateStream(requests(),
+                                                  timeout=self._stream_timeout(timeout)):
                 yield LossResult.from_proto(resp)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
 
     def shared_memory(self, size: int, *, name: str = "lossd") -> SharedMemory:
         """A shared-memory region of ``size`` bytes registered with the server, for callers
@@ -204,8 +405,13 @@ class LossClient:
         try:
             resp = self._stub.ListLosses(pb.ListLossesRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         return [LossInfo.from_proto(s) for s in resp.losses]
 
     def _timeout(self, timeout: float | None) -> float | None:
+        """The deadline of a unary call: the call's ``timeout``, else the client's."""
         return timeout if timeout is not None else self.timeout
+
+    def _stream_timeout(self, timeout: float | None) -> float | None:
+        """The deadline of a stream: the call's ``timeout``, else ``stream_timeout``."""
+        return timeout if timeout is not None else self.stream_timeout

@@ -1,12 +1,16 @@
 """Typed errors. Every error the client raises from a call derives from ``LossdError``::
 
-    LossdError                  .code (grpc.StatusCode), .message (the server's text)
+    LossdError                  .code (grpc.StatusCode), .message (the server's text),
+    │                           .attempts (the most tries the retry policy allowed),
+    │                           .retry_after (seconds the server asked to wait, or None)
     ├── InvalidArgument         bad input: the message names the field and the problem
-    ├── ResourceExhausted       too large, or the server is at capacity (retry later)
+    ├── ResourceExhausted       too large, out of memory, or the server is at capacity:
+    │                           then .retry_after says when to try again
     ├── Unauthenticated         missing or wrong token
     ├── PermissionDenied
     ├── NotFound
-    ├── Unavailable             server unreachable or draining (retried where safe)
+    ├── Unavailable             server unreachable or draining; raised once the client's
+    │                           retries (UNAVAILABLE only, with backoff) ran out
     ├── DeadlineExceeded        the call's timeout passed
     ├── Cancelled
     ├── Unimplemented
@@ -30,11 +34,14 @@ class LossdError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None,
+                 attempts: int = 1, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.attempts = attempts
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -88,9 +95,43 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
 }
 
 
-def from_rpc_error(exc: grpc.RpcError) -> LossdError:
-    """Translate a grpc error (which is also a ``grpc.Call``) into a typed LossdError."""
+RETRY_AFTER = "retry-after-ms"  # the server's hint, in trailing metadata
+
+
+def _trailer(exc: grpc.RpcError, key: str) -> str | None:
+    try:
+        trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    except Exception:  # a call that never reached a server may have none
+        trailers = None
+    for k, v in trailers or ():
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
+
+
+def from_rpc_error(exc: grpc.RpcError, *, retry_attempts: int = 1) -> LossdError:
+    """Translate a grpc error (which is also a ``grpc.Call``) into a typed LossdError.
+
+    ``retry_attempts``: the most attempts the channel's retry policy allowed the call;
+    an UNAVAILABLE error then says the retries ran out. RESOURCE_EXHAUSTED carries the
+    server's ``retry-after-ms`` hint as ``retry_after`` (seconds).
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _BY_CODE.get(code, LossdError)
-    return cls(details or code.name, code=code)
+    retry_ms = _number(_trailer(exc, RETRY_AFTER))
+    message = details or code.name
+    attempts = 1
+    if code == grpc.StatusCode.UNAVAILABLE and retry_attempts > 1:
+        attempts = retry_attempts
+        message += (f" (retries exhausted: UNAVAILABLE is retried up to {retry_attempts} "
+                    "attempts with exponential backoff)")
+    return cls(message, code=code, attempts=attempts,
+               retry_after=None if retry_ms is None else retry_ms / 1000.0)

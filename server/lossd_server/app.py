@@ -2,7 +2,13 @@
 
 A server is: the LossService, the standard gRPC health service (NOT_SERVING until the
 device passed a warm-up evaluation, NOT_SERVING again while draining), server reflection,
-and a Prometheus /metrics endpoint on its own port.
+and a Prometheus /metrics endpoint on its own port (and address).
+
+Every call passes :class:`gate.Gate`: bearer tokens when configured (health stays open),
+UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
+``security.server_credentials``; limits from ``limits``. ``stop(grace)`` drains: health
+NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within ``grace``, then the
+port closes.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -25,7 +32,10 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import kserve
 from lossd_server.engine import Batch, Engine
+from lossd_server.gate import Gate
+from lossd_server.limits import Admission
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
+from lossd_server.security import TokenStore, server_credentials
 from lossd_server.servicer import LossServicer
 from lossd_server.settings import Settings
 
@@ -75,11 +85,21 @@ class LossdServer:
     services: tuple[str, ...]
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
+    gate: Gate | None = None
+    servicer: LossServicer | None = None
+    health_port: int | None = None
+    _health_server: grpc.Server | None = field(default=None, repr=False)
     _metrics_http: Any = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
+
+    @property
+    def admission(self) -> Admission:
+        """The compute slots and their wait queue (``running``, ``waiting``)."""
+        assert self.servicer is not None
+        return self.servicer.admission
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -94,6 +114,8 @@ class LossdServer:
     def start(self) -> LossdServer:
         """Start serving; health turns SERVING once a warm-up evaluation passed."""
         self.server.start()
+        if self._health_server is not None:
+            self._health_server.start()
         if self.settings.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.resolved_metrics_host,
@@ -103,11 +125,28 @@ class LossdServer:
         self.set_serving(True)
         return self
 
-    def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+    def drain(self) -> None:
+        """Health NOT_SERVING and new calls refused with UNAVAILABLE; in-flight ones go on."""
         self.ready.clear()
+        if self.gate is not None:
+            self.gate.drain()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain, let in-flight calls finish within ``grace`` seconds, then close the port
+        (calls still running then are cancelled). ``grace`` None waits without limit."""
+        start = time.monotonic()
+        self.drain()
+        idle = True
+        if self.gate is not None and grace != 0:
+            idle = self.gate.wait_idle(grace)
+        left = None if grace is None else max(0.0, grace - (time.monotonic() - start))
+        if not idle:
+            log.warning("grace period over; cancelling calls still running",
+                        extra={"in_flight": self.gate.in_flight if self.gate else 0})
+        self.server.stop(left).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -128,19 +167,22 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
                           tags=TagPolicy(allow=settings.tags.split(","),
                                          max_tags=settings.max_tags))
     metrics.set_device(engine.device)
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", -1),
-        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
-        # silently share its traffic. Fail loudly instead.
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers,
+    settings.check()
+    if settings.cuda_memory_fraction and engine.device.type == "cuda":
+        index = engine.device.index
+        torch.cuda.set_per_process_memory_fraction(
+            settings.cuda_memory_fraction,
+            torch.cuda.current_device() if index is None else index)
+    credentials = server_credentials(settings)
+    gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
                                                     thread_name_prefix="lossd"),
-                         options=options)
-    pb_grpc.add_LossServiceServicer_to_server(
-        LossServicer(engine, max_message_bytes=settings.max_message_bytes, metrics=metrics,
-                     slots=settings.concurrency), server)
+                         options=server_options(settings), interceptors=[gate],
+                         maximum_concurrent_rpcs=settings.rpc_limit)
+    servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
+                            metrics=metrics, slots=settings.concurrency,
+                            max_waiting=settings.max_waiting, max_elements=settings.max_elements)
+    pb_grpc.add_LossServiceServicer_to_server(servicer, server)
     ready = threading.Event()
     services = [LOSS_SERVICE,
                 kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,
@@ -152,28 +194,78 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot bind {settings.host}:{settings.port} (in use?)")
+    port = _bind(server, settings.host, settings.port, credentials)
+    health_server, health_port = None, None
+    if settings.health_port >= 0:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
+                                                               thread_name_prefix="lossd-health"),
+                                    options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _bind(health_server, settings.host, settings.health_port, None)
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
                         metrics=metrics, health=health_servicer, services=tuple(services),
-                        ready=ready)
+                        ready=ready, gate=gate, servicer=servicer, health_port=health_port,
+                        _health_server=health_server)
     lossd.set_serving(False)
     return lossd
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """gRPC server channel options: message size, keepalive, connection age."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
+        # silently share its traffic. Fail loudly instead.
+        ("grpc.so_reuseport", 0),
+        # Keepalive: ping idle clients so a dead peer's calls are cancelled, and accept the
+        # clients' own pings (lossd clients ping every 30 s, even without calls) instead of
+        # answering GOAWAY too_many_pings.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms",
+         int(settings.min_client_ping_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        # Clients reconnect (and re-resolve DNS, finding new replicas) every few minutes;
+        # calls in flight on an old connection keep it for up to an hour.
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds
+                                                       * 1000)),
+                    ("grpc.max_connection_age_grace_ms", 3_600_000)]
+    return options
+
+
+def _bind(server: grpc.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind {address} (in use?)")
+    return int(bound)
 
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain for ``grace_seconds`` and return 0."""
     server = create_server(settings)
-    log.info("lossd starting", extra={"settings": asdict(settings),
+    tokens = server.gate.tokens if server.gate is not None else None
+    log.info("lossd starting", extra={"settings": settings.loggable(),
                                        "device": str(server.engine.device)})
     server.start()
     log.info("lossd serving", extra={"address": server.address,
                                       "metrics_port": server.metrics_port,
-                                      "device": str(server.engine.device)})
+                                      "health_port": server.health_port,
+                                      "device": str(server.engine.device),
+                                      "tls": "mutual" if settings.tls_client_ca
+                                      else settings.tls,
+                                      "auth_tokens": tokens.count if tokens else 0,
+                                      "threads": settings.threads,
+                                      "max_rpcs": settings.rpc_limit})
     stopped = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -183,7 +275,10 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
+    while not stopped.wait(1.0):  # a timed wait lets the signal handler run promptly
+        pass
+    in_flight = server.gate.in_flight if server.gate is not None else 0
+    log.info("drain started", extra={"in_flight": in_flight})
     server.stop(settings.grace_seconds)
     log.info("lossd stopped")
     return 0

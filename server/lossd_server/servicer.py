@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -14,8 +13,9 @@ import torch
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from lossd_server import losses, wire
+from lossd_server import limits, losses, wire
 from lossd_server.engine import Batch, Engine, Evaluation
+from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
 from lossd_server.shm import SharedMemoryRegistry
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
@@ -31,6 +31,12 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, RequestError):
         log.info("rejected: %s", exc)
         context.abort(exc.code, str(exc))
+    if isinstance(exc, Refused):
+        log.info("refused: %s", exc.message, extra={"code": exc.code.name,
+                                                     "reason": exc.reason})
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
+        context.abort(exc.code, exc.message)
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
@@ -109,32 +115,57 @@ def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
 class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
     """Implements lossd.v1.LossService over an :class:`Engine`.
 
-    ``slots`` bounds concurrent evaluations on the device (time spent waiting for one is
-    the ``queue`` stage).
+    ``slots`` evaluations run on the device at once and ``max_waiting`` more may wait for
+    one (the ``queue`` stage); beyond that a call gets RESOURCE_EXHAUSTED with a
+    ``retry-after-ms`` trailer (see :class:`limits.Admission`). A request claiming more than
+    ``max_elements`` elements (0: no limit) is refused before decoding. A call whose caller
+    cancelled or whose deadline passed is dropped before compute and never answered late;
+    an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
     """
 
     def __init__(self, engine: Engine, *, max_message_bytes: int,
-                 metrics: Metrics | None = None, slots: int = 2) -> None:
+                 metrics: Metrics | None = None, slots: int = 2, max_waiting: int = 16,
+                 max_elements: int = 0) -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics or Metrics(process=False)
         self.shared_memory = SharedMemoryRegistry()
-        self._slots = threading.BoundedSemaphore(slots)
+        self.limits = LimitMetrics.of(self.metrics.registry)
+        self.admission = Admission(slots, max_waiting, metrics=self.limits)
+        self.max_elements = max_elements
 
     def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
-                  stream: bool) -> tuple[Evaluation, pb.EvaluateResponse]:
+                  stream: bool, state: CallState | None = None
+                  ) -> tuple[Evaluation, pb.EvaluateResponse]:
         """decode -> queue -> compute -> encode for one message, recorded on ``call``."""
+        state = state or CallState()
         call.loss = request.loss
         call.received(request.ByteSize())
-        with call.stage("decode"):
-            batch = decode_request(request, self.shared_memory)
-        with call.stage("queue"):
-            self._slots.acquire()
         try:
-            with call.stage("compute"):
-                ev = self.engine.evaluate(batch, allow_zero_weight_sum=stream)
-        finally:
-            self._slots.release()
+            with call.stage("decode"):
+                limits.check_elements(_claimed_shapes(request), self.max_elements)
+                batch = decode_request(request, self.shared_memory)
+            oom = False
+            try:
+                with contextlib.ExitStack() as held:
+                    with call.stage("queue"):
+                        state.check("before compute")
+                        held.enter_context(self.admission.slot(state))
+                    with call.stage("compute"):
+                        ev = self.engine.evaluate(batch, allow_zero_weight_sum=stream)
+            except Exception as exc:
+                if not limits.is_out_of_memory(exc):
+                    raise
+                oom = True  # handled below, once the exception (and its frames) are gone
+            if oom:
+                del batch
+                limits.release_memory(self.engine.device)
+                raise limits.out_of_memory(self.engine.device, _samples(request),
+                                           self.admission.retry_after_seconds())
+            state.check("after compute")
+        except Refused as exc:
+            self.limits.count(call.method, exc)
+            raise
         with call.stage("encode"):
             resp = encode_response(ev, request, self.shared_memory)
         call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
@@ -145,7 +176,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
     def Evaluate(self, request: pb.EvaluateRequest,
                  context: grpc.ServicerContext) -> pb.EvaluateResponse:
         with _logged(self.metrics.call("Evaluate")) as call:
-            _, resp = self._evaluate(call, request, stream=False)
+            _, resp = self._evaluate(call, request, stream=False, state=CallState.of(context))
             call.sent(resp.ByteSize())
             return resp
 
@@ -153,6 +184,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
         with _logged(self.metrics.call("EvaluateStream")) as call:
+            state = CallState.of(context)
             running = None
             first: pb.EvaluateRequest | None = None
             for i, request in enumerate(request_iterator):
@@ -164,7 +196,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
                 elif request.HasField("weights") != first.HasField("weights"):
                     raise RequestError("weights", f"batch {i}: weights must be given on every "
                                                   "batch of a stream or on none")
-                ev, resp = self._evaluate(call, request, stream=True)
+                ev, resp = self._evaluate(call, request, stream=True, state=state)
                 running = ev.aggregate if running is None else running.merge(ev.aggregate)
                 wire.encode_aggregate(running, resp.running)
                 call.sent(resp.ByteSize())
@@ -200,6 +232,21 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
             resp = catalogue_response(self.max_message_bytes)
             call.sent(resp.ByteSize())
             return resp
+
+
+def _claimed_shapes(req: pb.EvaluateRequest) -> Iterator[tuple[str, Any]]:
+    """(field, shape) of every tensor a request carries, as the message claims them."""
+    for name in ("predictions", "targets", "weights"):
+        if req.HasField(name):
+            yield name, getattr(req, name).shape
+    for name, value in req.options.items():
+        if value.WhichOneof("kind") == "tensor_value":
+            yield f"options.{name}", value.tensor_value.shape
+
+
+def _samples(req: pb.EvaluateRequest) -> int:
+    shape = req.predictions.shape
+    return int(shape[0]) if shape else 0
 
 
 @contextlib.contextmanager

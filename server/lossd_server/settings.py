@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
+             secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ class Settings:
     max_message_mb: float = _setting(64.0, "largest request message accepted, in MiB; larger "
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
-    workers: int = _setting(8, "threads serving calls concurrently")
+    workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
+                               "--max-waiting + 2 when lower, so waiting evaluations never "
+                               "starve health checks)")
     concurrency: int = _setting(2, "evaluations running on the device at once; further calls "
                                    "wait (the 'queue' stage)")
     grace_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight calls may "
@@ -43,6 +47,47 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
+    # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
+                                 "TLS on")
+    tls_key: str = _setting("", "PEM private key of --tls-cert", secret=True)
+    tls_client_ca: str = _setting("", "PEM CA bundle; turns on mutual TLS: every client must "
+                                      "present a certificate signed by it")
+    auth_tokens_file: str = _setting("", "file of accepted bearer tokens, one per line (# "
+                                         "comments); re-read when it changes, so tokens rotate "
+                                         "without a restart", secret=True)
+    auth_tokens_env: str = _setting("LOSSD_AUTH_TOKENS", "name of an environment variable "
+                                    "holding accepted bearer tokens, comma-separated; with "
+                                    "any token configured every call but grpc.health.v1 needs "
+                                    "'authorization: Bearer <token>'")
+    health_port: int = _setting(-1, "extra plaintext port serving only grpc.health.v1, for "
+                                    "probes that speak neither TLS nor tokens (0 picks a free "
+                                    "port, -1 turns it off)")
+    # Limits and backpressure (docs/security.md#limits).
+    max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
+                                          "(predictions, targets, weights and tensor options "
+                                          "together); more gets RESOURCE_EXHAUSTED (0: no "
+                                          "limit)")
+    max_waiting: int = _setting(16, "evaluations that may wait for one of the --concurrency "
+                                    "slots; beyond it calls get RESOURCE_EXHAUSTED with a "
+                                    "'retry-after-ms' trailer")
+    max_rpcs: int = _setting(0, "calls in progress at once, including calls waiting for a "
+                                "worker thread; beyond it gRPC answers RESOURCE_EXHAUSTED at "
+                                "once (0: twice the worker threads)")
+    cuda_memory_fraction: float = _setting(0.0, "cap of the CUDA caching allocator, as a "
+                                                "fraction of device memory (0: no cap); "
+                                                "evaluations beyond it get RESOURCE_EXHAUSTED")
+    keepalive_seconds: float = _setting(60.0, "interval of the server's HTTP/2 keepalive pings "
+                                              "(a dead client's calls are cancelled)")
+    min_client_ping_seconds: float = _setting(10.0, "shortest keepalive ping interval "
+                                                    "accepted from clients (lossd clients ping "
+                                                    "every 30 s); faster pingers are "
+                                                    "disconnected")
+    max_connection_age_seconds: float = _setting(300.0, "connections are closed (GOAWAY, "
+                                                        "in-flight calls finish) after about "
+                                                        "this long, so clients re-resolve DNS "
+                                                        "and spread over new replicas (0: "
+                                                        "never)")
 
     @property
     def max_message_bytes(self) -> int:
@@ -51,6 +96,42 @@ class Settings:
     @property
     def resolved_metrics_host(self) -> str:
         return self.metrics_host or self.host
+
+    @property
+    def threads(self) -> int:
+        """Threads of the call pool: --workers, or enough for every admitted evaluation."""
+        return max(self.workers, self.concurrency + self.max_waiting + 2)
+
+    @property
+    def rpc_limit(self) -> int:
+        return self.max_rpcs or 2 * self.threads
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_key)
+
+    def loggable(self) -> dict[str, Any]:
+        """The settings as a dict for logs: fields marked secret show only whether set."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("secret") and out[f.name]:
+                out[f.name] = "<redacted>"
+        return out
+
+    def check(self) -> None:
+        """Raise ValueError (naming the flag) for inconsistent settings."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for name in ("concurrency", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        for name in ("max_waiting", "max_elements", "max_rpcs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if not 0.0 <= self.cuda_memory_fraction <= 1.0:
+            raise ValueError("--cuda-memory-fraction must be within [0, 1]")
 
     @classmethod
     def env_name(cls, name: str) -> str:
@@ -70,7 +151,7 @@ class Settings:
 
 
 def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
-    kind = type(f.default)
+    kind: Any = type(f.default)
     try:
         if kind is bool:
             low = raw.strip().lower()

@@ -1,0 +1,341 @@
+"""Limits and backpressure: bounded admission, request size, deadlines, out-of-memory.
+
+* :class:`Admission`: ``slots`` evaluations run at once; up to ``max_waiting`` more wait,
+  first come first served, for a slot (the ``queue`` stage). A call beyond that is refused
+  at once with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer; nothing queues without
+  bound. A waiting call whose caller cancelled or whose deadline passed leaves the queue
+  without computing.
+* :func:`check_elements`: the elements a request claims (its shapes), checked before any
+  decoding against ``--max-elements``.
+* :func:`is_out_of_memory` / :func:`release_memory`: CUDA OOM and host allocation failures
+  become RESOURCE_EXHAUSTED; the device cache is released and the server goes on.
+* :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, and
+  the admission queue, registered on the server's metrics registry.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from lossd_server.metrics import METHODS
+from lossd_server.validate import RequestError
+
+RETRY_AFTER = "retry-after-ms"
+OTHER_METHOD = "other"
+REJECT_REASONS = ("queue_full", "too_large", "out_of_memory", "unauthenticated", "draining")
+DROP_REASONS = ("cancelled", "deadline_exceeded")
+
+
+class Refused(Exception):
+    """A call the server will not serve: ``code``, ``message`` and trailing metadata.
+
+    ``reason`` is the metrics label (see REJECT_REASONS and DROP_REASONS).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str,
+                 trailers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.trailers = tuple(trailers)
+
+
+def retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
+    """The ``retry-after-ms`` trailer (whole milliseconds, at least 1)."""
+    return ((RETRY_AFTER, str(max(1, math.ceil(seconds * 1000)))),)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+class LimitMetrics:
+    """Counters and gauges of this module, one set per registry."""
+
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, LimitMetrics]] = (
+        weakref.WeakKeyDictionary())
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rejected = Counter(
+            "lossd_rejected_requests", "Calls refused before evaluation, by method and reason "
+            "(queue_full, too_large, out_of_memory, unauthenticated, draining).",
+            ("method", "reason"), registry=registry)
+        self.dropped = Counter(
+            "lossd_cancelled_requests", "Calls dropped unanswered because their caller "
+            "cancelled or their deadline passed, by method and reason.", ("method", "reason"),
+            registry=registry)
+        self.waiting = Gauge("lossd_queue_waiting", "Evaluations waiting for a compute slot.",
+                             registry=registry)
+        self.running = Gauge("lossd_queue_running", "Evaluations holding a compute slot.",
+                             registry=registry)
+        self.draining = Gauge("lossd_draining", "1 while the server drains (SIGTERM), else 0.",
+                              registry=registry)
+        for method in (*METHODS, OTHER_METHOD):
+            for reason in REJECT_REASONS:
+                self.rejected.labels(method, reason)
+            for reason in DROP_REASONS:
+                self.dropped.labels(method, reason)
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> LimitMetrics:
+        with cls._lock:
+            found = cls._by_registry.get(registry)
+            if found is None:
+                found = cls._by_registry[registry] = cls(registry)
+            return found
+
+    @staticmethod
+    def method_label(method: str) -> str:
+        """A bounded label from a method name (``Evaluate``) or path (``/pkg.Svc/Evaluate``)."""
+        short = method.rsplit("/", 1)[-1]
+        return short if short in METHODS else OTHER_METHOD
+
+    def count(self, method: str, exc: Refused) -> None:
+        label = self.method_label(method)
+        if exc.reason in DROP_REASONS:
+            self.dropped.labels(label, exc.reason).inc()
+        else:
+            self.rejected.labels(label, exc.reason).inc()
+
+
+# ---------------------------------------------------------------------------------------
+# Deadlines and cancellation
+
+
+@dataclass
+class CallState:
+    """What the servicer knows of the caller: still there, and time left."""
+
+    is_active: Callable[[], bool] = lambda: True
+    time_remaining: Callable[[], float | None] = lambda: None
+
+    @classmethod
+    def of(cls, context: grpc.ServicerContext | None) -> CallState:
+        """The state of ``context``'s call (None, as in direct calls from benchmarks: a
+        caller that stays and has no deadline)."""
+        if context is None:
+            return cls()
+        return cls(is_active=context.is_active, time_remaining=context.time_remaining)
+
+    def check(self, where: str) -> None:
+        """Raise Refused (CANCELLED or DEADLINE_EXCEEDED) when the answer is not wanted."""
+        left = self.time_remaining()
+        if left is not None and left <= 0:
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"deadline passed {where}; dropped unanswered",
+                          reason="deadline_exceeded")
+        if not self.is_active():
+            raise Refused(grpc.StatusCode.CANCELLED, f"caller cancelled {where}; dropped",
+                          reason="cancelled")
+
+
+# ---------------------------------------------------------------------------------------
+# Admission
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event = field(default_factory=threading.Event)
+    granted: bool = False
+
+
+class Admission:
+    """``slots`` evaluations at once, ``max_waiting`` more waiting in FIFO order.
+
+    ``slot(call)`` is a context manager holding a slot; it raises :class:`Refused`:
+    RESOURCE_EXHAUSTED (queue full, with a retry-after hint), or CANCELLED /
+    DEADLINE_EXCEEDED when the caller goes away while waiting.
+
+    >>> a = Admission(slots=1, max_waiting=0)
+    >>> with a.slot():
+    ...     try:
+    ...         with a.slot():
+    ...             pass
+    ...     except Refused as exc:
+    ...         print(exc.code.name, exc.reason)
+    RESOURCE_EXHAUSTED queue_full
+    """
+
+    POLL_SECONDS = 0.05  # how often a waiter checks whether its caller is still there
+
+    def __init__(self, slots: int, max_waiting: int, *,
+                 metrics: LimitMetrics | None = None) -> None:
+        if slots < 1 or max_waiting < 0:
+            raise ValueError("slots >= 1 and max_waiting >= 0")
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._free = slots
+        self._queue: collections.deque[_Waiter] = collections.deque()
+        # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
+        self._hold = 0.05
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self.slots - self._free
+
+    def retry_after_seconds(self) -> float:
+        """About when a slot frees for one more caller: the queue ahead, per slot."""
+        return self._hold * (len(self._queue) + 1) / self.slots
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.waiting.set(len(self._queue))
+            self.metrics.running.set(self.slots - self._free)
+
+    def _acquire(self, call: CallState) -> None:
+        with self._lock:
+            if self._free > 0 and not self._queue:
+                self._free -= 1
+                self._gauges()
+                return
+            if len(self._queue) >= self.max_waiting:
+                hint = self.retry_after_seconds()
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self.slots - self._free} evaluations running and "
+                    f"{len(self._queue)} waiting (--concurrency {self.slots}, --max-waiting "
+                    f"{self.max_waiting}); retry after {math.ceil(hint * 1000)} ms",
+                    reason="queue_full", trailers=retry_after(hint))
+            waiter = _Waiter()
+            self._queue.append(waiter)
+            self._gauges()
+        while True:
+            left = call.time_remaining()
+            timeout = self.POLL_SECONDS if left is None else max(0.0, min(left,
+                                                                          self.POLL_SECONDS))
+            waiter.event.wait(timeout)
+            with self._lock:
+                if waiter.granted:
+                    return
+                try:
+                    call.check("while waiting for a compute slot")
+                except Refused:
+                    self._queue.remove(waiter)
+                    self._gauges()
+                    raise
+
+    def _release(self, held: float) -> None:
+        with self._lock:
+            self._hold = 0.8 * self._hold + 0.2 * held
+            if self._queue:
+                waiter = self._queue.popleft()  # the slot passes straight to it
+                waiter.granted = True
+                waiter.event.set()
+            else:
+                self._free += 1
+            self._gauges()
+
+    @contextmanager
+    def slot(self, call: CallState | None = None) -> Iterator[None]:
+        self._acquire(call or CallState())
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._release(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------
+# Request size
+
+
+def claimed_elements(shape: Iterable[int]) -> int:
+    """Elements a shape claims; 0 for a negative dimension (decoding rejects it)."""
+    n = 1
+    for d in shape:
+        if d < 0:
+            return 0
+        n *= d
+    return n
+
+
+MAX_DIM_PRODUCT = 1 << 62  # beyond it torch's size and stride arithmetic overflows
+
+
+def check_elements(tensors: Iterable[tuple[str, Iterable[int]]], max_elements: int) -> int:
+    """Total elements claimed by ``(field, shape)`` pairs; RESOURCE_EXHAUSTED (naming the
+    field that crosses the limit) when over ``max_elements`` (0: no limit).
+
+    A shape with a zero dimension claims no elements, but its other dimensions still count:
+    one larger than ``max_elements`` is refused too, and dimensions whose product overflows
+    are INVALID_ARGUMENT whatever the limit.
+    """
+    total = 0
+    for name, shape in tensors:
+        dims = list(shape)
+        nonzero = 1
+        for d in dims:
+            if d > 0:
+                nonzero *= d
+        if nonzero > MAX_DIM_PRODUCT:
+            raise RequestError(f"{name}.shape", f"{dims}: dimensions too large (their "
+                                                "product overflows)")
+        if max_elements and dims and max(dims) > max_elements:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{name}.shape: {dims} has a dimension over {max_elements} "
+                          "(--max-elements)", reason="too_large")
+        n = claimed_elements(dims)
+        total += n
+        if max_elements and total > max_elements:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{name}.shape: {dims} brings the request to {total} elements; "
+                          f"this server takes at most {max_elements} per message "
+                          "(--max-elements); split the batch", reason="too_large")
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Out of memory
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory",
+             "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM (``torch.OutOfMemoryError``), ``MemoryError``, or a host allocator failure
+    (torch raises those as RuntimeError: "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(t in text for t in _OOM_TEXT)
+    return False
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a failed evaluation left: Python garbage, then the CUDA cache."""
+    gc.collect()
+    if device.type == "cuda":
+        # A second failure here must not turn the answer INTERNAL.
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(device: torch.device, samples: int, retry_seconds: float) -> Refused:
+    return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"predictions: out of {device.type} memory evaluating {samples} samples; "
+                   "the server released its cache and serves on; retry later or send a "
+                   "smaller batch", reason="out_of_memory", trailers=retry_after(retry_seconds))

@@ -1,0 +1,380 @@
+"""Limits and backpressure: bounded admission, element limit, deadlines, out-of-memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import lossd
+from lossd import LossClient
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd_server import limits
+from lossd_server.app import LossdServer
+from lossd_server.engine import Engine
+from lossd_server.limits import Admission, CallState, Refused
+from lossd_server.settings import Settings
+from tests.conftest import start_server
+
+LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
+LABELS = np.array([0, 2])
+
+
+def metric(srv: LossdServer, name: str, **labels: str) -> float:
+    assert srv.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
+                                timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise KeyError(name, labels)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+class Gate:
+    """Makes a server's engine block until released, counting evaluations."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+        real = engine.evaluate
+
+        def blocked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.entered += 1
+            assert self.release.wait(30)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "evaluate", blocked)
+
+
+def request() -> pb.EvaluateRequest:
+    from lossd._client import _Requests
+
+    [req] = _Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
+    return req
+
+
+@pytest.fixture
+def narrow() -> Iterator[LossdServer]:
+    srv = start_server(concurrency=1, max_waiting=1, metrics_port=0)
+    yield srv
+    srv.stop(0)
+
+
+def test_a_full_queue_is_refused_with_a_retry_after_hint(
+        narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(narrow.engine, monkeypatch)
+    address = f"127.0.0.1:{narrow.port}"
+    with LossClient(address, timeout=30) as client, futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.evaluate, LOGITS, LABELS)
+        wait_for(lambda: gate.entered == 1)
+        waiting = pool.submit(client.evaluate, LOGITS, LABELS)
+        wait_for(lambda: narrow.admission.waiting == 1)
+        with pytest.raises(lossd.ResourceExhausted) as exc:
+            client.evaluate(LOGITS, LABELS)
+        assert exc.value.retry_after is not None and exc.value.retry_after > 0
+        assert "--max-waiting 1" in exc.value.message
+        # The trailer itself, as any gRPC client sees it.
+        with grpc.insecure_channel(address) as ch:
+            call = pb_grpc.LossServiceStub(ch).Evaluate.with_call
+            with pytest.raises(grpc.RpcError) as raw:
+                call(request(), timeout=10)
+            assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailers = dict(raw.value.trailing_metadata())
+            assert int(trailers["retry-after-ms"]) >= 1
+        gate.release.set()
+        for f in (running, waiting):
+            np.testing.assert_allclose(f.result(30).per_sample,
+                                       torch.nn.functional.cross_entropy(
+                                           torch.from_numpy(LOGITS), torch.from_numpy(LABELS),
+                                           reduction="none").numpy())
+    assert metric(narrow, "lossd_rejected_requests_total", method="Evaluate",
+                  reason="queue_full") == 2
+    assert metric(narrow, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                  code="RESOURCE_EXHAUSTED") == 2
+    assert metric(narrow, "lossd_queue_waiting") == 0
+    assert metric(narrow, "lossd_queue_running") == 0
+
+
+def test_calls_beyond_max_rpcs_are_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = start_server(max_rpcs=1)
+    gate = Gate(srv.engine, monkeypatch)
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=30) as client, \
+                futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.evaluate, LOGITS, LABELS)
+            wait_for(lambda: gate.entered == 1)
+            with pytest.raises(lossd.ResourceExhausted):
+                client.losses(timeout=5)
+            gate.release.set()
+            running.result(30)
+            assert client.losses()
+    finally:
+        gate.release.set()
+        srv.stop(0)
+
+
+def test_too_many_elements_is_refused_before_decoding() -> None:
+    srv = start_server(max_elements=60, metrics_port=0)
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=10) as client:
+            ok = client.evaluate(np.zeros((10, 5), np.float32), np.zeros(10, np.int64))
+            assert ok.per_sample.shape == (10,)
+            with pytest.raises(lossd.ResourceExhausted) as exc:
+                client.evaluate(np.zeros((10, 5), np.float32), np.zeros(10, np.int64),
+                                class_weights=np.ones(5, np.float64) * 1.0,
+                                ignore_index=3)
+            assert exc.value.message.startswith("options.class_weights.shape:")
+            assert "--max-elements" in exc.value.message
+            with pytest.raises(lossd.ResourceExhausted) as exc:
+                client.evaluate(np.zeros((61,), np.float32), np.zeros(61, np.float32),
+                                loss="mse_loss")
+            assert exc.value.message.startswith("predictions.shape:")
+        # A claimed shape, however huge, is refused before any allocation.
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            req = request()
+            del req.predictions.shape[:]
+            req.predictions.shape.extend([2**40, 2**20])
+            with pytest.raises(grpc.RpcError) as raw:
+                pb_grpc.LossServiceStub(ch).Evaluate(req, timeout=10)
+            assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (raw.value.details() or "").startswith("predictions.shape:")
+        assert metric(srv, "lossd_rejected_requests_total", method="Evaluate",
+                      reason="too_large") == 3
+    finally:
+        srv.stop(0)
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted() -> None:
+    srv = start_server(max_message_mb=0.1)
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=10, retry_attempts=1) as client, \
+                pytest.raises(lossd.ResourceExhausted):
+            client.evaluate(np.zeros(40_000, np.float32), np.zeros(40_000, np.float32),
+                            loss="mse_loss", timeout=10)
+    finally:
+        srv.stop(0)
+
+
+def test_a_call_whose_deadline_passes_while_queued_is_dropped_unanswered(
+        narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(narrow.engine, monkeypatch)
+    with LossClient(f"127.0.0.1:{narrow.port}", timeout=30) as client, \
+            futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.evaluate, LOGITS, LABELS)
+        wait_for(lambda: gate.entered == 1)
+        start = time.monotonic()
+        with pytest.raises(lossd.DeadlineExceeded):
+            client.evaluate(LOGITS, LABELS, timeout=0.3)
+        assert time.monotonic() - start < 2
+        wait_for(lambda: metric(narrow, "lossd_cancelled_requests_total", method="Evaluate",
+                                reason="deadline_exceeded") == 1)
+        assert narrow.admission.waiting == 0
+        gate.release.set()
+        running.result(30)
+        assert gate.entered == 1  # the expired call never reached the engine
+    assert metric(narrow, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                  code="DEADLINE_EXCEEDED") == 1
+
+
+def test_a_cancelled_call_leaves_the_queue_without_computing(
+        narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(narrow.engine, monkeypatch)
+    with grpc.insecure_channel(f"127.0.0.1:{narrow.port}") as ch:
+        stub = pb_grpc.LossServiceStub(ch)
+        running = stub.Evaluate.future(request(), timeout=30)
+        wait_for(lambda: gate.entered == 1)
+        queued = stub.Evaluate.future(request(), timeout=30)
+        wait_for(lambda: narrow.admission.waiting == 1)
+        queued.cancel()
+        wait_for(lambda: narrow.admission.waiting == 0)
+        wait_for(lambda: metric(narrow, "lossd_cancelled_requests_total", method="Evaluate",
+                                reason="cancelled") == 1)
+        gate.release.set()
+        assert len(running.result(30).per_sample.data) == 8
+    assert gate.entered == 1
+    assert metric(narrow, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                  code="CANCELLED") == 1
+
+
+def test_a_result_computed_after_the_deadline_is_not_sent(
+        narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = narrow.engine.evaluate
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(narrow.engine, "evaluate", slow)
+    with LossClient(f"127.0.0.1:{narrow.port}", timeout=30) as client, \
+            pytest.raises(lossd.DeadlineExceeded):
+        client.evaluate(LOGITS, LABELS, timeout=0.2)
+    wait_for(lambda: metric(narrow, "lossd_cancelled_requests_total", method="Evaluate",
+                            reason="deadline_exceeded") == 1)
+    assert metric(narrow, "lossd_stage_duration_seconds_count", method="Evaluate",
+                  stage="encode") == 0
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 140737488355328 bytes."),
+], ids=["cuda_oom", "memory_error", "cpu_allocator"])
+def test_out_of_memory_is_resource_exhausted_and_the_server_serves_on(
+        error: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = start_server(metrics_port=0)
+    released: list[torch.device] = []
+    real_release = limits.release_memory
+
+    def release(device: torch.device) -> None:
+        released.append(device)
+        real_release(device)
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.undo()
+        monkeypatch.setattr(limits, "release_memory", release)
+        raise error
+
+    try:
+        monkeypatch.setattr(limits, "release_memory", release)
+        monkeypatch.setattr(srv.engine, "evaluate", fail_once)
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=10) as client:
+            with pytest.raises(lossd.ResourceExhausted) as exc:
+                client.evaluate(LOGITS, LABELS)
+            assert "out of cpu memory evaluating 2 samples" in exc.value.message
+            assert exc.value.retry_after is not None
+            assert released == [srv.engine.device]
+            r = client.evaluate(LOGITS, LABELS)  # the server goes on
+            assert r.per_sample.shape == (2,)
+        assert metric(srv, "lossd_rejected_requests_total", method="Evaluate",
+                      reason="out_of_memory") == 1
+    finally:
+        srv.stop(0)
+
+
+def test_other_runtime_errors_stay_internal() -> None:
+    assert limits.is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert limits.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not limits.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not limits.is_out_of_memory(ValueError("out of memory"))
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_under_a_memory_cap() -> None:
+    # A cap of 40 MB of the device: a 64 MiB batch cannot be evaluated, a small one can.
+    total = torch.cuda.get_device_properties(0).total_memory
+    srv = start_server(device="cuda", cuda_memory_fraction=40e6 / total, max_elements=0,
+                       max_message_mb=200, metrics_port=0)
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=60,
+                        max_message_bytes=200 << 20) as client:
+            big = np.zeros((1 << 14, 1024), np.float32)
+            with pytest.raises(lossd.ResourceExhausted) as exc:
+                client.evaluate(big, np.zeros(1 << 14, np.int64))
+            assert "out of cuda memory" in exc.value.message
+            assert torch.cuda.memory_reserved(0) < 40e6  # the cache was released
+            r = client.evaluate(LOGITS, LABELS)
+            assert r.per_sample.shape == (2,)
+        assert metric(srv, "lossd_rejected_requests_total", method="Evaluate",
+                      reason="out_of_memory") == 1
+    finally:
+        srv.stop(0)
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)  # the cap is process-wide
+
+
+# ---------------------------------------------------------------------------------------
+# Admission as a unit
+
+
+def test_admission_is_first_come_first_served_and_bounded() -> None:
+    a = Admission(slots=1, max_waiting=3)
+    order: list[int] = []
+    hold = threading.Event()
+    started = threading.Barrier(2)
+
+    def holder() -> None:
+        with a.slot():
+            started.wait()
+            hold.wait(10)
+
+    def waiter(i: int) -> None:
+        with a.slot():
+            order.append(i)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    started.wait()
+    for i in range(3):
+        t = threading.Thread(target=waiter, args=(i,))
+        t.start()
+        threads.append(t)
+        wait_for(lambda i=i: a.waiting == i + 1)
+    with pytest.raises(Refused) as exc, a.slot():
+        pass
+    assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert exc.value.trailers[0][0] == "retry-after-ms"
+    hold.set()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2]
+    assert (a.running, a.waiting) == (0, 0)
+
+
+def test_admission_never_leaks_a_slot_under_churn() -> None:
+    a = Admission(slots=2, max_waiting=4)
+    outcomes: dict[str, int] = {"ok": 0, "full": 0, "expired": 0}
+    lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    plans = [(float(rng.uniform(0, 0.004)), float(rng.choice([0.002, 0.05, 10.0])))
+             for _ in range(400)]
+
+    def one(work: float, budget: float) -> None:
+        end = time.monotonic() + budget
+        state = CallState(time_remaining=lambda: end - time.monotonic())
+        try:
+            with a.slot(state):
+                time.sleep(work)
+            kind = "ok"
+        except Refused as exc:
+            kind = "full" if exc.reason == "queue_full" else "expired"
+        with lock:
+            outcomes[kind] += 1
+
+    with futures.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda p: one(*p), plans))
+    assert sum(outcomes.values()) == 400 and outcomes["ok"] > 0
+    assert (a.running, a.waiting) == (0, 0)
+    # Every slot is free again: two can be held at once, a third waits.
+    with a.slot(), a.slot():
+        assert a.running == 2
+
+
+def test_limit_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="--max-waiting"):
+        Settings(max_waiting=-1).check()
+    with pytest.raises(ValueError, match="--concurrency"):
+        Settings(concurrency=0).check()
+    assert Settings(workers=8, concurrency=2, max_waiting=16).threads == 20
+    assert Settings(workers=64).threads == 64
+    assert Settings(workers=8, max_rpcs=0).rpc_limit == 2 * 20
