@@ -391,13 +391,29 @@ def test_stream_split_batches_keep_exact_running(server: LossdServer,
     assert np.array_equal(np.concatenate([r.per_sample for r in results]), whole.per_sample)
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate_stream yields one result per message, not "
-                   "per batch, when it splits a batch (see the report; needs a design choice)")
-def test_stream_yields_one_result_per_split_batch(server: LossdServer) -> None:
-    batches = _batches(12, [3000, 5])
+def test_stream_yields_one_result_per_split_batch(server: LossdServer,
+                                                  client: LossClient) -> None:
+    batches = _batches(12, [3000, 5, 2500])
     with _split_client(server, 70_000) as small:
         results = list(small.evaluate_stream(batches))
     assert len(results) == len(batches)
+    for (x, t, w), r in zip(batches, results, strict=True):
+        alone = client.evaluate(x, t, weights=w)  # one message: the reference
+        assert np.array_equal(r.per_sample, alone.per_sample)
+        assert r.aggregates == alone.aggregates
+    whole = client.evaluate(*[torch.cat([b[i] for b in batches]) for i in range(2)],
+                            weights=torch.cat([b[2] for b in batches]))
+    assert results[-1].running == whole.aggregates
+
+
+def test_errors_in_a_split_batch_name_the_sample_in_the_batch(server: LossdServer) -> None:
+    x = torch.randn(3000, 12)
+    t = torch.randint(0, 12, (3000,))
+    t[2500] = 99
+    with _split_client(server, 70_000) as small, pytest.raises(lossd.InvalidArgument) as info:
+        small.evaluate(x, t)
+    assert info.value.message.startswith("targets: class index 99 out of range [0, 12) at "
+                                         "sample 2500 ")
 
 
 def test_stream_weights_on_some_batches_only(client: LossClient) -> None:
@@ -406,7 +422,8 @@ def test_stream_weights_on_some_batches_only(client: LossClient) -> None:
         with pytest.raises(lossd.InvalidArgument) as info:
             list(client.evaluate_stream(batches))
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.message.startswith("weights: batch 1: ")
+        assert info.value.message == ("weights: must be given on every batch of a stream or "
+                                      "on none (batch 1 of the stream)")
     assert client.evaluate(x0, t0).count > 0
 
 
@@ -426,8 +443,8 @@ def test_stream_loss_change(server: LossdServer, client: LossClient) -> None:
             next(stream)
     err: Any = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == ("loss: batch 1: 'mse_loss' differs from the stream's first "
-                             "batch ('cross_entropy')")
+    assert err.details() == ("loss: 'mse_loss' differs from the stream's first batch "
+                             "('cross_entropy') (batch 1 of the stream)")
     typed = from_rpc_error(err)
     assert isinstance(typed, lossd.InvalidArgument) and typed.message == err.details()
     assert client.evaluate(x, torch.zeros(3, 4), loss="mse_loss").count == 3

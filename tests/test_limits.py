@@ -71,7 +71,7 @@ def request() -> pb.EvaluateRequest:
     from lossd._client import _Requests
 
     [req] = _Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
-    return req
+    return pb.EvaluateRequest.FromString(req)
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_traffic_moves_metrics_by_exactly_what_was_sent(metered: LossdServer) ->
             x = rng.standard_normal((n, 4)).astype(np.float32)
             t = rng.integers(0, 4, n)
             [req] = _Requests(2**26).build("cross_entropy", x, t, None, "resnet", {})
-            sent_bytes += req.ByteSize()
+            sent_bytes += len(req)
             r = client.evaluate(x, t, tag="resnet")
             per_sample.append(r.per_sample)
         with pytest.raises(lossd.InvalidArgument):

@@ -7,6 +7,7 @@ lives in :func:`_channel_options`, :func:`service_config` and :func:`channel_cre
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import numpy as np
 
 from lossd._errors import InvalidArgument, LossdError, from_rpc_error
 from lossd._result import LossInfo, LossResult
-from lossd._wire import array_to_tensor, as_array, option_value
+from lossd._wire import as_array, encode_with_tensors, option_value
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -34,7 +35,8 @@ Batch = tuple[Any, Any] | tuple[Any, Any, Any]
 
 
 class _Requests:
-    """Builds EvaluateRequest messages; splits batches along N to fit a message limit."""
+    """Builds serialised EvaluateRequest messages, copying each payload once; splits
+    batches along N to fit a message limit (all chunks but the last carry ``more``)."""
 
     def __init__(self, max_message_bytes: int) -> None:
         if max_message_bytes <= _ENVELOPE_BYTES:
@@ -46,8 +48,8 @@ class _Requests:
 
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
               options: dict[str, pb.OptionValue], gradient: str | None = None
-              ) -> list[pb.EvaluateRequest]:
-        """One request, or several along N when the payload exceeds the message limit."""
+              ) -> list[bytes]:
+        """One serialised request, or several along N when the payload exceeds the limit."""
         reduction = _reduction(gradient)
         arrays = [as_array(predictions, field="predictions"), as_array(targets, field="targets")]
         if weights is not None:
@@ -67,8 +69,9 @@ class _Requests:
             self._check_weights_sum(*arrays[2])
         row_bytes = max(1, math.ceil(total / n))
         rows = max(1, (self.max_message_bytes - _ENVELOPE_BYTES) // row_bytes)
-        return [self._request(loss, [(a[i:i + rows], d) for a, d in arrays], tag, options)
-                for i in range(0, n, rows)]
+        starts = range(0, n, rows)
+        return [self._request(loss, [(a[i:i + rows], d) for a, d in arrays], tag, options,
+                              more=i + rows < n) for i in starts]
 
     @staticmethod
     def _check_weights_sum(w: np.ndarray, proto_dtype: int) -> None:
@@ -80,13 +83,24 @@ class _Requests:
             raise InvalidArgument("weights: sum to zero; weighted_mean would be undefined")
 
     def _request(self, loss: str, arrays: list[tuple[np.ndarray, int]], tag: str | None,
-                 options: dict[str, pb.OptionValue], reduction: int = 0) -> pb.EvaluateRequest:
-        req = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "", gradient=reduction)
-        req.predictions.CopyFrom(array_to_tensor(*arrays[0]))
-        req.targets.CopyFrom(array_to_tensor(*arrays[1]))
-        if len(arrays) > 2:
-            req.weights.CopyFrom(array_to_tensor(*arrays[2]))
-        return req
+                 options: dict[str, pb.OptionValue], reduction: int = 0, *,
+                 more: bool = False) -> bytes:
+        small = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "",
+                                   gradient=reduction, more=more)
+        # Fields 2, 3, 4: predictions, targets, weights.
+        return encode_with_tensors(small, [(number, arr, dtype) for number, (arr, dtype)
+                                           in zip((2, 3, 4), arrays, strict=False)])
+
+
+def _joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
+    """One batch's result from the replies to its messages (several when it was split):
+    the last reply's aggregates cover the whole batch."""
+    last = LossResult.from_proto(replies[-1])
+    if len(replies) == 1:
+        return last if running else LossResult(last.per_sample, last.aggregates,
+                                               gradient=last.gradient)
+    per_sample = np.concatenate([LossResult.from_proto(r).per_sample for r in replies])
+    return LossResult(per_sample, last.aggregates, last.running if running else None)
 
 
 _REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "weighted_mean": pb.WEIGHTED_MEAN,
@@ -324,6 +338,13 @@ class LossClient:
             channel, _Metadata((("authorization", f"Bearer {token.strip()}"),)))
             if token is not None else channel)
         self._stub = pb_grpc.LossServiceStub(self._channel)
+        # Evaluate and EvaluateStream take requests already serialised by _Requests.
+        self._evaluate = self._channel.unary_unary(
+            "/lossd.v1.LossService/Evaluate", request_serializer=None,
+            response_deserializer=pb.EvaluateResponse.FromString)
+        self._evaluate_stream = self._channel.stream_stream(
+            "/lossd.v1.LossService/EvaluateStream", request_serializer=None,
+            response_deserializer=pb.EvaluateResponse.FromString)
 
     def __enter__(self) -> LossClient:
         return self
@@ -356,16 +377,13 @@ class LossClient:
                                     self._requests.options(options), gradient)
         try:
             if len(reqs) == 1:
-                return LossResult.from_proto(self._stub.Evaluate(
+                return LossResult.from_proto(self._evaluate(
                     reqs[0], timeout=self._timeout(timeout)))
-            parts = [LossResult.from_proto(r) for r in self._stub.EvaluateStream(
-                iter(reqs), timeout=self._stream_timeout(timeout))]
+            replies = list(self._evaluate_stream(iter(reqs),
+                                                 timeout=self._stream_timeout(timeout)))
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        last = parts[-1].running
-        assert last is not None  # EvaluateStream always sets running
-        return LossResult(per_sample=np.concatenate([p.per_sample for p in parts]),
-                          aggregates=last)
+        return _joined(replies, running=False)
 
     def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                         tag: str | None = None, timeout: float | None = None,
@@ -377,17 +395,25 @@ class LossClient:
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         """
         opts = self._requests.options(options)
+        chunks: collections.deque[int] = collections.deque()  # messages per batch, in order
 
-        def requests() -> Iterator[pb.EvaluateRequest]:
+        def requests() -> Iterator[bytes]:
             for batch in batches:
                 preds, targs, *rest = batch
-                yield from self._requests.build(loss, preds, targs, rest[0] if rest else None,
-                                                tag, opts)
+                built = self._requests.build(loss, preds, targs, rest[0] if rest else None,
+                                             tag, opts)
+                chunks.append(len(built))
+                yield from built
 
         try:
-            for resp in self._stub.EvaluateStream(requests(),
-                                                  timeout=self._stream_timeout(timeout)):
-                yield LossResult.from_proto(resp)
+            replies: list[pb.EvaluateResponse] = []
+            for reply in self._evaluate_stream(requests(),
+                                               timeout=self._stream_timeout(timeout)):
+                replies.append(reply)
+                if len(replies) == chunks[0]:
+                    chunks.popleft()
+                    yield _joined(replies, running=True)
+                    replies = []
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 

@@ -146,3 +146,34 @@ def option_value(name: str, value: Any) -> pb.OptionValue:
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     # as_array converts to little-endian explicitly; tensor_to_numpy reads '<' dtypes.
     pass
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    value &= (1 << 64) - 1
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_with_tensors(message: Any, tensors: list[tuple[int, np.ndarray, int]]) -> bytes:
+    """``message`` serialised, followed by Tensor fields built from the arrays in place.
+
+    ``tensors``: (field number, contiguous array, wire dtype). Protobuf merges a message's
+    fields wherever they stand, so this parses exactly as if the tensors had been set on the
+    message; the difference is that each array's bytes are copied once, by the final join,
+    instead of by tobytes, the message setter and the serialiser.
+    """
+    parts: list[Any] = [message.SerializeToString()]
+    for number, arr, dtype in tensors:
+        header = pb.Tensor(dtype=dtype, shape=arr.shape).SerializeToString()
+        data_key = _varint(arr.nbytes)
+        length = len(header) + 1 + len(data_key) + arr.nbytes
+        parts += [_varint((number << 3) | 2), _varint(length), header, b"\x1a", data_key,
+                  memoryview(arr).cast("B") if arr.nbytes else b""]
+    return b"".join(parts)

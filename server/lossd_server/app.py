@@ -36,7 +36,7 @@ from lossd_server.gate import Gate
 from lossd_server.limits import Admission
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
-from lossd_server.servicer import LossServicer
+from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
 
 log = logging.getLogger("lossd")
@@ -182,7 +182,7 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
                             metrics=metrics, slots=settings.concurrency,
                             max_waiting=settings.max_waiting, max_elements=settings.max_elements)
-    pb_grpc.add_LossServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     ready = threading.Event()
     services = [LOSS_SERVICE,
                 kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,

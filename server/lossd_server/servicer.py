@@ -13,10 +13,11 @@ import torch
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from lossd_server import limits, losses, wire
+from lossd_server import limits, losses, validate, wire
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
+from lossd_server.reduce import Aggregate
 from lossd_server.shm import SharedMemoryRegistry
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
 
@@ -185,20 +186,36 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
         with _logged(self.metrics.call("EvaluateStream")) as call:
             state = CallState.of(context)
-            running = None
+            running: Aggregate | None = None
+            batch: Aggregate | None = None  # the batch so far, while messages carry `more`
+            offset = index = 0
             first: pb.EvaluateRequest | None = None
-            for i, request in enumerate(request_iterator):
+            for request in request_iterator:
+                where = f"(batch {index} of the stream)"
                 if first is None:
                     first = request
                 elif request.loss != first.loss:
-                    raise RequestError("loss", f"batch {i}: {request.loss!r} differs from the "
-                                               f"stream's first batch ({first.loss!r})")
+                    raise RequestError("loss", f"{request.loss!r} differs from the stream's "
+                                               f"first batch ({first.loss!r}) {where}")
                 elif request.HasField("weights") != first.HasField("weights"):
-                    raise RequestError("weights", f"batch {i}: weights must be given on every "
-                                                  "batch of a stream or on none")
-                ev, resp = self._evaluate(call, request, stream=True, state=state)
+                    raise RequestError("weights", "must be given on every batch of a stream "
+                                                  f"or on none {where}")
+                token = validate.sample_offset.set(offset)
+                try:
+                    ev, resp = self._evaluate(call, request, stream=True, state=state)
+                except RequestError as exc:
+                    raise RequestError(exc.field, f"{exc.problem} {where}", exc.code) from None
+                finally:
+                    validate.sample_offset.reset(token)
                 running = ev.aggregate if running is None else running.merge(ev.aggregate)
+                batch = ev.aggregate if batch is None else batch.merge(ev.aggregate)
+                resp.ClearField("aggregates")
+                wire.encode_aggregate(batch, resp.aggregates)
                 wire.encode_aggregate(running, resp.running)
+                if request.more:
+                    offset += ev.per_sample.shape[0]
+                else:
+                    batch, offset, index = None, 0, index + 1
                 call.sent(resp.ByteSize())
                 yield resp
 
@@ -232,6 +249,30 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
             resp = catalogue_response(self.max_message_bytes)
             call.sent(resp.ByteSize())
             return resp
+
+
+def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does,
+    except that Evaluate and EvaluateStream parse their requests with
+    :class:`wire.ParsedRequest`, which views the tensors in the received bytes instead of
+    copying them out."""
+    handlers = {
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate, request_deserializer=wire.ParsedRequest,
+            response_serializer=pb.EvaluateResponse.SerializeToString),
+        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluateStream, request_deserializer=wire.ParsedRequest,
+            response_serializer=pb.EvaluateResponse.SerializeToString),
+        "ListLosses": grpc.unary_unary_rpc_method_handler(
+            servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
+            response_serializer=pb.ListLossesResponse.SerializeToString),
+        "SharedMemorySession": grpc.stream_stream_rpc_method_handler(
+            servicer.SharedMemorySession,
+            request_deserializer=pb.SharedMemoryRequest.FromString,
+            response_serializer=pb.SharedMemoryResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
 
 
 def _claimed_shapes(req: pb.EvaluateRequest) -> Iterator[tuple[str, Any]]:

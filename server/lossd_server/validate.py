@@ -8,6 +8,7 @@ raises a device-side assert that poisons the CUDA context for every later reques
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -103,10 +104,18 @@ def _float_tensor(field: str, t: Tensor) -> None:
                                   "use float32, float16, bfloat16 or float64")
 
 
+sample_offset: contextvars.ContextVar[int] = contextvars.ContextVar("sample_offset", default=0)
+"""Added to sample numbers in messages: a chunk of a split batch reports batch positions."""
+
+
 def _first(mask: Tensor) -> int:
-    """Index of the first sample (dim 0) where ``mask`` holds anywhere."""
+    """Index of the first sample (dim 0) where ``mask`` holds anywhere, plus the offset."""
     rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() > 1 else mask
     return int(rows.nonzero()[0, 0])
+
+
+def _sample(i: int) -> int:
+    return i + sample_offset.get()
 
 
 def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | None,
@@ -159,7 +168,7 @@ def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
         i = _first(bad)
         value = int(targets[i][bad[i]].reshape(-1)[0]) if targets.dim() > 1 else int(targets[i])
         raise RequestError("targets", f"class index {value} out of range [0, {n_classes}) "
-                                      f"at sample {i} (ignore_index is {ignore_index})")
+                                      f"at sample {_sample(i)} (ignore_index is {ignore_index})")
 
 
 def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:
@@ -187,11 +196,11 @@ def _weights(n: int, w: Tensor, *, allow_zero_sum: bool) -> None:
                                       "sample")
     finite = torch.isfinite(w)
     if not bool(finite.all()):
-        raise RequestError("weights", f"non-finite value at sample {_first(~finite)}")
+        raise RequestError("weights", f"non-finite value at sample {_sample(_first(~finite))}")
     negative = w < 0
     if bool(negative.any()):
         i = _first(negative)
-        raise RequestError("weights", f"negative value {float(w[i])} at sample {i}")
+        raise RequestError("weights", f"negative value {float(w[i])} at sample {_sample(i)}")
     if not allow_zero_sum and not bool(w.any()):
         raise RequestError("weights", "sum to zero; weighted_mean would be undefined")
 
@@ -215,5 +224,5 @@ def finite_predictions(predictions: Tensor) -> Tensor:
 def no_nonfinite(finite: Tensor) -> None:
     """nan_policy='raise': reject a batch with a non-finite prediction."""
     if not bool(finite.all()):
-        raise RequestError("predictions", f"non-finite value at sample {_first(~finite)} "
-                                          "(nan_policy='raise')")
+        raise RequestError("predictions", f"non-finite value at sample "
+                                          f"{_sample(_first(~finite))} (nan_policy='raise')")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"w\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.lossd.v1.SharedMemoryRef\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"\x99\x01\n\x0bOptionValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12(\n\x0ctensor_value\x18\x05 \x01(\x0b\x32\x10.lossd.v1.TensorH\x00\x42\x06\n\x04kind\"\x95\x03\n\x0f\x45valuateRequest\x12\x0c\n\x04loss\x18\x01 \x01(\t\x12%\n\x0bpredictions\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07targets\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07weights\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x37\n\x07options\x18\x05 \x03(\x0b\x32&.lossd.v1.EvaluateRequest.OptionsEntry\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12%\n\x08gradient\x18\x07 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x1d\n\x15shared_memory_session\x18\x08 \x01(\t\x12\x34\n\x11per_sample_output\x18\t \x01(\x0b\x32\x19.lossd.v1.SharedMemoryRef\x1a\x45\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.lossd.v1.OptionValue:\x02\x38\x01\"\xda\x01\n\nAggregates\x12\x0b\n\x03sum\x18\x01 \x01(\x01\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x19\n\x0cweighted_sum\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rweighted_mean\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12\x0f\n\x07ignored\x18\x06 \x01(\x03\x12\x0f\n\x07omitted\x18\x07 \x01(\x03\x12\x17\n\nweight_sum\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_weighted_sumB\x10\n\x0e_weighted_meanB\r\n\x0b_weight_sum\"\xad\x01\n\x10\x45valuateResponse\x12$\n\nper_sample\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12(\n\naggregates\x18\x02 \x01(\x0b\x32\x14.lossd.v1.Aggregates\x12%\n\x07running\x18\x03 \x01(\x0b\x32\x14.lossd.v1.Aggregates\x12\"\n\x08gradient\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\"c\n\x13SharedMemoryRequest\x12,\n\x08register\x18\x01 \x01(\x0b\x32\x18.lossd.v1.RegisterRegionH\x00\x12\x14\n\nunregister\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x61\x63tion\">\n\x0eRegisterRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"G\n\x14SharedMemoryResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x13\n\x11ListLossesRequest\"_\n\nOptionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x05 \x03(\t\"\xda\x01\n\x08LossSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x07options\x18\x03 \x03(\x0b\x32\x14.lossd.v1.OptionSpec\x12\x19\n\x11prediction_shapes\x18\x04 \x03(\t\x12\x15\n\rtarget_shapes\x18\x05 \x03(\t\x12*\n\x11prediction_dtypes\x18\x06 \x03(\x0e\x32\x0f.lossd.v1.DType\x12&\n\rtarget_dtypes\x18\x07 \x03(\x0e\x32\x0f.lossd.v1.DType\"S\n\x12ListLossesResponse\x12\"\n\x06losses\x18\x01 \x03(\x0b\x32\x12.lossd.v1.LossSpec\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06*^\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x08\n\x04MEAN\x10\x01\x12\x07\n\x03SUM\x10\x02\x12\x11\n\rWEIGHTED_MEAN\x10\x03\x12\x10\n\x0cWEIGHTED_SUM\x10\x04\x32\xc0\x02\n\x0bLossService\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12K\n\x0e\x45valuateStream\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse(\x01\x30\x01\x12G\n\nListLosses\x12\x1b.lossd.v1.ListLossesRequest\x1a\x1c.lossd.v1.ListLossesResponse\x12X\n\x13SharedMemorySession\x12\x1d.lossd.v1.SharedMemoryRequest\x1a\x1e.lossd.v1.SharedMemoryResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"w\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.lossd.v1.SharedMemoryRef\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"\x99\x01\n\x0bOptionValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12(\n\x0ctensor_value\x18\x05 \x01(\x0b\x32\x10.lossd.v1.TensorH\x00\x42\x06\n\x04kind\"\xa3\x03\n\x0f\x45valuateRequest\x12\x0c\n\x04loss\x18\x01 \x01(\t\x12%\n\x0bpredictions\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07targets\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12!\n\x07weights\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x37\n\x07options\x18\x05 \x03(\x0b\x32&.lossd.v1.EvaluateRequest.OptionsEntry\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12%\n\x08gradient\x18\x07 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x1d\n\x15shared_memory_session\x18\x08 \x01(\t\x12\x34\n\x11per_sample_output\x18\t \x01(\x0b\x32\x19.lossd.v1.SharedMemoryRef\x12\x0c\n\x04more\x18\n \x01(\x08\x1a\x45\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.lossd.v1.OptionValue:\x02\x38\x01\"\xda\x01\n\nAggregates\x12\x0b\n\x03sum\x18\x01 \x01(\x01\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x19\n\x0cweighted_sum\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rweighted_mean\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12\x0f\n\x07ignored\x18\x06 \x01(\x03\x12\x0f\n\x07omitted\x18\x07 \x01(\x03\x12\x17\n\nweight_sum\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_weighted_sumB\x10\n\x0e_weighted_meanB\r\n\x0b_weight_sum\"\xad\x01\n\x10\x45valuateResponse\x12$\n\nper_sample\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12(\n\naggregates\x18\x02 \x01(\x0b\x32\x14.lossd.v1.Aggregates\x12%\n\x07running\x18\x03 \x01(\x0b\x32\x14.lossd.v1.Aggregates\x12\"\n\x08gradient\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\"c\n\x13SharedMemoryRequest\x12,\n\x08register\x18\x01 \x01(\x0b\x32\x18.lossd.v1.RegisterRegionH\x00\x12\x14\n\nunregister\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x61\x63tion\">\n\x0eRegisterRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"G\n\x14SharedMemoryResponse\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x13\n\x11ListLossesRequest\"_\n\nOptionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x05 \x03(\t\"\xda\x01\n\x08LossSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x07options\x18\x03 \x03(\x0b\x32\x14.lossd.v1.OptionSpec\x12\x19\n\x11prediction_shapes\x18\x04 \x03(\t\x12\x15\n\rtarget_shapes\x18\x05 \x03(\t\x12*\n\x11prediction_dtypes\x18\x06 \x03(\x0e\x32\x0f.lossd.v1.DType\x12&\n\rtarget_dtypes\x18\x07 \x03(\x0e\x32\x0f.lossd.v1.DType\"S\n\x12ListLossesResponse\x12\"\n\x06losses\x18\x01 \x03(\x0b\x32\x12.lossd.v1.LossSpec\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06*^\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x08\n\x04MEAN\x10\x01\x12\x07\n\x03SUM\x10\x02\x12\x11\n\rWEIGHTED_MEAN\x10\x03\x12\x10\n\x0cWEIGHTED_SUM\x10\x04\x32\xc0\x02\n\x0bLossService\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12K\n\x0e\x45valuateStream\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse(\x01\x30\x01\x12G\n\nListLosses\x12\x1b.lossd.v1.ListLossesRequest\x1a\x1c.lossd.v1.ListLossesResponse\x12X\n\x13SharedMemorySession\x12\x1d.lossd.v1.SharedMemoryRequest\x1a\x1e.lossd.v1.SharedMemoryResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVALUATEREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_EVALUATEREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1855
-  _globals['_DTYPE']._serialized_end=1960
-  _globals['_REDUCTION']._serialized_start=1962
-  _globals['_REDUCTION']._serialized_end=2056
+  _globals['_DTYPE']._serialized_start=1869
+  _globals['_DTYPE']._serialized_end=1974
+  _globals['_REDUCTION']._serialized_start=1976
+  _globals['_REDUCTION']._serialized_end=2070
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=160
   _globals['_SHAREDMEMORYREF']._serialized_start=162
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIONVALUE']._serialized_start=233
   _globals['_OPTIONVALUE']._serialized_end=386
   _globals['_EVALUATEREQUEST']._serialized_start=389
-  _globals['_EVALUATEREQUEST']._serialized_end=794
-  _globals['_EVALUATEREQUEST_OPTIONSENTRY']._serialized_start=725
-  _globals['_EVALUATEREQUEST_OPTIONSENTRY']._serialized_end=794
-  _globals['_AGGREGATES']._serialized_start=797
-  _globals['_AGGREGATES']._serialized_end=1015
-  _globals['_EVALUATERESPONSE']._serialized_start=1018
-  _globals['_EVALUATERESPONSE']._serialized_end=1191
-  _globals['_SHAREDMEMORYREQUEST']._serialized_start=1193
-  _globals['_SHAREDMEMORYREQUEST']._serialized_end=1292
-  _globals['_REGISTERREGION']._serialized_start=1294
-  _globals['_REGISTERREGION']._serialized_end=1356
-  _globals['_SHAREDMEMORYRESPONSE']._serialized_start=1358
-  _globals['_SHAREDMEMORYRESPONSE']._serialized_end=1429
-  _globals['_LISTLOSSESREQUEST']._serialized_start=1431
-  _globals['_LISTLOSSESREQUEST']._serialized_end=1450
-  _globals['_OPTIONSPEC']._serialized_start=1452
-  _globals['_OPTIONSPEC']._serialized_end=1547
-  _globals['_LOSSSPEC']._serialized_start=1550
-  _globals['_LOSSSPEC']._serialized_end=1768
-  _globals['_LISTLOSSESRESPONSE']._serialized_start=1770
-  _globals['_LISTLOSSESRESPONSE']._serialized_end=1853
-  _globals['_LOSSSERVICE']._serialized_start=2059
-  _globals['_LOSSSERVICE']._serialized_end=2379
+  _globals['_EVALUATEREQUEST']._serialized_end=808
+  _globals['_EVALUATEREQUEST_OPTIONSENTRY']._serialized_start=739
+  _globals['_EVALUATEREQUEST_OPTIONSENTRY']._serialized_end=808
+  _globals['_AGGREGATES']._serialized_start=811
+  _globals['_AGGREGATES']._serialized_end=1029
+  _globals['_EVALUATERESPONSE']._serialized_start=1032
+  _globals['_EVALUATERESPONSE']._serialized_end=1205
+  _globals['_SHAREDMEMORYREQUEST']._serialized_start=1207
+  _globals['_SHAREDMEMORYREQUEST']._serialized_end=1306
+  _globals['_REGISTERREGION']._serialized_start=1308
+  _globals['_REGISTERREGION']._serialized_end=1370
+  _globals['_SHAREDMEMORYRESPONSE']._serialized_start=1372
+  _globals['_SHAREDMEMORYRESPONSE']._serialized_end=1443
+  _globals['_LISTLOSSESREQUEST']._serialized_start=1445
+  _globals['_LISTLOSSESREQUEST']._serialized_end=1464
+  _globals['_OPTIONSPEC']._serialized_start=1466
+  _globals['_OPTIONSPEC']._serialized_end=1561
+  _globals['_LOSSSPEC']._serialized_start=1564
+  _globals['_LOSSSPEC']._serialized_end=1782
+  _globals['_LISTLOSSESRESPONSE']._serialized_start=1784
+  _globals['_LISTLOSSESRESPONSE']._serialized_end=1867
+  _globals['_LOSSSERVICE']._serialized_start=2073
+  _globals['_LOSSSERVICE']._serialized_end=2393
 # @@protoc_insertion_point(module_scope)
