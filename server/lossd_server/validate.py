@@ -59,9 +59,7 @@ def _typed(opt: Option, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise RequestError(field, f"must be finite, got {value}")
-    elif t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool):
-        pass
-    elif (t is OptionType.BOOL and isinstance(value, bool)) or \
+    elif (t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool)) or (t is OptionType.BOOL and isinstance(value, bool)) or \
             (t is OptionType.STR and isinstance(value, str)):
         pass
     elif t is OptionType.TENSOR and isinstance(value, Tensor):

@@ -170,7 +170,7 @@ class TensorView:
         self.shared_memory = pb.SharedMemoryRef()
         self._has_shared_memory = False
 
-    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's spelling
+    def HasField(self, name: str) -> bool:
         return name == "shared_memory" and self._has_shared_memory
 
     def merge(self, buf: memoryview, start: int, end: int) -> None:
@@ -236,10 +236,10 @@ class ParsedRequest:
             return self.tensors.get(name) or TensorView()
         return getattr(self.message, name)
 
-    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's spelling
+    def HasField(self, name: str) -> bool:
         if name in ParsedRequest._TENSORS:
             return name in self.tensors
         return bool(self.message.HasField(name))
 
-    def ByteSize(self) -> int:  # noqa: N802
+    def ByteSize(self) -> int:
         return self.size
