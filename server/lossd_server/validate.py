@@ -59,8 +59,9 @@ def _typed(opt: Option, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise RequestError(field, f"must be finite, got {value}")
-    elif (t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool)) or (t is OptionType.BOOL and isinstance(value, bool)) or \
-            (t is OptionType.STR and isinstance(value, str)):
+    elif ((t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool))
+          or (t is OptionType.BOOL and isinstance(value, bool))
+          or (t is OptionType.STR and isinstance(value, str))):
         pass
     elif t is OptionType.TENSOR and isinstance(value, Tensor):
         if not value.dtype.is_floating_point:
@@ -107,12 +108,13 @@ sample_offset: contextvars.ContextVar[int] = contextvars.ContextVar("sample_offs
 
 
 def _first(mask: Tensor) -> int:
-    """Index of the first sample (dim 0) where ``mask`` holds anywhere, plus the offset."""
+    """Index of the first sample (dim 0) where ``mask`` holds anywhere."""
     rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() > 1 else mask
     return int(rows.nonzero()[0, 0])
 
 
 def _sample(i: int) -> int:
+    """Sample ``i`` of this message, numbered within its whole batch."""
     return i + sample_offset.get()
 
 
