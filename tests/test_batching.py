@@ -91,3 +91,26 @@ def test_incompatible_batches_do_not_share_a_key(change: str) -> None:
         return
     assert coalesce_key(base) != coalesce_key(other)
     assert coalesce_key(base) == coalesce_key(engine.check(batch(1)))
+
+
+def test_server_with_batching_serves_concurrent_clients_exactly() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lossd import LossClient
+    from tests.conftest import start_server
+
+    srv = start_server(batching="on", batch_delay_us=20_000, concurrency=1)
+    try:
+        assert srv.servicer is not None and srv.servicer.batcher is not None
+        batches = [batch(i, n=4 + i) for i in range(16)]
+        engine = Engine(torch.device("cpu"))
+        with LossClient(f"127.0.0.1:{srv.port}") as client, ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda b: client.evaluate(
+                b.predictions, b.targets, weights=b.weights), batches))
+        for b, r in zip(batches, results, strict=True):
+            alone = engine.evaluate(b)
+            assert np.array_equal(r.per_sample, alone.per_sample.numpy())
+            assert r.sum == alone.aggregate.sum and r.weighted_mean == alone.aggregate.weighted_mean
+        assert srv.servicer.batcher.coalesced_calls >= 1
+    finally:
+        srv.stop(0)

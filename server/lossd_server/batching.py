@@ -20,6 +20,17 @@ import torch
 from lossd_server.engine import Batch, Engine, Evaluation, _Checked
 
 
+@dataclass(frozen=True)
+class BatchingSettings:
+    """``max_samples``: a coalesced call's most samples; ``max_delay``: seconds to wait."""
+
+    max_samples: int = 4096
+    max_delay: float = 0.0005
+
+
+Runner = Callable[[Callable[[], list[Evaluation]]], list[Evaluation]]
+
+
 def coalesce_key(c: _Checked) -> Hashable | None:
     """What must match for two checked batches to share a device call (None: never)."""
     b = c.batch
@@ -57,8 +68,7 @@ class Batcher:
 
     def __init__(self, engine: Engine, *, max_samples: int, max_delay: float,
                  in_flight: Callable[[], int] = lambda: 0,
-                 run: Callable[[Callable[[], list[Evaluation]]], list[Evaluation]]
-                 = lambda f: f()) -> None:
+                 run: Runner = lambda f: f()) -> None:
         self.engine = engine
         self.max_samples = max_samples
         self.max_delay = max_delay
@@ -68,12 +78,21 @@ class Batcher:
         self._cond = threading.Condition()
         self.coalesced_calls = 0
 
-    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
+    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False,
+                 run: Runner | None = None) -> Evaluation:
+        """``engine.evaluate(batch)``, possibly in one device call with concurrent callers.
+
+        ``run`` overrides the constructor's wrapper for the device call this caller leads.
+        """
+        run = run or self._run
+        if self._in_flight() <= 1:  # alone in the server: nobody to batch with
+            return run(lambda: [self.engine.evaluate(
+                batch, allow_zero_weight_sum=allow_zero_weight_sum)])[0]
         checked = self.engine.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
         key = coalesce_key(checked)
         n = batch.predictions.shape[0]
         if key is None or n >= self.max_samples:
-            return self._run(lambda: self.engine.evaluate_many([checked]))[0]
+            return run(lambda: self.engine.evaluate_many([checked]))[0]
         with self._cond:
             group = self._open.get(key)
             leader = group is None
@@ -95,7 +114,7 @@ class Batcher:
                     del self._open[key]
         if leader:
             try:
-                group.results = self._run(lambda: self.engine.evaluate_many(group.members))
+                group.results = run(lambda: self.engine.evaluate_many(group.members))
                 if len(group.members) > 1:
                     self.coalesced_calls += 1
             except BaseException as exc:

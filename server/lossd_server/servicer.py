@@ -14,6 +14,7 @@ import torch
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits, losses, validate, wire
+from lossd_server.batching import Batcher, BatchingSettings
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
@@ -126,7 +127,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
 
     def __init__(self, engine: Engine, *, max_message_bytes: int,
                  metrics: Metrics | None = None, slots: int = 2, max_waiting: int = 16,
-                 max_elements: int = 0) -> None:
+                 max_elements: int = 0, batching: BatchingSettings | None = None,
+                 in_flight: Callable[[], int] = lambda: 0) -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics or Metrics(process=False)
@@ -134,6 +136,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
         self.limits = LimitMetrics.of(self.metrics.registry)
         self.admission = Admission(slots, max_waiting, metrics=self.limits)
         self.max_elements = max_elements
+        self.batcher = None if batching is None else Batcher(
+            engine, max_samples=batching.max_samples, max_delay=batching.max_delay,
+            in_flight=in_flight)
 
     def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
                   stream: bool, state: CallState | None = None
@@ -148,12 +153,14 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
                 batch = decode_request(request, self.shared_memory)
             oom = False
             try:
-                with contextlib.ExitStack() as held:
-                    with call.stage("queue"):
-                        state.check("before compute")
-                        held.enter_context(self.admission.slot(state))
-                    with call.stage("compute"):
-                        ev = self.engine.evaluate(batch, allow_zero_weight_sum=stream)
+                if self.batcher is not None:
+                    with call.stage("compute"):  # a leader's queue stage nests in it
+                        ev = self.batcher.evaluate(
+                            batch, allow_zero_weight_sum=stream,
+                            run=lambda device_call: self._in_slot(call, state, device_call))
+                else:
+                    ev = self._in_slot(call, state, lambda: [self.engine.evaluate(
+                        batch, allow_zero_weight_sum=stream)], compute_stage=True)[0]
             except Exception as exc:
                 if not limits.is_out_of_memory(exc):
                     raise
@@ -172,6 +179,19 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
         call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
+
+    def _in_slot(self, call: CallRecord, state: CallState,
+                 device_call: Callable[[], list[Evaluation]], *,
+                 compute_stage: bool = False) -> list[Evaluation]:
+        """Run ``device_call`` holding a compute slot (the wait is the ``queue`` stage)."""
+        with contextlib.ExitStack() as held:
+            with call.stage("queue"):
+                state.check("before compute")
+                held.enter_context(self.admission.slot(state))
+            if not compute_stage:
+                return device_call()
+            with call.stage("compute"):
+                return device_call()
 
     @unary_errors
     def Evaluate(self, request: pb.EvaluateRequest,

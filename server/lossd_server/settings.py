@@ -63,6 +63,15 @@ class Settings:
     health_port: int = _setting(-1, "extra plaintext port serving only grpc.health.v1, for "
                                     "probes that speak neither TLS nor tokens (0 picks a free "
                                     "port, -1 turns it off)")
+    # Dynamic batching (README, "Performance").
+    batching: str = _setting("auto", "coalesce concurrent small requests with the same loss, "
+                                     "options and shapes into one device call: on, off, or "
+                                     "auto (on for CUDA, where it measured faster; off on CPU)",
+                             choices=("auto", "on", "off"))
+    batch_max_samples: int = _setting(4096, "most samples in one coalesced device call; larger "
+                                            "requests run alone")
+    batch_delay_us: int = _setting(500, "how long the first request of a batch waits for "
+                                        "others (only while other calls are in flight)")
     # Limits and backpressure (docs/security.md#limits).
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
