@@ -180,14 +180,12 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
                                                     thread_name_prefix="lossd"),
                          options=server_options(settings), interceptors=[gate],
                          maximum_concurrent_rpcs=settings.rpc_limit)
-    batching = settings.batching == "on" or (settings.batching == "auto"
-                                              and engine.device.type == "cuda")
     servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
                             metrics=metrics, slots=settings.concurrency,
                             max_waiting=settings.max_waiting, max_elements=settings.max_elements,
                             batching=BatchingSettings(settings.batch_max_samples,
                                                       settings.batch_delay_us / 1e6)
-                            if batching else None,
+                            if settings.batching == "on" else None,
                             in_flight=lambda: gate.in_flight)
     add_to_server(servicer, server)
     ready = threading.Event()

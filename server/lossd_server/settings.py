@@ -64,10 +64,11 @@ class Settings:
                                     "probes that speak neither TLS nor tokens (0 picks a free "
                                     "port, -1 turns it off)")
     # Dynamic batching (README, "Performance").
-    batching: str = _setting("auto", "coalesce concurrent small requests with the same loss, "
-                                     "options and shapes into one device call: on, off, or "
-                                     "auto (on for CUDA, where it measured faster; off on CPU)",
-                             choices=("auto", "on", "off"))
+    batching: str = _setting("off", "coalesce concurrent small requests with the same loss, "
+                                    "options and shapes into one device call (off by default: "
+                                    "it measured no faster on CPU or an H100, where Python "
+                                    "gRPC, not the device, bounds small calls)",
+                             choices=("on", "off"))
     batch_max_samples: int = _setting(4096, "most samples in one coalesced device call; larger "
                                             "requests run alone")
     batch_delay_us: int = _setting(500, "how long the first request of a batch waits for "
