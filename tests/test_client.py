@@ -536,6 +536,6 @@ def test_public_names() -> None:
     for name in lossd.__all__:
         assert hasattr(lossd, name), name
     assert {"LossClient", "LossResult", "Aggregates", "LossInfo", "OptionInfo", "LossdError",
-            "SharedMemory", *ERRORS} <= set(lossd.__all__)
+            "SharedMemory", "AsyncLossClient", *ERRORS} <= set(lossd.__all__)
     assert re.fullmatch(r"\d+\.\d+\.\d+", lossd.__version__)
     assert dataclasses.is_dataclass(lossd.Aggregates)

@@ -8,6 +8,7 @@
 Installs without torch; torch tensors are accepted when torch is present.
 """
 
+from lossd._async_client import AsyncLossClient
 from lossd._client import LossClient
 from lossd._errors import (
     Cancelled,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregates",
+    "AsyncLossClient",
     "Cancelled",
     "DeadlineExceeded",
     "InternalError",

@@ -8,6 +8,7 @@ lives in :func:`_channel_options`, :func:`service_config` and :func:`channel_cre
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,32 @@ def _joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
                                                gradient=last.gradient)
     per_sample = np.concatenate([LossResult.from_proto(r).per_sample for r in replies])
     return LossResult(per_sample, last.aggregates, last.running if running else None)
+
+
+class _BatchJoiner:
+    """Turns batches into stream messages and the replies back into one result per batch
+    (a batch split along N goes as several messages and is answered by as many)."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[int] = collections.deque()
+        self._replies: list[pb.EvaluateResponse] = []
+
+    def requests(self, builder: _Requests, batches: Iterable[Batch], loss: str,
+                 tag: str | None, options: dict[str, pb.OptionValue]) -> Iterator[bytes]:
+        for batch in batches:
+            preds, targs, *rest = batch
+            built = builder.build(loss, preds, targs, rest[0] if rest else None, tag, options)
+            self._chunks.append(len(built))
+            yield from built
+
+    def received(self, reply: pb.EvaluateResponse) -> LossResult | None:
+        """The batch's result once its last reply is in, else None."""
+        self._replies.append(reply)
+        if len(self._replies) < self._chunks[0]:
+            return None
+        self._chunks.popleft()
+        replies, self._replies = self._replies, []
+        return _joined(replies, running=True)
 
 
 _REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "weighted_mean": pb.WEIGHTED_MEAN,
@@ -232,6 +259,36 @@ def channel_credentials(*, root_certificates: PemSource = None,
                                         certificate_chain=chain)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelSetup:
+    """What both clients build their channel from: options, credentials, call metadata."""
+
+    options: list[tuple[str, Any]]
+    credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, *, max_message_bytes: int, token: str | None, root_certificates: PemSource,
+           certificate_chain: PemSource, private_key: PemSource, tls: bool | None,
+           server_name: str | None, retry_attempts: int, keepalive_seconds: float,
+           load_balancing: str, env: Mapping[str, str] | None) -> ChannelSetup:
+        env = os.environ if env is None else env
+        if load_balancing not in ("round_robin", "pick_first"):
+            raise ValueError(f"load_balancing={load_balancing!r}: round_robin or pick_first")
+        options = _channel_options(
+            max_message_bytes, keepalive_seconds=keepalive_seconds,
+            load_balancing=load_balancing, retry_attempts=retry_attempts,
+            server_name=server_name or env.get(ENV_TLS_SERVER_NAME) or None)
+        credentials = channel_credentials(
+            root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls, env=env)
+        token = token if token is not None else env.get(ENV_TOKEN) or None
+        if token is not None and (not token.strip() or any(c in token for c in "\r\n")):
+            raise ValueError("token: empty or contains a line break")
+        metadata = (("authorization", f"Bearer {token.strip()}"),) if token else ()
+        return cls(options, credentials, metadata)
+
+
 _INTERCEPTORS: tuple[type, ...] = (
     grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor)
@@ -311,32 +368,24 @@ class LossClient:
                  keepalive_seconds: float = KEEPALIVE_SECONDS,
                  load_balancing: str = "round_robin",
                  env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
         self.target = target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts if channel is None else 1
         self._requests = _Requests(max_message_bytes)
-        if load_balancing not in ("round_robin", "pick_first"):
-            raise ValueError(f"load_balancing={load_balancing!r}: round_robin or pick_first")
+        setup = ChannelSetup.of(
+            max_message_bytes=max_message_bytes, token=token,
+            root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls, server_name=server_name,
+            retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
+            load_balancing=load_balancing, env=env)
         if channel is None:
-            options = _channel_options(
-                max_message_bytes, keepalive_seconds=keepalive_seconds,
-                load_balancing=load_balancing, retry_attempts=retry_attempts,
-                server_name=server_name or env.get(ENV_TLS_SERVER_NAME) or None)
-            credentials = channel_credentials(
-                root_certificates=root_certificates, certificate_chain=certificate_chain,
-                private_key=private_key, tls=tls, env=env)
-            channel = (grpc.secure_channel(target, credentials, options=options)
-                       if credentials is not None
-                       else grpc.insecure_channel(target, options=options))
+            channel = (grpc.secure_channel(target, setup.credentials, options=setup.options)
+                       if setup.credentials is not None
+                       else grpc.insecure_channel(target, options=setup.options))
         self._raw_channel = channel
-        token = token if token is not None else env.get(ENV_TOKEN) or None
-        if token is not None and (not token.strip() or any(c in token for c in "\r\n")):
-            raise ValueError("token: empty or contains a line break")
-        self._channel = (grpc.intercept_channel(
-            channel, _Metadata((("authorization", f"Bearer {token.strip()}"),)))
-            if token is not None else channel)
+        self._channel = (grpc.intercept_channel(channel, _Metadata(setup.metadata))
+                         if setup.metadata else channel)
         self._stub = pb_grpc.LossServiceStub(self._channel)
         # Evaluate and EvaluateStream take requests already serialised by _Requests.
         self._evaluate = self._channel.unary_unary(
@@ -394,26 +443,13 @@ class LossClient:
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         """
-        opts = self._requests.options(options)
-        chunks: collections.deque[int] = collections.deque()  # messages per batch, in order
-
-        def requests() -> Iterator[bytes]:
-            for batch in batches:
-                preds, targs, *rest = batch
-                built = self._requests.build(loss, preds, targs, rest[0] if rest else None,
-                                             tag, opts)
-                chunks.append(len(built))
-                yield from built
-
+        joiner = _BatchJoiner()
+        requests = joiner.requests(self._requests, batches, loss, tag,
+                                   self._requests.options(options))
         try:
-            replies: list[pb.EvaluateResponse] = []
-            for reply in self._evaluate_stream(requests(),
-                                               timeout=self._stream_timeout(timeout)):
-                replies.append(reply)
-                if len(replies) == chunks[0]:
-                    chunks.popleft()
-                    yield _joined(replies, running=True)
-                    replies = []
+            for reply in self._evaluate_stream(requests, timeout=self._stream_timeout(timeout)):
+                if (result := joiner.received(reply)) is not None:
+                    yield result
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 

@@ -1,0 +1,140 @@
+"""``AsyncLossClient``: the asyncio mirror of ``LossClient`` (grpc.aio).
+
+Request building, channel configuration, result decoding and error mapping are the sync
+client's (``_Requests``, ``ChannelSetup``, ``_joined``/``_BatchJoiner``, ``from_rpc_error``);
+only the calls differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from lossd._client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT,
+    KEEPALIVE_SECONDS,
+    RETRY_ATTEMPTS,
+    Batch,
+    ChannelSetup,
+    PemSource,
+    _BatchJoiner,
+    _joined,
+    _Requests,
+)
+from lossd._errors import LossdError, from_rpc_error
+from lossd._result import LossInfo, LossResult
+from lossd.v1 import loss_service_pb2 as pb
+
+
+class AsyncLossClient:
+    """An asyncio client for a lossd server; the same options as :class:`LossClient`.
+
+    Example::
+
+        async with AsyncLossClient("127.0.0.1:50051") as client:
+            r = await client.evaluate(logits, targets, loss="cross_entropy")
+            async for r in client.evaluate_stream(batches):
+                print(r.running.mean)
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 stream_timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 token: str | None = None, root_certificates: PemSource = None,
+                 certificate_chain: PemSource = None, private_key: PemSource = None,
+                 tls: bool | None = None, server_name: str | None = None,
+                 retry_attempts: int = RETRY_ATTEMPTS,
+                 keepalive_seconds: float = KEEPALIVE_SECONDS,
+                 load_balancing: str = "round_robin",
+                 env: Mapping[str, str] | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.retry_attempts = retry_attempts
+        self._requests = _Requests(max_message_bytes)
+        setup = ChannelSetup.of(
+            max_message_bytes=max_message_bytes, token=token,
+            root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls, server_name=server_name,
+            retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
+            load_balancing=load_balancing, env=env)
+        self._metadata = setup.metadata
+        self._channel = (grpc.aio.secure_channel(target, setup.credentials,
+                                                 options=setup.options)
+                         if setup.credentials is not None
+                         else grpc.aio.insecure_channel(target, options=setup.options))
+        self._evaluate = self._channel.unary_unary(
+            "/lossd.v1.LossService/Evaluate", request_serializer=None,
+            response_deserializer=pb.EvaluateResponse.FromString)
+        self._evaluate_stream = self._channel.stream_stream(
+            "/lossd.v1.LossService/EvaluateStream", request_serializer=None,
+            response_deserializer=pb.EvaluateResponse.FromString)
+        self._list_losses = self._channel.unary_unary(
+            "/lossd.v1.LossService/ListLosses",
+            request_serializer=pb.ListLossesRequest.SerializeToString,
+            response_deserializer=pb.ListLossesResponse.FromString)
+
+    async def __aenter__(self) -> AsyncLossClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel. Calls after this fail."""
+        await self._channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> LossdError:
+        return from_rpc_error(exc, retry_attempts=self.retry_attempts)
+
+    async def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
+                       weights: Any = None, tag: str | None = None,
+                       timeout: float | None = None, gradient: str | None = None,
+                       **options: Any) -> LossResult:
+        """As :meth:`LossClient.evaluate`."""
+        reqs = self._requests.build(loss, predictions, targets, weights, tag,
+                                    self._requests.options(options), gradient)
+        try:
+            if len(reqs) == 1:
+                reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
+                                             metadata=self._metadata)
+                return LossResult.from_proto(reply)
+            call = self._evaluate_stream(iter(reqs), metadata=self._metadata,
+                                         timeout=_or(timeout, self.stream_timeout))
+            replies = [reply async for reply in call]
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return _joined(replies, running=False)
+
+    async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+                              tag: str | None = None, timeout: float | None = None,
+                              **options: Any) -> AsyncIterator[LossResult]:
+        """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
+        joiner = _BatchJoiner()
+        requests = joiner.requests(self._requests, batches, loss, tag,
+                                   self._requests.options(options))
+        call = self._evaluate_stream(requests, metadata=self._metadata,
+                                     timeout=_or(timeout, self.stream_timeout))
+        try:
+            async for reply in call:
+                if (result := joiner.received(reply)) is not None:
+                    yield result
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+
+    async def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
+        """As :meth:`LossClient.losses`."""
+        try:
+            resp = await self._list_losses(pb.ListLossesRequest(), metadata=self._metadata,
+                                           timeout=_or(timeout, self.timeout))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return [LossInfo.from_proto(s) for s in resp.losses]
+
+
+def _or(value: float | None, default: float | None) -> float | None:
+    return value if value is not None else default

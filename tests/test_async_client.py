@@ -1,0 +1,127 @@
+"""The same cases through LossClient and AsyncLossClient: identical results and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import lossd
+from lossd import AsyncLossClient, LossClient, LossInfo, LossResult
+from lossd_server.app import LossdServer
+
+
+class SyncFront:
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        self.target, self.kwargs = target, kwargs
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> LossResult:
+        with LossClient(self.target, **self.kwargs) as c:
+            return c.evaluate(*args, **kwargs)
+
+    def evaluate_stream(self, batches: Iterable[Any], **kwargs: Any) -> list[LossResult]:
+        with LossClient(self.target, **self.kwargs) as c:
+            return list(c.evaluate_stream(batches, **kwargs))
+
+    def losses(self) -> list[LossInfo]:
+        with LossClient(self.target, **self.kwargs) as c:
+            return c.losses()
+
+
+class AsyncFront(SyncFront):
+    """Each call runs in its own event loop, with its own AsyncLossClient."""
+
+    def _run(self, body: Callable[[AsyncLossClient], Any]) -> Any:
+        async def main() -> Any:
+            async with AsyncLossClient(self.target, **self.kwargs) as c:
+                return await body(c)
+        return asyncio.run(main())
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> LossResult:
+        return self._run(lambda c: c.evaluate(*args, **kwargs))  # type: ignore[no-any-return]
+
+    def evaluate_stream(self, batches: Iterable[Any], **kwargs: Any) -> list[LossResult]:
+        async def collect(c: AsyncLossClient) -> list[LossResult]:
+            return [r async for r in c.evaluate_stream(batches, **kwargs)]
+        return self._run(collect)  # type: ignore[no-any-return]
+
+    def losses(self) -> list[LossInfo]:
+        return self._run(lambda c: c.losses())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["sync", "async"])
+def front(request: pytest.FixtureRequest, server: LossdServer) -> Callable[..., SyncFront]:
+    cls = SyncFront if request.param == "sync" else AsyncFront
+    return lambda **kwargs: cls(f"127.0.0.1:{server.port}", **kwargs)
+
+
+def data(n: int = 64, c: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, c)).astype(np.float32), rng.integers(0, c, n),
+            rng.random(n).astype(np.float32))
+
+
+def test_evaluate_matches_torch(front: Callable[..., SyncFront]) -> None:
+    x, t, w = data()
+    r = front().evaluate(x, t, weights=w, label_smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                                            label_smoothing=0.1, reduction="none")
+    assert np.array_equal(r.per_sample, ref.numpy())
+    assert r.weighted_mean == pytest.approx(float((w * ref.numpy()).sum() / w.sum()), rel=1e-6)
+
+
+def test_split_batch_equals_one_message(front: Callable[..., SyncFront],
+                                        client: LossClient) -> None:
+    x, t, w = data(4000, 50)
+    split = front(max_message_bytes=200_000).evaluate(x, t, weights=w)
+    whole = client.evaluate(x, t, weights=w)
+    assert np.array_equal(split.per_sample, whole.per_sample)
+    assert split.aggregates == whole.aggregates
+
+
+def test_stream_results_per_batch_with_running_aggregates(front: Callable[..., SyncFront],
+                                                          client: LossClient) -> None:
+    batches = [data(n, 50, seed) for seed, n in enumerate((2000, 3, 1500))]
+    results = front(max_message_bytes=200_000).evaluate_stream(batches)
+    assert len(results) == 3
+    for (x, t, w), r in zip(batches, results, strict=True):
+        assert r.aggregates == client.evaluate(x, t, weights=w).aggregates
+    whole = client.evaluate(*(np.concatenate([b[i] for b in batches]) for i in range(2)),
+                            weights=np.concatenate([b[2] for b in batches]))
+    assert results[-1].running == whole.aggregates
+
+
+def test_errors_are_the_same_typed_exceptions(front: Callable[..., SyncFront]) -> None:
+    x, t, _ = data()
+    t[5] = 70
+    with pytest.raises(lossd.InvalidArgument) as exc:
+        front().evaluate(x, t)
+    assert exc.value.message.startswith("targets: class index 70 out of range [0, 7) at "
+                                        "sample 5")
+    with pytest.raises(lossd.InvalidArgument) as exc:
+        front().evaluate_stream([(x, t)])
+    assert exc.value.message.startswith("targets: class index 70")
+
+
+def test_unreachable_server_is_unavailable(front: Callable[..., SyncFront],
+                                           server: LossdServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    f = front(retry_attempts=1)
+    f.target = f"127.0.0.1:{port}"
+    with pytest.raises(lossd.Unavailable):
+        f.evaluate(*data()[:2])
+
+
+def test_catalogue_and_gradient(front: Callable[..., SyncFront], client: LossClient) -> None:
+    assert [i.name for i in front().losses()] == [i.name for i in client.losses()]
+    x, t, _ = data(8, 3)
+    r = front().evaluate(x, t, gradient="mean")
+    assert r.gradient is not None
+    assert np.array_equal(r.gradient, client.evaluate(x, t, gradient="mean").gradient)
