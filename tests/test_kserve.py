@@ -82,3 +82,44 @@ def test_contents_and_raw_are_exclusive(stub: pb_grpc.GRPCInferenceServiceStub) 
         stub.ModelInfer(req, timeout=30)
     assert err.value.details().startswith("PREDICTIONS.contents: set together with "
                                           "raw_input_contents")
+
+
+def test_model_infer_goes_through_admission_and_metrics() -> None:
+    """ModelInfer shares the native service's queue and is counted in its metrics."""
+    import urllib.request
+
+    import grpc
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+    from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
+    from tests.conftest import start_server
+
+    srv = start_server(metrics_port=0, concurrency=1)
+    try:
+        assert srv.servicer is not None
+        x = np.zeros((3, 4), np.float32)
+        t = np.array([0, 1, 2], np.int64)
+        req = kpb.ModelInferRequest(model_name="cross_entropy", inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="PREDICTIONS", datatype="FP32",
+                                                   shape=[3, 4]),
+            kpb.ModelInferRequest.InferInputTensor(name="TARGETS", datatype="INT64", shape=[3])],
+            raw_input_contents=[x.tobytes(), t.tobytes()])
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+            with srv.servicer.admission.slot():  # the only slot is taken: the call waits
+                future = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer.future(req, timeout=10)
+                with pytest.raises(grpc.FutureTimeoutError):
+                    future.result(timeout=0.5)
+            future.result(timeout=10)
+        url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        counts = {tuple(sorted(s.labels.items())): s.value
+                  for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "lossd_requests_total"}
+        key = (("code", "OK"), ("loss", "cross_entropy"), ("method", "ModelInfer"))
+        assert counts[key] == 2
+    finally:
+        srv.stop(0)

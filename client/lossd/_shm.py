@@ -14,6 +14,7 @@ same ``/dev/shm`` (same host, or a shared ``emptyDir`` with ``medium: Memory`` i
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -144,10 +145,8 @@ class SharedMemory:
         if replies is not None:
             replies.cancel()
         self._shm.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> SharedMemory:
         return self

@@ -191,7 +191,7 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     ready = threading.Event()
     services = [LOSS_SERVICE,
                 kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,
-                                     ready=ready.is_set)]
+                                     ready=ready.is_set, evaluator=servicer)]
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

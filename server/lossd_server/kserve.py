@@ -45,7 +45,8 @@ from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
-from lossd_server.servicer import unary_errors
+from lossd_server.limits import CallState
+from lossd_server.servicer import LossServicer, unary_errors
 from lossd_server.validate import RequestError
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -302,10 +303,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     """
 
     def __init__(self, engine: Engine, *, max_message_bytes: int,
-                 ready: Callable[[], bool] | None = None) -> None:
+                 ready: Callable[[], bool] | None = None,
+                 evaluator: LossServicer | None = None) -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self._ready = ready or (lambda: True)
+        # Evaluations go through the native service's admission queue, deadlines,
+        # out-of-memory handling and metrics (method "ModelInfer").
+        self.evaluator = evaluator or LossServicer(engine, max_message_bytes=max_message_bytes)
 
     def ServerLive(self, request: pb.ServerLiveRequest,
                    context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -334,19 +339,30 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     @unary_errors
     def ModelInfer(self, request: pb.ModelInferRequest,
                    context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        batch = decode_request(request)
-        outputs = requested_outputs(request, weighted=batch.weights is not None)
-        try:
-            ev = self.engine.evaluate(batch)
-        except RequestError as exc:
-            raise RequestError(_field(LOSSES[batch.loss], exc.field), exc.problem,
-                               exc.code) from None
-        return encode_response(request, outputs, ev)
+        with self.evaluator.metrics.call("ModelInfer") as call:
+            call.loss = request.model_name
+            call.received(request.ByteSize())
+            with call.stage("decode"):
+                batch = decode_request(request)
+                outputs = requested_outputs(request, weighted=batch.weights is not None)
+            try:
+                ev = self.evaluator.compute(call, batch, CallState.of(context))
+            except RequestError as exc:
+                raise RequestError(_field(LOSSES[batch.loss], exc.field), exc.problem,
+                                   exc.code) from None
+            with call.stage("encode"):
+                response = encode_response(request, outputs, ev)
+            call.sent(response.ByteSize())
+            call.evaluated(batch.loss, "", ev.per_sample.numpy(), ev.aggregate.mean,
+                           ev.aggregate.weighted_mean, ev.device_seconds)
+            return response
 
 
 def add_to_server(server: grpc.Server, engine: Engine, *, max_message_bytes: int,
-                  ready: Callable[[], bool] | None = None) -> str:
+                  ready: Callable[[], bool] | None = None,
+                  evaluator: LossServicer | None = None) -> str:
     """Serve ``inference.GRPCInferenceService`` on ``server``; returns the service name."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call,unused-ignore]
-        KServeServicer(engine, max_message_bytes=max_message_bytes, ready=ready), server)
+        KServeServicer(engine, max_message_bytes=max_message_bytes, ready=ready,
+                       evaluator=evaluator), server)
     return SERVICE_NAME

@@ -151,6 +151,23 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
             with call.stage("decode"):
                 limits.check_elements(_claimed_shapes(request), self.max_elements)
                 batch = decode_request(request, self.shared_memory)
+        except Refused as exc:
+            self.limits.count(call.method, exc)
+            raise
+        ev = self.compute(call, batch, state, stream=stream)
+        with call.stage("encode"):
+            resp = encode_response(ev, request, self.shared_memory)
+        call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
+                       ev.aggregate.weighted_mean, ev.device_seconds)
+        return ev, resp
+
+    def compute(self, call: CallRecord, batch: Batch, state: CallState, *,
+                stream: bool = False) -> Evaluation:
+        """queue -> compute for a decoded batch: admission, deadlines, out-of-memory.
+
+        Every front (this service, the Open Inference Protocol) evaluates through here.
+        """
+        try:
             oom = False
             try:
                 if self.batcher is not None:
@@ -166,19 +183,16 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
                     raise
                 oom = True  # handled below, once the exception (and its frames) are gone
             if oom:
+                samples = batch.predictions.shape[0] if batch.predictions.dim() else 0
                 del batch
                 limits.release_memory(self.engine.device)
-                raise limits.out_of_memory(self.engine.device, _samples(request),
+                raise limits.out_of_memory(self.engine.device, samples,
                                            self.admission.retry_after_seconds())
             state.check("after compute")
         except Refused as exc:
             self.limits.count(call.method, exc)
             raise
-        with call.stage("encode"):
-            resp = encode_response(ev, request, self.shared_memory)
-        call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
-                       ev.aggregate.weighted_mean, ev.device_seconds)
-        return ev, resp
+        return ev
 
     def _in_slot(self, call: CallRecord, state: CallState,
                  device_call: Callable[[], list[Evaluation]], *,
@@ -303,11 +317,6 @@ def _claimed_shapes(req: pb.EvaluateRequest) -> Iterator[tuple[str, Any]]:
     for name, value in req.options.items():
         if value.WhichOneof("kind") == "tensor_value":
             yield f"options.{name}", value.tensor_value.shape
-
-
-def _samples(req: pb.EvaluateRequest) -> int:
-    shape = req.predictions.shape
-    return int(shape[0]) if shape else 0
 
 
 @contextlib.contextmanager
