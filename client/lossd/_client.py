@@ -75,7 +75,7 @@ class _Requests:
                               more=i + rows < n) for i in starts]
 
     @staticmethod
-    def _check_weights_sum(w: np.ndarray, proto_dtype: int) -> None:
+    def _check_weights_sum(w: np.ndarray, proto_dtype: pb.DType) -> None:
         # A split batch streams in chunks, where a chunk may sum to zero legitimately; the
         # whole batch may not (Evaluate's rule), so check it here.
         if proto_dtype == pb.BFLOAT16:  # its raw bits travel as int16; read them as floats
@@ -83,8 +83,9 @@ class _Requests:
         if w.dtype.kind == "f" and np.all(np.isfinite(w)) and np.all(w >= 0) and not w.any():
             raise InvalidArgument("weights: sum to zero; weighted_mean would be undefined")
 
-    def _request(self, loss: str, arrays: list[tuple[np.ndarray, int]], tag: str | None,
-                 options: dict[str, pb.OptionValue], reduction: int = 0, *,
+    def _request(self, loss: str, arrays: list[tuple[np.ndarray, pb.DType]], tag: str | None,
+                 options: dict[str, pb.OptionValue],
+                 reduction: pb.Reduction = pb.REDUCTION_UNSPECIFIED, *,
                  more: bool = False) -> bytes:
         small = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "",
                                    gradient=reduction, more=more)
@@ -134,12 +135,12 @@ _REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "weighted_mean": pb.WEIGHTED_MEAN
                "weighted_sum": pb.WEIGHTED_SUM}
 
 
-def _reduction(gradient: str | None) -> int:
+def _reduction(gradient: str | None) -> pb.Reduction:
     if gradient is None:
-        return int(pb.REDUCTION_UNSPECIFIED)
+        return pb.REDUCTION_UNSPECIFIED
     if gradient not in _REDUCTIONS:
         raise ValueError(f"gradient={gradient!r}: one of {', '.join(_REDUCTIONS)}")
-    return int(_REDUCTIONS[gradient])
+    return _REDUCTIONS[gradient]
 
 
 DEFAULT_TIMEOUT = 60.0
@@ -386,7 +387,7 @@ class LossClient:
         self._raw_channel = channel
         self._channel = (grpc.intercept_channel(channel, _Metadata(setup.metadata))
                          if setup.metadata else channel)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         # Evaluate and EvaluateStream take requests already serialised by _Requests.
         self._evaluate = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,

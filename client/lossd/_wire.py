@@ -23,7 +23,7 @@ from lossd.v1 import loss_service_pb2 as pb
 class WireDType:
     """One row of the dtype table: the proto enum value, its name and numpy layout."""
 
-    proto: int
+    proto: pb.DType
     name: str
     numpy: np.dtype[Any]
     is_float: bool
@@ -34,7 +34,7 @@ class WireDType:
 
 
 # bfloat16 has no numpy dtype: it travels as its 16 raw bits (viewed as little-endian uint16).
-WIRE_DTYPES: dict[int, WireDType] = {
+WIRE_DTYPES: dict[pb.DType, WireDType] = {
     d.proto: d
     for d in (
         WireDType(pb.FLOAT32, "float32", np.dtype("<f4"), True),
@@ -45,14 +45,14 @@ WIRE_DTYPES: dict[int, WireDType] = {
         WireDType(pb.INT32, "int32", np.dtype("<i4"), False),
     )
 }
-_BY_NUMPY_KIND: dict[str, int] = {"f4": pb.FLOAT32, "f2": pb.FLOAT16, "f8": pb.FLOAT64,
+_BY_NUMPY_KIND: dict[str, pb.DType] = {"f4": pb.FLOAT32, "f2": pb.FLOAT16, "f8": pb.FLOAT64,
                                   "i8": pb.INT64, "i4": pb.INT32}
-_TORCH_NAMES: dict[str, int] = {"torch.float32": pb.FLOAT32, "torch.float16": pb.FLOAT16,
+_TORCH_NAMES: dict[str, pb.DType] = {"torch.float32": pb.FLOAT32, "torch.float16": pb.FLOAT16,
                                 "torch.bfloat16": pb.BFLOAT16, "torch.float64": pb.FLOAT64,
                                 "torch.int64": pb.INT64, "torch.int32": pb.INT32}
 
 
-def dtype_name(proto_dtype: int) -> str:
+def dtype_name(proto_dtype: pb.DType) -> str:
     """The wire dtype's name ("float32", ...), or ``DType(<n>)`` for an unknown value."""
     d = WIRE_DTYPES.get(proto_dtype)
     return d.name if d else f"DType({proto_dtype})"
@@ -62,7 +62,7 @@ def _is_torch_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
-def _torch_to_numpy(t: Any) -> tuple[np.ndarray, int]:
+def _torch_to_numpy(t: Any) -> tuple[np.ndarray, pb.DType]:
     """A CPU, contiguous numpy view of a torch tensor (a copy only if it lives elsewhere)."""
     name = str(t.dtype)
     if name not in _TORCH_NAMES:
@@ -79,7 +79,7 @@ def _torch_to_numpy(t: Any) -> tuple[np.ndarray, int]:
     return t.numpy(), proto
 
 
-def as_array(value: Any, *, field: str) -> tuple[np.ndarray, int]:
+def as_array(value: Any, *, field: str) -> tuple[np.ndarray, pb.DType]:
     """Normalise an array-like to a C-contiguous little-endian numpy array and a wire dtype.
 
     Accepts numpy arrays, torch tensors on any device (bfloat16 too), and nested lists
@@ -103,7 +103,7 @@ def as_array(value: Any, *, field: str) -> tuple[np.ndarray, int]:
     return arr, _BY_NUMPY_KIND[key]
 
 
-def array_to_tensor(arr: np.ndarray, proto_dtype: int) -> pb.Tensor:
+def array_to_tensor(arr: np.ndarray, proto_dtype: pb.DType) -> pb.Tensor:
     """Wrap a contiguous array as a Tensor message: one copy of the payload (tobytes)."""
     return pb.Tensor(dtype=proto_dtype, shape=arr.shape, data=arr.tobytes())
 
@@ -161,7 +161,8 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_with_tensors(message: Any, tensors: list[tuple[int, np.ndarray, int]]) -> bytes:
+def encode_with_tensors(message: Any,
+                        tensors: list[tuple[int, np.ndarray, pb.DType]]) -> bytes:
     """``message`` serialised, followed by Tensor fields built from the arrays in place.
 
     ``tensors``: (field number, contiguous array, wire dtype). Protobuf merges a message's
@@ -175,5 +176,5 @@ def encode_with_tensors(message: Any, tensors: list[tuple[int, np.ndarray, int]]
         data_key = _varint(arr.nbytes)
         length = len(header) + 1 + len(data_key) + arr.nbytes
         parts += [_varint((number << 3) | 2), _varint(length), header, b"\x1a", data_key,
-                  memoryview(arr).cast("B") if arr.nbytes else b""]
+                  arr.data.cast("B") if arr.nbytes else b""]
     return b"".join(parts)

@@ -84,4 +84,4 @@ class RemoteLoss(torch.nn.Module):
             return out
         assert result.gradient is not None
         gradient = torch.from_numpy(result.gradient).to(predictions.device, predictions.dtype)
-        return _Remote.apply(predictions, out, gradient)  # type: ignore[no-any-return]
+        return _Remote.apply(predictions, out, gradient)  # type: ignore[no-any-return,no-untyped-call]

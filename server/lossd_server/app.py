@@ -29,7 +29,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lossd.v1 import loss_service_pb2 as pb
-from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import kserve
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine

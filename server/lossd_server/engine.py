@@ -161,8 +161,8 @@ class Engine:
         with torch.enable_grad() if batch.gradient else torch.inference_mode():
             events = None
             if self._cuda:
-                events = (torch.cuda.Event(enable_timing=True),
-                          torch.cuda.Event(enable_timing=True))
+                events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                          torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
                 events[0].record()
             values = c.spec.fn(pred, target, **opts)
             valid = (target != opts["ignore_index"]) if c.class_index else None

@@ -44,8 +44,8 @@ from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__
 from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
 from lossd_server.limits import CallState
+from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
 from lossd_server.servicer import LossServicer, unary_errors
 from lossd_server.validate import RequestError
 

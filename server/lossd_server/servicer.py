@@ -114,7 +114,7 @@ def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
     return resp
 
 
-class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc]
+class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ignore]
     """Implements lossd.v1.LossService over an :class:`Engine`.
 
     ``slots`` evaluations run on the device at once and ``max_waiting`` more may wait for

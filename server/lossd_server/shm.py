@@ -17,6 +17,7 @@ view to go.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -38,10 +39,9 @@ class Region:
     mapping: mmap.mmap
 
     def close(self) -> None:
-        try:
+        # While a request still views it, the mapping goes with the last view instead.
+        with contextlib.suppress(BufferError):
             self.mapping.close()
-        except BufferError:
-            pass  # a request still views it; the mapping goes with the last view
 
 
 @dataclass

@@ -19,7 +19,8 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.reduce import Aggregate
 from lossd_server.validate import RequestError
 
-TORCH_DTYPES: dict[int, torch.dtype] = {k: getattr(torch, d.name) for k, d in WIRE_DTYPES.items()}
+TORCH_DTYPES: dict[pb.DType, torch.dtype] = {k: getattr(torch, d.name)
+                                             for k, d in WIRE_DTYPES.items()}
 _PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Request bytes are immutable; tensors viewing them are never written to.
@@ -72,7 +73,7 @@ _REDUCTIONS = {pb.MEAN: "mean", pb.SUM: "sum", pb.WEIGHTED_MEAN: "weighted_mean"
                pb.WEIGHTED_SUM: "weighted_sum"}
 
 
-def decode_reduction(value: int) -> str | None:
+def decode_reduction(value: pb.Reduction) -> str | None:
     """Reduction enum -> its name (``reduce.REDUCTIONS``); UNSPECIFIED -> None."""
     if value == pb.REDUCTION_UNSPECIFIED:
         return None
@@ -98,10 +99,11 @@ def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:
     out.count = a.count
     out.ignored = a.ignored
     out.omitted = a.omitted
-    if a.weighted:
-        out.weighted_sum = a.weighted_sum
-        out.weighted_mean = a.weighted_mean
-        out.weight_sum = a.weight_sum
+    weighted_sum, weighted_mean, weight_sum = a.weighted_sum, a.weighted_mean, a.weight_sum
+    if weighted_sum is not None and weighted_mean is not None and weight_sum is not None:
+        out.weighted_sum = weighted_sum
+        out.weighted_mean = weighted_mean
+        out.weight_sum = weight_sum
 
 
 # --- Zero-copy request parsing -------------------------------------------------------
