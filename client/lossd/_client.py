@@ -341,7 +341,7 @@ class LossClient:
     streams (``evaluate_stream``, and ``evaluate`` of a batch split over a stream). A
     per-call ``timeout=`` overrides both; None means no deadline.
 
-    Security (see docs/security.md), each also read from the environment when left out:
+    Security (README, "Security"), each also read from the environment when left out:
 
     * ``token`` (``LOSSD_TOKEN``): sent as ``authorization: Bearer <token>`` on every call.
     * ``root_certificates`` (``LOSSD_TLS_CA``): PEM bytes or a file path; turns TLS on.
@@ -351,7 +351,7 @@ class LossClient:
       certificate is given. ``server_name`` (``LOSSD_TLS_SERVER_NAME``) checks the server
       certificate against this name instead of the target's host.
 
-    Resilience (see docs/resilience.md): ``retry_attempts`` (5; 1 turns retries off) tries
+    Resilience (README, "Resilience"): ``retry_attempts`` (5; 1 turns retries off) tries
     for UNAVAILABLE with exponential backoff 0.1 s .. 2 s on Evaluate, EvaluateStream
     (before its first answer) and ListLosses; ``keepalive_seconds`` (30; 0 off) pings the
     server so a dead connection is noticed; ``load_balancing`` ("round_robin" or

@@ -47,7 +47,7 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
-    # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
+    # Security (README, "Security"). Settings hold file paths and variable names, never secrets.
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
                                  "TLS on")
     tls_key: str = _setting("", "PEM private key of --tls-cert", secret=True)
@@ -73,7 +73,7 @@ class Settings:
                                             "requests run alone")
     batch_delay_us: int = _setting(500, "how long the first request of a batch waits for "
                                         "others (only while other calls are in flight)")
-    # Limits and backpressure (docs/security.md#limits).
+    # Limits and backpressure (README, "Limits and backpressure").
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
                                           "together); more gets RESOURCE_EXHAUSTED (0: no "
