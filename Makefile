@@ -13,3 +13,7 @@ lint:
 	@scripts/bootstrap.sh
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+
+bench:
+	@scripts/bootstrap.sh
+	.venv/bin/python -m bench.run

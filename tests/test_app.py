@@ -149,3 +149,13 @@ def test_serve_logs_json_and_drains_on_sigterm(tmp_path: Path) -> None:
 def test_a_taken_port_fails_loudly(server: LossdServer) -> None:
     with pytest.raises(OSError, match="cannot bind"):
         start_server(port=server.port)
+
+
+def test_allocator_tuning_applies_on_glibc() -> None:
+    import platform
+
+    from lossd_server.cli import tune_allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert tune_allocator() is True

@@ -63,6 +63,10 @@ class Settings:
     health_port: int = _setting(-1, "extra plaintext port serving only grpc.health.v1, for "
                                     "probes that speak neither TLS nor tokens (0 picks a free "
                                     "port, -1 turns it off)")
+    malloc_reuse: bool = _setting(True, "keep freed memory in the process (glibc: no mmap for "
+                                        "large blocks, no trimming, one arena) so each large "
+                                        "request reuses pages instead of faulting in fresh "
+                                        "ones; RSS then stays at its peak")
     # Dynamic batching (README, "Performance").
     batching: str = _setting("off", "coalesce concurrent small requests with the same loss, "
                                     "options and shapes into one device call (off by default: "

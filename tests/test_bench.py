@@ -1,0 +1,79 @@
+"""The benchmark suite (bench/): a quick smoke run and the floor's request bytes.
+
+No timing is asserted: only that one run goes end to end (floor servers, lossd, compute
+floor, stages, client copies) and writes results with the expected shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.workloads import (  # noqa: E402
+    WORKLOADS,
+    arrays_for_wire,
+    make_data,
+    request_bytes,
+    wire_bytes,
+)
+from lossd._client import _Requests  # noqa: E402
+from lossd.v1 import loss_service_pb2 as pb  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_floor_sends_the_message_lossd_sends(name: str) -> None:
+    w = WORKLOADS[name]
+    w = replace(w, n=min(w.n, 5), classes=min(w.classes, 7), seq=min(w.seq, 6))
+    pred, targ, weights = make_data(w).torch()
+    builder = _Requests(64 * 2**20)
+    reqs = builder.build(w.loss, pred, targ, weights, None, builder.options(w.options))
+    assert len(reqs) == 1
+    lossd_bytes = wire_bytes(reqs[0])
+    floor_bytes = request_bytes(w, *arrays_for_wire(pred, targ, weights))
+    assert len(floor_bytes) == len(lossd_bytes)
+    assert pb.EvaluateRequest.FromString(floor_bytes) == pb.EvaluateRequest.FromString(lossd_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_run_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--workloads", "small", "--out", str(out),
+         "--machine", "test-box", "--wait-quiet", "0", "--silent"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    result = json.loads((out / "results.json").read_text())
+    for key in ("machine", "config", "workloads", "cases", "summary", "targets", "rss",
+                "stages", "client_copies", "elapsed_s"):
+        assert key in result, key
+    assert result["machine"]["name"] == "test-box"
+    assert result["config"]["quick"] is True
+    kinds = {(c["kind"], c["concurrency"]) for c in result["cases"]}
+    for kind in ("floor_sync", "floor_async", "compute", "lossd", "lossd_1copy"):
+        assert {(kind, 1), (kind, 8)} <= kinds, kind
+    for case in result["cases"]:
+        for key in ("p50_ms", "p99_ms", "calls_per_s", "samples_per_s", "mb_per_s", "calls"):
+            assert case[key] is not None and case["calls"] > 0, (case["kind"], key)
+    row = next(r for r in result["summary"] if r["concurrency"] == 1)
+    for key in ("floor_p50_ms", "compute_p50_ms", "lossd_p50_ms", "lossd_over_floor_p50",
+                "lossd_over_floor_plus_compute_p50", "lossd_over_combined_calls"):
+        assert row[key] is not None, key
+    targets = {t["target"].split(":")[0] for t in result["targets"]}
+    assert {"small", "client"} <= targets
+    assert {"idle_fresh", "c1", "c8"} <= set(result["rss"]["small"])
+    assert "loss" in result["stages"]["small"]
+    assert all("build" in c for c in result["client_copies"]), result["client_copies"]
+
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and "| workload | clients | measured | p50 ms |" in md
+    assert (out / "bench.png").stat().st_size > 10_000
