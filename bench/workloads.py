@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lossd._wire import encode_with_tensors
 from lossd.v1 import loss_service_pb2 as pb
 
 
@@ -151,50 +152,22 @@ def compute_floor_fn(w: Workload, data: Data, device: str) -> Any:
 
 # ---- the transport floor's request: the same bytes, one copy --------------------------
 
-def _varint(v: int) -> bytes:
-    if v < 0:
-        v += 1 << 64
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 _PROTO_DTYPE = {np.dtype("<f4"): pb.FLOAT32, np.dtype("<u2"): pb.BFLOAT16,
                 np.dtype("<i8"): pb.INT64}
-
-
-def _tensor_parts(field_no: int, arr: np.ndarray) -> list[Any]:
-    head = pb.Tensor(dtype=_PROTO_DTYPE[arr.dtype], shape=arr.shape).SerializeToString()
-    inner = len(head) + 1 + len(_varint(arr.nbytes)) + arr.nbytes
-    return [bytes([field_no << 3 | 2]) + _varint(inner) + head + b"\x1a" + _varint(arr.nbytes),
-            arr.data.cast("B")]
 
 
 def request_bytes(w: Workload, predictions: Any, targets: Any, weights: Any) -> bytes:
     """The serialised EvaluateRequest lossd's client sends, built with one payload copy.
 
-    The same message, field for field and of the same length, as LossClient's (checked in
-    tests/test_bench.py), in protobuf's canonical field order; the tensors' bytes go
-    straight from the arrays into the result (one ``bytes.join``), the least a Python gRPC
-    client can copy.
+    The same bytes as LossClient's (checked in tests/test_bench.py): the small fields
+    serialised by protobuf, the tensors appended from the arrays by
+    ``lossd._wire.encode_with_tensors`` (one ``bytes.join``), the least a Python gRPC client
+    can copy.
     """
-    parts: list[Any] = [b"\x0a" + _varint(len(w.loss.encode())) + w.loss.encode()]
-    parts += _tensor_parts(2, predictions)
-    parts += _tensor_parts(3, targets)
-    if weights is not None:
-        parts += _tensor_parts(4, weights)
-    for name in sorted(w.options):
-        entry = pb.EvaluateRequest.OptionsEntry(key=name)
-        entry.value.int_value = int(w.options[name])
-        eb = entry.SerializeToString()
-        parts.append(b"\x2a" + _varint(len(eb)) + eb)
-    return b"".join(parts)
+    options = {name: pb.OptionValue(int_value=int(value)) for name, value in w.options.items()}
+    arrays = [(2, predictions), (3, targets)] + ([] if weights is None else [(4, weights)])
+    return encode_with_tensors(pb.EvaluateRequest(loss=w.loss, options=options),
+                               [(number, arr, _PROTO_DTYPE[arr.dtype]) for number, arr in arrays])
 
 
 def wire_bytes(request: Any) -> bytes:

@@ -14,6 +14,21 @@ from lossd_server.settings import Settings
 HAS_CUDA = torch.cuda.is_available()
 
 
+def metric_value(port: int, name: str, **labels: str) -> float:
+    """One sample of a server's /metrics on 127.0.0.1:``port`` (KeyError if absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise KeyError(name, labels)
+
+
 def start_server(**overrides: object) -> LossdServer:
     """A started server on 127.0.0.1 with a free gRPC port and no metrics port by default."""
     values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "metrics_port": -1,

@@ -86,15 +86,12 @@ def test_contents_and_raw_are_exclusive(stub: pb_grpc.GRPCInferenceServiceStub) 
 
 def test_model_infer_goes_through_admission_and_metrics() -> None:
     """ModelInfer shares the native service's queue and is counted in its metrics."""
-    import urllib.request
-
     import grpc
     import numpy as np
-    from prometheus_client.parser import text_string_to_metric_families
 
     from lossd.kserve.v2 import grpc_service_pb2 as kpb
     from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
-    from tests.conftest import start_server
+    from tests.conftest import metric_value, start_server
 
     srv = start_server(metrics_port=0, concurrency=1)
     try:
@@ -113,13 +110,8 @@ def test_model_infer_goes_through_admission_and_metrics() -> None:
                 with pytest.raises(grpc.FutureTimeoutError):
                     future.result(timeout=0.5)
             future.result(timeout=10)
-        url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            text = resp.read().decode()
-        counts = {tuple(sorted(s.labels.items())): s.value
-                  for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name == "lossd_requests_total"}
-        key = (("code", "OK"), ("loss", "cross_entropy"), ("method", "ModelInfer"))
-        assert counts[key] == 2
+        assert srv.metrics_port
+        assert metric_value(srv.metrics_port, "lossd_requests_total", method="ModelInfer",
+                            loss="cross_entropy", code="OK") == 2
     finally:
         srv.stop(0)

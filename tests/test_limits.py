@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -13,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import lossd
 from lossd import LossClient
@@ -24,7 +22,7 @@ from lossd_server.app import LossdServer
 from lossd_server.engine import Engine
 from lossd_server.limits import Admission, CallState, Refused
 from lossd_server.settings import Settings
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 
 LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
 LABELS = np.array([0, 2])
@@ -32,14 +30,7 @@ LABELS = np.array([0, 2])
 
 def metric(srv: LossdServer, name: str, **labels: str) -> float:
     assert srv.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
-                                timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return float(s.value)
-    raise KeyError(name, labels)
+    return metric_value(srv.metrics_port, name, **labels)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:

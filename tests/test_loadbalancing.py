@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -14,27 +13,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from lossd import LossClient
 from lossd._client import KEEPALIVE_SECONDS, _channel_options, service_config
 from lossd_server.app import LossdServer, server_options
 from lossd_server.settings import Settings
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 
 
 def served(srv: LossdServer) -> int:
     """Evaluate calls answered OK, from the server's own metrics."""
     assert srv.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
-                                timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "lossd_requests_total" and s.labels == {
-                    "method": "Evaluate", "loss": "cross_entropy", "code": "OK"}:
-                return int(s.value)
-    raise KeyError("lossd_requests_total")
+    return int(metric_value(srv.metrics_port, "lossd_requests_total", method="Evaluate",
+                            loss="cross_entropy", code="OK"))
 
 
 @pytest.fixture

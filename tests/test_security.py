@@ -35,7 +35,7 @@ from lossd import LossClient
 from lossd_server.app import LossdServer, create_server
 from lossd_server.security import TokenStore, parse_tokens
 from lossd_server.settings import Settings
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 
 LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
 LABELS = np.array([0, 2])
@@ -280,16 +280,7 @@ def token_server() -> Iterator[LossdServer]:
     srv.stop(0)
 
 
-def _metric(port: int, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return float(s.value)
-    raise KeyError(name, labels)
+_metric = metric_value
 
 
 def test_every_accepted_token_passes(token_server: LossdServer) -> None:
