@@ -9,7 +9,6 @@ torch is optional: a ``torch.Tensor`` is recognised without importing torch.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,11 +140,6 @@ def option_value(name: str, value: Any) -> pb.OptionValue:
     if isinstance(value, np.ndarray | Sequence) or _is_torch_tensor(value):
         return pb.OptionValue(tensor_value=to_tensor(value, field=f"options.{name}"))
     raise TypeError(f"options.{name}: unsupported value of type {type(value).__name__}")
-
-
-if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
-    # as_array converts to little-endian explicitly; tensor_to_numpy reads '<' dtypes.
-    pass
 
 
 def _varint(value: int) -> bytes:
