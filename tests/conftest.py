@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
+from typing import IO, Any
 
 import pytest
 import torch
@@ -27,6 +30,39 @@ def metric_value(port: int, name: str, **labels: str) -> float:
             if s.name == name and s.labels == labels:
                 return float(s.value)
     raise KeyError(name, labels)
+
+
+class EngineBlocker:
+    """Holds every evaluation of ``engine`` until ``release`` is set, counting arrivals.
+
+    ``must_release``: an evaluation whose wait times out (30 s) fails instead of running.
+    """
+
+    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, *,
+                 must_release: bool = True) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+        real = engine.evaluate
+
+        def blocked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.entered += 1
+            released = self.release.wait(30)
+            assert released or not must_release
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "evaluate", blocked)
+
+
+def read_json_logs_until_serving(stream: IO[str]) -> list[dict[str, Any]]:
+    """JSON log lines of a ``lossd serve`` process, up to its "lossd serving" line."""
+    lines: list[dict[str, Any]] = []
+    for raw in stream:
+        lines.append(json.loads(raw))
+        if lines[-1]["msg"] == "lossd serving":
+            break
+    return lines
 
 
 def start_server(**overrides: object) -> LossdServer:

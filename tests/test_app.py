@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import lossd
 from lossd import LossClient
 from lossd_server.app import LossdServer, resolve_device
-from tests.conftest import start_server
+from tests.conftest import read_json_logs_until_serving, start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -121,12 +121,8 @@ def test_serve_logs_json_and_drains_on_sigterm(tmp_path: Path) -> None:
            "LOSSD_LOG_FORMAT": "json", "LOSSD_LOG_LEVEL": "debug", "LOSSD_DEVICE": "cpu"}
     proc = subprocess.Popen(_lossd("serve"), env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    lines: list[dict[str, object]] = []
     try:
-        for raw in proc.stderr:
-            lines.append(json.loads(raw))
-            if lines[-1]["msg"] == "lossd serving":
-                break
+        lines = read_json_logs_until_serving(proc.stderr)
         start = next(x for x in lines if x["msg"] == "lossd starting")
         assert start["settings"]["port"] == 0  # type: ignore[index]
         assert start["device"] == "cpu"

@@ -26,7 +26,7 @@ import lossd
 from lossd import LossClient
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from tests.conftest import start_server
+from tests.conftest import EngineBlocker, start_server
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,22 +73,9 @@ def assert_refused_as_draining(port: int) -> None:
 # In process: stop(grace)
 
 
-class Blocker:
-    """Holds every evaluation of ``engine`` until ``release`` is set."""
-
-    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.release = threading.Event()
-        self.entered = 0
-        self._lock = threading.Lock()
-        real = engine.evaluate
-
-        def blocked(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                self.entered += 1
-            self.release.wait(30)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(engine, "evaluate", blocked)
+def Blocker(engine: Any, monkeypatch: pytest.MonkeyPatch) -> EngineBlocker:
+    """Holds every evaluation until released; one left waiting past 30 s still runs."""
+    return EngineBlocker(engine, monkeypatch, must_release=False)
 
 
 def test_stop_lets_in_flight_calls_finish_and_refuses_new_ones(

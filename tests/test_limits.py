@@ -19,10 +19,9 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits
 from lossd_server.app import LossdServer
-from lossd_server.engine import Engine
 from lossd_server.limits import Admission, CallState, Refused
 from lossd_server.settings import Settings
-from tests.conftest import metric_value, start_server
+from tests.conftest import EngineBlocker, metric_value, start_server
 
 LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
 LABELS = np.array([0, 2])
@@ -40,22 +39,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-class Gate:
-    """Makes a server's engine block until released, counting evaluations."""
-
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.release = threading.Event()
-        self.entered = 0
-        self._lock = threading.Lock()
-        real = engine.evaluate
-
-        def blocked(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                self.entered += 1
-            assert self.release.wait(30)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(engine, "evaluate", blocked)
+Gate = EngineBlocker
 
 
 def request() -> pb.EvaluateRequest:

@@ -35,7 +35,7 @@ from lossd import LossClient
 from lossd_server.app import LossdServer, create_server
 from lossd_server.security import TokenStore, parse_tokens
 from lossd_server.settings import Settings
-from tests.conftest import metric_value, start_server
+from tests.conftest import metric_value, read_json_logs_until_serving, start_server
 
 LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
 LABELS = np.array([0, 2])
@@ -424,12 +424,8 @@ def test_serve_with_tls_and_tokens_never_logs_or_exports_a_secret(pki: Pki,
            "--auth-tokens-file", str(tokens), "--grace-seconds", "5"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    lines: list[dict[str, object]] = []
     try:
-        for raw in proc.stderr:
-            lines.append(json.loads(raw))
-            if lines[-1]["msg"] == "lossd serving":
-                break
+        lines = read_json_logs_until_serving(proc.stderr)
         serving = lines[-1]
         assert serving["tls"] == "mutual" and serving["auth_tokens"] == 2
         tls = {"root_certificates": str(pki.ca), "certificate_chain": str(pki.client_cert),
