@@ -173,7 +173,8 @@ def test_dashboard_queries_only_metrics_the_server_exports(metered: LossdServer)
     with LossClient(f"127.0.0.1:{metered.port}") as client:  # per-tag series need traffic
         client.evaluate([[0.0, 1.0]], [1], weights=[1.0], tag="vit")
     exported = {s[0] for s in samples(scrape(metered.metrics_port))}
-    exported |= {"lossd_device_compute_seconds_bucket"}  # CUDA only
+    exported |= {"lossd_device_compute_seconds_bucket",  # CUDA only
+                 "lossd_device_memory_allocated_bytes", "lossd_device_memory_reserved_bytes"}
     dashboard = json.loads((Path(__file__).parent.parent / "dashboards/lossd.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\b((?:lossd|process)_[a-z_]+)\b", e)}

@@ -49,6 +49,14 @@ class Evaluation:
     aggregate: Aggregate
     device_seconds: float | None = None
     gradient: Tensor | None = None
+    per_sample_array: np.ndarray | None = None
+    """``per_sample`` as numpy (the same memory), where the engine made it."""
+
+    @property
+    def losses(self) -> np.ndarray:
+        """The per-sample losses as a float32 numpy array (a view where possible)."""
+        return self.per_sample_array if self.per_sample_array is not None else (
+            self.per_sample.numpy())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +71,8 @@ class _Checked:
     batch: Batch
     spec: Loss
     options: dict[str, Any]
-    class_index: bool
+    class_targets: validate.ClassTargets | None
+    """For class-index targets, their range (see ``validate.ClassTargets``); else None."""
     nan_policy: str
 
 
@@ -93,11 +102,11 @@ class Engine:
         """Validate ``batch`` on the host; raises ``validate.RequestError``."""
         spec = validate.loss(batch.loss)
         opts = validate.options(spec, batch.options)
-        class_index = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
+        class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
                                      allow_zero_weight_sum=allow_zero_weight_sum)
         validate.gradient(batch.gradient, weighted=batch.weights is not None)
         nan_policy = opts.pop("nan_policy")
-        return _Checked(batch, spec, opts, class_index, nan_policy)
+        return _Checked(batch, spec, opts, class_targets, nan_policy)
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
@@ -124,7 +133,10 @@ class Engine:
             [b.weights for b in batches if b.weights is not None])
         merged = Batch(first.batch.loss, torch.cat([b.predictions for b in batches]),
                        torch.cat([b.targets for b in batches]), weights, first.batch.options)
-        computed = self._run(_Checked(merged, first.spec, first.options, first.class_index,
+        ranges = [c.class_targets for c in checked if c.class_targets is not None]
+        class_targets = (validate.ClassTargets(min(r.lo for r in ranges),
+                                               max(r.hi for r in ranges)) if ranges else None)
+        computed = self._run(_Checked(merged, first.spec, first.options, class_targets,
                                       first.nan_policy))
         out, start = [], 0
         for b in batches:
@@ -139,14 +151,15 @@ class Engine:
             staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             staged.copy_(t)
             t = staged.to(self.device, non_blocking=True)
-        return t if dtype is None else t.to(dtype)
+        # Even a no-op .to() is a dispatch: microseconds that add up on small batches.
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def _run(self, c: _Checked) -> _Computed:
         batch = c.batch
         dtype = compute_dtype(batch.predictions.dtype)
         pred = self._to_device(batch.predictions, dtype)
-        target = (self._to_device(batch.targets).long() if c.class_index
-                  else self._to_device(batch.targets, dtype))
+        class_index = c.class_targets is not None
+        target = self._to_device(batch.targets, torch.int64 if class_index else dtype)
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
 
@@ -165,7 +178,11 @@ class Engine:
                           torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
                 events[0].record()
             values = c.spec.fn(pred, target, **opts)
-            valid = (target != opts["ignore_index"]) if c.class_index else None
+            valid = None
+            if c.class_targets is not None and (
+                    target.dim() > 1 or c.class_targets.may_contain(c.options["ignore_index"])):
+                # (N,) targets with no ignore_index need no mask: the loss is per sample.
+                valid = target != opts["ignore_index"]
             losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
             if events is not None:
                 events[1].record()
@@ -182,7 +199,8 @@ class Engine:
                 (gradient,) = torch.autograd.grad(
                     reduction(batch.gradient, losses, keep, w), pred)
                 gradient = gradient.to(batch.predictions.dtype)
-            host = self._to_host([losses.detach(), all_ignored, omitted, gradient])
+            host = self._to_host([losses.detach() if batch.gradient else losses, all_ignored,
+                                  omitted, gradient])
         device_seconds = None
         if events is not None:
             device_seconds = events[0].elapsed_time(events[1]) / 1000.0
@@ -218,6 +236,11 @@ def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
         losses, None if weights is None else weights.to(torch.float64).numpy(),
         ignored=None if c.ignored is None else c.ignored[part],
         omitted=None if c.omitted is None else c.omitted[part])
-    return Evaluation(per_sample=torch.from_numpy(losses).to(torch.float32),
-                      aggregate=aggregate, device_seconds=device_seconds,
-                      gradient=c.gradient)
+    if losses.dtype == np.float32:
+        array = losses
+    else:
+        with np.errstate(over="ignore"):  # float64 losses beyond float32 become inf
+            array = losses.astype(np.float32)
+    return Evaluation(per_sample=torch.from_numpy(array), aggregate=aggregate,
+                      device_seconds=device_seconds, gradient=c.gradient,
+                      per_sample_array=array)

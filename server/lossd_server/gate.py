@@ -47,6 +47,9 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         self._draining = threading.Event()
         self._idle = threading.Condition()
         self._in_flight = 0
+        # method -> (grpc's handler, our wrapped one): wrapping builds closures and a new
+        # handler, so it is done once per method, not once per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     @property
     def draining(self) -> bool:
@@ -87,7 +90,10 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
             return self._refusal(handler, details.method, Refused(
                 grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down); retry on "
                 "another replica", reason="draining"))
-        return self._tracked(handler)
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._tracked(handler))
+        return cached[1]
 
     # -- refusals -------------------------------------------------------------------------
 

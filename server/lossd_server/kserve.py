@@ -97,7 +97,7 @@ def _scalar(dtype: str, read: Callable[[Evaluation], Any]) -> Callable[[Evaluati
 
 OUTPUTS: tuple[Output, ...] = (
     Output("PER_SAMPLE", "FP32", False,
-           lambda ev: ev.per_sample.numpy().astype("<f4", copy=False)),
+           lambda ev: ev.losses.astype("<f4", copy=False)),
     Output("SUM", "FP64", False, _scalar("<f8", lambda ev: ev.aggregate.sum)),
     Output("MEAN", "FP64", False, _scalar("<f8", lambda ev: ev.aggregate.mean)),
     Output("COUNT", "INT64", False, _scalar("<i8", lambda ev: ev.aggregate.count)),
@@ -353,7 +353,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             with call.stage("encode"):
                 response = encode_response(request, outputs, ev)
             call.sent(response.ByteSize())
-            call.evaluated(batch.loss, "", ev.per_sample.numpy(), ev.aggregate.mean,
+            call.evaluated(batch.loss, "", ev.losses, ev.aggregate.mean,
                            ev.aggregate.weighted_mean, ev.device_seconds)
             return response
 

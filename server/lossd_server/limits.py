@@ -80,12 +80,13 @@ class LimitMetrics:
             "lossd_cancelled_requests", "Calls dropped unanswered because their caller "
             "cancelled or their deadline passed, by method and reason.", ("method", "reason"),
             registry=registry)
+        # With worker processes the queue gauges add up over the pod's workers.
         self.waiting = Gauge("lossd_queue_waiting", "Evaluations waiting for a compute slot.",
-                             registry=registry)
+                             registry=registry, multiprocess_mode="livesum")
         self.running = Gauge("lossd_queue_running", "Evaluations holding a compute slot.",
-                             registry=registry)
+                             registry=registry, multiprocess_mode="livesum")
         self.draining = Gauge("lossd_draining", "1 while the server drains (SIGTERM), else 0.",
-                              registry=registry)
+                              registry=registry, multiprocess_mode="livemax")
         for method in (*METHODS, OTHER_METHOD):
             for reason in REJECT_REASONS:
                 self.rejected.labels(method, reason)
@@ -186,6 +187,7 @@ class Admission:
         self._queue: collections.deque[_Waiter] = collections.deque()
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
+        self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
 
     @property
     def waiting(self) -> int:
@@ -201,8 +203,22 @@ class Admission:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.waiting.set(len(self._queue))
-            self.metrics.running.set(self.slots - self._free)
+            waiting, running = len(self._queue), self.slots - self._free
+            if waiting != self._shown[0]:
+                self.metrics.waiting.set(waiting)
+            if running != self._shown[1]:
+                self.metrics.running.set(running)
+            self._shown = (waiting, running)
+
+    def acquire(self, call: CallState | None = None) -> float:
+        """Take a slot (waiting in line for one); returns when it was taken, for
+        :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
+        self._acquire(call or CallState())
+        return time.perf_counter()
+
+    def release(self, acquired: float) -> None:
+        """Give back a slot taken by :meth:`acquire` at ``acquired``."""
+        self._release(time.perf_counter() - acquired)
 
     def _acquire(self, call: CallState) -> None:
         with self._lock:
@@ -249,12 +265,11 @@ class Admission:
 
     @contextmanager
     def slot(self, call: CallState | None = None) -> Iterator[None]:
-        self._acquire(call or CallState())
-        start = time.perf_counter()
+        acquired = self.acquire(call)
         try:
             yield
         finally:
-            self._release(time.perf_counter() - start)
+            self.release(acquired)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,18 +300,21 @@ def check_elements(tensors: Iterable[tuple[str, Iterable[int]]], max_elements: i
     total = 0
     for name, shape in tensors:
         dims = list(shape)
-        nonzero = 1
-        for d in dims:
-            if d > 0:
-                nonzero *= d
+        positive = not dims or min(dims) > 0
+        if positive:
+            n = nonzero = math.prod(dims)
+        else:
+            nonzero = math.prod(d for d in dims if d > 0)
+            n = claimed_elements(dims)
         if nonzero > MAX_DIM_PRODUCT:
             raise RequestError(f"{name}.shape", f"{dims}: dimensions too large (their "
                                                 "product overflows)")
-        if max_elements and dims and max(dims) > max_elements:
+        # With every dimension positive, none exceeds the limit unless their product does.
+        if (max_elements and dims and (not positive or n > max_elements)
+                and max(dims) > max_elements):
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name}.shape: {dims} has a dimension over {max_elements} "
                           "(--max-elements)", reason="too_large")
-        n = claimed_elements(dims)
         total += n
         if max_elements and total > max_elements:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,

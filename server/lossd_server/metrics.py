@@ -5,16 +5,30 @@ tests read a fresh one. Names follow the Prometheus naming guide: ``lossd_`` pre
 units, ``_total`` only on counters, one counter with a ``code`` label, histograms (not
 summaries) so replicas aggregate. Label values are bounded: ``method`` and ``stage`` are
 fixed sets, ``loss`` is a catalogue name or ``invalid``, ``tag`` goes through
-:class:`TagPolicy`, ``code`` is a gRPC status name.
+:class:`TagPolicy`, ``code`` is a gRPC status name, ``worker`` a worker process index.
+
+Per call, labelled children are looked up once and kept (``labels()`` costs a few
+microseconds each, a dozen times a call), and a call is tracked by a plain object rather
+than generator-based context managers.
+
+With several serving processes (``lossd serve --processes N``), prometheus-client's
+multiprocess mode is on in every worker (``PROMETHEUS_MULTIPROC_DIR``): counter and
+histogram values live in memory-mapped files that the supervisor sums on every scrape, so
+totals survive a worker's restart. Each gauge declares how workers combine
+(``multiprocess_mode``): in-flight and queue gauges add up, the last batch's mean is the most
+recent one, per-process gauges carry a ``worker`` label.
 """
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import logging
+import math
+import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,11 +38,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     ProcessCollector,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from lossd_server.losses import LOSSES
 
@@ -46,20 +57,33 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     2.5, 5.0, 10.0, 30.0)
 _SIZE_BUCKETS = tuple(float(4 ** i * 256) for i in range(12))  # 256 B .. 1 GiB
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+request_log = logging.getLogger("lossd_server.requests")
+
+
+def multiprocess() -> bool:
+    """Whether metric values go to files shared by worker processes (prometheus-client
+    chooses at import, from ``PROMETHEUS_MULTIPROC_DIR``)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
 
 class TagPolicy:
     """Bounds the ``tag`` label: an allow-list, or the first ``max_tags`` distinct tags.
 
-    Anything else is counted as ``other``; an empty tag is ``none``.
+    Anything else is counted as ``other``; an empty tag is ``none``. With worker processes,
+    ``shared`` (a :class:`SharedTags`) makes the first ``max_tags`` the pod's, not each
+    worker's.
 
     >>> p = TagPolicy(max_tags=1)
     >>> p.resolve("resnet"), p.resolve("vit"), p.resolve("resnet"), p.resolve("")
     ('resnet', 'other', 'resnet', 'none')
     """
 
-    def __init__(self, *, allow: Iterable[str] = (), max_tags: int = 32) -> None:
+    def __init__(self, *, allow: Iterable[str] = (), max_tags: int = 32,
+                 shared: SharedTags | None = None) -> None:
         self.allow = frozenset(t for t in allow if t)
         self.max_tags = max_tags
+        self.shared = shared
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
@@ -68,77 +92,182 @@ class TagPolicy:
             return NO_TAG
         if self.allow:
             return tag if tag in self.allow else OTHER_TAG
+        if tag in self._seen:  # set membership is atomic; the lock guards admission only
+            return tag
         with self._lock:
             if tag in self._seen:
                 return tag
-            if len(self._seen) < self.max_tags:
+            admitted = (self.shared.admit(tag, self.max_tags) if self.shared is not None
+                        else len(self._seen) < self.max_tags)
+            if admitted:
                 self._seen.add(tag)
                 return tag
         return OTHER_TAG
 
 
-@dataclass
-class _LossHistogram:
-    counts: np.ndarray
-    total: float = 0.0
+class SharedTags:
+    """The tags admitted so far by every worker of a pod: one file per tag in ``directory``,
+    admitted under an exclusive ``flock``, so the bound holds across processes.
 
-
-class SampleLossCollector(Collector):
-    """``lossd_sample_loss``: every per-sample loss, by loss and tag, observed in bulk.
-
-    prometheus-client's Histogram observes one value per call; a batch of 16k losses would
-    cost milliseconds that way, so buckets are counted with numpy and exposed here.
+    Once ``max_tags`` are taken, an unknown tag costs one ``stat``; nothing grows without
+    bound.
     """
 
-    name = "lossd_sample_loss"
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self._full = False
 
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
-        self._series: dict[tuple[str, str], _LossHistogram] = {}
-        self._lock = threading.Lock()
+    def _path(self, tag: str) -> str:
+        import hashlib
 
-    def observe(self, loss: str, tag: str, values: np.ndarray) -> None:
-        v = values.astype(np.float64, copy=False)
-        v = v[~np.isnan(v)]
-        # Bucket i counts values <= bounds[i]; the last (+Inf) catches the rest.
-        idx = np.searchsorted(self.bounds, v, side="left")
-        counts = np.bincount(idx, minlength=len(self.bounds) + 1)
-        with self._lock:
-            series = self._series.setdefault(
-                (loss, tag), _LossHistogram(np.zeros(len(self.bounds) + 1, dtype=np.int64)))
-            series.counts += counts
-            series.total += float(v[np.isfinite(v)].sum())
+        return os.path.join(self.directory, hashlib.sha256(tag.encode()).hexdigest())
 
-    def touch(self, loss: str, tag: str) -> None:
-        with self._lock:
-            self._series.setdefault(
-                (loss, tag), _LossHistogram(np.zeros(len(self.bounds) + 1, dtype=np.int64)))
+    def admit(self, tag: str, max_tags: int) -> bool:
+        path = self._path(tag)
+        if os.path.exists(path):
+            return True
+        if self._full:
+            return False
+        import fcntl
 
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(
-            self.name, "Per-sample loss values, by loss and caller tag.",
-            labels=("loss", "tag"))
-        with self._lock:
-            items = [(k, s.counts.copy(), s.total) for k, s in self._series.items()]
-        edges = [*(repr(float(b)) for b in self.bounds), "+Inf"]
-        for (loss, tag), counts, total in items:
-            cumulative = np.cumsum(counts)
-            family.add_metric([loss, tag], list(zip(edges, cumulative.tolist(), strict=True)),
-                              total)
-        yield family
+        fd = os.open(os.path.join(self.directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(path):
+                return True
+            taken = sum(1 for name in os.listdir(self.directory) if not name.startswith("."))
+            if taken >= max_tags:
+                self._full = True
+                return False
+            with open(path, "x"):
+                pass
+            return True
+        finally:
+            os.close(fd)  # releases the lock
 
 
-@dataclass
+class _Values:
+    """A Counter or Gauge child's value, written without prometheus-client's per-call checks
+    (a third of a small call's metric cost). ``mostrecent`` gauges carry a timestamp."""
+
+    __slots__ = ("_timestamped", "_value")
+
+    def __init__(self, child: Any) -> None:
+        self._value = child._value
+        self._timestamped = getattr(child, "_is_most_recent", False)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._value.inc(amount)
+
+    def set(self, value: float) -> None:
+        if self._timestamped:
+            self._value.set(float(value), timestamp=time.time())
+        else:
+            self._value.set(float(value))
+
+
+class _Observer:
+    """A Histogram child's bucket and sum values, observed with one bisection instead of
+    prometheus-client's loop over every bound, and in bulk (:meth:`observe_counts`).
+
+    These are the objects ``Histogram.observe`` itself increments (mmap-backed in
+    multiprocess mode); tests compare the exposition with ``observe`` and with numpy's
+    counts, so a change in prometheus-client cannot go unnoticed.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds = list(child._upper_bounds)
+        self._buckets = child._buckets
+        self._sum = child._sum
+
+    def observe(self, value: float) -> None:
+        """As ``Histogram.observe`` for a non-NaN ``value``."""
+        self._buckets[bisect.bisect_left(self._bounds, value)].inc(1)
+        self._sum.inc(value)
+
+    def observe_counts(self, counts: np.ndarray, total: float) -> None:
+        """Add per-bucket ``counts`` (non-cumulative, one per bound and +Inf) and their
+        ``total``: a batch of 16k losses would cost milliseconds one ``observe`` at a time."""
+        buckets = self._buckets
+        for i in np.flatnonzero(counts).tolist():
+            buckets[i].inc(int(counts[i]))
+        self._sum.inc(total)
+
+
+class _MethodSeries:
+    """The children of one method, bound once."""
+
+    __slots__ = (
+        "_metrics",
+        "duration",
+        "in_flight",
+        "method",
+        "received",
+        "requests",
+        "sent",
+        "size",
+        "stages",
+    )
+
+    def __init__(self, m: Metrics, method: str) -> None:
+        self._metrics = m
+        self.method = method
+        self.in_flight = _Values(m.in_flight.labels(method))
+        self.received = _Values(m.received_bytes.labels(method))
+        self.sent = _Values(m.sent_bytes.labels(method))
+        self.size = _Observer(m.request_size.labels(method))
+        self.stages = {stage: _Observer(m.stage_duration.labels(method, stage))
+                       for stage in STAGES}
+        self.requests: dict[tuple[str, str], _Values] = {}
+        self.duration: dict[str, _Observer] = {}
+
+    def finished(self, loss: str, code: str, seconds: float) -> None:
+        key = (loss, code)
+        counter = self.requests.get(key)
+        if counter is None:
+            counter = self.requests[key] = _Values(
+                self._metrics.requests.labels(self.method, loss, code))
+        counter.inc()
+        histogram = self.duration.get(loss)
+        if histogram is None:
+            histogram = self.duration[loss] = _Observer(
+                self._metrics.request_duration.labels(self.method, loss))
+        histogram.observe(seconds)
+
+
+class _LossSeries:
+    """The children of one loss and resolved tag, bound once."""
+
+    __slots__ = ("batch_mean", "batch_weighted_mean", "device_compute", "sample_loss",
+                 "samples")
+
+    def __init__(self, m: Metrics, loss: str, tag: str) -> None:
+        self.samples = _Values(m.samples.labels(loss))
+        self.sample_loss = _Observer(m.sample_loss.labels(loss, tag))
+        self.batch_mean = _Values(m.batch_mean.labels(loss, tag))
+        self.batch_weighted_mean = _Values(m.batch_weighted_mean.labels(loss, tag))
+        self.device_compute = _Observer(m.device_compute.labels(loss))
+
+
 class Metrics:
-    """The server's metrics, registered on ``registry`` (a fresh one by default)."""
+    """The server's metrics, registered on ``registry`` (a fresh one by default).
 
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    loss_buckets: Sequence[float] = DEFAULT_LOSS_BUCKETS
-    tags: TagPolicy = field(default_factory=TagPolicy)
-    process: bool = True
+    ``process``: export the process collector (off in worker processes, whose supervisor
+    exports each process's figures with a ``worker`` label). ``worker``: this process's
+    worker index, the ``worker`` label of per-process gauges.
+    """
 
-    def __post_init__(self) -> None:
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 loss_buckets: Sequence[float] = DEFAULT_LOSS_BUCKETS,
+                 tags: TagPolicy | None = None, process: bool = True,
+                 worker: str = "0") -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.loss_buckets = tuple(sorted(loss_buckets))
+        self.tags = tags if tags is not None else TagPolicy()
+        self.worker = worker
         self.requests = Counter("lossd_requests", "Finished requests by method, loss and "
                                 "gRPC status code.", ("method", "loss", "code"), registry=r)
         self.request_duration = Histogram(
@@ -157,35 +286,43 @@ class Metrics:
         self.request_size = Histogram("lossd_request_size_bytes", "Request message size.",
                                       ("method",), buckets=_SIZE_BUCKETS, registry=r)
         self.in_flight = Gauge("lossd_requests_in_flight", "Requests being served.",
-                               ("method",), registry=r)
-        self.device = Info("lossd_device", "The device losses are computed on.", registry=r)
+                               ("method",), registry=r, multiprocess_mode="livesum")
+        self.device = Gauge("lossd_device_info", "The device losses are computed on, per "
+                            "worker process (value 1).",
+                            ("worker", "type", "index", "name", "torch_version",
+                             "cuda_version"), registry=r, multiprocess_mode="livesum")
         self.device_compute = Histogram(
             "lossd_device_compute_seconds", "Device-side time of the loss computation "
             "(CUDA events; CUDA only).", ("loss",), buckets=_LATENCY_BUCKETS, registry=r)
         self.device_memory_allocated = Gauge(
-            "lossd_device_memory_allocated_bytes", "CUDA memory held by tensors.", registry=r)
+            "lossd_device_memory_allocated_bytes", "CUDA memory held by tensors, per worker "
+            "process (after its last evaluation).", ("worker",), registry=r,
+            multiprocess_mode="livesum")
         self.device_memory_reserved = Gauge(
             "lossd_device_memory_reserved_bytes", "CUDA memory reserved by the caching "
-            "allocator.", registry=r)
+            "allocator, per worker process (after its last evaluation).", ("worker",),
+            registry=r, multiprocess_mode="livesum")
         self.batch_mean = Gauge("lossd_batch_mean_loss", "Mean loss of the last batch, by "
-                                "loss and tag.", ("loss", "tag"), registry=r)
+                                "loss and tag.", ("loss", "tag"), registry=r,
+                                multiprocess_mode="mostrecent")
         self.batch_weighted_mean = Gauge(
             "lossd_batch_weighted_mean_loss", "Weighted mean loss of the last weighted "
-            "batch, by loss and tag.", ("loss", "tag"), registry=r)
-        self.sample_loss = SampleLossCollector(self.loss_buckets)
-        r.register(self.sample_loss)
-        if self.process:
+            "batch, by loss and tag.", ("loss", "tag"), registry=r,
+            multiprocess_mode="mostrecent")
+        self.sample_loss = Histogram("lossd_sample_loss", "Per-sample loss values, by loss "
+                                     "and caller tag.", ("loss", "tag"),
+                                     buckets=self.loss_buckets, registry=r)
+        self._bounds = np.asarray(self.loss_buckets, dtype=np.float64)
+        if process and not multiprocess():
             ProcessCollector(registry=r)
+        self._methods = {method: _MethodSeries(self, method) for method in METHODS}
+        self._losses: dict[tuple[str, str], _LossSeries] = {}
+        self._losses_lock = threading.Lock()
+        self._device: torch.device | None = None
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:
         for method in METHODS:
-            self.in_flight.labels(method)
-            self.received_bytes.labels(method)
-            self.sent_bytes.labels(method)
-            self.request_size.labels(method)
-            for stage in STAGES:
-                self.stage_duration.labels(method, stage)
             for loss in (*LOSSES, INVALID_LOSS):
                 self.request_duration.labels(method, loss)
                 for code in KNOWN_CODES:
@@ -194,86 +331,141 @@ class Metrics:
             self.samples.labels(loss)
 
     def set_device(self, device: torch.device) -> None:
-        """Record the device as an info metric; on CUDA, export its memory gauges."""
-        info = {"type": device.type, "index": str(device.index or 0),
-                "torch_version": torch.__version__}
+        """Record the device (``lossd_device_info``); on CUDA, its memory gauges."""
+        self._device = device
         if device.type == "cuda":
-            info["name"] = torch.cuda.get_device_name(device)
-            info["cuda_version"] = str(torch.version.cuda)
-            self.device_memory_allocated.set_function(
-                lambda: float(torch.cuda.memory_allocated(device)))
-            self.device_memory_reserved.set_function(
-                lambda: float(torch.cuda.memory_reserved(device)))
+            name, cuda = torch.cuda.get_device_name(device), str(torch.version.cuda)
             for loss in LOSSES:
                 self.device_compute.labels(loss)
         else:
-            info["name"] = "cpu"
-        self.device.info(info)
+            name, cuda = "cpu", ""
+        self.device.labels(self.worker, device.type, str(device.index or 0), name,
+                           torch.__version__, cuda).set(1)
+        self.refresh_device_memory()
+
+    def refresh_device_memory(self) -> None:
+        """Read the CUDA allocator's figures into the memory gauges (CUDA only)."""
+        device = self._device
+        if device is not None and device.type == "cuda":
+            self.device_memory_allocated.labels(self.worker).set(
+                float(torch.cuda.memory_allocated(device)))
+            self.device_memory_reserved.labels(self.worker).set(
+                float(torch.cuda.memory_reserved(device)))
 
     def loss_label(self, name: str) -> str:
         return name if name in LOSSES else INVALID_LOSS
 
-    @contextlib.contextmanager
-    def call(self, method: str) -> Iterator[CallRecord]:
-        """Track one request: in-flight, duration, and its status code when it ends."""
-        record = CallRecord(self, method)
-        self.in_flight.labels(method).inc()
-        start = time.perf_counter()
-        try:
-            yield record
-        except Exception as exc:
-            record.code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
-            if not isinstance(record.code, grpc.StatusCode):
-                record.code = grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            record.duration = time.perf_counter() - start
-            self.in_flight.labels(method).dec()
-            loss = self.loss_label(record.loss)
-            self.requests.labels(method, loss, record.code.name).inc()
-            self.request_duration.labels(method, loss).observe(record.duration)
+    def call(self, method: str) -> CallRecord:
+        """Track one request (a context manager): in-flight, duration, and its status code
+        when it ends; at debug level, one log line."""
+        return CallRecord(self, self._methods[method])
+
+    def loss_series(self, loss: str, tag: str) -> _LossSeries:
+        """The children of ``loss`` and the request ``tag`` (resolved by the tag policy)."""
+        key = (loss, self.tags.resolve(tag))
+        series = self._losses.get(key)
+        if series is None:
+            with self._losses_lock:
+                series = self._losses.get(key)
+                if series is None:
+                    series = self._losses[key] = _LossSeries(self, *key)
+        return series
+
+    def bucket_counts(self, values: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per-bucket counts of ``values`` (NaN left out) and the sum of the finite ones."""
+        v = values.astype(np.float64, copy=False)
+        total = float(v.sum())
+        if not math.isfinite(total):  # NaN goes in no bucket, and no sum takes +-inf
+            v = v[~np.isnan(v)]
+            total = float(v[np.isfinite(v)].sum())
+        # Bucket i counts values <= bounds[i]; the last (+Inf) catches the rest.
+        counts = np.bincount(np.searchsorted(self._bounds, v, side="left"),
+                             minlength=len(self._bounds) + 1)
+        return counts, total
 
 
-@dataclass
+class _StageTimer:
+    __slots__ = ("_histogram", "_start")
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._histogram.observe(time.perf_counter() - self._start)
+
+
 class CallRecord:
     """What one request reports as it goes; see :meth:`Metrics.call`."""
 
-    metrics: Metrics
-    method: str
-    loss: str = ""
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    samples: int = 0
-    duration: float = 0.0
+    __slots__ = (
+        "_series",
+        "_start",
+        "code",
+        "duration",
+        "loss",
+        "method",
+        "metrics",
+        "samples",
+    )
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.metrics.stage_duration.labels(self.method, name).observe(
-                time.perf_counter() - start)
+    def __init__(self, metrics: Metrics, series: _MethodSeries) -> None:
+        self.metrics = metrics
+        self._series = series
+        self.method = series.method
+        self.loss = ""
+        self.code = grpc.StatusCode.OK
+        self.samples = 0
+        self.duration = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> CallRecord:
+        self._series.in_flight.inc()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
+            self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+        self.duration = time.perf_counter() - self._start
+        series = self._series
+        series.in_flight.inc(-1)
+        series.finished(self.metrics.loss_label(self.loss), self.code.name, self.duration)
+        if request_log.isEnabledFor(logging.DEBUG):
+            request_log.debug("request", extra={
+                "method": self.method, "loss": self.loss, "n": self.samples,
+                "code": self.code.name, "duration_s": round(self.duration, 6)})
+
+    def stage(self, name: str) -> _StageTimer:
+        """Time a block as stage ``name`` (a context manager)."""
+        return _StageTimer(self._series.stages[name])
 
     def received(self, nbytes: int) -> None:
-        self.metrics.received_bytes.labels(self.method).inc(nbytes)
-        self.metrics.request_size.labels(self.method).observe(nbytes)
+        self._series.received.inc(nbytes)
+        self._series.size.observe(nbytes)
 
     def sent(self, nbytes: int) -> None:
-        self.metrics.sent_bytes.labels(self.method).inc(nbytes)
+        self._series.sent.inc(nbytes)
 
     def evaluated(self, loss: str, tag: str, per_sample: np.ndarray, mean: float,
                   weighted_mean: float | None, device_seconds: float | None) -> None:
         """A batch was evaluated: count samples and record the loss values."""
         m = self.metrics
-        self.samples += int(per_sample.shape[0])
-        m.samples.labels(loss).inc(per_sample.shape[0])
-        tag_label = m.tags.resolve(tag)
-        m.sample_loss.observe(loss, tag_label, per_sample)
-        m.batch_mean.labels(loss, tag_label).set(mean)
+        series = m.loss_series(loss, tag)
+        n = int(per_sample.shape[0])
+        self.samples += n
+        series.samples.inc(n)
+        series.sample_loss.observe_counts(*m.bucket_counts(per_sample))
+        series.batch_mean.set(mean)
         if weighted_mean is not None:
-            m.batch_weighted_mean.labels(loss, tag_label).set(weighted_mean)
+            series.batch_weighted_mean.set(weighted_mean)
         if device_seconds is not None:
-            m.device_compute.labels(loss).observe(device_seconds)
+            series.device_compute.observe(device_seconds)
+            m.refresh_device_memory()
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:

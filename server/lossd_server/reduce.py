@@ -82,7 +82,7 @@ def exact_parts(values: list[float]) -> list[float]:
     try:
         parts: list[float] = []
         while True:
-            r = math.fsum([*values, *(-p for p in parts)])
+            r = math.fsum(values + [-p for p in parts]) if parts else math.fsum(values)
             if r == 0.0:
                 return parts
             if not math.isfinite(r):
@@ -94,6 +94,8 @@ def exact_parts(values: list[float]) -> list[float]:
 
 
 def _value(parts: list[float]) -> float:
+    if len(parts) == 1:  # the common case: the exact sum is one float
+        return parts[0]
     return math.fsum(parts) if all(math.isfinite(p) for p in parts) else float(sum(parts))
 
 
@@ -118,18 +120,24 @@ class Aggregate:
         ``losses`` (N,) per-sample values (any float dtype; summed as float64); ``weights``
         (N,) or None; ``ignored``/``omitted`` bool masks of samples left out.
         """
-        keep = np.ones(losses.shape[0], dtype=bool)
         n_ignored = n_omitted = 0
-        if ignored is not None:
-            keep &= ~ignored
-            n_ignored = int(ignored.sum())
-        if omitted is not None:
-            n_omitted = int((omitted & keep).sum())
-            keep &= ~omitted
-        kept = losses[keep].astype(np.float64)
+        if ignored is None and omitted is None:
+            keep: np.ndarray | slice = slice(None)
+        else:
+            mask = np.ones(losses.shape[0], dtype=bool)
+            if ignored is not None:
+                mask &= ~ignored
+                n_ignored = int(ignored.sum())
+            if omitted is not None:
+                n_omitted = int((omitted & mask).sum())
+                mask &= ~omitted
+            keep = mask
+        kept = losses[keep]
+        # tolist() gives each value exactly as a Python float (float64), whatever its dtype.
         agg = cls(weighted=weights is not None, count=int(kept.shape[0]), ignored=n_ignored,
                   omitted=n_omitted, sum_parts=exact_parts(kept.tolist()))
         if weights is not None:
+            kept = kept.astype(np.float64, copy=False)
             w = weights[keep].astype(np.float64)
             # float32 x float32 products are exact in float64.
             agg.weighted_parts = exact_parts((w * kept).tolist())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -107,7 +106,9 @@ def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
         torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32, shape=[n]))
     else:
-        resp = pb.EvaluateResponse(per_sample=wire.encode_tensor(ev.per_sample))
+        losses = ev.losses
+        resp = pb.EvaluateResponse(per_sample=pb.Tensor(
+            dtype=pb.FLOAT32, shape=losses.shape, data=losses.tobytes()))
     wire.encode_aggregate(ev.aggregate, resp.aggregates)
     if ev.gradient is not None:
         resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
@@ -157,7 +158,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         ev = self.compute(call, batch, state, stream=stream)
         with call.stage("encode"):
             resp = encode_response(ev, request, self.shared_memory)
-        call.evaluated(request.loss, request.tag, ev.per_sample.numpy(), ev.aggregate.mean,
+        call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
 
@@ -198,19 +199,21 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                  device_call: Callable[[], list[Evaluation]], *,
                  compute_stage: bool = False) -> list[Evaluation]:
         """Run ``device_call`` holding a compute slot (the wait is the ``queue`` stage)."""
-        with contextlib.ExitStack() as held:
-            with call.stage("queue"):
-                state.check("before compute")
-                held.enter_context(self.admission.slot(state))
+        with call.stage("queue"):
+            state.check("before compute")
+            started = self.admission.acquire(state)
+        try:
             if not compute_stage:
                 return device_call()
             with call.stage("compute"):
                 return device_call()
+        finally:
+            self.admission.release(started)
 
     @unary_errors
     def Evaluate(self, request: pb.EvaluateRequest,
                  context: grpc.ServicerContext) -> pb.EvaluateResponse:
-        with _logged(self.metrics.call("Evaluate")) as call:
+        with self.metrics.call("Evaluate") as call:
             _, resp = self._evaluate(call, request, stream=False, state=CallState.of(context))
             call.sent(resp.ByteSize())
             return resp
@@ -218,7 +221,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
     @stream_errors
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
-        with _logged(self.metrics.call("EvaluateStream")) as call:
+        with self.metrics.call("EvaluateStream") as call:
             state = CallState.of(context)
             running: Aggregate | None = None
             batch: Aggregate | None = None  # the batch so far, while messages carry `more`
@@ -279,7 +282,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
     @unary_errors
     def ListLosses(self, request: pb.ListLossesRequest,
                    context: grpc.ServicerContext) -> pb.ListLossesResponse:
-        with _logged(self.metrics.call("ListLosses")) as call:
+        with self.metrics.call("ListLosses") as call:
             resp = catalogue_response(self.max_message_bytes)
             call.sent(resp.ByteSize())
             return resp
@@ -288,14 +291,14 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
     """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does,
     except that Evaluate and EvaluateStream parse their requests with
-    :class:`wire.ParsedRequest`, which views the tensors in the received bytes instead of
-    copying them out."""
+    :func:`wire.parse_request`, which views the tensors of a large request in the received
+    bytes instead of copying them out."""
     handlers = {
         "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, request_deserializer=wire.ParsedRequest,
+            servicer.Evaluate, request_deserializer=wire.parse_request,
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, request_deserializer=wire.ParsedRequest,
+            servicer.EvaluateStream, request_deserializer=wire.parse_request,
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
             servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
@@ -317,17 +320,6 @@ def _claimed_shapes(req: pb.EvaluateRequest) -> Iterator[tuple[str, Any]]:
     for name, value in req.options.items():
         if value.WhichOneof("kind") == "tensor_value":
             yield f"options.{name}", value.tensor_value.shape
-
-
-@contextlib.contextmanager
-def _logged(tracked: contextlib.AbstractContextManager[CallRecord]) -> Iterator[CallRecord]:
-    """One debug line per request: method, loss, N, status and duration."""
-    with contextlib.ExitStack() as stack:
-        call = stack.enter_context(tracked)
-        stack.callback(lambda: log.debug(
-            "request", extra={"method": call.method, "loss": call.loss, "n": call.samples,
-                              "code": call.code.name, "duration_s": round(call.duration, 6)}))
-        yield call
 
 
 def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -85,9 +86,19 @@ def _kind(value: Any) -> str:
                                                                      type(value).__name__)
 
 
+# id(spec) -> (spec, its options by name, their defaults): built once per loss.
+_KNOWN: dict[int, tuple[Loss, dict[str, Option], dict[str, Any]]] = {}
+
+
 def options(spec: Loss, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Typed options with defaults filled in; unknown names and bad values rejected."""
-    known = {o.name: o for o in all_options(spec)}
+    cached = _KNOWN.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        known = {o.name: o for o in all_options(spec)}
+        cached = _KNOWN[id(spec)] = (spec, known, {n: o.default for n, o in known.items()})
+    _, known, defaults = cached
+    if not raw:
+        return dict(defaults)
     for name in raw:
         if name not in known:
             raise RequestError(f"options.{name}",
@@ -119,8 +130,9 @@ def _sample(i: int) -> int:
 
 
 def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | None,
-          opts: Mapping[str, Any], *, allow_zero_weight_sum: bool = False) -> bool:
-    """Check shapes, dtypes and values; return True when targets are class indices."""
+          opts: Mapping[str, Any], *, allow_zero_weight_sum: bool = False
+          ) -> ClassTargets | None:
+    """Check shapes, dtypes and values; for class-index targets, return their range."""
     _float_tensor("predictions", predictions)
     if predictions.dim() < spec.min_prediction_dims:
         raise RequestError("predictions",
@@ -138,8 +150,9 @@ def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | No
     if not class_index and spec.targets is Targets.CLASS_INDEX:
         raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
                                       f"{spec.name}; send int64 or int32 class indices")
+    found = None
     if class_index:
-        _class_targets(spec, predictions, targets, opts)
+        found = _class_targets(spec, predictions, targets, opts)
     else:
         _float_tensor("targets", targets)
         if targets.shape != predictions.shape:
@@ -151,11 +164,11 @@ def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | No
     _tensor_options(spec, predictions, opts)
     if weights is not None:
         _weights(predictions.shape[0], weights, allow_zero_sum=allow_zero_weight_sum)
-    return class_index
+    return found
 
 
 def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
-                   opts: Mapping[str, Any]) -> None:
+                   opts: Mapping[str, Any]) -> ClassTargets:
     want = (predictions.shape[0], *predictions.shape[2:])
     if tuple(targets.shape) != want:
         raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
@@ -163,12 +176,42 @@ def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
                                       f"indices must be {shape_str(want)}")
     n_classes = predictions.shape[1]
     ignore_index = opts.get("ignore_index", -100)
-    bad = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
+    found = ClassTargets(*index_range(targets))
+    if found.lo >= 0 and found.hi < n_classes:
+        return found
+    t = targets.numpy()
+    bad = ((t < 0) | (t >= n_classes)) & (t != ignore_index)
     if bool(bad.any()):
-        i = _first(bad)
-        value = int(targets[i][bad[i]].reshape(-1)[0]) if targets.dim() > 1 else int(targets[i])
+        rows = bad.reshape(bad.shape[0], -1)
+        i = int(rows.any(axis=1).argmax())
+        value = int(t.reshape(t.shape[0], -1)[i][rows[i]][0])
         raise RequestError("targets", f"class index {value} out of range [0, {n_classes}) "
                                       f"at sample {_sample(i)} (ignore_index is {ignore_index})")
+    return found
+
+
+@dataclass(frozen=True)
+class ClassTargets:
+    """What validation learnt of class-index targets: their smallest and largest index."""
+
+    lo: int
+    hi: int
+
+    def may_contain(self, value: int) -> bool:
+        """False when no target can equal ``value`` (e.g. ``ignore_index``)."""
+        return self.lo <= value <= self.hi
+
+
+_SMALL = 1024  # up to this many elements, Python's min/max beat tensor reductions
+
+
+def index_range(targets: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty host tensor of class indices."""
+    if targets.numel() <= _SMALL:
+        values = (targets if targets.dim() == 1 else targets.reshape(-1)).tolist()
+        return min(values), max(values)
+    lo, hi = torch.aminmax(targets)
+    return int(lo), int(hi)
 
 
 def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from lossd._wire import WIRE_DTYPES, dtype_name
@@ -25,9 +26,16 @@ _PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Request bytes are immutable; tensors viewing them are never written to.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 SharedMemoryView = Callable[[pb.SharedMemoryRef, str], memoryview]
+
+
+# proto dtype -> (torch dtype, numpy dtype to view the bytes as, or None for bfloat16).
+_DECODE: dict[int, tuple[torch.dtype, np.dtype[Any] | None, int]] = {
+    k: (TORCH_DTYPES[k], None if k == pb.BFLOAT16 else d.numpy, d.itemsize)
+    for k, d in WIRE_DTYPES.items()}
 
 
 def decode_tensor(t: pb.Tensor, field: str,
@@ -36,13 +44,14 @@ def decode_tensor(t: pb.Tensor, field: str,
 
     ``shared_memory`` resolves a SharedMemoryRef of the request's session.
     """
-    if t.dtype not in TORCH_DTYPES:
+    decoded = _DECODE.get(t.dtype)
+    if decoded is None:
         raise RequestError(f"{field}.dtype", f"{dtype_name(t.dtype)} not accepted; use one of "
                                              f"{', '.join(d.name for d in WIRE_DTYPES.values())}")
+    dtype, view_as, itemsize = decoded
     shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
-    itemsize = WIRE_DTYPES[t.dtype].itemsize
     expected = math.prod(shape) * itemsize
     data: bytes | memoryview = t.data
     if t.HasField("shared_memory"):
@@ -54,9 +63,10 @@ def decode_tensor(t: pb.Tensor, field: str,
     if len(data) != expected:
         raise RequestError(f"{field}.data", f"{len(data)} bytes; shape {list(shape)} of "
                                             f"{dtype_name(t.dtype)} needs {expected}")
-    dtype = TORCH_DTYPES[t.dtype]
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if view_as is not None:  # numpy's view is cheaper than torch.frombuffer's
+        return torch.from_numpy(np.frombuffer(data, dtype=view_as).reshape(shape))
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -75,7 +85,7 @@ _REDUCTIONS = {pb.MEAN: "mean", pb.SUM: "sum", pb.WEIGHTED_MEAN: "weighted_mean"
 
 def decode_reduction(value: pb.Reduction) -> str | None:
     """Reduction enum -> its name (``reduce.REDUCTIONS``); UNSPECIFIED -> None."""
-    if value == pb.REDUCTION_UNSPECIFIED:
+    if not value:  # REDUCTION_UNSPECIFIED
         return None
     if value not in _REDUCTIONS:
         raise RequestError("gradient", f"unknown reduction {value}")
@@ -83,6 +93,8 @@ def decode_reduction(value: pb.Reduction) -> str | None:
 
 
 def decode_options(options: Any) -> dict[str, Any]:
+    if not options:
+        return {}
     return {name: decode_option(name, v) for name, v in options.items()}
 
 
@@ -218,6 +230,22 @@ def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, Te
     except Exception as exc:  # protobuf's DecodeError
         raise MalformedMessage(str(exc) or type(exc).__name__) from None
     return request, tensors
+
+
+SMALL_MESSAGE_BYTES = 32 * 1024
+"""Requests up to this size are parsed by protobuf itself: copying a few kB of tensor bytes
+costs less than walking the fields in Python."""
+
+
+def parse_request(raw: bytes) -> pb.EvaluateRequest | ParsedRequest:
+    """The deserializer of Evaluate and EvaluateStream: protobuf's message for a small
+    request, a zero-copy :class:`ParsedRequest` for a larger one (both read alike)."""
+    if len(raw) > SMALL_MESSAGE_BYTES:
+        return ParsedRequest(raw)
+    try:
+        return pb.EvaluateRequest.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError
+        raise MalformedMessage(str(exc) or type(exc).__name__) from None
 
 
 class ParsedRequest:
