@@ -374,7 +374,8 @@ class Metrics:
     def bucket_counts(self, values: np.ndarray) -> tuple[np.ndarray, float]:
         """Per-bucket counts of ``values`` (NaN left out) and the sum of the finite ones."""
         v = values.astype(np.float64, copy=False)
-        total = float(v.sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(v.sum())
         if not math.isfinite(total):  # NaN goes in no bucket, and no sum takes +-inf
             v = v[~np.isnan(v)]
             total = float(v[np.isfinite(v)].sum())
