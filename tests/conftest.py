@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+import grpc
+import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd import LossClient
 from lossd_server.app import LossdServer, create_server
@@ -63,6 +71,99 @@ def read_json_logs_until_serving(stream: IO[str]) -> list[dict[str, Any]]:
         if lines[-1]["msg"] == "lossd serving":
             break
     return lines
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``cond`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def health(port: int, service: str = "lossd.v1.LossService") -> int:
+    """The grpc.health.v1 status a server on 127.0.0.1:``port`` reports for ``service``."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return int(health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+
+def batch(seed: int, n: int = 64, c: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, labels and their cross-entropy per sample (torch's, as the reference)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c)).astype(np.float32)
+    t = rng.integers(0, c, n)
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                                             reduction="none").numpy()
+    return x, t, want
+
+
+class ServeProcess:
+    """``lossd serve --port 0`` in a subprocess with JSON logs, once it logged "lossd
+    serving"; ``lines`` are its log records (read by a thread as they come), ``port`` and
+    ``metrics_port`` what it bound."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> None:
+        full = {k: v for k, v in os.environ.items() if k != "LOSSD_AUTH_TOKENS"}
+        full.update(LOSSD_LOG_FORMAT="json", LOSSD_DEVICE="cpu", LOSSD_METRICS_PORT="-1",
+                    LOSSD_PORT="0")
+        full.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "lossd._cli", "serve", *args],
+                                     env=full, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict[str, Any]] = []
+        self._serving = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._serving.wait(timeout):
+            self.kill()
+            raise AssertionError(f"not serving after {timeout} s: {self.lines}")
+        serving = self.record("lossd serving")
+        self.port = int(str(serving["address"]).rsplit(":", 1)[1])
+        self.metrics_port: int | None = serving.get("metrics_port")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:  # a line that is not a log record (a crash's traceback)
+                self.lines.append({"msg": raw.rstrip("\n"), "raw": True})
+                continue
+            if self.lines[-1]["msg"] == "lossd serving":
+                self._serving.set()
+        self._serving.set()  # the process ended; the waiter sees no "lossd serving"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def records(self, msg: str) -> list[dict[str, Any]]:
+        return [x for x in self.lines if x["msg"] == msg]
+
+    def record(self, msg: str) -> dict[str, Any]:
+        found = self.records(msg)
+        assert found, (msg, self.lines)
+        return found[0]
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
 
 
 def start_server(**overrides: object) -> LossdServer:

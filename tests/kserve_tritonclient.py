@@ -52,7 +52,7 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``lossd serve`` in a subprocess on a free port, once it answers ServerReady."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("lossd") / "server.log"
-    cmd = [sys.executable, "-m", "lossd_server.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "lossd._cli", "serve", "--processes", "2", "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "-1", "--device", "cpu",
            "--max-message-mb", str(MAX_MESSAGE_MB), "--grace-seconds", "1"]
     with open(log_path, "wb") as log:

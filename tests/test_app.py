@@ -103,7 +103,7 @@ def test_resolve_device() -> None:
 
 
 def _lossd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lossd_server.cli", *args]
+    return [sys.executable, "-m", "lossd._cli", *args]
 
 
 def test_cli_help_explains_every_flag() -> None:
@@ -119,7 +119,8 @@ def test_cli_help_explains_every_flag() -> None:
 def test_serve_logs_json_and_drains_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "LOSSD_PORT": "0", "LOSSD_METRICS_PORT": "-1",
            "LOSSD_LOG_FORMAT": "json", "LOSSD_LOG_LEVEL": "debug", "LOSSD_DEVICE": "cpu"}
-    proc = subprocess.Popen(_lossd("serve"), env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_lossd("serve", "--processes", "1"), env=env,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     try:
         lines = read_json_logs_until_serving(proc.stderr)
@@ -150,7 +151,7 @@ def test_a_taken_port_fails_loudly(server: LossdServer) -> None:
 def test_allocator_tuning_applies_on_glibc() -> None:
     import platform
 
-    from lossd_server.cli import tune_allocator
+    from lossd_server.serve import tune_allocator
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")

@@ -4,54 +4,25 @@ calls with UNAVAILABLE, lets in-flight calls finish within the grace period, the
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 import lossd
 from lossd import LossClient
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from tests.conftest import EngineBlocker, start_server
+from tests.conftest import EngineBlocker, ServeProcess, batch, health, start_server, wait_for
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-def health(port: int) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return int(health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service="lossd.v1.LossService"), timeout=5).status)
-
-
-def batch(seed: int, n: int = 64, c: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits, labels and their cross-entropy per sample (torch's, as the reference)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c)).astype(np.float32)
-    t = rng.integers(0, c, n)
-    want = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
-                                             reduction="none").numpy()
-    return x, t, want
 
 
 def assert_refused_as_draining(port: int) -> None:
@@ -122,54 +93,12 @@ def test_calls_still_running_when_the_grace_period_ends_are_cancelled(
 # A real `lossd serve` process and a real signal
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Serve:
-    """``lossd serve`` in a subprocess with JSON logs; ``lines`` are its log records."""
-
-    def __init__(self, *args: str) -> None:
-        self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "LOSSD_AUTH_TOKENS"}
-        env.update(LOSSD_LOG_FORMAT="json", LOSSD_DEVICE="cpu", LOSSD_METRICS_PORT="-1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lossd_server.cli", "serve", "--port", str(self.port),
-             *args], env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[dict[str, Any]] = []
-        self._serving = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        assert self._serving.wait(60), self.lines
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.append(json.loads(raw))
-            if self.lines[-1]["msg"] == "lossd serving":
-                self._serving.set()
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def record(self, msg: str) -> dict[str, Any]:
-        return next(x for x in self.lines if x["msg"] == msg)
-
-
 def test_sigterm_with_32_calls_in_flight_completes_them_all_and_exits_0() -> None:
     """32 calls in flight when SIGTERM arrives: each is an EvaluateStream that has had its
     first batch answered and sends its remaining two only after the signal, so every one
     is in flight at that moment by construction (the server logs how many it counted)."""
-    serve = Serve("--workers", "40", "--max-waiting", "32", "--grace-seconds", "30")
+    serve = ServeProcess("--processes", "1", "--workers", "40", "--max-waiting", "32",
+                         "--grace-seconds", "30")
     signalled = threading.Event()
     answered = threading.Semaphore(0)
     cases = [[batch(100 * i + j) for j in range(3)] for i in range(32)]
@@ -214,7 +143,7 @@ def test_sigterm_with_32_calls_in_flight_completes_them_all_and_exits_0() -> Non
 
 
 def test_sigint_drains_too() -> None:
-    serve = Serve("--grace-seconds", "10")
+    serve = ServeProcess("--processes", "1", "--grace-seconds", "10")
     try:
         x, t, want = batch(7)
         with LossClient(f"127.0.0.1:{serve.port}", timeout=30) as client:

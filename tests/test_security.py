@@ -409,15 +409,17 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_with_tls_and_tokens_never_logs_or_exports_a_secret(pki: Pki,
-                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_serve_with_tls_and_tokens_never_logs_or_exports_a_secret(pki: Pki, tmp_path: Path,
+                                                                  processes: str) -> None:
     file_token, env_token, wrong = "file-token-5d1c7e", "env-token-a93b20", "wrong-token-77e1"
     tokens = tmp_path / "tokens"
     tokens.write_text(file_token + "\n")
     port, metrics_port, health_port = _free_port(), _free_port("127.0.0.2"), _free_port()
     env = {**os.environ, "LOSSD_AUTH_TOKENS": env_token, "LOSSD_LOG_FORMAT": "json",
            "LOSSD_LOG_LEVEL": "debug", "LOSSD_DEVICE": "cpu", "LOSSD_TOKEN": ""}
-    cmd = [sys.executable, "-m", "lossd_server.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "lossd._cli", "serve", "--processes", processes,
+           "--port", str(port),
            "--metrics-host", "127.0.0.2", "--metrics-port", str(metrics_port),
            "--health-port", str(health_port), "--tls-cert", str(pki.server_cert),
            "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),

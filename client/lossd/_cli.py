@@ -1,6 +1,7 @@
 """The ``lossd`` command.
 
-    lossd serve ...     run the server (needs ``lossd[server]``)
+    lossd serve ...     run the server (needs ``lossd[server]``; added by the server through
+                        the ``lossd.commands`` entry point group)
     lossd eval ...      stream prediction/target files through a server
     lossd losses ...    print a server's loss catalogue
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
 
 from lossd import _eval
 from lossd._client import LossClient
@@ -28,16 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lossd",
         description="lossd: per-sample losses and batch aggregates as a gRPC service.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser(
-        "serve", help="run the gRPC server (needs lossd[server])",
-        description="Run the lossd gRPC server. Every flag can also be set through the "
-                    "LOSSD_* environment variable named in its help; a flag wins.")
-    try:
-        from lossd_server.settings import add_arguments
-    except ImportError:
-        serve.set_defaults(server_missing=True)
-    else:
-        add_arguments(serve)
+    _add_installed_commands(sub)
 
     ev = sub.add_parser("eval", help="evaluate prediction/target files on a server",
                         description="Stream predictions and targets (.npy, .pt or "
@@ -85,16 +79,38 @@ def _losses(target: str) -> int:
     return _eval.EXIT_OK
 
 
+COMMANDS_GROUP = "lossd.commands"
+"""Entry points adding subcommands: each names a function ``add(subparsers)`` that adds its
+parser and sets its ``run(args) -> int`` default. The server adds ``serve`` this way, so
+this client never imports the server."""
+
+
+def _add_installed_commands(sub: Any) -> None:
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            add = ep.load()
+        except ImportError as exc:  # e.g. the server's dependencies are missing
+            broken = sub.add_parser(ep.name, help=f"(unavailable: {exc})")
+            broken.set_defaults(run=lambda args, exc=exc, name=ep.name: _unavailable(name, exc))
+            continue
+        add(sub)
+    if "serve" not in sub.choices:
+        missing = sub.add_parser("serve", help="run the gRPC server (needs lossd[server])")
+        missing.set_defaults(run=lambda args: _unavailable("serve", None))
+
+
+def _unavailable(name: str, exc: ImportError | None) -> int:
+    why = f" ({exc})" if exc is not None else ""
+    print(f"lossd {name}: the server is not installed{why}; pip install 'lossd[server]'",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        if getattr(args, "server_missing", False):
-            print("lossd serve: the server is not installed; pip install 'lossd[server]'",
-                  file=sys.stderr)
-            return 2
-        from lossd_server.cli import run_serve
-
-        return run_serve(args)
+    run = getattr(args, "run", None)
+    if run is not None:
+        return int(run(args))
     if args.command == "losses":
         return _losses(args.target)
     return _eval.run(target=args.target, loss=args.loss, predictions=args.predictions,

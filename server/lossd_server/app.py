@@ -1,4 +1,4 @@
-"""Server assembly and lifecycle: ``create_server(settings)`` and ``serve(settings)``.
+"""Server assembly and lifecycle: ``create_server(settings)``, then ``start()``, ``stop()``.
 
 A server is: the LossService, the standard gRPC health service (NOT_SERVING until the
 device passed a warm-up evaluation, NOT_SERVING again while draining), server reflection,
@@ -8,18 +8,17 @@ Every call passes :class:`gate.Gate`: bearer tokens when configured (health stay
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
 ``security.server_credentials``; limits from ``limits``. ``stop(grace)`` drains: health
 NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within ``grace``, then the
-port closes.
+port closes. Processes, signals and the ``lossd serve`` command are
+:mod:`lossd_server.serve`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import grpc
@@ -44,7 +43,14 @@ LOSS_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda``; ``cuda:<i>``."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda``; ``cuda:<i>``.
+
+    A list (``cuda:0,cuda:1``) is for worker processes to spread over (``lossd serve
+    --processes``); each worker resolves its own entry.
+    """
+    if "," in spec:
+        raise ValueError(f"--device: {spec!r} lists several devices; one process uses one "
+                         "(serve with --processes of at least their number)")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -111,8 +117,10 @@ class LossdServer:
         else:
             self.ready.clear()
 
-    def start(self) -> LossdServer:
-        """Start serving; health turns SERVING once a warm-up evaluation passed."""
+    def start(self, *, serving: bool = True) -> LossdServer:
+        """Start serving; health turns SERVING once a warm-up evaluation passed (with
+        ``serving=False`` it stays NOT_SERVING until ``set_serving(True)``: a worker
+        process waits for its supervisor, which knows when every worker is ready)."""
         self.server.start()
         if self._health_server is not None:
             self._health_server.start()
@@ -122,7 +130,8 @@ class LossdServer:
                 registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         warm_up(self.engine)
-        self.set_serving(True)
+        if serving:
+            self.set_serving(True)
         return self
 
     def drain(self) -> None:
@@ -159,8 +168,13 @@ class LossdServer:
         self.stop(0)
 
 
-def create_server(settings: Settings, *, metrics: Metrics | None = None) -> LossdServer:
-    """Build the server and bind its port (``port=0`` picks a free one, see ``.port``)."""
+def create_server(settings: Settings, *, metrics: Metrics | None = None,
+                  reuse_port: bool = False) -> LossdServer:
+    """Build the server and bind its port (``port=0`` picks a free one, see ``.port``).
+
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT), as the worker
+    processes of ``lossd serve --processes N`` do; otherwise a taken port fails loudly.
+    """
     engine = Engine(resolve_device(settings.device))
     if metrics is None:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
@@ -177,7 +191,8 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
                                                     thread_name_prefix="lossd"),
-                         options=server_options(settings), interceptors=[gate],
+                         options=server_options(settings, reuse_port=reuse_port),
+                         interceptors=[gate],
                          maximum_concurrent_rpcs=settings.rpc_limit)
     servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
                             metrics=metrics, slots=settings.concurrency,
@@ -214,14 +229,15 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None) -> Loss
     return lossd
 
 
-def server_options(settings: Settings) -> list[tuple[str, Any]]:
+def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
     """gRPC server channel options: message size, keepalive, connection age."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", -1),
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and
-        # silently share its traffic. Fail loudly instead.
-        ("grpc.so_reuseport", 0),
+        # silently share its traffic. Fail loudly instead, unless the port is shared on
+        # purpose by worker processes (their supervisor holds it, see lossd_server.serve).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Keepalive: ping idle clients so a dead peer's calls are cancelled, and accept the
         # clients' own pings (lossd clients ping every 30 s, even without calls) instead of
         # answering GOAWAY too_many_pings.
@@ -252,37 +268,3 @@ def _bind(server: grpc.Server, host: str, port: int,
     if bound == 0:
         raise OSError(f"cannot bind {address} (in use?)")
     return int(bound)
-
-
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain for ``grace_seconds`` and return 0."""
-    server = create_server(settings)
-    tokens = server.gate.tokens if server.gate is not None else None
-    log.info("lossd starting", extra={"settings": settings.loggable(),
-                                       "device": str(server.engine.device)})
-    server.start()
-    log.info("lossd serving", extra={"address": server.address,
-                                      "metrics_port": server.metrics_port,
-                                      "health_port": server.health_port,
-                                      "device": str(server.engine.device),
-                                      "tls": "mutual" if settings.tls_client_ca
-                                      else settings.tls,
-                                      "auth_tokens": tokens.count if tokens else 0,
-                                      "threads": settings.threads,
-                                      "max_rpcs": settings.rpc_limit})
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("draining", extra={"signal": signal.Signals(signum).name,
-                                    "grace_seconds": settings.grace_seconds})
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopped.wait(1.0):  # a timed wait lets the signal handler run promptly
-        pass
-    in_flight = server.gate.in_flight if server.gate is not None else 0
-    log.info("drain started", extra={"in_flight": in_flight})
-    server.stop(settings.grace_seconds)
-    log.info("lossd stopped")
-    return 0

@@ -47,10 +47,27 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Send lossd's logs to stderr in the chosen format (replaces earlier handlers)."""
+class _Worker(logging.Filter):
+    """Adds ``worker=<index>`` to every record of a worker process."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def configure(level: str = "info", fmt: str = "text", *, worker: int | None = None) -> None:
+    """Send lossd's logs to stderr in the chosen format (replaces earlier handlers).
+
+    ``worker``: the worker process index, added to every line (``lossd serve --processes``).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -28,7 +28,17 @@ class Settings:
                                      "(empty: same as --host)")
     metrics_port: int = _setting(9464, "port of the Prometheus /metrics endpoint "
                                        "(0 picks a free port, -1 turns it off)")
-    device: str = _setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:<i>")
+    device: str = _setting("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:<i>, or "
+                                   "a list cuda:0,cuda:1,... that worker processes spread "
+                                   "over (with --processes > 1 and several GPUs, cuda and "
+                                   "auto spread over every visible GPU)")
+    processes: str = _setting("auto", "serving processes on the one port (SO_REUSEPORT) under "
+                                      "a supervising parent that restarts any that dies; 1 "
+                                      "serves in this process; auto: the CPU cores available "
+                                      "on a CPU host, 4 per GPU on a GPU host")
+    torch_threads: int = _setting(0, "torch intra-op threads per serving process (0: the CPU "
+                                     "cores available divided among the processes, at "
+                                     "least 1)")
     max_message_mb: float = _setting(64.0, "largest request message accepted, in MiB; larger "
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
@@ -146,6 +156,20 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
             raise ValueError("--cuda-memory-fraction must be within [0, 1]")
+        if self.processes != "auto" and not (self.processes.isdigit()
+                                             and int(self.processes) >= 1):
+            raise ValueError(f"--processes: {self.processes!r} is not auto or a number >= 1")
+        if self.torch_threads < 0:
+            raise ValueError("--torch-threads must not be negative")
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as its ``LOSSD_*`` variable: how worker processes get them."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[self.env_name(f.name)] = (("true" if value else "false")
+                                          if isinstance(value, bool) else str(value))
+        return out
 
     @classmethod
     def env_name(cls, name: str) -> str:

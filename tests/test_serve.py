@@ -1,0 +1,317 @@
+"""``lossd serve``: worker processes on one port under a supervisor (lossd_server.serve).
+
+Real ``lossd serve --processes 2`` subprocesses on free ports; workers are killed with
+real signals. What a caller or an operator relies on is checked across processes:
+metrics totals, the tag bound, health, restarts, drain, retries, tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+import lossd
+from lossd import LossClient
+from lossd_server import serve
+from lossd_server.settings import Settings
+from tests.conftest import ServeProcess, batch, health, wait_for
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def scrape(port: int | None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    assert port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: str,
+          **labels: str) -> float:
+    return samples.get((metric, frozenset(labels.items())), 0.0)
+
+
+def worker_pids(pod: ServeProcess) -> dict[int, int]:
+    """worker index -> pid of its live process, from the supervisor's log."""
+    pids: dict[int, int] = {}
+    for line in pod.lines:
+        if line["msg"] == "worker ready":
+            pids[int(line["worker"])] = int(line["pid"])
+    return pids
+
+
+def evaluate_on_fresh_channels(address: str, channels: int, calls: int, *,
+                               tag: str = "", token: str | None = None) -> int:
+    """``calls`` evaluations on each of ``channels`` new channels (new connections, which
+    the kernel spreads over the workers); returns the samples sent."""
+    x, t, want = batch(3, n=16)
+    for _ in range(channels):
+        with LossClient(address, timeout=30, token=token) as client:
+            for _ in range(calls):
+                np.testing.assert_allclose(client.evaluate(x, t, tag=tag).per_sample, want,
+                                           rtol=1e-6)
+    return channels * calls * 16
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[ServeProcess]:
+    """A two-worker server shared by the tests that do not kill or stop it."""
+    with ServeProcess("--processes", "2", "--metrics-port", "0", "--max-tags", "2",
+                      "--log-level", "debug") as p:
+        yield p
+
+
+def test_two_workers_serve_and_metrics_total_every_call_exactly(pod: ServeProcess) -> None:
+    before = scrape(pod.metrics_port)
+    samples = 0
+    for i, tag in enumerate(("a", "b", "c", "d")):
+        samples += evaluate_on_fresh_channels(pod.address, channels=4, calls=3 + i, tag=tag)
+    after = scrape(pod.metrics_port)
+    calls = 4 * (3 + 4 + 5 + 6)
+    ok = dict(method="Evaluate", loss="cross_entropy", code="OK")
+    assert value(after, "lossd_requests_total", **ok) - value(
+        before, "lossd_requests_total", **ok) == calls
+    assert value(after, "lossd_samples_total", loss="cross_entropy") - value(
+        before, "lossd_samples_total", loss="cross_entropy") == samples
+    # --max-tags 2 holds for the pod: two of the four tags, the rest counted as "other".
+    tags = {dict(labels)["tag"] for (name, labels) in after
+            if name == "lossd_sample_loss_count"}
+    assert len(tags - {"other", "none"}) == 2 and "other" in tags
+    assert sum(v for (name, _), v in after.items() if name == "lossd_sample_loss_count") \
+        - sum(v for (name, _), v in before.items() if name == "lossd_sample_loss_count") \
+        == samples
+    # Both workers served (the debug request log names the worker of each call).
+    served = {line["worker"] for line in pod.lines if line["msg"] == "request"}
+    assert served == {0, 1}
+    # Per-process figures carry the worker label; in-flight adds up over the workers.
+    for worker in ("supervisor", "0", "1"):
+        assert value(after, "process_resident_memory_bytes", worker=worker) > 0
+    assert value(after, "lossd_worker_up", worker="0") == 1
+    assert value(after, "lossd_requests_in_flight", method="Evaluate") == 0
+    assert value(after, "lossd_device_info", worker="1", type="cpu", index="0", name="cpu",
+                 torch_version=torch.__version__, cuda_version="") == 1
+
+
+def test_the_exposition_passes_promtool(pod: ServeProcess) -> None:
+    import shutil
+
+    evaluate_on_fresh_channels(pod.address, channels=2, calls=1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{pod.metrics_port}/metrics",
+                                timeout=10) as resp:
+        text = resp.read().decode()
+    promtool = shutil.which("promtool")
+    assert promtool
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_streams_and_every_method_work_across_workers(pod: ServeProcess) -> None:
+    cases = [batch(10 + i, n=32) for i in range(3)]
+    for _ in range(4):
+        with LossClient(pod.address, timeout=30) as client:
+            results = list(client.evaluate_stream((x, t) for x, t, _ in cases))
+            assert [len(r.per_sample) for r in results] == [32, 32, 32]
+            all_losses = np.concatenate([want for _, _, want in cases]).astype(np.float64)
+            assert results[-1].running is not None
+            assert results[-1].running.count == 96
+            np.testing.assert_allclose(results[-1].running.sum, all_losses.sum(), rtol=1e-6)
+            assert "cross_entropy" in {info.name for info in client.losses()}
+
+
+def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> None:
+    with ServeProcess("--processes", "2", "--metrics-port", "0") as pod:
+        sent = evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
+        victim = worker_pids(pod)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: bool(pod.records("worker died")))
+        died = pod.record("worker died")
+        assert died["worker"] == 0 and died["how"] == "signal SIGKILL"
+        # Health: NOT_SERVING while a worker is missing, SERVING again once it is back.
+        wait_for(lambda: health(pod.port) == NOT_SERVING, timeout=10)
+        wait_for(lambda: len(pod.records("worker ready")) == 3, timeout=120)
+        wait_for(lambda: health(pod.port) == SERVING, timeout=10)
+        assert worker_pids(pod)[0] != victim
+        sent += evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
+        metrics = scrape(pod.metrics_port)
+        assert value(metrics, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
+                     code="OK") == 24  # the dead worker's counts survive it
+        assert value(metrics, "lossd_samples_total", loss="cross_entropy") == sent
+        assert value(metrics, "lossd_worker_restarts_total", worker="0") == 1
+        assert value(metrics, "lossd_worker_up", worker="0") == 1
+
+
+def test_calls_on_a_worker_that_dies_are_retried_and_none_hangs() -> None:
+    """8 callers keep calling while one worker is killed under them: every call comes back
+    right (a call cut off with UNAVAILABLE is retried by the client on a new connection,
+    which lands on the live worker)."""
+    with ServeProcess("--processes", "2") as pod:
+        stop = threading.Event()
+        x, t, want = batch(5, n=256)
+
+        def caller() -> int:
+            done = 0
+            with LossClient(pod.address, timeout=60) as client:
+                while not stop.is_set() or done < 20:
+                    np.testing.assert_allclose(client.evaluate(x, t).per_sample, want,
+                                               rtol=1e-6)
+                    done += 1
+            return done
+
+        with futures.ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(caller) for _ in range(8)]
+            time.sleep(1.0)
+            os.kill(worker_pids(pod)[1], signal.SIGKILL)
+            time.sleep(1.0)
+            stop.set()
+            done = [c.result(timeout=120) for c in calls]
+        assert all(n >= 20 for n in done)
+        assert pod.record("worker died")["worker"] == 1
+
+
+def test_sigterm_drains_every_worker_with_streams_in_flight_and_exits_0() -> None:
+    pod = ServeProcess("--processes", "2", "--grace-seconds", "30")
+    signalled = threading.Event()
+    answered = threading.Semaphore(0)
+    cases = [[batch(100 * i + j) for j in range(3)] for i in range(8)]
+
+    def stream(i: int) -> list[np.ndarray]:
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            yield cases[i][0][:2]
+            assert signalled.wait(30)
+            for x, t, _ in cases[i][1:]:
+                yield x, t
+
+        out = []
+        with LossClient(pod.address, timeout=60) as client:
+            for r in client.evaluate_stream(batches()):
+                out.append(r.per_sample)
+                if len(out) == 1:
+                    answered.release()
+        return out
+
+    try:
+        with futures.ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(stream, i) for i in range(8)]
+            for _ in range(8):
+                assert answered.acquire(timeout=60)
+            pod.signal(signal.SIGTERM)
+            wait_for(lambda: health(pod.port) == NOT_SERVING)
+            with LossClient(pod.address, timeout=10) as client, \
+                    pytest.raises(lossd.Unavailable, match="draining"):
+                client.evaluate(*batch(0)[:2])
+            assert pod.proc.poll() is None  # still draining: 8 streams are open
+            signalled.set()
+            for i, call in enumerate(calls):
+                got = call.result(60)
+                for per_sample, (_, _, want) in zip(got, cases[i], strict=True):
+                    np.testing.assert_allclose(per_sample, want, rtol=1e-6)
+        assert pod.wait(60) == 0
+    finally:
+        signalled.set()
+        pod.kill()
+    assert pod.record("draining")["signal"] == "SIGTERM"
+    assert sum(x["in_flight"] for x in pod.records("drain started")) == 8
+    assert {x["worker"] for x in pod.records("worker stopped")} == {0, 1}
+    assert pod.lines[-1]["msg"] == "lossd stopped"
+
+
+def test_rotated_tokens_are_taken_up_by_every_worker(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("first-token\n")
+    with ServeProcess("--processes", "2", "--auth-tokens-file", str(tokens)) as pod:
+        evaluate_on_fresh_channels(pod.address, channels=4, calls=1, token="first-token")
+        tokens.write_text("second-token\n")
+        time.sleep(1.5)  # tokens files are re-read at most once a second
+        evaluate_on_fresh_channels(pod.address, channels=6, calls=1, token="second-token")
+        for _ in range(6):
+            with LossClient(pod.address, timeout=10, token="first-token") as client, \
+                    pytest.raises(lossd.Unauthenticated):
+                client.evaluate(*batch(0)[:2])
+
+
+def test_a_worker_that_cannot_start_stops_everything_with_exit_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lossd._cli", "serve", "--processes", "2",
+                           "--port", "0", "--metrics-port", "-1", "--device", "cuda:7"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr
+    assert "--device" in proc.stderr and "worker failed to start" in proc.stderr
+
+
+def test_a_taken_port_fails_loudly() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "lossd._cli", "serve", "--processes",
+                               "2", "--port", str(port), "--metrics-port", "-1"],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"cannot bind 127.0.0.1:{port}" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# How many processes, on which devices
+
+
+def test_processes_auto_is_the_cores_on_a_cpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "available_cpus", lambda: 6)
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 0)
+    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 6
+    assert serve.resolve_processes(Settings(processes="3")) == 3
+    assert serve.torch_threads(Settings(), 4) == 1
+    assert serve.torch_threads(Settings(), 2) == 3
+    assert serve.torch_threads(Settings(torch_threads=5), 2) == 5
+
+
+def test_processes_auto_is_four_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 2)
+    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 8
+    assert serve.resolve_processes(Settings(processes="auto", device="cuda:1")) == 4
+    assert serve.resolve_processes(Settings(processes="auto", device="cpu")) == \
+        serve.available_cpus()
+    sup = serve.Supervisor(Settings(processes="4", device="cuda"), 4)
+    assert [w.device for w in sup.workers] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    sup = serve.Supervisor(Settings(device="cuda:2,cuda:3"), 3)
+    assert [w.device for w in sup.workers] == ["cuda:2", "cuda:3", "cuda:2"]
+
+
+def test_visible_gpus_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2,GPU-1234")
+    assert serve.visible_gpus() == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,2")  # CUDA stops at an invalid entry
+    assert serve.visible_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert serve.visible_gpus() == 0
+
+
+def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert serve._cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert serve._cgroup_cpu_quota(tmp_path) is None
+    assert serve.available_cpus() >= 1
+
+
+def test_bad_process_settings_are_refused() -> None:
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(ValueError, match="--processes"):
+            Settings(processes=bad).check()
