@@ -50,7 +50,7 @@ def _client(port: int, seconds: float, start: Any, out: Any) -> None:
 def measure(device: str, batching: str, clients: int, seconds: float) -> dict[str, Any]:
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "lossd_server.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "lossd_server.serve", "--processes", "1", "--port", str(port),
          "--metrics-port", "-1", "--device", device, "--batching", batching,
          "--workers", str(clients + 8), "--max-waiting", str(clients * 2)],
         stderr=subprocess.PIPE, text=True)

@@ -276,7 +276,8 @@ class Server:
         if kind == "lossd":
             # Metrics on (lossd's default): its stage histograms say where server time goes.
             self.metrics_port = _free_port()
-            cmd = [sys.executable, "-m", "lossd_server.cli", "serve", "--host", "127.0.0.1",
+            cmd = [sys.executable, "-m", "lossd_server.serve", "--processes", "1",
+                   "--host", "127.0.0.1",
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                    "--device", device, "--max-message-mb", mb, "--log-level", "warning"]
             if workers is not None:  # else lossd's own default

@@ -84,7 +84,8 @@ def main() -> None:
     raw = request_bytes(w, x, t, None)
 
     floor, floor_port = _start(["bench.floor_server", "--mode", "sync"], _grpc_ready)
-    lossd, lossd_port = _start(["lossd_server.cli", "serve", "--metrics-port", "-1",
+    lossd, lossd_port = _start(["lossd_server.serve", "--processes", "1",
+                                "--metrics-port", "-1",
                                 "--device", "cpu"], _grpc_ready)
     rows: dict[str, list[float]] = {}
     try:

@@ -248,7 +248,7 @@ def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
         server_args: list[str]) -> dict[str, Any]:
     port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
-    cmd = [sys.executable, "-m", "lossd_server.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "lossd_server.serve", "--port", str(port),
            "--metrics-port", str(metrics_port), "--device", device, "--log-level", "warning",
            *server_args]
     server = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
