@@ -42,7 +42,8 @@ def coalesce_key(c: _Checked) -> Hashable | None:
             value = (str(value.dtype), tuple(value.shape), value.contiguous().numpy().tobytes())
         options.append((name, value))
     return (b.loss, tuple(options), c.nan_policy, b.predictions.dtype, b.targets.dtype,
-            tuple(b.predictions.shape[1:]), tuple(b.targets.shape[1:]), b.weights is not None)
+            tuple(b.predictions.shape[1:]), tuple(b.targets.shape[1:]), b.weights is not None,
+            b.analyses)
 
 
 @dataclass

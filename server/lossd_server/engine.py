@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lossd_server import validate
+from lossd_server import analysis, validate
 from lossd_server.losses import Loss
 from lossd_server.reduce import Aggregate, per_sample, reduction
 
@@ -34,6 +34,8 @@ class Batch:
     options: Mapping[str, Any] = field(default_factory=dict)
     gradient: str | None = None
     """A reduction (``reduce.REDUCTIONS``) whose gradient w.r.t. predictions is wanted."""
+    analyses: analysis.Request = analysis.NONE
+    """The analyses wanted besides the aggregates (per class, accuracy, hardest, ...)."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,15 @@ class Evaluation:
 
     ``device_seconds``: device-side time of the loss computation (CUDA only, else None).
     ``gradient``: with ``Batch.gradient``, d(reduction)/d(predictions) on the host, in the
-    predictions' shape and dtype.
+    predictions' shape and dtype. ``analysis``: with ``Batch.analyses``, those analyses of
+    the batch (sample indices from 0).
     """
 
     per_sample: Tensor
     aggregate: Aggregate
     device_seconds: float | None = None
     gradient: Tensor | None = None
+    analysis: analysis.Analysis | None = None
     per_sample_array: np.ndarray | None = None
     """``per_sample`` as numpy (the same memory), where the engine made it."""
 
@@ -85,6 +89,7 @@ class _Computed:
     omitted: np.ndarray | None
     device_seconds: float | None
     gradient: Tensor | None
+    analysis: analysis.BatchData | None = None
 
 
 class Engine:
@@ -105,6 +110,9 @@ class Engine:
         class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
                                      allow_zero_weight_sum=allow_zero_weight_sum)
         validate.gradient(batch.gradient, weighted=batch.weights is not None)
+        if batch.analyses.any:
+            validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
+                              class_index=class_targets is not None)
         nan_policy = opts.pop("nan_policy")
         return _Checked(batch, spec, opts, class_targets, nan_policy)
 
@@ -117,7 +125,8 @@ class Engine:
         """
         checked = self.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
         computed = self._run(checked)
-        return _evaluation(computed, batch.weights, slice(None), computed.device_seconds)
+        return _evaluation(computed, batch.weights, slice(None), computed.device_seconds,
+                           batch.analyses)
 
     def evaluate_many(self, checked: list[_Checked]) -> list[Evaluation]:
         """One device call for several validated batches that share loss, options, dtypes
@@ -126,13 +135,14 @@ class Engine:
         if len(checked) == 1:
             computed = self._run(checked[0])
             return [_evaluation(computed, checked[0].batch.weights, slice(None),
-                                computed.device_seconds)]
+                                computed.device_seconds, checked[0].batch.analyses)]
         first = checked[0]
         batches = [c.batch for c in checked]
         weights = None if first.batch.weights is None else torch.cat(
             [b.weights for b in batches if b.weights is not None])
         merged = Batch(first.batch.loss, torch.cat([b.predictions for b in batches]),
-                       torch.cat([b.targets for b in batches]), weights, first.batch.options)
+                       torch.cat([b.targets for b in batches]), weights, first.batch.options,
+                       analyses=first.batch.analyses)
         ranges = [c.class_targets for c in checked if c.class_targets is not None]
         class_targets = (validate.ClassTargets(min(r.lo for r in ranges),
                                                max(r.hi for r in ranges)) if ranges else None)
@@ -142,7 +152,7 @@ class Engine:
         for b in batches:
             n = b.predictions.shape[0]
             out.append(_evaluation(computed, b.weights, slice(start, start + n),
-                                   computed.device_seconds))
+                                   computed.device_seconds, b.analyses))
             start += n
         return out
 
@@ -184,6 +194,9 @@ class Engine:
                 # (N,) targets with no ignore_index need no mask: the loss is per sample.
                 valid = target != opts["ignore_index"]
             losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
+            wanted = batch.analyses
+            outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
+                       if wanted.predictions and class_index else None)
             if events is not None:
                 events[1].record()
             omitted = ~finite if finite is not None and c.nan_policy == "omit" else None
@@ -199,18 +212,28 @@ class Engine:
                 (gradient,) = torch.autograd.grad(
                     reduction(batch.gradient, losses, keep, w), pred)
                 gradient = gradient.to(batch.predictions.dtype)
+            dense_classes = wanted.per_class and class_index and target.dim() > 1
+            extra: list[Tensor | None] = [
+                None if valid is None or not wanted.classes else valid,
+                values.detach() if dense_classes else None,
+                *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
+                  if outputs is not None else ())]
             host = self._to_host([losses.detach() if batch.gradient else losses, all_ignored,
-                                  omitted, gradient])
+                                  omitted, gradient, *extra])
         device_seconds = None
         if events is not None:
             device_seconds = events[0].elapsed_time(events[1]) / 1000.0
-        h_losses, h_ignored, h_omitted, h_gradient = host
+        h_losses, h_ignored, h_omitted, h_gradient, *h_extra = host
         assert h_losses is not None
-        return _Computed(
-            losses=h_losses.numpy(),
-            ignored=None if h_ignored is None else h_ignored.numpy(),
-            omitted=None if h_omitted is None else h_omitted.numpy(),
-            device_seconds=device_seconds, gradient=h_gradient)
+        np_losses = h_losses.numpy()
+        np_ignored = None if h_ignored is None else h_ignored.numpy()
+        np_omitted = None if h_omitted is None else h_omitted.numpy()
+        data = None
+        if wanted.any:
+            data = _batch_data(c, np_losses, np_ignored, np_omitted,
+                               [None if t is None else t.numpy() for t in h_extra])
+        return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
+                         device_seconds=device_seconds, gradient=h_gradient, analysis=data)
 
     def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Copy device results to the host with one synchronisation."""
@@ -228,19 +251,64 @@ class Engine:
         return out
 
 
+def _keep(n: int, ignored: np.ndarray | None, omitted: np.ndarray | None) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    if ignored is not None:
+        keep &= ~ignored
+    if omitted is not None:
+        keep &= ~omitted
+    return keep
+
+
+def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
+                omitted: np.ndarray | None, extra: list[np.ndarray | None]
+                ) -> analysis.BatchData:
+    """What the analyses read of a computed batch (weights left for ``_evaluation``)."""
+    valid, elementwise, *outputs = extra
+    class_index = c.class_targets is not None
+    targets = c.batch.targets.numpy() if class_index else None
+    n_classes = int(c.batch.predictions.shape[1]) if class_index else 0
+    predicted = confidence = hit = None
+    top_k_hits: tuple[np.ndarray, ...] = ()
+    if outputs:
+        predicted, confidence, hit, *rest = outputs
+        top_k_hits = tuple(h for h in rest if h is not None)
+    return analysis.BatchData(
+        losses=losses, keep=_keep(losses.shape[0], ignored, omitted), targets=targets,
+        valid=valid, elementwise=elementwise, weights=None, predicted=predicted,
+        confidence=confidence, hit=hit, top_k_hits=top_k_hits, n_classes=n_classes)
+
+
+def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
+          ) -> analysis.BatchData:
+    """The samples ``part`` of a batch's analysis data."""
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[part]
+    return analysis.BatchData(
+        losses=d.losses[part], keep=d.keep[part], targets=cut(d.targets), valid=cut(d.valid),
+        elementwise=cut(d.elementwise), weights=weights, predicted=cut(d.predicted),
+        confidence=cut(d.confidence), hit=cut(d.hit),
+        top_k_hits=tuple(h[part] for h in d.top_k_hits), n_classes=d.n_classes)
+
+
 def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
-                device_seconds: float | None) -> Evaluation:
+                device_seconds: float | None,
+                analyses: analysis.Request = analysis.NONE) -> Evaluation:
     """The Evaluation of samples ``part`` of a computed batch."""
     losses = c.losses[part]
+    w = None if weights is None else weights.to(torch.float64).numpy()
     aggregate = Aggregate.of_batch(
-        losses, None if weights is None else weights.to(torch.float64).numpy(),
+        losses, w,
         ignored=None if c.ignored is None else c.ignored[part],
         omitted=None if c.omitted is None else c.omitted[part])
+    result = None
+    if c.analysis is not None and analyses.any:
+        result = analysis.analyse(analyses, _rows(c.analysis, part, w))
     if losses.dtype == np.float32:
         array = losses
     else:
         with np.errstate(over="ignore"):  # float64 losses beyond float32 become inf
             array = losses.astype(np.float32)
     return Evaluation(per_sample=torch.from_numpy(array), aggregate=aggregate,
-                      device_seconds=device_seconds, gradient=c.gradient,
+                      device_seconds=device_seconds, gradient=c.gradient, analysis=result,
                       per_sample_array=array)

@@ -178,3 +178,124 @@ class Aggregate:
             return None
         total = _value(self.weight_parts)
         return _value(self.weighted_parts) / total if total != 0 else math.nan
+
+
+# --- Exact sums by group (per-class aggregates, calibration bins) ----------------------
+#
+# Each finite float64 value is split into two pieces of at most 29 significant bits (its top
+# 24 bits by truncation, and the exact remainder). A piece with exponent e is a multiple of
+# 2**(e - 29). Pieces are summed per (group, bucket), a bucket spanning _OCTAVES binades:
+# n pieces of one bucket sum to a multiple of 2**(E - 29) below n * 2**(E + _OCTAVES), which
+# float64 holds exactly while n <= 2**(24 - _OCTAVES). Bucket counts are kept at or below
+# _MAX_PIECES (half that), so two states merge exactly; a bucket that would pass it is split
+# into pieces again. The total of a group is math.fsum of its few bucket sums: correctly
+# rounded, so equal to Aggregate's sum of the same values, whatever the order or split.
+
+_OCTAVES = 4
+_MAX_PIECES = 1 << (24 - _OCTAVES - 1)
+_BUCKET_BITS = 10  # (exponent + 1100) >> 2 is below 2**10 for every float64 exponent
+_HI_MASK = np.uint64(0xFFFF_FFFF_E000_0000)  # sign, exponent and the top 23 fraction bits
+
+
+def _pieces(groups: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, pieces) of finite float64 ``values``: each value as two exact pieces."""
+    hi = (values.view(np.uint64) & _HI_MASK).view(np.float64)
+    lo = values - hi  # exact: the truncated low bits
+    pieces = np.concatenate([hi, lo])
+    g = np.concatenate([groups, groups])
+    nonzero = pieces != 0
+    pieces, g = pieces[nonzero], g[nonzero]
+    exponent = np.frexp(pieces)[1].astype(np.int64)
+    keys = (g << _BUCKET_BITS) | ((exponent + 1100) >> 2)
+    return keys, pieces
+
+
+def _reduce(keys: np.ndarray, sums: np.ndarray, counts: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries with equal keys summed (exact while each key's count stays in bound)."""
+    if keys.shape[0] == 0:
+        return keys, sums, counts
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return (unique, np.bincount(inverse, weights=sums, minlength=unique.shape[0]),
+            np.bincount(inverse, weights=counts, minlength=unique.shape[0]).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class GroupedSums:
+    """Exact sums of float64 values by integer group (>= 0); mergeable, split-independent.
+
+    ``total`` of a group is the exact sum of its values rounded once, as ``Aggregate``
+    rounds its sums; non-finite values make a group's total inf or NaN as they would there.
+    Memory: a few entries per group and binade range, never more than the values added.
+
+    >>> s = GroupedSums.of(np.array([0, 1, 0]), np.array([1e16, 3.0, 1.0]))
+    >>> s.merge(GroupedSums.of(np.array([0]), np.array([-1e16]))).totals()
+    {0: 1.0, 1: 3.0}
+    """
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # group -> (has NaN, has +inf, has -inf)
+    nonfinite: dict[int, tuple[bool, bool, bool]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, groups: np.ndarray, values: np.ndarray) -> GroupedSums:
+        """The sums of ``values`` (any float dtype, summed as float64) by ``groups``."""
+        groups = np.asarray(groups, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(values)
+        nonfinite: dict[int, tuple[bool, bool, bool]] = {}
+        if not finite.all():
+            for g, v in zip(groups[~finite].tolist(), values[~finite].tolist(), strict=True):
+                nan, pos, neg = nonfinite.get(g, (False, False, False))
+                nonfinite[g] = (nan or math.isnan(v), pos or v == math.inf, neg or v == -math.inf)
+            groups, values = groups[finite], values[finite]
+        keys, pieces = _pieces(groups, values)
+        out = cls(nonfinite=nonfinite)
+        # A chunk holds at most _MAX_PIECES pieces, so no key of it passes the bound.
+        for start in range(0, keys.shape[0], _MAX_PIECES):
+            stop = start + _MAX_PIECES
+            chunk = cls(*_reduce(keys[start:stop], pieces[start:stop],
+                                 np.ones(min(stop, keys.shape[0]) - start, np.int64)))
+            out = out.merge(chunk)
+        return out
+
+    def merge(self, other: GroupedSums) -> GroupedSums:
+        """The sums over both (exact: order and split do not matter)."""
+        nonfinite = dict(self.nonfinite)
+        for g, flags in other.nonfinite.items():
+            mine = nonfinite.get(g, (False, False, False))
+            nonfinite[g] = (mine[0] or flags[0], mine[1] or flags[1], mine[2] or flags[2])
+        if other.keys.shape[0] == 0 or self.keys.shape[0] == 0:
+            base = other if self.keys.shape[0] == 0 else self
+            return GroupedSums(base.keys, base.sums, base.counts, nonfinite)
+        keys, sums, counts = _reduce(np.concatenate([self.keys, other.keys]),
+                                     np.concatenate([self.sums, other.sums]),
+                                     np.concatenate([self.counts, other.counts]))
+        while (full := counts > _MAX_PIECES).any():
+            # Each full bucket's exact sum becomes two pieces again, with a count of one.
+            new_keys, new_pieces = _pieces(keys[full] >> _BUCKET_BITS, sums[full])
+            keys, sums, counts = _reduce(
+                np.concatenate([keys[~full], new_keys]), np.concatenate([sums[~full], new_pieces]),
+                np.concatenate([counts[~full], np.ones(new_keys.shape[0], np.int64)]))
+        return GroupedSums(keys, sums, counts, nonfinite)
+
+    def totals(self) -> dict[int, float]:
+        """Group -> its exact sum rounded once (groups that received only zeros: absent,
+        their total is 0.0)."""
+        out: dict[int, float] = {}
+        if self.keys.shape[0]:
+            groups = self.keys >> _BUCKET_BITS
+            starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]).tolist()
+            ends = [*starts[1:], groups.shape[0]]
+            values = self.sums.tolist()
+            for g, a, b in zip(groups[starts].tolist(), starts, ends, strict=True):
+                part = values[a:b]
+                try:
+                    out[g] = math.fsum(part)
+                except OverflowError:
+                    out[g] = float(np.sum(np.asarray(part)))
+        for g, (nan, pos, neg) in self.nonfinite.items():
+            out[g] = math.nan if nan or (pos and neg) else (math.inf if pos else -math.inf)
+        return out

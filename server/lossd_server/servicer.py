@@ -17,6 +17,7 @@ from lossd_server.batching import Batcher, BatchingSettings
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
+from lossd_server.analysis import Analysis
 from lossd_server.reduce import Aggregate
 from lossd_server.shm import SharedMemoryRegistry
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
@@ -91,6 +92,7 @@ def decode_request(req: pb.EvaluateRequest,
                  else None),
         options=wire.decode_options(req.options),
         gradient=wire.decode_reduction(req.gradient),
+        analyses=wire.decode_analyses(req),
     )
 
 
@@ -112,6 +114,10 @@ def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
     wire.encode_aggregate(ev.aggregate, resp.aggregates)
     if ev.gradient is not None:
         resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
+    if ev.analysis is not None:
+        wire.encode_analysis(ev.analysis, resp.analysis)
+        if ev.analysis.diagnostics is not None:
+            wire.encode_diagnostics(ev.analysis.diagnostics, resp.diagnostics)
     return resp
 
 
@@ -225,6 +231,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             state = CallState.of(context)
             running: Aggregate | None = None
             batch: Aggregate | None = None  # the batch so far, while messages carry `more`
+            # The same for the analyses asked for (sample positions are theirs to count).
+            running_analysis: Analysis | None = None
+            batch_analysis: Analysis | None = None
             offset = index = 0
             first: pb.EvaluateRequest | None = None
             for request in request_iterator:
@@ -237,6 +246,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 elif request.HasField("weights") != first.HasField("weights"):
                     raise RequestError("weights", "must be given on every batch of a stream "
                                                   f"or on none {where}")
+                elif (name := wire.analyses_differ(request, first)) is not None:
+                    raise RequestError(name, "differs from the stream's first batch; every "
+                                             f"batch asks for the same analyses {where}")
                 token = validate.sample_offset.set(offset)
                 try:
                     ev, resp = self._evaluate(call, request, stream=True, state=state)
@@ -249,10 +261,18 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 resp.ClearField("aggregates")
                 wire.encode_aggregate(batch, resp.aggregates)
                 wire.encode_aggregate(running, resp.running)
+                if ev.analysis is not None:
+                    running_analysis = (ev.analysis if running_analysis is None
+                                        else running_analysis.merge(ev.analysis))
+                    batch_analysis = (ev.analysis if batch_analysis is None
+                                      else batch_analysis.merge(ev.analysis))
+                    resp.ClearField("analysis")
+                    wire.encode_analysis(batch_analysis, resp.analysis)
+                    wire.encode_analysis(running_analysis, resp.running_analysis)
                 if request.more:
                     offset += ev.per_sample.shape[0]
                 else:
-                    batch, offset, index = None, 0, index + 1
+                    batch, batch_analysis, offset, index = None, None, 0, index + 1
                 call.sent(resp.ByteSize())
                 yield resp
 

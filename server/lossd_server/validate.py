@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import torch
 
+from lossd_server import analysis
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
 from lossd_server.reduce import REDUCTIONS
 
@@ -269,3 +270,33 @@ def no_nonfinite(finite: Tensor) -> None:
     if not bool(finite.all()):
         raise RequestError("predictions", f"non-finite value at sample "
                                           f"{_sample(_first(~finite))} (nan_policy='raise')")
+
+
+def analyses(a: analysis.Request, spec: Loss, predictions: Tensor, targets: Tensor, *,
+             class_index: bool) -> None:
+    """The analyses asked for suit the loss and the batch, and stay within their bounds."""
+    if a.classes and not class_index:
+        name = next(n for n, on in (("per_class", a.per_class), ("accuracy", a.accuracy),
+                                    ("top_k", bool(a.top_k)), ("diagnostics", a.diagnostics))
+                    if on)
+        got = ("takes values, not class indices" if spec.targets is Targets.SAME_SHAPE
+               else f"got {dtype_str(targets.dtype)} targets (probabilities)")
+        raise RequestError(name, f"needs class-index targets; {spec.name} {got}")
+    if a.top_k:
+        n_classes = predictions.shape[1]
+        if len(a.top_k) > analysis.MAX_TOP_K:
+            raise RequestError("top_k", f"{len(a.top_k)} values; at most {analysis.MAX_TOP_K}")
+        if len(set(a.top_k)) != len(a.top_k):
+            raise RequestError("top_k", f"repeated value in {list(a.top_k)}")
+        for k in a.top_k:
+            if not 1 <= k <= n_classes:
+                raise RequestError("top_k", f"{k} out of range [1, {n_classes}] (C is "
+                                            f"{n_classes})")
+    if not 0 <= a.hardest <= analysis.MAX_HARDEST:
+        raise RequestError("hardest", f"{a.hardest} out of range [0, {analysis.MAX_HARDEST}]")
+    if len(a.quantiles) > analysis.MAX_QUANTILES:
+        raise RequestError("quantiles", f"{len(a.quantiles)} levels; at most "
+                                        f"{analysis.MAX_QUANTILES}")
+    for q in a.quantiles:
+        if not 0.0 <= q <= 1.0:  # NaN fails too
+            raise RequestError("quantiles", f"level {q} out of range [0, 1]")

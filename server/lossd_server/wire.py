@@ -17,6 +17,7 @@ import torch
 
 from lossd._wire import WIRE_DTYPES, dtype_name
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server import analysis
 from lossd_server.reduce import Aggregate
 from lossd_server.validate import RequestError
 
@@ -116,6 +117,90 @@ def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:
         out.weighted_sum = weighted_sum
         out.weighted_mean = weighted_mean
         out.weight_sum = weight_sum
+
+
+ANALYSIS_FIELDS = ("per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
+
+
+def decode_analyses(req: Any) -> analysis.Request:
+    """The analyses an EvaluateRequest asks for."""
+    if not (req.per_class or req.accuracy or req.top_k or req.diagnostics or req.hardest
+            or req.quantiles):
+        return analysis.NONE
+    return analysis.Request(per_class=req.per_class, accuracy=req.accuracy,
+                            top_k=tuple(req.top_k), diagnostics=req.diagnostics,
+                            hardest=req.hardest, quantiles=tuple(req.quantiles))
+
+
+def analyses_differ(req: Any, first: Any) -> str | None:
+    """The first analysis field in which two requests differ, or None."""
+    for name in ANALYSIS_FIELDS:
+        mine, theirs = getattr(req, name), getattr(first, name)
+        if name in ("top_k", "quantiles"):
+            mine, theirs = list(mine), list(theirs)
+        if mine != theirs:
+            return name
+    return None
+
+
+def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
+    """An analysis into its message: only the parts it holds."""
+    if a.per_class is not None:
+        t = a.per_class.table()
+        pc = out.per_class
+        pc.SetInParent()
+        pc.classes.extend(t.classes.tolist())
+        pc.count.extend(t.count.tolist())
+        pc.sum.extend(t.sum.tolist())
+        pc.mean.extend(t.mean.tolist())
+        if t.weighted_sum is not None and t.weighted_mean is not None \
+                and t.weight_sum is not None:
+            pc.weighted_sum.extend(t.weighted_sum.tolist())
+            pc.weighted_mean.extend(t.weighted_mean.tolist())
+            pc.weight_sum.extend(t.weight_sum.tolist())
+        if t.hits is not None and t.accuracy is not None:
+            pc.correct.extend(t.hits.tolist())
+            pc.accuracy.extend(t.accuracy.tolist())
+        if t.top_k_hits is not None and t.top_k_accuracy is not None:
+            pc.top_k_correct.extend(t.top_k_hits.reshape(-1).tolist())
+            pc.top_k_accuracy.extend(t.top_k_accuracy.reshape(-1).tolist())
+    if a.accuracy is not None:
+        acc = a.accuracy
+        out.accuracy.CopyFrom(pb.Accuracy(
+            count=acc.count, correct=acc.hits, accuracy=acc.accuracy, top_k=acc.top_k,
+            top_k_correct=acc.top_k_hits, top_k_accuracy=acc.top_k_accuracy))
+    if a.calibration is not None:
+        cal = a.calibration
+        out.calibration.CopyFrom(pb.Calibration(
+            edges=analysis.BIN_EDGES.tolist(), count=cal.count.tolist(),
+            correct=cal.hits.tolist(), confidence_sum=cal.confidence_sum().tolist(),
+            ece=cal.ece))
+    if a.hardest is not None:
+        h = a.hardest
+        columns = [h.index.tolist(), h.loss.tolist()]
+        for extra in (h.target, h.predicted, h.confidence):
+            columns.append(extra.tolist() if extra is not None else [None] * len(columns[0]))
+        for index, loss, target, predicted, confidence in zip(*columns, strict=True):
+            out.hardest.add(index=index, loss=loss, target=target, predicted=predicted,
+                            confidence=confidence)
+    if a.quantiles is not None:
+        q = a.quantiles
+        levels = a.request.quantiles
+        out.quantiles.CopyFrom(pb.Quantiles(
+            levels=levels, values=[q.quantile(level) for level in levels], count=q.count,
+            min=q.minimum if q.count else math.nan, max=q.maximum if q.count else math.nan,
+            nan_count=q.nan_count, relative_accuracy=analysis.RELATIVE_ACCURACY,
+            collapsed=q.collapsed))
+
+
+def encode_diagnostics(d: analysis.Diagnostics, out: pb.Diagnostics) -> None:
+    out.predicted.CopyFrom(wire_array(d.predicted.astype("<i4", copy=False), pb.INT32))
+    out.confidence.CopyFrom(wire_array(d.confidence.astype("<f4", copy=False), pb.FLOAT32))
+    out.correct = d.correct.astype(bool, copy=False).tobytes()
+
+
+def wire_array(a: Any, dtype: pb.DType) -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=a.shape, data=a.tobytes())
 
 
 # --- Zero-copy request parsing -------------------------------------------------------

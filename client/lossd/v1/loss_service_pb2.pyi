@@ -74,7 +74,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,12 @@ class EvaluateRequest(_message.Message):
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     PER_SAMPLE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
     loss: str
     predictions: Tensor
     targets: Tensor
@@ -102,7 +108,13 @@ class EvaluateRequest(_message.Message):
     shared_memory_session: str
     per_sample_output: SharedMemoryRef
     more: bool
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ...) -> None: ...
+    per_class: bool
+    accuracy: bool
+    top_k: _containers.RepeatedScalarFieldContainer[int]
+    diagnostics: bool
+    hardest: int
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -125,16 +137,136 @@ class Aggregates(_message.Message):
     def __init__(self, sum: _Optional[float] = ..., mean: _Optional[float] = ..., weighted_sum: _Optional[float] = ..., weighted_mean: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., omitted: _Optional[int] = ..., weight_sum: _Optional[float] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("per_sample", "aggregates", "running", "gradient")
+    __slots__ = ("per_sample", "aggregates", "running", "gradient", "analysis", "running_analysis", "diagnostics")
     PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     per_sample: Tensor
     aggregates: Aggregates
     running: Aggregates
     gradient: Tensor
-    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    analysis: Analysis
+    running_analysis: Analysis
+    diagnostics: Diagnostics
+    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., running_analysis: _Optional[_Union[Analysis, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ...) -> None: ...
+
+class Analysis(_message.Message):
+    __slots__ = ("per_class", "accuracy", "calibration", "hardest", "quantiles")
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    per_class: PerClass
+    accuracy: Accuracy
+    calibration: Calibration
+    hardest: _containers.RepeatedCompositeFieldContainer[HardSample]
+    quantiles: Quantiles
+    def __init__(self, per_class: _Optional[_Union[PerClass, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., hardest: _Optional[_Iterable[_Union[HardSample, _Mapping]]] = ..., quantiles: _Optional[_Union[Quantiles, _Mapping]] = ...) -> None: ...
+
+class PerClass(_message.Message):
+    __slots__ = ("classes", "count", "sum", "mean", "weighted_sum", "weighted_mean", "weight_sum", "correct", "accuracy", "top_k_correct", "top_k_accuracy")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_SUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_MEAN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    sum: _containers.RepeatedScalarFieldContainer[float]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    weighted_sum: _containers.RepeatedScalarFieldContainer[float]
+    weighted_mean: _containers.RepeatedScalarFieldContainer[float]
+    weight_sum: _containers.RepeatedScalarFieldContainer[float]
+    correct: _containers.RepeatedScalarFieldContainer[int]
+    accuracy: _containers.RepeatedScalarFieldContainer[float]
+    top_k_correct: _containers.RepeatedScalarFieldContainer[int]
+    top_k_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, classes: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., sum: _Optional[_Iterable[float]] = ..., mean: _Optional[_Iterable[float]] = ..., weighted_sum: _Optional[_Iterable[float]] = ..., weighted_mean: _Optional[_Iterable[float]] = ..., weight_sum: _Optional[_Iterable[float]] = ..., correct: _Optional[_Iterable[int]] = ..., accuracy: _Optional[_Iterable[float]] = ..., top_k_correct: _Optional[_Iterable[int]] = ..., top_k_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Accuracy(_message.Message):
+    __slots__ = ("count", "correct", "accuracy", "top_k", "top_k_correct", "top_k_accuracy")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_CORRECT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    correct: int
+    accuracy: float
+    top_k: _containers.RepeatedScalarFieldContainer[int]
+    top_k_correct: _containers.RepeatedScalarFieldContainer[int]
+    top_k_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, count: _Optional[int] = ..., correct: _Optional[int] = ..., accuracy: _Optional[float] = ..., top_k: _Optional[_Iterable[int]] = ..., top_k_correct: _Optional[_Iterable[int]] = ..., top_k_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("edges", "count", "correct", "confidence_sum", "ece")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_SUM_FIELD_NUMBER: _ClassVar[int]
+    ECE_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    correct: _containers.RepeatedScalarFieldContainer[int]
+    confidence_sum: _containers.RepeatedScalarFieldContainer[float]
+    ece: float
+    def __init__(self, edges: _Optional[_Iterable[float]] = ..., count: _Optional[_Iterable[int]] = ..., correct: _Optional[_Iterable[int]] = ..., confidence_sum: _Optional[_Iterable[float]] = ..., ece: _Optional[float] = ...) -> None: ...
+
+class HardSample(_message.Message):
+    __slots__ = ("index", "loss", "target", "predicted", "confidence")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    loss: float
+    target: int
+    predicted: int
+    confidence: float
+    def __init__(self, index: _Optional[int] = ..., loss: _Optional[float] = ..., target: _Optional[int] = ..., predicted: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class Quantiles(_message.Message):
+    __slots__ = ("levels", "values", "count", "min", "max", "nan_count", "relative_accuracy", "collapsed")
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSED_FIELD_NUMBER: _ClassVar[int]
+    levels: _containers.RepeatedScalarFieldContainer[float]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    count: int
+    min: float
+    max: float
+    nan_count: int
+    relative_accuracy: float
+    collapsed: bool
+    def __init__(self, levels: _Optional[_Iterable[float]] = ..., values: _Optional[_Iterable[float]] = ..., count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., nan_count: _Optional[int] = ..., relative_accuracy: _Optional[float] = ..., collapsed: _Optional[bool] = ...) -> None: ...
+
+class Diagnostics(_message.Message):
+    __slots__ = ("predicted", "confidence", "correct")
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    predicted: Tensor
+    confidence: Tensor
+    correct: bytes
+    def __init__(self, predicted: _Optional[_Union[Tensor, _Mapping]] = ..., confidence: _Optional[_Union[Tensor, _Mapping]] = ..., correct: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemoryRequest(_message.Message):
     __slots__ = ("register", "unregister")
