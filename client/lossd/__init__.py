@@ -23,7 +23,18 @@ from lossd._errors import (
     Unavailable,
     Unimplemented,
 )
-from lossd._result import Aggregates, LossInfo, LossResult, OptionInfo
+from lossd._result import (
+    Aggregates,
+    Calibration,
+    ClassAggregates,
+    Hardest,
+    HardSample,
+    LossInfo,
+    LossResult,
+    OptionInfo,
+    PerClass,
+    Quantiles,
+)
 from lossd._shm import SharedMemory
 
 __version__ = "0.1.0"
@@ -31,8 +42,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregates",
     "AsyncLossClient",
+    "Calibration",
     "Cancelled",
+    "ClassAggregates",
     "DeadlineExceeded",
+    "HardSample",
+    "Hardest",
     "InternalError",
     "InvalidArgument",
     "LossClient",
@@ -41,7 +56,9 @@ __all__ = [
     "LossdError",
     "NotFound",
     "OptionInfo",
+    "PerClass",
     "PermissionDenied",
+    "Quantiles",
     "ResourceExhausted",
     "SharedMemory",
     "Unauthenticated",

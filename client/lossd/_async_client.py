@@ -24,6 +24,7 @@ from lossd._client import (
     _BatchJoiner,
     _joined,
     _Requests,
+    analysis_fields,
 )
 from lossd._errors import LossdError, from_rpc_error
 from lossd._result import LossInfo, LossResult
@@ -94,10 +95,16 @@ class AsyncLossClient:
     async def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
                        weights: Any = None, tag: str | None = None,
                        timeout: float | None = None, gradient: str | None = None,
+                       per_class: bool = False, accuracy: bool = False,
+                       top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                       hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                        **options: Any) -> LossResult:
         """As :meth:`LossClient.evaluate`."""
+        analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
+                                   diagnostics=diagnostics, hardest=hardest,
+                                   quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
-                                    self._requests.options(options), gradient)
+                                    self._requests.options(options), gradient, analyses)
         try:
             if len(reqs) == 1:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
@@ -112,11 +119,18 @@ class AsyncLossClient:
 
     async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                               tag: str | None = None, timeout: float | None = None,
+                              per_class: bool = False, accuracy: bool = False,
+                              top_k: int | Iterable[int] | None = None,
+                              diagnostics: bool = False, hardest: int = 0,
+                              quantiles: bool | Iterable[float] | None = None,
                               **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
         joiner = _BatchJoiner()
+        analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
+                                   diagnostics=diagnostics, hardest=hardest,
+                                   quantiles=quantiles)
         requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options))
+                                   self._requests.options(options), analyses)
         call = self._evaluate_stream(requests, metadata=self._metadata,
                                      timeout=_or(timeout, self.stream_timeout))
         try:

@@ -48,20 +48,25 @@ class _Requests:
         return {k: option_value(k, v) for k, v in options.items() if v is not None}
 
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
-              options: dict[str, pb.OptionValue], gradient: str | None = None
-              ) -> list[bytes]:
-        """One serialised request, or several along N when the payload exceeds the limit."""
+              options: dict[str, pb.OptionValue], gradient: str | None = None,
+              analyses: Mapping[str, Any] | None = None) -> list[bytes]:
+        """One serialised request, or several along N when the payload exceeds the limit.
+
+        ``analyses``: EvaluateRequest analysis fields (see :func:`analysis_fields`), on every
+        message.
+        """
         reduction = _reduction(gradient)
+        analyses = analyses or {}
         arrays = [as_array(predictions, field="predictions"), as_array(targets, field="targets")]
         if weights is not None:
             arrays.append(as_array(weights, field="weights"))
         total = sum(a.nbytes for a, _ in arrays)
         n = arrays[0][0].shape[0] if arrays[0][0].ndim else 0
         if total + _ENVELOPE_BYTES <= self.max_message_bytes or n <= 1:
-            return [self._request(loss, arrays, tag, options, reduction)]
+            return [self._request(loss, arrays, tag, options, reduction, analyses)]
         if any(a.ndim == 0 or a.shape[0] != n for a, _ in arrays):
             # Let the server name the mismatch; it cannot be split consistently.
-            return [self._request(loss, arrays, tag, options, reduction)]
+            return [self._request(loss, arrays, tag, options, reduction, analyses)]
         if reduction:
             raise ValueError(f"a gradient request must fit one message ({total} bytes > "
                              f"max_message_bytes {self.max_message_bytes}); raise "
@@ -72,7 +77,7 @@ class _Requests:
         rows = max(1, (self.max_message_bytes - _ENVELOPE_BYTES) // row_bytes)
         starts = range(0, n, rows)
         return [self._request(loss, [(a[i:i + rows], d) for a, d in arrays], tag, options,
-                              more=i + rows < n) for i in starts]
+                              analyses=analyses, more=i + rows < n) for i in starts]
 
     @staticmethod
     def _check_weights_sum(w: np.ndarray, proto_dtype: pb.DType) -> None:
@@ -85,24 +90,69 @@ class _Requests:
 
     def _request(self, loss: str, arrays: list[tuple[np.ndarray, pb.DType]], tag: str | None,
                  options: dict[str, pb.OptionValue],
-                 reduction: pb.Reduction = pb.REDUCTION_UNSPECIFIED, *,
-                 more: bool = False) -> bytes:
+                 reduction: pb.Reduction = pb.REDUCTION_UNSPECIFIED,
+                 analyses: Mapping[str, Any] | None = None, *, more: bool = False) -> bytes:
         small = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "",
-                                   gradient=reduction, more=more)
+                                   gradient=reduction, more=more, **(analyses or {}))
         # Fields 2, 3, 4: predictions, targets, weights.
         return encode_with_tensors(small, [(number, arr, dtype) for number, (arr, dtype)
                                            in zip((2, 3, 4), arrays, strict=False)])
 
 
+DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
+                    top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                    hardest: int = 0, quantiles: bool | Iterable[float] | None = None
+                    ) -> dict[str, Any]:
+    """The EvaluateRequest analysis fields for the clients' keyword arguments.
+
+    ``top_k``: a k or several; ``quantiles``: True for (0.5, 0.9, 0.99), or the levels.
+
+    >>> analysis_fields(top_k=5, quantiles=True)
+    {'top_k': [5], 'quantiles': [0.5, 0.9, 0.99]}
+    """
+    out: dict[str, Any] = {}
+    if per_class:
+        out["per_class"] = True
+    if accuracy:
+        out["accuracy"] = True
+    if top_k is not None:
+        ks = [top_k] if isinstance(top_k, int) else list(top_k)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+            raise TypeError(f"top_k={top_k!r}: an int or ints")
+        if ks:
+            out["top_k"] = ks
+    if diagnostics:
+        out["diagnostics"] = True
+    if hardest:
+        if not isinstance(hardest, int) or isinstance(hardest, bool):
+            raise TypeError(f"hardest={hardest!r}: an int (K)")
+        out["hardest"] = hardest
+    if quantiles is True:
+        out["quantiles"] = list(DEFAULT_QUANTILES)
+    elif quantiles:
+        out["quantiles"] = [float(q) for q in quantiles]
+    return out
+
+
 def _joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
     """One batch's result from the replies to its messages (several when it was split):
-    the last reply's aggregates cover the whole batch."""
+    the last reply's aggregates and analyses cover the whole batch; per-sample arrays are
+    joined."""
     last = LossResult.from_proto(replies[-1])
     if len(replies) == 1:
-        return last if running else LossResult(last.per_sample, last.aggregates,
-                                               gradient=last.gradient)
-    per_sample = np.concatenate([LossResult.from_proto(r).per_sample for r in replies])
-    return LossResult(per_sample, last.aggregates, last.running if running else None)
+        return last if running else dataclasses.replace(last, running=None)
+    parts = [LossResult.from_proto(r) for r in replies[:-1]] + [last]
+
+    def cat(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[-1] is None else np.concatenate(arrays)
+
+    return dataclasses.replace(
+        last, per_sample=cat("per_sample"), running=last.running if running else None,
+        predicted=cat("predicted"), confidence=cat("confidence"), correct=cat("correct"))
 
 
 class _BatchJoiner:
@@ -114,10 +164,12 @@ class _BatchJoiner:
         self._replies: list[pb.EvaluateResponse] = []
 
     def requests(self, builder: _Requests, batches: Iterable[Batch], loss: str,
-                 tag: str | None, options: dict[str, pb.OptionValue]) -> Iterator[bytes]:
+                 tag: str | None, options: dict[str, pb.OptionValue],
+                 analyses: Mapping[str, Any] | None = None) -> Iterator[bytes]:
         for batch in batches:
             preds, targs, *rest = batch
-            built = builder.build(loss, preds, targs, rest[0] if rest else None, tag, options)
+            built = builder.build(loss, preds, targs, rest[0] if rest else None, tag, options,
+                                  analyses=analyses)
             self._chunks.append(len(built))
             yield from built
 
@@ -411,8 +463,12 @@ class LossClient:
 
     def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
                  weights: Any = None, tag: str | None = None, timeout: float | None = None,
-                 gradient: str | None = None, **options: Any) -> LossResult:
-        """Per-sample losses and aggregates of one batch.
+                 gradient: str | None = None, per_class: bool = False,
+                 accuracy: bool = False, top_k: int | Iterable[int] | None = None,
+                 diagnostics: bool = False, hardest: int = 0,
+                 quantiles: bool | Iterable[float] | None = None,
+                 **options: Any) -> LossResult:
+        """Per-sample losses and aggregates of one batch, and the analyses asked for.
 
         ``options`` are the loss's options by their torch.nn.functional names
         (``label_smoothing=0.1``, ``ignore_index=0``, ``class_weights=[...]``) plus
@@ -422,9 +478,19 @@ class LossClient:
         ``gradient`` ("mean", "sum", "weighted_mean", "weighted_sum") also returns
         d(reduction)/d(predictions) as ``result.gradient``, shaped as the predictions
         (bfloat16 comes back as float32 numpy).
+
+        Analyses (README, "Analyses"), in ``result.per_class``, ``result.accuracy``, ...:
+        ``per_class`` (aggregates per target class), ``accuracy`` (top-1), ``top_k`` (a k
+        or several: ``result.top_k_accuracy``), ``diagnostics`` (per-sample predicted
+        class, confidence, correct, and the calibration with ``result.ece``) need
+        class-index targets; ``hardest`` (K: the K largest losses) and ``quantiles`` (True
+        for 0.5, 0.9, 0.99, or the levels) work for every loss.
         """
+        analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
+                                   diagnostics=diagnostics, hardest=hardest,
+                                   quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
-                                    self._requests.options(options), gradient)
+                                    self._requests.options(options), gradient, analyses)
         try:
             if len(reqs) == 1:
                 return LossResult.from_proto(self._evaluate(
@@ -437,16 +503,25 @@ class LossClient:
 
     def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                         tag: str | None = None, timeout: float | None = None,
+                        per_class: bool = False, accuracy: bool = False,
+                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                        hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                         **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
         Each batch is ``(predictions, targets)`` or ``(predictions, targets, weights)``.
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
+        The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)
+        and over the stream so far (``result.running.per_class``,
+        ``result.running.hardest``: indices count from the stream's first sample, ...).
         """
         joiner = _BatchJoiner()
+        analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
+                                   diagnostics=diagnostics, hardest=hardest,
+                                   quantiles=quantiles)
         requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options))
+                                   self._requests.options(options), analyses)
         try:
             for reply in self._evaluate_stream(requests, timeout=self._stream_timeout(timeout)):
                 if (result := joiner.received(reply)) is not None:

@@ -1,21 +1,342 @@
-"""Results of an evaluation, as plain Python and numpy values."""
+"""Results of an evaluation, as plain Python and numpy values.
+
+Every result type has ``to_dict()`` (plain Python values, JSON-ready: NaN stays a float
+NaN) and, where it is a table, ``to_pandas()`` (needs pandas, which lossd does not
+require).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from lossd._wire import tensor_to_numpy
 from lossd.v1 import loss_service_pb2 as pb
 
+if TYPE_CHECKING:
+    import pandas
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+    return pandas
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (and containers of them) as plain Python values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+@dataclass(frozen=True)
+class ClassAggregates:
+    """The aggregates of one target class (dense inputs: over its positions).
+
+    ``weighted_*`` and ``weight_sum`` are None without weights; ``correct``/``accuracy``
+    without ``accuracy``; ``top_k_correct``/``top_k_accuracy`` (k -> value) without
+    ``top_k``.
+    """
+
+    count: int
+    sum: float
+    mean: float
+    weighted_sum: float | None = None
+    weighted_mean: float | None = None
+    weight_sum: float | None = None
+    correct: int | None = None
+    accuracy: float | None = None
+    top_k_correct: Mapping[int, int] | None = None
+    top_k_accuracy: Mapping[int, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+_CLASS_COLUMNS = ("count", "sum", "mean", "weighted_sum", "weighted_mean", "weight_sum",
+                  "correct", "accuracy")
+
+
+@dataclass(frozen=True)
+class PerClass(Mapping[int, ClassAggregates]):
+    """Target class -> :class:`ClassAggregates`, for every class present (ascending).
+
+    The same values as parallel numpy arrays: ``classes``, ``count``, ``sum``, ``mean``
+    (and ``weighted_sum``, ``weighted_mean``, ``weight_sum``, ``correct``, ``accuracy``
+    when asked for; ``top_k_correct``/``top_k_accuracy`` shaped (len(top_k), classes)).
+    """
+
+    classes: np.ndarray
+    count: np.ndarray
+    sum: np.ndarray
+    mean: np.ndarray
+    weighted_sum: np.ndarray | None = None
+    weighted_mean: np.ndarray | None = None
+    weight_sum: np.ndarray | None = None
+    correct: np.ndarray | None = None
+    accuracy: np.ndarray | None = None
+    top_k: tuple[int, ...] = ()
+    top_k_correct: np.ndarray | None = None
+    top_k_accuracy: np.ndarray | None = None
+    _position: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._position.update({c: i for i, c in enumerate(self.classes.tolist())})
+
+    @classmethod
+    def from_proto(cls, p: pb.PerClass, top_k: Sequence[int]) -> PerClass:
+        n = len(p.classes)
+
+        def ints(values: Any) -> np.ndarray:
+            return np.array(values, dtype=np.int64)
+
+        def floats(values: Any) -> np.ndarray | None:
+            return np.array(values, dtype=np.float64) if len(values) else None
+
+        def table(values: Any, dtype: Any) -> np.ndarray | None:
+            if not len(values):
+                return None
+            return np.array(values, dtype=dtype).reshape(len(top_k), n)
+
+        weighted = bool(len(p.weighted_sum))
+        return cls(classes=ints(p.classes), count=ints(p.count),
+                   sum=np.array(p.sum, dtype=np.float64), mean=np.array(p.mean, dtype=np.float64),
+                   weighted_sum=floats(p.weighted_sum) if weighted else None,
+                   weighted_mean=floats(p.weighted_mean) if weighted else None,
+                   weight_sum=floats(p.weight_sum) if weighted else None,
+                   correct=ints(p.correct) if len(p.correct) else None,
+                   accuracy=floats(p.accuracy), top_k=tuple(top_k),
+                   top_k_correct=table(p.top_k_correct, np.int64),
+                   top_k_accuracy=table(p.top_k_accuracy, np.float64))
+
+    def __getitem__(self, target_class: int) -> ClassAggregates:
+        i = self._position[int(target_class)]
+
+        def at(a: np.ndarray | None) -> Any:
+            return None if a is None else a[i].item()
+
+        def by_k(a: np.ndarray | None) -> dict[int, Any] | None:
+            return None if a is None else {k: a[j, i].item() for j, k in enumerate(self.top_k)}
+
+        return ClassAggregates(
+            count=int(self.count[i]), sum=float(self.sum[i]), mean=float(self.mean[i]),
+            weighted_sum=at(self.weighted_sum), weighted_mean=at(self.weighted_mean),
+            weight_sum=at(self.weight_sum), correct=at(self.correct),
+            accuracy=at(self.accuracy), top_k_correct=by_k(self.top_k_correct),
+            top_k_accuracy=by_k(self.top_k_accuracy))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.classes.tolist())
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Column name -> array (the columns present), e.g. for a table or a plot."""
+        out = {name: getattr(self, name) for name in _CLASS_COLUMNS
+               if getattr(self, name) is not None}
+        for j, k in enumerate(self.top_k):
+            if self.top_k_correct is not None and self.top_k_accuracy is not None:
+                out[f"top_{k}_correct"] = self.top_k_correct[j]
+                out[f"top_{k}_accuracy"] = self.top_k_accuracy[j]
+        return out
+
+    def to_dict(self) -> dict[int, dict[str, Any]]:
+        """Class -> its aggregates as a plain dict."""
+        return {c: self[c].to_dict() for c in self}
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per class present, indexed by ``class``."""
+        pd = _pandas()
+        return pd.DataFrame(self.columns(), index=pd.Index(self.classes, name="class"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Confidences in 15 equal-width bins: bin b holds (edges[b], edges[b+1]].
+
+    ``count``, ``correct`` and ``confidence_sum`` per bin; ``ece`` the expected calibration
+    error, sum_b (count_b / n) |accuracy_b - confidence_b|.
+    """
+
+    edges: np.ndarray
+    count: np.ndarray
+    correct: np.ndarray
+    confidence_sum: np.ndarray
+    ece: float
+
+    @classmethod
+    def from_proto(cls, c: pb.Calibration) -> Calibration:
+        return cls(edges=np.array(c.edges, np.float64), count=np.array(c.count, np.int64),
+                   correct=np.array(c.correct, np.int64),
+                   confidence_sum=np.array(c.confidence_sum, np.float64), ece=c.ece)
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        """Per bin: correct / count (NaN for empty bins)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.correct / np.maximum(self.count, 1), np.nan)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Per bin: the mean confidence (NaN for empty bins)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.confidence_sum / np.maximum(self.count, 1),
+                            np.nan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"edges": self.edges.tolist(), "count": self.count.tolist(),
+                "correct": self.correct.tolist(), "confidence_sum": self.confidence_sum.tolist(),
+                "accuracy": self.accuracy.tolist(), "confidence": self.confidence.tolist(),
+                "ece": self.ece}
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per bin: lower and upper edge, count, correct, accuracy, confidence."""
+        pd = _pandas()
+        return pd.DataFrame({"lower": self.edges[:-1], "upper": self.edges[1:],
+                             "count": self.count, "correct": self.correct,
+                             "accuracy": self.accuracy, "confidence": self.confidence},
+                            index=pd.RangeIndex(len(self.count), name="bin"))
+
+
+@dataclass(frozen=True)
+class HardSample:
+    """One of the hardest samples: its position, loss and, for (N,) class-index targets,
+    its target class (and with ``diagnostics`` its predicted class and confidence)."""
+
+    index: int
+    loss: float
+    target: int | None = None
+    predicted: int | None = None
+    confidence: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Hardest(Sequence[HardSample]):
+    """The K samples with the largest loss, largest first (NaN above every number, equal
+    losses by index). Indices are positions in the batch (``r.hardest``) or in the stream
+    from its first sample (``r.running.hardest``)."""
+
+    samples: tuple[HardSample, ...] = ()
+
+    @classmethod
+    def from_proto(cls, items: Sequence[pb.HardSample]) -> Hardest:
+        return cls(tuple(HardSample(
+            index=h.index, loss=h.loss,
+            target=h.target if h.HasField("target") else None,
+            predicted=h.predicted if h.HasField("predicted") else None,
+            confidence=h.confidence if h.HasField("confidence") else None) for h in items))
+
+    @overload
+    def __getitem__(self, i: int) -> HardSample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[HardSample]: ...
+
+    def __getitem__(self, i: int | slice) -> HardSample | Sequence[HardSample]:
+        return self.samples[i]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The samples' indices, hardest first."""
+        return np.array([h.index for h in self.samples], dtype=np.int64)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Their losses, largest first."""
+        return np.array([h.loss for h in self.samples], dtype=np.float64)
+
+    def to_dict(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [h.to_dict() for h in self.samples]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per sample, hardest first: index, loss, target, predicted, confidence."""
+        pd = _pandas()
+        return pd.DataFrame([h.to_dict() for h in self.samples],
+                            columns=["index", "loss", "target", "predicted", "confidence"])
+
+
+@dataclass(frozen=True)
+class Quantiles(Mapping[float, float]):
+    """Level -> loss quantile (e.g. ``q[0.99]``), from the server's sketch: each within
+    ``relative_accuracy`` (2**-8) of the exact value of rank floor(q * (count - 1)).
+
+    ``levels`` and their ``estimates``; ``min`` and ``max`` are exact; ``count`` losses are in it (NaN ones counted apart in
+    ``nan_count``); ``collapsed``: the sketch hit its bucket bound and its lowest levels
+    are not within the bound.
+    """
+
+    levels: tuple[float, ...]
+    estimates: tuple[float, ...]
+    count: int
+    min: float
+    max: float
+    nan_count: int = 0
+    relative_accuracy: float = 2.0 ** -8
+    collapsed: bool = False
+
+    @classmethod
+    def from_proto(cls, q: pb.Quantiles) -> Quantiles:
+        return cls(levels=tuple(q.levels), estimates=tuple(q.values), count=q.count, min=q.min,
+                   max=q.max, nan_count=q.nan_count, relative_accuracy=q.relative_accuracy,
+                   collapsed=q.collapsed)
+
+    def __getitem__(self, level: float) -> float:
+        for lv, v in zip(self.levels, self.estimates, strict=True):
+            if lv == level:
+                return v
+        raise KeyError(level)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.levels)
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantiles": dict(zip(self.levels, self.estimates, strict=True)),
+                "count": self.count, "min": self.min, "max": self.max,
+                "nan_count": self.nan_count, "relative_accuracy": self.relative_accuracy,
+                "collapsed": self.collapsed}
+
+    def to_pandas(self) -> pandas.Series:
+        """The levels, then ``max``, as a Series named ``loss``."""
+        pd = _pandas()
+        return pd.Series([*self.estimates, self.max], index=[*map(str, self.levels), "max"],
+                         name="loss")
+
 
 @dataclass(frozen=True)
 class Aggregates:
-    """Aggregates over the samples that count (see the README's per-sample rule).
+    """Aggregates over the samples that count (see the README's per-sample rule), and the
+    analyses asked for (None where not).
 
     ``weighted_sum``, ``weighted_mean`` and ``weight_sum`` are None without weights.
+    Analyses (class-index targets for the class ones): ``per_class``; ``accuracy`` (top-1,
+    ``correct`` of ``accuracy_count`` samples, dense: positions); ``top_k_accuracy`` and
+    ``top_k_correct`` (k -> value); ``calibration`` and ``ece`` (with ``diagnostics``);
+    ``hardest``; ``quantiles``.
     """
 
     sum: float
@@ -26,9 +347,36 @@ class Aggregates:
     weight_sum: float | None = None
     ignored: int = 0
     omitted: int = 0
+    per_class: PerClass | None = None
+    accuracy: float | None = None
+    correct: int | None = None
+    accuracy_count: int | None = None
+    top_k_accuracy: Mapping[int, float] | None = None
+    top_k_correct: Mapping[int, int] | None = None
+    calibration: Calibration | None = None
+    hardest: Hardest | None = None
+    quantiles: Quantiles | None = None
 
     @classmethod
-    def from_proto(cls, a: pb.Aggregates) -> Aggregates:
+    def from_proto(cls, a: pb.Aggregates, analysis: pb.Analysis | None = None) -> Aggregates:
+        extra: dict[str, Any] = {}
+        if analysis is not None:
+            acc = analysis.accuracy if analysis.HasField("accuracy") else None
+            top_k = tuple(acc.top_k) if acc is not None else ()
+            if acc is not None:
+                extra.update(accuracy=acc.accuracy, correct=acc.correct,
+                             accuracy_count=acc.count)
+                if top_k:
+                    extra.update(top_k_accuracy=dict(zip(top_k, acc.top_k_accuracy, strict=True)),
+                                 top_k_correct=dict(zip(top_k, acc.top_k_correct, strict=True)))
+            if analysis.HasField("per_class"):
+                extra["per_class"] = PerClass.from_proto(analysis.per_class, top_k)
+            if analysis.HasField("calibration"):
+                extra["calibration"] = Calibration.from_proto(analysis.calibration)
+            if analysis.HasField("hardest"):
+                extra["hardest"] = Hardest.from_proto(analysis.hardest.samples)
+            if analysis.HasField("quantiles"):
+                extra["quantiles"] = Quantiles.from_proto(analysis.quantiles)
         return cls(
             sum=a.sum,
             mean=a.mean,
@@ -38,7 +386,40 @@ class Aggregates:
             weight_sum=a.weight_sum if a.HasField("weight_sum") else None,
             ignored=a.ignored,
             omitted=a.omitted,
+            **extra,
         )
+
+    @property
+    def ece(self) -> float | None:
+        """Expected calibration error (with ``diagnostics``), else None."""
+        return None if self.calibration is None else self.calibration.ece
+
+    @property
+    def max(self) -> float | None:
+        """The largest loss (with ``quantiles``), else None."""
+        return None if self.quantiles is None else self.quantiles.max
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field present (None for those not asked for) as plain Python values."""
+        out = {k: _plain(getattr(self, k)) for k in self.__dataclass_fields__}
+        out["ece"] = self.ece
+        return out
+
+    def to_pandas(self) -> pandas.Series:
+        """The scalar aggregates and analyses (accuracy, top-k, ECE, quantiles, max) as a
+        Series; tables are ``per_class.to_pandas()``, ``hardest.to_pandas()``, ..."""
+        pd = _pandas()
+        row: dict[str, Any] = {k: getattr(self, k) for k in (
+            "count", "sum", "mean", "weighted_sum", "weighted_mean", "weight_sum", "ignored",
+            "omitted", "accuracy", "correct", "accuracy_count")}
+        for k, v in (self.top_k_accuracy or {}).items():
+            row[f"top_{k}_accuracy"] = v
+        row["ece"] = self.ece
+        if self.quantiles is not None:
+            for level, v in self.quantiles.items():
+                row[f"quantile_{level:g}"] = v
+            row["max"] = self.quantiles.max
+        return pd.Series({k: v for k, v in row.items() if v is not None}, dtype=object)
 
 
 @dataclass(frozen=True)
@@ -48,12 +429,19 @@ class LossResult:
     ``per_sample`` is a float32 array of shape (N,). ``running`` holds the aggregates over
     the whole stream so far (``evaluate_stream`` only; None from ``evaluate``).
     ``gradient``: d(reduction)/d(predictions) when asked for with ``gradient=``, else None.
+    With ``diagnostics=True``: ``predicted`` (int32), ``confidence`` (float32) and
+    ``correct`` (bool), each shaped as the targets. The analyses of the batch are
+    ``r.per_class``, ``r.accuracy``, ... (shortcuts to ``r.aggregates``); of the stream so
+    far ``r.running.per_class``, ...
     """
 
     per_sample: np.ndarray
     aggregates: Aggregates
     running: Aggregates | None = None
     gradient: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    correct: np.ndarray | None = None
 
     @property
     def sum(self) -> float:
@@ -87,19 +475,79 @@ class LossResult:
     def omitted(self) -> int:
         return self.aggregates.omitted
 
+    @property
+    def per_class(self) -> PerClass | None:
+        return self.aggregates.per_class
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.aggregates.accuracy
+
+    @property
+    def top_k_accuracy(self) -> Mapping[int, float] | None:
+        return self.aggregates.top_k_accuracy
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.aggregates.calibration
+
+    @property
+    def ece(self) -> float | None:
+        return self.aggregates.ece
+
+    @property
+    def hardest(self) -> Hardest | None:
+        return self.aggregates.hardest
+
+    @property
+    def quantiles(self) -> Quantiles | None:
+        return self.aggregates.quantiles
+
     @classmethod
     def from_proto(cls, r: pb.EvaluateResponse) -> LossResult:
-        running = Aggregates.from_proto(r.running) if r.HasField("running") else None
+        analysis = r.analysis if r.HasField("analysis") else None
+        running = (Aggregates.from_proto(r.running, r.running_analysis if
+                                         r.HasField("running_analysis") else None)
+                   if r.HasField("running") else None)
         per_sample = tensor_to_numpy(r.per_sample).copy()  # writable, owned by the caller
         gradient = tensor_to_numpy(r.gradient).copy() if r.HasField("gradient") else None
-        return cls(per_sample=per_sample, aggregates=Aggregates.from_proto(r.aggregates),
-                   running=running, gradient=gradient)
+        predicted = confidence = correct = None
+        if r.HasField("diagnostics"):
+            d = r.diagnostics
+            predicted = tensor_to_numpy(d.predicted).copy()
+            confidence = tensor_to_numpy(d.confidence).copy()
+            correct = np.frombuffer(d.correct, dtype=np.bool_).reshape(predicted.shape).copy()
+        return cls(per_sample=per_sample, aggregates=Aggregates.from_proto(r.aggregates, analysis),
+                   running=running, gradient=gradient, predicted=predicted,
+                   confidence=confidence, correct=correct)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain Python values (arrays as lists)."""
+        return {"per_sample": self.per_sample.tolist(), "aggregates": self.aggregates.to_dict(),
+                "running": None if self.running is None else self.running.to_dict(),
+                "gradient": None if self.gradient is None else self.gradient.tolist(),
+                "predicted": _plain(self.predicted), "confidence": _plain(self.confidence),
+                "correct": _plain(self.correct)}
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per sample: ``loss`` and, with (N,) diagnostics, ``predicted``,
+        ``confidence`` and ``correct``; indexed by ``sample``."""
+        pd = _pandas()
+        columns: dict[str, Any] = {"loss": self.per_sample}
+        for name in ("predicted", "confidence", "correct"):
+            value = getattr(self, name)
+            if value is not None and value.ndim == 1:
+                columns[name] = value
+        return pd.DataFrame(columns, index=pd.RangeIndex(self.per_sample.shape[0],
+                                                         name="sample"))
 
     def __repr__(self) -> str:
         a = self.aggregates
         w = "" if a.weighted_mean is None else f", weighted_mean={a.weighted_mean:.6g}"
         mean = "nan" if math.isnan(a.mean) else f"{a.mean:.6g}"
-        return f"LossResult(n={self.per_sample.shape[0]}, mean={mean}{w}, count={a.count})"
+        acc = "" if a.accuracy is None else f", accuracy={a.accuracy:.4g}"
+        return (f"LossResult(n={self.per_sample.shape[0]}, mean={mean}{w}{acc}, "
+                f"count={a.count})")
 
 
 @dataclass(frozen=True)

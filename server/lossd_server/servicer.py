@@ -13,11 +13,11 @@ import torch
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits, losses, validate, wire
+from lossd_server.analysis import Analysis
 from lossd_server.batching import Batcher, BatchingSettings
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
-from lossd_server.analysis import Analysis
 from lossd_server.reduce import Aggregate
 from lossd_server.shm import SharedMemoryRegistry
 from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError

@@ -180,9 +180,10 @@ def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
         columns = [h.index.tolist(), h.loss.tolist()]
         for extra in (h.target, h.predicted, h.confidence):
             columns.append(extra.tolist() if extra is not None else [None] * len(columns[0]))
+        out.hardest.SetInParent()
         for index, loss, target, predicted, confidence in zip(*columns, strict=True):
-            out.hardest.add(index=index, loss=loss, target=target, predicted=predicted,
-                            confidence=confidence)
+            out.hardest.samples.add(index=index, loss=loss, target=target,
+                                    predicted=predicted, confidence=confidence)
     if a.quantiles is not None:
         q = a.quantiles
         levels = a.request.quantiles

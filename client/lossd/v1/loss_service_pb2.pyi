@@ -164,9 +164,9 @@ class Analysis(_message.Message):
     per_class: PerClass
     accuracy: Accuracy
     calibration: Calibration
-    hardest: _containers.RepeatedCompositeFieldContainer[HardSample]
+    hardest: HardestSamples
     quantiles: Quantiles
-    def __init__(self, per_class: _Optional[_Union[PerClass, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., hardest: _Optional[_Iterable[_Union[HardSample, _Mapping]]] = ..., quantiles: _Optional[_Union[Quantiles, _Mapping]] = ...) -> None: ...
+    def __init__(self, per_class: _Optional[_Union[PerClass, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., hardest: _Optional[_Union[HardestSamples, _Mapping]] = ..., quantiles: _Optional[_Union[Quantiles, _Mapping]] = ...) -> None: ...
 
 class PerClass(_message.Message):
     __slots__ = ("classes", "count", "sum", "mean", "weighted_sum", "weighted_mean", "weight_sum", "correct", "accuracy", "top_k_correct", "top_k_accuracy")
@@ -223,6 +223,12 @@ class Calibration(_message.Message):
     confidence_sum: _containers.RepeatedScalarFieldContainer[float]
     ece: float
     def __init__(self, edges: _Optional[_Iterable[float]] = ..., count: _Optional[_Iterable[int]] = ..., correct: _Optional[_Iterable[int]] = ..., confidence_sum: _Optional[_Iterable[float]] = ..., ece: _Optional[float] = ...) -> None: ...
+
+class HardestSamples(_message.Message):
+    __slots__ = ("samples",)
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedCompositeFieldContainer[HardSample]
+    def __init__(self, samples: _Optional[_Iterable[_Union[HardSample, _Mapping]]] = ...) -> None: ...
 
 class HardSample(_message.Message):
     __slots__ = ("index", "loss", "target", "predicted", "confidence")
