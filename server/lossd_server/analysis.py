@@ -80,7 +80,7 @@ class Request:
 
     @property
     def any(self) -> bool:
-        return self.classes or self.hardest > 0 or bool(self.quantiles)
+        return self.classes or self.hardest != 0 or bool(self.quantiles)
 
 
 NONE = Request()
