@@ -48,9 +48,14 @@ def test_eval_streams_files_and_writes_losses(
     assert float(lines["mean"]) == pytest.approx(expected.mean, rel=1e-9)
     assert float(lines["weighted_mean"]) == pytest.approx(expected.weighted_mean, rel=1e-9)
     assert int(lines["count"]) == 1000
-    hardest = int(np.argmax(expected.per_sample))
-    top_block = printed.split("hardest samples\n", 1)[1].split()
-    assert int(top_block[0]) == hardest
+    # --top: the server's hardest over the stream, with their targets
+    order = sorted(range(1000), key=lambda i: (-float(expected.per_sample[i]), i))[:3]
+    rows = printed.split("top 3 hardest samples\n", 1)[1].splitlines()
+    assert rows[0].split() == ["index", "loss", "target"]
+    assert [int(r.split()[0]) for r in rows[1:4]] == order
+    assert [float(r.split()[1]) for r in rows[1:4]] == pytest.approx(
+        [float(expected.per_sample[i]) for i in order], rel=1e-5)
+    assert [int(r.split()[2]) for r in rows[1:4]] == [int(t[i]) for i in order]
 
 
 def test_eval_writes_csv_and_reads_pt_and_safetensors(

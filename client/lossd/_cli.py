@@ -23,7 +23,8 @@ error (missing file, shape mismatch); 3 the server could not be reached or timed
 
 example:
   lossd eval --target 127.0.0.1:50051 --loss cross_entropy logits.npy labels.npy \\
-      --batch-size 4096 --option label_smoothing=0.1 --out losses.csv --top 10"""
+      --batch-size 4096 --option label_smoothing=0.1 --out losses.csv --top 10 \\
+      --report report.html"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable)")
     ev.add_argument("--tag", help="tag for the server's loss metrics (a model or run name)")
     ev.add_argument("--out", help="write per-sample losses to this .npy or .csv file")
-    ev.add_argument("--top", type=int, default=0, metavar="K", help="print the K hardest samples")
+    ev.add_argument("--top", type=int, default=0, metavar="K",
+                    help="print the K hardest samples of the whole run (kept by the server)")
+    ev.add_argument("--report", metavar="REPORT.html",
+                    help="write a self-contained HTML report: loss histogram, per-class "
+                         "breakdown, accuracy and calibration, quantiles, hardest samples "
+                         "(needs lossd[report])")
     ev.add_argument("--timeout", type=float, default=None, help="deadline for the whole run, s")
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
@@ -116,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _eval.run(target=args.target, loss=args.loss, predictions=args.predictions,
                      targets=args.targets, weights=args.weights, batch_size=args.batch_size,
                      out=args.out, top=args.top, tag=args.tag, options=args.option,
-                     timeout=args.timeout, progress=args.progress)
+                     timeout=args.timeout, progress=args.progress, report=args.report)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from lossd import _report
 from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError, Unavailable
-from lossd._result import Aggregates
+from lossd._result import Aggregates, Hardest
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -139,9 +140,43 @@ def format_aggregates(loss: str, a: Aggregates) -> str:
         rows += [("weighted_sum", a.weighted_sum), ("weighted_mean", a.weighted_mean),
                  ("weight_sum", a.weight_sum)]
     rows += [("ignored", a.ignored), ("omitted", a.omitted)]
+    if a.accuracy is not None:
+        rows.append(("accuracy", a.accuracy))
+    for k, v in (a.top_k_accuracy or {}).items():
+        if k != 1:
+            rows.append((f"top_{k}_accuracy", v))
+    if a.ece is not None:
+        rows.append(("ece", a.ece))
+    if a.quantiles is not None:
+        rows += [(f"q{level:g}", v) for level, v in a.quantiles.items()]
+        rows.append(("max", a.quantiles.max))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v:.10g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
                      for k, v in rows)
+
+
+def format_hardest(h: Hardest) -> str:
+    """The hardest samples as a table: index (position in the files), loss and, where
+    known, target, predicted class and confidence."""
+    columns = ["index", "loss"] + [c for c in ("target", "predicted", "confidence")
+                                   if any(getattr(s, c) is not None for s in h)]
+    lines = [f"top {len(h)} hardest samples", "  ".join(f"{c:>10}" for c in columns)]
+    for s in h:
+        cells = [f"{s.index:>10}", f"{s.loss:>10.6g}"]
+        for c in columns[2:]:
+            v = getattr(s, c)
+            cells.append(f"{'-':>10}" if v is None else f"{v:>10.6g}" if isinstance(v, float)
+                         else f"{v:>10}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def class_targets(predictions: Any, targets: Any) -> bool:
+    """Whether targets look like class indices for these predictions: integers shaped
+    (N, d1, ...) against predictions (N, C, d1, ...)."""
+    dtype = np.dtype(str(getattr(targets, "dtype", "float")).removeprefix("torch."))
+    return dtype.kind in "iu" and len(getattr(predictions, "shape", ())) >= 2 and \
+        len(targets.shape) == len(predictions.shape) - 1
 
 
 def write_losses(path: Path, losses: np.ndarray) -> None:
@@ -156,11 +191,20 @@ def write_losses(path: Path, losses: np.ndarray) -> None:
         raise InputError(f"--out {path}: use a .npy or .csv file")
 
 
+REPORT_HARDEST = 20
+
+
 def run(*, target: str, loss: str, predictions: str, targets: str, weights: str | None,
         batch_size: int, out: str | None, top: int, tag: str | None, options: Sequence[str],
-        timeout: float | None, progress: bool | None, stdout: TextIO | None = None,
-        stderr: TextIO | None = None) -> int:
-    """The body of ``lossd eval``; returns the exit code."""
+        timeout: float | None, progress: bool | None, report: str | None = None,
+        stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """The body of ``lossd eval``; returns the exit code.
+
+    ``top``: the server keeps the K hardest samples of the stream (nothing is collected
+    here for it). ``report``: write an HTML report there (needs matplotlib); it asks the
+    server for the quantiles, the hardest samples and, for class-index targets, the
+    per-class breakdown, accuracy (top-1 and top-5) and calibration.
+    """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -173,20 +217,36 @@ def run(*, target: str, loss: str, predictions: str, targets: str, weights: str 
                 raise InputError(f"{name} has {len(arr)} samples, predictions {n}")
         if batch_size < 1:
             raise InputError("--batch-size must be at least 1")
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-    except InputError as exc:
+        if top < 0:
+            raise InputError("--top must be at least 0")
+        for path in (out, report):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if report:
+            _report.check()  # fail now, not after the whole stream
+    except (InputError, _report.ReportError) as exc:
         print(f"lossd eval: {exc}", file=stderr)
         return EXIT_USAGE
 
+    analyses: dict[str, Any] = {}
+    if top:
+        analyses["hardest"] = top
+    if report:
+        analyses.update(hardest=max(top, REPORT_HARDEST), quantiles=True)
+        if class_targets(pred, targ):
+            classes = pred.shape[1]
+            analyses.update(per_class=True, diagnostics=True,
+                            top_k=(1, 5) if classes >= 5 else (1,))
+    keep = bool(out or report)
     bar = Progress(n, stderr, stderr.isatty() if progress is None else progress)
     per_sample: list[np.ndarray] = []
     running: Aggregates | None = None
     try:
         with LossClient(target, timeout=timeout) as client:
             for result in client.evaluate_stream(_batches(pred, targ, w, batch_size),
-                                                 loss=loss, tag=tag, **opts):
-                per_sample.append(result.per_sample)
+                                                 loss=loss, tag=tag, **analyses, **opts):
+                if keep:
+                    per_sample.append(result.per_sample)
                 running = result.running
                 bar.update(result.per_sample.shape[0])
     except (Unavailable, DeadlineExceeded) as exc:
@@ -201,15 +261,20 @@ def run(*, target: str, loss: str, predictions: str, targets: str, weights: str 
     assert running is not None
     losses = np.concatenate(per_sample) if per_sample else np.zeros(0, np.float32)
     print(format_aggregates(loss, running), file=stdout)
-    if top > 0:
-        order = np.argsort(np.where(np.isnan(losses), -np.inf, losses))[::-1][:top]
-        print(f"\ntop {len(order)} hardest samples", file=stdout)
-        for i in order:
-            print(f"{int(i):>10}  {float(losses[i]):.6g}", file=stdout)
+    if top > 0 and running.hardest is not None:
+        hardest = Hardest(running.hardest.samples[:top])
+        print("\n" + format_hardest(hardest), file=stdout)
     if out:
         try:
             write_losses(Path(out), losses)
         except InputError as exc:
             print(f"lossd eval: {exc}", file=stderr)
             return EXIT_USAGE
+    if report:
+        page = _report.render(loss=loss, aggregates=running, losses=losses, options=opts,
+                              sources={"predictions": predictions, "targets": targets,
+                                       **({"weights": weights} if weights else {})},
+                              target=target, samples=n)
+        Path(report).write_text(page, encoding="utf-8")
+        print(f"\nreport: {report}", file=stdout)
     return EXIT_OK

@@ -282,9 +282,9 @@ class Quantiles(Mapping[float, float]):
     """Level -> loss quantile (e.g. ``q[0.99]``), from the server's sketch: each within
     ``relative_accuracy`` (2**-8) of the exact value of rank floor(q * (count - 1)).
 
-    ``levels`` and their ``estimates``; ``min`` and ``max`` are exact; ``count`` losses are in it (NaN ones counted apart in
-    ``nan_count``); ``collapsed``: the sketch hit its bucket bound and its lowest levels
-    are not within the bound.
+    ``levels`` and their ``estimates``; ``min`` and ``max`` are exact; ``count`` losses
+    are in it (NaN ones counted apart in ``nan_count``); ``collapsed``: the sketch hit its
+    bucket bound and its lowest levels are not within the bound.
     """
 
     levels: tuple[float, ...]

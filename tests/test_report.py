@@ -1,0 +1,120 @@
+"""``lossd eval --report``: the HTML page, rendered in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lossd._cli import main
+from lossd_server.app import LossdServer
+from tests import chromium
+
+# Appended to a copy of the report: after load, every image's decoding state as JSON.
+PROBE = """<script>
+window.addEventListener("load", async () => {
+  const images = [...document.images];
+  await Promise.all(images.map(i => i.decode().catch(() => null)));
+  const out = document.createElement("pre");
+  out.id = "lossd-probe";
+  out.textContent = JSON.stringify(images.map(i => ({alt: i.alt, complete: i.complete,
+    width: i.naturalWidth, height: i.naturalHeight})));
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    rng = np.random.default_rng(12)
+    n, c = 3000, 12
+    p = np.arange(1, c + 1, dtype=np.float64) ** -1.2
+    t = rng.choice(c, size=n, p=p / p.sum())
+    x = rng.standard_normal((n, c)).astype(np.float32)
+    x[np.arange(n), t] += rng.uniform(0, 4, n).astype(np.float32)
+    w = rng.random(n).astype(np.float32)
+    paths = tmp_path / "logits.npy", tmp_path / "labels.npy", tmp_path / "w.npy"
+    for path, a in zip(paths, (x, t, w), strict=True):
+        np.save(path, a)
+    return paths
+
+
+def _report(server: LossdServer, tmp_path: Path, *extra: str) -> Path:
+    xp, tp, wp = _files(tmp_path)
+    page = tmp_path / "report.html"
+    code = main(["eval", "--target", f"127.0.0.1:{server.port}", str(xp), str(tp),
+                 "--weights", str(wp), "--batch-size", "700", "--report", str(page),
+                 "--no-progress", *extra])
+    assert code == 0
+    return page
+
+
+def _images(html: str) -> list[tuple[str, bytes]]:
+    return [(alt, base64.b64decode(data)) for alt, data in re.findall(
+        r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">', html)]
+
+
+def test_report_is_self_contained(server: LossdServer, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    page = _report(server, tmp_path, "--top", "5")
+    html = page.read_text()
+    out = capsys.readouterr().out
+    assert "report: " in out and "top 5 hardest samples" in out
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    assert "<link" not in html
+    images = _images(html)
+    assert [alt for alt, _ in images] == ["loss histogram", "per-class count and mean loss",
+                                          "reliability diagram"]
+    for _, png in images:
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.width > 400 and im.height > 200
+    for section in ("Summary", "Loss distribution", "Per class", "Accuracy and calibration",
+                    "Hardest samples (20)"):
+        assert f"<h2>{section}</h2>" in html
+    assert "accuracy (top-1)" in html and "top-5 accuracy" in html and "ECE (15 bins)" in html
+
+
+def test_report_for_values_has_no_class_sections(server: LossdServer, tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    np.save(tmp_path / "x.npy", rng.standard_normal((500, 3)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.standard_normal((500, 3)).astype(np.float32))
+    page = tmp_path / "r.html"
+    assert main(["eval", "--target", f"127.0.0.1:{server.port}", "--loss", "mse_loss",
+                 str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "--report",
+                 str(page)]) == 0
+    html = page.read_text()
+    assert [alt for alt, _ in _images(html)] == ["loss histogram"]
+    assert "<h2>Per class</h2>" not in html and "<h2>Hardest samples (20)</h2>" in html
+
+
+def test_report_renders_in_chromium(server: LossdServer, tmp_path: Path) -> None:
+    page = _report(server, tmp_path)
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium.dump_dom(probed)
+    found = re.search(r'<pre id="lossd-probe">(.*?)</pre>', dom, flags=re.S)
+    assert found, dom[-2000:]
+    states = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    sizes = []
+    for _, png in _images(page.read_text()):
+        with Image.open(io.BytesIO(png)) as im:
+            sizes.append((im.width, im.height))
+    assert [s["alt"] for s in states] == ["loss histogram", "per-class count and mean loss",
+                                          "reliability diagram"]
+    assert all(s["complete"] for s in states)
+    assert [(s["width"], s["height"]) for s in states] == sizes  # decoded, at full size
+    assert "lossd evaluation: cross_entropy" in dom
+
+    shot = chromium.screenshot(page, tmp_path / "shot.png", width=1200, height=2400)
+    with Image.open(shot) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert rgb.shape[:2] == (2400, 1200)
+    # The plots drew: their bar colours cover real areas of the page.
+    for colour in ((0x4C, 0x72, 0xB0), (0xDD, 0x84, 0x52), (0x55, 0xA8, 0x68)):
+        near = (np.abs(rgb - np.array(colour)).sum(axis=2) < 30).sum()
+        assert near > 2000, (colour, near)
