@@ -39,6 +39,10 @@ from lossd import LossClient, LossResult
 MAX_MESSAGE_MB = 1
 SCALARS = ("SUM", "MEAN", "COUNT", "IGNORED", "OMITTED")
 WEIGHTED = ("WEIGHTED_SUM", "WEIGHTED_MEAN", "WEIGHT_SUM")
+ANALYSIS_OUTPUTS = ("CLASSES", "CLASS_COUNT", "CLASS_SUM", "CLASS_MEAN", "CLASS_WEIGHTED_SUM",
+                    "CLASS_WEIGHTED_MEAN", "CLASS_WEIGHT_SUM", "CLASS_CORRECT",
+                    "CLASS_ACCURACY", "ACCURACY", "CORRECT", "ACCURACY_COUNT", "TOP_K",
+                    "TOP_K_CORRECT", "TOP_K_ACCURACY", "PREDICTED", "CONFIDENCE", "ECE")
 
 
 def _free_port() -> int:
@@ -188,8 +192,11 @@ def test_model_metadata(triton: grpcclient.InferenceServerClient) -> None:
     assert (ce.name, list(ce.versions), ce.platform) == ("cross_entropy", ["1"], "lossd")
     assert tensors(ce.inputs) == [("PREDICTIONS", "FP32", [-1, -1]), ("TARGETS", "INT64", [-1]),
                                   ("WEIGHTS", "FP32", [-1]), ("CLASS_WEIGHTS", "FP32", [-1])]
-    assert tensors(ce.outputs) == outputs
+    assert tensors(ce.outputs)[:len(outputs)] == outputs
+    # Class-index models also list the analyses' outputs; value models do not.
+    assert [t.name for t in ce.outputs][len(outputs):] == list(ANALYSIS_OUTPUTS)
     mse = triton.get_model_metadata("mse_loss", "1")
+    assert tensors(mse.outputs) == outputs
     assert tensors(mse.inputs) == [("PREDICTIONS", "FP32", [-1]), ("TARGETS", "FP32", [-1]),
                                    ("WEIGHTS", "FP32", [-1])]
     bce = triton.get_model_metadata("binary_cross_entropy_with_logits")
@@ -308,6 +315,33 @@ def test_tensor_options_are_inputs(triton: grpcclient.InferenceServerClient,
     assert_same(infer(triton, "binary_cross_entropy_with_logits",
                       {"POS_WEIGHT": pw, "TARGETS": y, "PREDICTIONS": x}),
                 native.evaluate(x, y, loss="binary_cross_entropy_with_logits", pos_weight=pw))
+
+
+def test_per_class_and_accuracy_outputs(triton: grpcclient.InferenceServerClient,
+                                        native: LossClient) -> None:
+    """tritonclient asks for the analyses by output name and parameter; the values are
+    the native API's."""
+    names = ["CLASSES", "CLASS_COUNT", "CLASS_WEIGHTED_MEAN", "CLASS_ACCURACY", "ACCURACY",
+             "TOP_K_ACCURACY"]
+    result = infer(triton, "cross_entropy", {"PREDICTIONS": LOGITS, "TARGETS": LABELS,
+                                             "WEIGHTS": WEIGHTS_},
+                   outputs=names, parameters={"top_k": "1,2", "label_smoothing": 0.1})
+    expected = native.evaluate(LOGITS, LABELS, weights=WEIGHTS_, per_class=True,
+                               accuracy=True, top_k=(1, 2), label_smoothing=0.1)
+    pc = expected.per_class
+    assert pc is not None and pc.weighted_mean is not None and pc.accuracy is not None
+    assert [o.name for o in result.get_response().outputs] == names
+    assert result.as_numpy("CLASSES").tolist() == pc.classes.tolist()
+    assert result.as_numpy("CLASS_COUNT").tolist() == pc.count.tolist()
+    assert result.as_numpy("CLASS_WEIGHTED_MEAN").tobytes() == pc.weighted_mean.tobytes()
+    assert result.as_numpy("CLASS_ACCURACY").tobytes() == pc.accuracy.tobytes()
+    assert result.as_numpy("ACCURACY").tolist() == [expected.accuracy]
+    assert expected.top_k_accuracy is not None
+    assert result.as_numpy("TOP_K_ACCURACY").tolist() == list(expected.top_k_accuracy.values())
+    with pytest.raises(InferenceServerException) as exc:
+        infer(triton, "mse_loss", {"PREDICTIONS": LOGITS, "TARGETS": LOGITS},
+              outputs=["ACCURACY"])
+    rejected(exc, "INVALID_ARGUMENT", "parameters.accuracy: needs class-index targets")
 
 
 def test_requested_outputs_only(triton: grpcclient.InferenceServerClient,

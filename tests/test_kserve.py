@@ -115,3 +115,65 @@ def test_model_infer_goes_through_admission_and_metrics() -> None:
                             loss="cross_entropy", code="OK") == 2
     finally:
         srv.stop(0)
+
+
+def _infer(stub: pb_grpc.GRPCInferenceServiceStub, model: str, x: np.ndarray, t: np.ndarray,
+           outputs: list[str], **parameters: object) -> dict[str, np.ndarray]:
+    req = pb.ModelInferRequest(model_name=model)
+    for name, a in (("PREDICTIONS", x), ("TARGETS", t)):
+        dtype = {"float32": "FP32", "int64": "INT64"}[str(a.dtype)]
+        req.inputs.add(name=name, datatype=dtype, shape=a.shape)
+        req.raw_input_contents.append(a.tobytes())
+    for name in outputs:
+        req.outputs.add(name=name)
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
+        setattr(req.parameters[key], field, value)
+    resp = stub.ModelInfer(req, timeout=30)
+    dt = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8"}
+    return {o.name: np.frombuffer(raw, dt[o.datatype]).reshape(tuple(o.shape))
+            for o, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)}
+
+
+def test_per_class_and_accuracy_outputs_by_name(stub: pb_grpc.GRPCInferenceServiceStub,
+                                                client: LossClient) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 50)
+    native = client.evaluate(x, t, per_class=True, accuracy=True, top_k=(1, 3),
+                             diagnostics=True)
+    assert native.per_class is not None and native.predicted is not None
+    got = _infer(stub, "cross_entropy", x, t, ["CLASSES", "CLASS_COUNT", "CLASS_MEAN",
+                                                "CLASS_ACCURACY", "ACCURACY", "CORRECT",
+                                                "TOP_K_ACCURACY", "PREDICTED", "CONFIDENCE",
+                                                "ECE"], top_k="1,3")
+    assert got["CLASSES"].tolist() == native.per_class.classes.tolist()
+    assert got["CLASS_COUNT"].tolist() == native.per_class.count.tolist()
+    assert got["CLASS_MEAN"].tolist() == native.per_class.mean.tolist()
+    assert native.per_class.accuracy is not None
+    assert got["CLASS_ACCURACY"].tolist() == native.per_class.accuracy.tolist()
+    assert got["ACCURACY"].tolist() == [native.accuracy]
+    assert got["CORRECT"].tolist() == [native.aggregates.correct]
+    assert native.top_k_accuracy is not None
+    assert got["TOP_K_ACCURACY"].tolist() == list(native.top_k_accuracy.values())
+    assert got["PREDICTED"].tolist() == native.predicted.tolist()
+    assert got["CONFIDENCE"].tobytes() == native.confidence.tobytes()  # type: ignore[union-attr]
+    assert got["ECE"].tolist() == [native.ece]
+    # Parameters instead of listed outputs: every output the request produces.
+    everything = _infer(stub, "cross_entropy", x, t, [], per_class=True, accuracy=True)
+    assert {"CLASS_SUM", "CLASS_CORRECT", "ACCURACY", "ACCURACY_COUNT"} <= set(everything)
+    assert "PREDICTED" not in everything and "CLASS_WEIGHT_SUM" not in everything
+
+
+def test_class_outputs_need_class_targets(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    x = np.zeros((3, 2), np.float32)
+    with pytest.raises(grpc.RpcError) as err:
+        _infer(stub, "mse_loss", x, x, ["CLASS_MEAN"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("parameters.per_class: needs class-index targets")
+    with pytest.raises(grpc.RpcError) as err:
+        _infer(stub, "cross_entropy", x, np.zeros(3, np.int64), ["TOP_K_ACCURACY"])
+    assert err.value.details().startswith("outputs.TOP_K_ACCURACY: needs parameter top_k")
+    with pytest.raises(grpc.RpcError) as err:
+        _infer(stub, "cross_entropy", x, np.zeros(3, np.int64), [], accuracy="yes")
+    assert err.value.details().startswith("parameters.accuracy: expected bool")

@@ -21,6 +21,16 @@ ModelInfer, per model (loss):
   ``WEIGHT_SUM`` (FP64 [1]). The values are the native API's, bit for bit. A request that
   lists ``outputs`` gets those, in its order; otherwise every output the request produces.
   Outputs travel as ``raw_output_contents``.
+* analyses, for losses with class-index targets (the native API's, see ``ANALYSIS_OUTPUTS``):
+  per class ``CLASSES``, ``CLASS_COUNT``, ``CLASS_SUM``, ``CLASS_MEAN`` (and weighted
+  ``CLASS_WEIGHTED_SUM``, ``CLASS_WEIGHTED_MEAN``, ``CLASS_WEIGHT_SUM``; with accuracy
+  ``CLASS_CORRECT``, ``CLASS_ACCURACY``), all [K] over the K classes present; ``ACCURACY``
+  (FP64 [1]), ``CORRECT`` and ``ACCURACY_COUNT`` (INT64 [1]); ``TOP_K``, ``TOP_K_CORRECT``,
+  ``TOP_K_ACCURACY`` ([len(top_k)]); ``PREDICTED`` (INT64), ``CONFIDENCE`` (FP32), both shaped
+  as the targets, and ``ECE`` (FP64 [1]). Asked for with the request parameters
+  ``per_class``, ``accuracy``, ``diagnostics`` (bool) and ``top_k`` (int64, or a string of
+  comma-separated ks), or by listing an output: listing ``CLASS_MEAN`` turns ``per_class``
+  on, ``ACCURACY`` ``accuracy``, ``PREDICTED`` ``diagnostics``.
 
 Errors are the native API's: a bad request is INVALID_ARGUMENT with a message that starts
 with the field at fault, named as here (``PREDICTIONS``, ``TARGETS``, ``WEIGHTS``,
@@ -42,7 +52,7 @@ import torch
 
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from lossd_server import __version__
+from lossd_server import __version__, analysis
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import CallState
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
@@ -83,16 +93,56 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 @dataclass(frozen=True)
 class Output:
-    """One output tensor: its datatype, whether it needs WEIGHTS, and how to read it."""
+    """One output tensor: its datatype, whether it needs WEIGHTS, the analysis it needs
+    (``per_class``, ``accuracy``, ``top_k``, ``diagnostics``; None: none), its shape in the
+    model metadata, and how to read it."""
 
     name: str
     datatype: str
     weighted: bool
     value: Callable[[Evaluation], np.ndarray]
+    needs: str | None = None
+    shape: tuple[int, ...] = (1,)
 
 
 def _scalar(dtype: str, read: Callable[[Evaluation], Any]) -> Callable[[Evaluation], np.ndarray]:
     return lambda ev: np.array([read(ev)], dtype=dtype)
+
+
+def _analysis(ev: Evaluation) -> analysis.Analysis:
+    assert ev.analysis is not None
+    return ev.analysis
+
+
+def _table(ev: Evaluation) -> analysis.PerClass:
+    stats = _analysis(ev).per_class
+    assert stats is not None
+    return stats.table()
+
+
+def _column(name: str, dtype: str) -> Callable[[Evaluation], np.ndarray]:
+    def read(ev: Evaluation) -> np.ndarray:
+        value = getattr(_table(ev), name)
+        return np.asarray(value, dtype=dtype)
+    return read
+
+
+def _accuracy(ev: Evaluation) -> analysis.Accuracy:
+    acc = _analysis(ev).accuracy
+    assert acc is not None
+    return acc
+
+
+def _diagnostics(ev: Evaluation) -> analysis.Diagnostics:
+    d = _analysis(ev).diagnostics
+    assert d is not None
+    return d
+
+
+def _ece(ev: Evaluation) -> float:
+    cal = _analysis(ev).calibration
+    assert cal is not None
+    return cal.ece
 
 
 OUTPUTS: tuple[Output, ...] = (
@@ -108,7 +158,43 @@ OUTPUTS: tuple[Output, ...] = (
            _scalar("<f8", lambda ev: ev.aggregate.weighted_mean)),
     Output("WEIGHT_SUM", "FP64", True, _scalar("<f8", lambda ev: ev.aggregate.weight_sum)),
 )
-OUTPUT_BY_NAME: Mapping[str, Output] = {o.name: o for o in OUTPUTS}
+ANALYSIS_OUTPUTS: tuple[Output, ...] = (
+    Output("CLASSES", "INT64", False, _column("classes", "<i8"), "per_class", (-1,)),
+    Output("CLASS_COUNT", "INT64", False, _column("count", "<i8"), "per_class", (-1,)),
+    Output("CLASS_SUM", "FP64", False, _column("sum", "<f8"), "per_class", (-1,)),
+    Output("CLASS_MEAN", "FP64", False, _column("mean", "<f8"), "per_class", (-1,)),
+    Output("CLASS_WEIGHTED_SUM", "FP64", True, _column("weighted_sum", "<f8"), "per_class",
+           (-1,)),
+    Output("CLASS_WEIGHTED_MEAN", "FP64", True, _column("weighted_mean", "<f8"), "per_class",
+           (-1,)),
+    Output("CLASS_WEIGHT_SUM", "FP64", True, _column("weight_sum", "<f8"), "per_class", (-1,)),
+    Output("CLASS_CORRECT", "INT64", False, _column("hits", "<i8"), "per_class+accuracy",
+           (-1,)),
+    Output("CLASS_ACCURACY", "FP64", False, _column("accuracy", "<f8"), "per_class+accuracy",
+           (-1,)),
+    Output("ACCURACY", "FP64", False, _scalar("<f8", lambda ev: _accuracy(ev).accuracy),
+           "accuracy"),
+    Output("CORRECT", "INT64", False, _scalar("<i8", lambda ev: _accuracy(ev).hits),
+           "accuracy"),
+    Output("ACCURACY_COUNT", "INT64", False, _scalar("<i8", lambda ev: _accuracy(ev).count),
+           "accuracy"),
+    Output("TOP_K", "INT64", False, lambda ev: np.array(_accuracy(ev).top_k, "<i8"), "top_k",
+           (-1,)),
+    Output("TOP_K_CORRECT", "INT64", False,
+           lambda ev: np.array(_accuracy(ev).top_k_hits, "<i8"), "top_k", (-1,)),
+    Output("TOP_K_ACCURACY", "FP64", False,
+           lambda ev: np.array(_accuracy(ev).top_k_accuracy, "<f8"), "top_k", (-1,)),
+    Output("PREDICTED", "INT64", False,
+           lambda ev: _diagnostics(ev).predicted.astype("<i8", copy=False), "diagnostics",
+           (-1,)),
+    Output("CONFIDENCE", "FP32", False,
+           lambda ev: _diagnostics(ev).confidence.astype("<f4", copy=False), "diagnostics",
+           (-1,)),
+    Output("ECE", "FP64", False, _scalar("<f8", _ece), "diagnostics"),
+)
+OUTPUT_BY_NAME: Mapping[str, Output] = {o.name: o for o in (*OUTPUTS, *ANALYSIS_OUTPUTS)}
+# Request parameters that ask for analyses (besides the loss's options).
+ANALYSIS_PARAMETERS = ("per_class", "accuracy", "top_k", "diagnostics")
 
 
 def tensor_inputs(spec: Loss) -> dict[str, str]:
@@ -129,6 +215,8 @@ def _field(spec: Loss, field: str) -> str:
     if head == "options" and rest:
         tensors = {v: k for k, v in tensor_inputs(spec).items()}
         return tensors.get(rest, f"parameters.{rest}")
+    if head in ANALYSIS_PARAMETERS:
+        return f"parameters.{field}"
     return field
 
 
@@ -218,26 +306,69 @@ def decode_request(request: pb.ModelInferRequest) -> Batch:
     tensor_options = tensor_inputs(spec)
     scalar_options = [o.name for o in all_options(spec) if o.type is not OptionType.TENSOR]
     options: dict[str, Any] = {}
+    asked: dict[str, Any] = {}
     for name, p in request.parameters.items():
         if name in tensor_options.values():
             raise RequestError(f"parameters.{name}", f"a tensor; send it as input "
                                                      f"{name.upper()}")
+        if name in ANALYSIS_PARAMETERS:
+            asked[name] = _analysis_parameter(name, decode_parameter(name, p))
+            continue
         if name not in scalar_options:
             raise RequestError(f"parameters.{name}", f"unknown parameter for model "
                                                      f"{spec.name}; accepted: "
-                                                     f"{', '.join(scalar_options)}")
+                                                     f"{', '.join(scalar_options)} and "
+                                                     f"{', '.join(ANALYSIS_PARAMETERS)}")
         options[name] = decode_parameter(name, p)
     for input_name, option in tensor_options.items():
         if input_name in tensors:
             options[option] = tensors[input_name]
+    for r in request.outputs:  # an analysis output asks for its analysis
+        out = OUTPUT_BY_NAME.get(r.name)
+        if out is not None and out.needs is not None:
+            for need in out.needs.split("+"):
+                if need == "top_k" and "top_k" not in asked:
+                    raise RequestError(f"outputs.{r.name}", "needs parameter top_k (the ks)")
+                asked.setdefault(need, True)
+    analyses = analysis.Request(per_class=bool(asked.get("per_class")),
+                                accuracy=bool(asked.get("accuracy")),
+                                top_k=asked.get("top_k", ()),
+                                diagnostics=bool(asked.get("diagnostics")))
     return Batch(loss=spec.name, predictions=tensors[PREDICTIONS], targets=tensors[TARGETS],
-                 weights=tensors.get(WEIGHTS), options=options)
+                 weights=tensors.get(WEIGHTS), options=options, analyses=analyses)
 
 
-def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool) -> list[Output]:
+def _analysis_parameter(name: str, value: Any) -> Any:
+    field = f"parameters.{name}"
+    if name != "top_k":
+        if not isinstance(value, bool):
+            raise RequestError(field, f"expected bool, got {type(value).__name__}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(field, "expected int64 or a string of comma-separated ints")
+    if isinstance(value, int):
+        return (value,)
+    try:
+        return tuple(int(k) for k in value.split(","))
+    except ValueError:
+        raise RequestError(field, f"{value!r} is not a comma-separated list of ints") from None
+
+
+def _produced(o: Output, weighted: bool, analyses: analysis.Request) -> bool:
+    if o.weighted and not weighted:
+        return False
+    if o.needs is None:
+        return True
+    return all({"per_class": analyses.per_class, "accuracy": analyses.predictions,
+                "top_k": bool(analyses.top_k), "diagnostics": analyses.diagnostics}[n]
+               for n in o.needs.split("+"))
+
+
+def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool,
+                      analyses: analysis.Request = analysis.NONE) -> list[Output]:
     """The outputs to return: those the request lists, in its order, or all it produces."""
     if not request.outputs:
-        return [o for o in OUTPUTS if weighted or not o.weighted]
+        return [o for o in (*OUTPUTS, *ANALYSIS_OUTPUTS) if _produced(o, weighted, analyses)]
     chosen: list[Output] = []
     for r in request.outputs:
         field = f"outputs.{r.name}"
@@ -288,8 +419,10 @@ def model_metadata(spec: Loss) -> pb.ModelMetadataResponse:
     inputs = [_metadata(PREDICTIONS, "FP32", pred_shape), targets,
               _metadata(WEIGHTS, "FP32", [-1]),
               *(_metadata(name, "FP32", [-1]) for name in tensor_inputs(spec))]
-    outputs = [_metadata(o.name, o.datatype, [-1] if o.name == "PER_SAMPLE" else [1])
-               for o in OUTPUTS]
+    listed = (*OUTPUTS, *ANALYSIS_OUTPUTS) if spec.targets is not Targets.SAME_SHAPE \
+        else OUTPUTS
+    outputs = [_metadata(o.name, o.datatype, [-1] if o.name == "PER_SAMPLE" else o.shape)
+               for o in listed]
     return pb.ModelMetadataResponse(name=spec.name, versions=[MODEL_VERSION],
                                     platform=PLATFORM, inputs=inputs, outputs=outputs)
 
@@ -344,7 +477,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             call.received(request.ByteSize())
             with call.stage("decode"):
                 batch = decode_request(request)
-                outputs = requested_outputs(request, weighted=batch.weights is not None)
+                outputs = requested_outputs(request, weighted=batch.weights is not None,
+                                            analyses=batch.analyses)
             try:
                 ev = self.evaluator.compute(call, batch, CallState.of(context))
             except RequestError as exc:
