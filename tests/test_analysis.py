@@ -4,6 +4,7 @@ quantiles; single batches, streams split anywhere and batches split over message
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -241,7 +242,7 @@ def _stream(client: LossClient, x: np.ndarray, t: np.ndarray, w: np.ndarray | No
             cuts: list[int], **kw: Any) -> list[LossResult]:
     bounds = [0, *cuts, len(t)]
     batches = [(x[a:b], t[a:b]) if w is None else (x[a:b], t[a:b], w[a:b])
-               for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+               for a, b in itertools.pairwise(bounds) if b > a]
     return list(client.evaluate_stream(batches, **kw))
 
 
@@ -334,9 +335,8 @@ def test_stream_must_ask_the_same_analyses(server: LossdServer) -> None:
     x, t = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
     first = builder.build("cross_entropy", x, t, None, None, {}, analyses={"hardest": 2})[0]
     second = builder.build("cross_entropy", x, t, None, None, {}, analyses={"hardest": 3})[0]
-    with LossClient(f"127.0.0.1:{server.port}") as c:
-        with pytest.raises(Exception) as err:
-            list(c._evaluate_stream(iter([first, second]), timeout=30))
+    with LossClient(f"127.0.0.1:{server.port}") as c, pytest.raises(Exception) as err:
+        list(c._evaluate_stream(iter([first, second]), timeout=30))
     assert "hardest: differs from the stream's first batch" in str(err.value)
     assert "(batch 1 of the stream)" in str(err.value)
 

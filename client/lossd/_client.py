@@ -151,7 +151,8 @@ def _joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
         return None if arrays[-1] is None else np.concatenate(arrays)
 
     return dataclasses.replace(
-        last, per_sample=cat("per_sample"), running=last.running if running else None,
+        last, per_sample=np.concatenate([p.per_sample for p in parts]),
+        running=last.running if running else None,
         predicted=cat("predicted"), confidence=cat("confidence"), correct=cat("correct"))
 
 

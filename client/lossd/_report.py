@@ -215,7 +215,7 @@ def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray,
         cards.append(_card("max loss", a.quantiles.max))
     parts.append('<div class="cards">' + "".join(cards) + "</div>")
 
-    rows = [("count", a.count), ("sum", a.sum), ("mean", a.mean)]
+    rows: list[tuple[str, Any]] = [("count", a.count), ("sum", a.sum), ("mean", a.mean)]
     if a.weighted_mean is not None:
         rows += [("weighted_sum", a.weighted_sum), ("weighted_mean", a.weighted_mean),
                  ("weight_sum", a.weight_sum)]

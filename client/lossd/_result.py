@@ -31,6 +31,8 @@ def _pandas() -> Any:
 
 def _plain(value: Any) -> Any:
     """numpy scalars and arrays (and containers of them) as plain Python values."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -39,8 +41,6 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
     return value
 
 
@@ -267,7 +267,7 @@ class Hardest(Sequence[HardSample]):
         """Their losses, largest first."""
         return np.array([h.loss for h in self.samples], dtype=np.float64)
 
-    def to_dict(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def to_dict(self) -> list[dict[str, Any]]:
         return [h.to_dict() for h in self.samples]
 
     def to_pandas(self) -> pandas.DataFrame:

@@ -156,7 +156,8 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = max(a.shape[-1], b.shape[-1])
-    return _pad(a, n) + _pad(b, n)
+    out: np.ndarray = _pad(a, n) + _pad(b, n)
+    return out
 
 
 @dataclass(frozen=True)
