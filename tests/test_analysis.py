@@ -399,3 +399,32 @@ def _has_pandas() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.gpu
+def test_analyses_on_cuda_match_torch_there(gpu_client: LossClient) -> None:
+    """The device part (argmax, softmax, top-k) on CUDA, against torch on CUDA; dense too."""
+    x, t, w = data(2000, 50, seed=14)
+    x = np.round(x * 4) / 4  # ties
+    r = gpu_client.evaluate(x, t, weights=w, per_class=True, top_k=(1, 5), diagnostics=True,
+                            hardest=10, quantiles=True)
+    xc = torch.from_numpy(x).cuda()
+    pred = torch.argmax(xc, dim=1)
+    conf = torch.softmax(xc, dim=1).gather(1, pred[:, None]).squeeze(1).cpu().numpy()
+    assert r.predicted is not None and np.array_equal(r.predicted, pred.cpu().numpy())
+    assert r.confidence is not None and np.allclose(r.confidence, conf, rtol=1e-6, atol=0)
+    ranks = np.array([rank_ahead(x[i], int(t[i])) for i in range(len(t))])
+    assert r.top_k_accuracy == {k: (ranks < k).sum() / len(t) for k in (1, 5)}
+    loss = r.per_sample.astype(np.float64)
+    assert r.per_class is not None
+    for c in r.per_class:
+        assert r.per_class[c].sum == fsum(loss[t == c])
+    whole = gpu_client.evaluate(x, t, weights=w, **ALL)
+    streamed = _stream(gpu_client, x, t, w, [1, 999, 1500], **ALL)
+    assert streamed[-1].running is not None
+    assert same(streamed[-1].running.to_dict(), whole.aggregates.to_dict())
+    xd = np.random.default_rng(15).standard_normal((4, 30, 64)).astype(np.float32)
+    td = np.random.default_rng(16).integers(0, 30, (4, 64))
+    rd = gpu_client.evaluate(xd, td, per_class=True, diagnostics=True)
+    assert rd.predicted is not None and np.array_equal(
+        rd.predicted, torch.argmax(torch.from_numpy(xd).cuda(), dim=1).cpu().numpy())

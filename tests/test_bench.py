@@ -77,3 +77,18 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "## Targets" in md and "| workload | clients | measured | p50 ms |" in md
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_analysis_quick_run_writes_ratios(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.analysis", "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=170, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "analysis.json").read_text())
+    for part in ("end_to_end", "in_process"):
+        assert set(result[part]) >= {"plain", "per_class", "diagnostics", "hardest"}
+        assert result[part]["plain"]["ratio"] == 1.0
+        assert all(v["ratio"] > 0 for v in result[part].values())
+    assert "| per_class |" in (tmp_path / "analysis.md").read_text()
