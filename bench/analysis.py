@@ -144,9 +144,10 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
 
 def markdown(result: dict[str, Any]) -> str:
     e2e, inproc = result["end_to_end"], result["in_process"]
+    commit = (result["config"]["git"] or {}).get("commit", "?")[:12]
     lines = [f"# Analyses' cost: {result['workload']['description']}", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; device "
-             f"`{result['config']['device']}`; commit `{(result['config']['git'] or {}).get('commit', '?')[:12]}`. "
+             f"`{result['config']['device']}`; commit `{commit}`. "
              f"{result['config']['rounds']} interleaved rounds. Command: "
              f"`{result['config']['command']}`.", "",
              "| variant | end to end p50 ms | ratio to plain | server handler + client decode ms "

@@ -37,6 +37,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
+from lossd._result import PerClass
 from lossd_server.reduce import GroupedSums
 
 Tensor = torch.Tensor
@@ -192,13 +193,12 @@ class ClassStats:
             top_k_hits=(None if self.top_k_hits is None or other.top_k_hits is None
                         else _add(self.top_k_hits, other.top_k_hits)))
 
-    def table(self) -> PerClass:
-        """The classes present (count > 0) with their aggregates."""
+    def table(self, top_k: tuple[int, ...] = ()) -> PerClass:
+        """The classes present (count > 0) with their aggregates (the client's type)."""
         classes = np.flatnonzero(self.count)
         count = self.count[classes]
         sums = _gather(self.sums, classes)
-        out = PerClass(classes=classes, count=count, sum=sums,
-                       mean=sums / count)
+        out = PerClass(classes=classes, count=count, sum=sums, mean=sums / count, top_k=top_k)
         if self.weighted is not None and self.weights is not None:
             ws, wt = _gather(self.weighted, classes), _gather(self.weights, classes)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -207,10 +207,10 @@ class ClassStats:
                                                      math.nan))
         if self.hits is not None:
             hits = _pad(self.hits, self.count.shape[0])[classes]
-            out = replace(out, hits=hits, accuracy=hits / count)
+            out = replace(out, correct=hits, accuracy=hits / count)
         if self.top_k_hits is not None:
             th = _pad(self.top_k_hits, self.count.shape[0])[:, classes]
-            out = replace(out, top_k_hits=th, top_k_accuracy=th / count)
+            out = replace(out, top_k_correct=th, top_k_accuracy=th / count)
         return out
 
 
@@ -221,23 +221,6 @@ def _merge_opt(a: GroupedSums | None, b: GroupedSums | None) -> GroupedSums | No
 def _gather(s: GroupedSums, classes: np.ndarray) -> np.ndarray:
     totals = s.totals()
     return np.array([totals.get(c, 0.0) for c in classes.tolist()], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class PerClass:
-    """Per-class aggregates as parallel arrays over ``classes`` (ascending)."""
-
-    classes: np.ndarray
-    count: np.ndarray
-    sum: np.ndarray
-    mean: np.ndarray
-    weighted_sum: np.ndarray | None = None
-    weighted_mean: np.ndarray | None = None
-    weight_sum: np.ndarray | None = None
-    hits: np.ndarray | None = None
-    accuracy: np.ndarray | None = None
-    top_k_hits: np.ndarray | None = None  # (len(top_k), classes)
-    top_k_accuracy: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ import grpc
 import numpy as np
 import torch
 
+from lossd._result import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis
@@ -114,7 +115,7 @@ def _analysis(ev: Evaluation) -> analysis.Analysis:
     return ev.analysis
 
 
-def _table(ev: Evaluation) -> analysis.PerClass:
+def _table(ev: Evaluation) -> PerClass:
     stats = _analysis(ev).per_class
     assert stats is not None
     return stats.table()
@@ -168,7 +169,7 @@ ANALYSIS_OUTPUTS: tuple[Output, ...] = (
     Output("CLASS_WEIGHTED_MEAN", "FP64", True, _column("weighted_mean", "<f8"), "per_class",
            (-1,)),
     Output("CLASS_WEIGHT_SUM", "FP64", True, _column("weight_sum", "<f8"), "per_class", (-1,)),
-    Output("CLASS_CORRECT", "INT64", False, _column("hits", "<i8"), "per_class+accuracy",
+    Output("CLASS_CORRECT", "INT64", False, _column("correct", "<i8"), "per_class+accuracy",
            (-1,)),
     Output("CLASS_ACCURACY", "FP64", False, _column("accuracy", "<f8"), "per_class+accuracy",
            (-1,)),

@@ -146,7 +146,7 @@ def analyses_differ(req: Any, first: Any) -> str | None:
 def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
     """An analysis into its message: only the parts it holds."""
     if a.per_class is not None:
-        t = a.per_class.table()
+        t = a.per_class.table(a.request.top_k)
         pc = out.per_class
         pc.SetInParent()
         pc.classes.extend(t.classes.tolist())
@@ -158,11 +158,11 @@ def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
             pc.weighted_sum.extend(t.weighted_sum.tolist())
             pc.weighted_mean.extend(t.weighted_mean.tolist())
             pc.weight_sum.extend(t.weight_sum.tolist())
-        if t.hits is not None and t.accuracy is not None:
-            pc.correct.extend(t.hits.tolist())
+        if t.correct is not None and t.accuracy is not None:
+            pc.correct.extend(t.correct.tolist())
             pc.accuracy.extend(t.accuracy.tolist())
-        if t.top_k_hits is not None and t.top_k_accuracy is not None:
-            pc.top_k_correct.extend(t.top_k_hits.reshape(-1).tolist())
+        if t.top_k_correct is not None and t.top_k_accuracy is not None:
+            pc.top_k_correct.extend(t.top_k_correct.reshape(-1).tolist())
             pc.top_k_accuracy.extend(t.top_k_accuracy.reshape(-1).tolist())
     if a.accuracy is not None:
         acc = a.accuracy
