@@ -428,3 +428,21 @@ def test_analyses_on_cuda_match_torch_there(gpu_client: LossClient) -> None:
     rd = gpu_client.evaluate(xd, td, per_class=True, diagnostics=True)
     assert rd.predicted is not None and np.array_equal(
         rd.predicted, torch.argmax(torch.from_numpy(xd).cuda(), dim=1).cpu().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_per_class_and_accuracy_in_every_dtype(client: LossClient, dtype: torch.dtype) -> None:
+    x, t, w = data(150, 7, seed=17)
+    xt = torch.from_numpy(x).to(dtype)
+    r = client.evaluate(xt, t, weights=w, per_class=True, accuracy=True, hardest=3)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    xc = xt.to(compute)
+    loss = F.cross_entropy(xc, torch.from_numpy(t), reduction="none").numpy()
+    pred = torch.argmax(xc, dim=1).numpy()
+    assert r.per_class is not None
+    for c in r.per_class:
+        m = t == c
+        assert r.per_class[c].sum == fsum(loss[m])
+        assert r.per_class[c].weighted_sum == fsum(w[m].astype(np.float64) * loss[m])
+        assert r.per_class[c].correct == int((pred[m] == c).sum())
+    assert r.hardest is not None and r.hardest[0].loss == loss.max()
