@@ -177,3 +177,7 @@ def test_class_outputs_need_class_targets(stub: pb_grpc.GRPCInferenceServiceStub
     with pytest.raises(grpc.RpcError) as err:
         _infer(stub, "cross_entropy", x, np.zeros(3, np.int64), [], accuracy="yes")
     assert err.value.details().startswith("parameters.accuracy: expected bool")
+    with pytest.raises(grpc.RpcError) as err:
+        _infer(stub, "cross_entropy", x, np.zeros(3, np.int64), ["CLASS_MEAN"], per_class=False)
+    assert err.value.details().startswith("outputs.CLASS_MEAN: needs parameters.per_class, "
+                                          "turned off")

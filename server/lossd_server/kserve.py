@@ -381,6 +381,9 @@ def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool,
             raise RequestError(field, "requested twice")
         if out.weighted and not weighted:
             raise RequestError(field, f"produced only when the request has input {WEIGHTS}")
+        if not _produced(out, True, analyses):
+            needs = " and ".join(f"parameters.{n}" for n in (out.needs or "").split("+"))
+            raise RequestError(field, f"needs {needs}, turned off by the request")
         if r.parameters:
             raise RequestError(f"{field}.parameters", f"{', '.join(sorted(r.parameters))} not "
                                                       "supported")
