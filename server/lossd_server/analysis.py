@@ -113,13 +113,25 @@ def class_outputs(predictions: Tensor, targets: Tensor, valid: Tensor | None,
         hit &= valid
     confidence = None
     if request.diagnostics:
-        confidence = torch.softmax(predictions, dim=1).gather(1, predicted.unsqueeze(1)).squeeze(1)
+        confidence = _confidence(predictions, predicted)
     hits = []
     if request.top_k:
         hits = _top_k_hits(predictions, safe, target_logit, request.top_k)
         if valid is not None:
             hits = [h & valid for h in hits]
     return ClassOutputs(predicted, confidence, hit, tuple(hits))
+
+
+def _confidence(x: Tensor, predicted: Tensor) -> Tensor:
+    """softmax over the class dimension at the predicted class.
+
+    On CUDA a dense (N, C, d1, ...) softmax over dim 1 is a strided reduction; with the
+    classes moved last it streams (as ``losses._classes_last`` does for the losses).
+    """
+    if x.is_cuda and x.dim() > 2:
+        rows = torch.softmax(x.movedim(1, -1), dim=-1)
+        return rows.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+    return torch.softmax(x, dim=1).gather(1, predicted.unsqueeze(1)).squeeze(1)
 
 
 def _argmax(x: Tensor) -> Tensor:
