@@ -12,7 +12,7 @@ neighbour's load hits them alike:
 * **end to end**: ``lossd serve`` in its own process (``bench.run.Server``), one client
   process (``bench.run.Pool``) calling ``LossClient.evaluate`` with the variant's keyword
   arguments; p50 per variant pooled over rounds, and the median over rounds of each round's
-  p50 ratio to the plain call.
+  p50 ratio to the plain call; also the CPU seconds per call of server plus client.
 * **server handler in-process**: ``LossServicer.Evaluate`` on the parsed request bytes the
   client sends (decode, validation, loss, analyses, aggregates, encoding; no grpcio, no
   client) plus the client's ``LossResult.from_proto`` of the reply: the analyses' own cost
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -64,31 +65,45 @@ def variants(base: Workload) -> dict[str, Workload]:
             for name, kw in VARIANTS.items()}
 
 
+def _mark_cpu(marks: list[float], pid: int) -> None:
+    marks.append(bench_run._proc_cpu(pid))
+
+
 def end_to_end(ws: dict[str, Workload], rounds: int, duration: float, min_calls: int,
                device: str, log: Path) -> dict[str, Any]:
     pool = bench_run.Pool(1)  # forks before any gRPC object exists here
     server = bench_run.Server("lossd", device, None, log)
     per_round: dict[str, list[float]] = {name: [] for name in ws}
     latencies: dict[str, list[float]] = {name: [] for name in ws}
+    cpu: dict[str, list[float]] = {name: [] for name in ws}  # server + client s per call
     try:
         pool.wait_ready(server.address)
+        for w in ws.values():  # an unmeasured round: every variant's memory is warm
+            pool.run("lossd", w, server.address, 1, 1, 1, 0.0)
         for _ in range(rounds):
             bench_run.wait_quiet(5.0, window=0.25, quiet=True)
             for name, w in ws.items():
-                result = pool.run("lossd", w, server.address, 1, 2, min_calls, duration)[0]
+                mark: list[float] = []  # the server's CPU seconds after the warm-up calls
+                result = pool.run("lossd", w, server.address, 1, 2, min_calls, duration,
+                                  on_start=functools.partial(_mark_cpu, mark, server.pid))[0]
+                server_cpu = bench_run._proc_cpu(server.pid) - mark[0]
                 latencies[name] += result["lat"]
                 per_round[name].append(statistics.median(result["lat"]))
+                cpu[name].append((server_cpu + result["cpu"]) / len(result["lat"]))
     finally:
         server.stop()
         pool.close()
     out: dict[str, Any] = {}
     for name in ws:
         ratios = [v / b for v, b in zip(per_round[name], per_round["plain"], strict=True)]
+        cpu_ratios = [v / b for v, b in zip(cpu[name], cpu["plain"], strict=True)]
         out[name] = {"p50_ms": round(statistics.median(latencies[name]) * 1e3, 3),
                      "calls": len(latencies[name]),
                      "round_p50_ms": [round(v * 1e3, 3) for v in per_round[name]],
                      "ratio": round(statistics.median(ratios), 4),
-                     "round_ratios": [round(r, 4) for r in ratios]}
+                     "round_ratios": [round(r, 4) for r in ratios],
+                     "cpu_ms_per_call": round(statistics.median(cpu[name]) * 1e3, 3),
+                     "cpu_ratio": round(statistics.median(cpu_ratios), 4)}
     return out
 
 
@@ -150,17 +165,23 @@ def markdown(result: dict[str, Any]) -> str:
              f"`{result['config']['device']}`; commit `{commit}`. "
              f"{result['config']['rounds']} interleaved rounds. Command: "
              f"`{result['config']['command']}`.", "",
-             "| variant | end to end p50 ms | ratio to plain | server handler + client decode ms "
-             "| added ms | ratio |", "|---|---|---|---|---|---|"]
+             "| variant | end to end p50 ms | ratio to plain | CPU ms per call (server + client) "
+             "| ratio | server handler + client decode ms | added ms | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         a, b = e2e[name], inproc[name]
-        lines.append(f"| {name} | {a['p50_ms']:.2f} | {a['ratio']:.3f} | {b['median_ms']:.2f} "
+        lines.append(f"| {name} | {a['p50_ms']:.2f} | {a['ratio']:.3f} | "
+                     f"{a['cpu_ms_per_call']:.2f} | {a['cpu_ratio']:.3f} | {b['median_ms']:.2f} "
                      f"| {b['added_ms']:+.2f} | {b['ratio']:.3f} |")
     lines += ["", "## Target: per_class, diagnostics and hardest each add <= 10 % end to end",
-              "", "| variant | ratio (median of rounds) | met |", "|---|---|---|"]
+              "", "| variant | p50 ratio (median of rounds) | met | CPU per call ratio |",
+              "|---|---|---|---|"]
     for name in TARGETED:
         r = e2e[name]["ratio"]
-        lines.append(f"| {name} | {r:.3f} | {'yes' if r <= TARGET else '**no**'} |")
+        lines.append(f"| {name} | {r:.3f} | {'yes' if r <= TARGET else '**no**'} | "
+                     f"{e2e[name]['cpu_ratio']:.3f} |")
+    lines += ["", "CPU per call: the server process's CPU seconds over the measured calls plus "
+              "the client's, per call (less sensitive to a busy machine than wall time).", ""]
     lines += ["", "Variants: " + "; ".join(f"{k}: `{v}`" for k, v in VARIANTS.items() if v),
               ""]
     return "\n".join(lines)
