@@ -119,12 +119,9 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
     from lossd_server.metrics import Metrics
     from lossd_server.servicer import LossServicer
 
-    try:  # as `lossd serve` does at start: keep freed memory (see its --malloc-reuse)
-        from lossd_server.cli import tune_allocator
+    from lossd_server.serve import tune_allocator
 
-        tune_allocator()
-    except ImportError:
-        pass
+    tune_allocator()  # as `lossd serve` does at start: keep freed memory (--malloc-reuse)
     handler = LossServicer(Engine(torch.device(device)), max_message_bytes=2**31,
                            metrics=Metrics(process=False))
     builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)
