@@ -117,9 +117,8 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
     from lossd_server import wire
     from lossd_server.engine import Engine
     from lossd_server.metrics import Metrics
-    from lossd_server.servicer import LossServicer
-
     from lossd_server.serve import tune_allocator
+    from lossd_server.servicer import LossServicer
 
     tune_allocator()  # as `lossd serve` does at start: keep freed memory (--malloc-reuse)
     handler = LossServicer(Engine(torch.device(device)), max_message_bytes=2**31,

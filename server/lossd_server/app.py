@@ -190,7 +190,8 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     credentials = server_credentials(settings)
     gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
-                                                    thread_name_prefix="lossd"),
+                                                    thread_name_prefix="lossd",
+                                                    initializer=_serving_thread),
                          options=server_options(settings, reuse_port=reuse_port),
                          interceptors=[gate],
                          maximum_concurrent_rpcs=settings.rpc_limit)
@@ -227,6 +228,12 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                         _health_server=health_server)
     lossd.set_serving(False)
     return lossd
+
+
+def _serving_thread() -> None:
+    """Each call thread computes without autograd (a gradient request turns it on for
+    itself), so the engine skips entering inference mode on every call."""
+    torch.set_grad_enabled(False)
 
 
 def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from lossd_server.reduce import Aggregate, per_sample, reduction
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Batch:
     """A decoded request: host tensors as they came off the wire, options as Python values."""
 
@@ -38,7 +39,7 @@ class Batch:
     """The analyses wanted besides the aggregates (per class, accuracy, hardest, ...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Evaluation:
     """Per-sample losses (float32, host, (N,)) and the batch's exact aggregate.
 
@@ -68,7 +69,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Checked:
     """A batch that passed validation, with its typed options."""
 
@@ -80,7 +81,7 @@ class _Checked:
     nan_policy: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Computed:
     """Host results of one device call: per-sample values and the masks of left-out samples."""
 
@@ -181,7 +182,9 @@ class Engine:
 
         if batch.gradient:
             pred = pred.detach().requires_grad_(True)
-        with torch.enable_grad() if batch.gradient else torch.inference_mode():
+        with (torch.enable_grad() if batch.gradient
+              else torch.inference_mode() if torch.is_grad_enabled()
+              else contextlib.nullcontext()):  # serving threads run with grad off
             events = None
             if self._cuda:
                 events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]

@@ -5,8 +5,8 @@
   at once with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer; nothing queues without
   bound. A waiting call whose caller cancelled or whose deadline passed leaves the queue
   without computing.
-* :func:`check_elements`: the elements a request claims (its shapes), checked before any
-  decoding against ``--max-elements``.
+* :class:`ElementBudget`: the elements a request claims (its shapes), checked against
+  ``--max-elements`` as each tensor is decoded, before its bytes are looked at.
 * :func:`is_out_of_memory` / :func:`release_memory`: CUDA OOM and host allocation failures
   become RESOURCE_EXHAUSTED; the device cache is released and the server goes on.
 * :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, and
@@ -289,16 +289,22 @@ def claimed_elements(shape: Iterable[int]) -> int:
 MAX_DIM_PRODUCT = 1 << 62  # beyond it torch's size and stride arithmetic overflows
 
 
-def check_elements(tensors: Iterable[tuple[str, Iterable[int]]], max_elements: int) -> int:
-    """Total elements claimed by ``(field, shape)`` pairs; RESOURCE_EXHAUSTED (naming the
-    field that crosses the limit) when over ``max_elements`` (0: no limit).
+class ElementBudget:
+    """The elements a request's tensors claim (their shapes), checked one tensor at a time
+    against ``max_elements`` (0: no limit) before its bytes are looked at.
 
-    A shape with a zero dimension claims no elements, but its other dimensions still count:
-    one larger than ``max_elements`` is refused too, and dimensions whose product overflows
-    are INVALID_ARGUMENT whatever the limit.
+    ``claim`` raises RESOURCE_EXHAUSTED (naming the field that crosses the limit) when the
+    total goes over. A shape with a zero dimension claims no elements, but its other
+    dimensions still count: one larger than ``max_elements`` is refused too, and dimensions
+    whose product overflows are INVALID_ARGUMENT whatever the limit.
     """
-    total = 0
-    for name, shape in tensors:
+
+    def __init__(self, max_elements: int) -> None:
+        self.max_elements = max_elements
+        self.total = 0
+
+    def claim(self, name: str, shape: Iterable[int]) -> None:
+        max_elements = self.max_elements
         dims = list(shape)
         positive = not dims or min(dims) > 0
         if positive:
@@ -315,13 +321,12 @@ def check_elements(tensors: Iterable[tuple[str, Iterable[int]]], max_elements: i
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name}.shape: {dims} has a dimension over {max_elements} "
                           "(--max-elements)", reason="too_large")
-        total += n
-        if max_elements and total > max_elements:
+        self.total += n
+        if max_elements and self.total > max_elements:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{name}.shape: {dims} brings the request to {total} elements; "
-                          f"this server takes at most {max_elements} per message "
+                          f"{name}.shape: {dims} brings the request to {self.total} "
+                          f"elements; this server takes at most {max_elements} per message "
                           "(--max-elements); split the batch", reason="too_large")
-    return total
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,12 +188,12 @@ class _Observer:
         self._buckets[bisect.bisect_left(self._bounds, value)].inc(1)
         self._sum.inc(value)
 
-    def observe_counts(self, counts: np.ndarray, total: float) -> None:
+    def observe_counts(self, counts: list[int], total: float) -> None:
         """Add per-bucket ``counts`` (non-cumulative, one per bound and +Inf) and their
         ``total``: a batch of 16k losses would cost milliseconds one ``observe`` at a time."""
-        buckets = self._buckets
-        for i in np.flatnonzero(counts).tolist():
-            buckets[i].inc(int(counts[i]))
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
         self._sum.inc(total)
 
 
@@ -371,18 +371,31 @@ class Metrics:
                     series = self._losses[key] = _LossSeries(self, *key)
         return series
 
-    def bucket_counts(self, values: np.ndarray) -> tuple[np.ndarray, float]:
+    def bucket_counts(self, values: np.ndarray) -> tuple[list[int], float]:
         """Per-bucket counts of ``values`` (NaN left out) and the sum of the finite ones."""
-        v = values.astype(np.float64, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = float(v.sum())
+        if values.shape[0] <= _SMALL_BATCH:  # fsum of a list beats numpy's fixed costs
+            total = _fsum(values.tolist())
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = float(values.sum(dtype=np.float64))
         if not math.isfinite(total):  # NaN goes in no bucket, and no sum takes +-inf
-            v = v[~np.isnan(v)]
-            total = float(v[np.isfinite(v)].sum())
+            v = values.astype(np.float64)
+            values = v[~np.isnan(v)]
+            total = float(values[np.isfinite(values)].sum())
         # Bucket i counts values <= bounds[i]; the last (+Inf) catches the rest.
-        counts = np.bincount(np.searchsorted(self._bounds, v, side="left"),
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"),
                              minlength=len(self._bounds) + 1)
-        return counts, total
+        return counts.tolist(), total
+
+
+_SMALL_BATCH = 256
+
+
+def _fsum(values: list[float]) -> float:
+    try:
+        return math.fsum(values)
+    except ValueError:  # both infinities
+        return math.nan
 
 
 class _StageTimer:

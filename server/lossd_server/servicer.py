@@ -76,7 +76,11 @@ def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | Non
 
 
 def decode_request(req: pb.EvaluateRequest,
-                   shared_memory: SharedMemoryRegistry | None = None) -> Batch:
+                   shared_memory: SharedMemoryRegistry | None = None, *,
+                   max_elements: int = 0) -> Batch:
+    """The request's tensors (views, no copies) and options. Refused (RESOURCE_EXHAUSTED)
+    when its shapes claim more than ``max_elements`` elements (0: no limit), before any
+    tensor's bytes are looked at."""
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
     if not req.HasField("targets"):
@@ -84,13 +88,14 @@ def decode_request(req: pb.EvaluateRequest,
     view = _shared_memory(req, shared_memory)
     if req.HasField("per_sample_output") and view is None:
         raise RequestError("per_sample_output", "needs shared_memory_session")
+    claim = limits.ElementBudget(max_elements).claim
     return Batch(
         loss=req.loss,
-        predictions=wire.decode_tensor(req.predictions, "predictions", view),
-        targets=wire.decode_tensor(req.targets, "targets", view),
-        weights=(wire.decode_tensor(req.weights, "weights", view) if req.HasField("weights")
-                 else None),
-        options=wire.decode_options(req.options),
+        predictions=wire.decode_tensor(req.predictions, "predictions", view, claim),
+        targets=wire.decode_tensor(req.targets, "targets", view, claim),
+        weights=(wire.decode_tensor(req.weights, "weights", view, claim)
+                 if req.HasField("weights") else None),
+        options=wire.decode_options(req.options, claim),
         gradient=wire.decode_reduction(req.gradient),
         analyses=wire.decode_analyses(req),
     )
@@ -156,8 +161,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         call.received(request.ByteSize())
         try:
             with call.stage("decode"):
-                limits.check_elements(_claimed_shapes(request), self.max_elements)
-                batch = decode_request(request, self.shared_memory)
+                batch = decode_request(request, self.shared_memory,
+                                       max_elements=self.max_elements)
         except Refused as exc:
             self.limits.count(call.method, exc)
             raise
@@ -330,16 +335,6 @@ def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
-
-
-def _claimed_shapes(req: pb.EvaluateRequest) -> Iterator[tuple[str, Any]]:
-    """(field, shape) of every tensor a request carries, as the message claims them."""
-    for name in ("predictions", "targets", "weights"):
-        if req.HasField(name):
-            yield name, getattr(req, name).shape
-    for name, value in req.options.items():
-        if value.WhichOneof("kind") == "tensor_value":
-            yield f"options.{name}", value.tensor_value.shape
 
 
 def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:

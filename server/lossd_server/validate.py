@@ -191,7 +191,7 @@ def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
     return found
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClassTargets:
     """What validation learnt of class-index targets: their smallest and largest index."""
 

@@ -31,6 +31,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 SharedMemoryView = Callable[[pb.SharedMemoryRef, str], memoryview]
+Claim = Callable[[str, tuple[int, ...]], None]
+"""Called with each tensor's field and shape before its bytes are looked at (the server's
+element limit, ``limits.ElementBudget.claim``)."""
 
 
 # proto dtype -> (torch dtype, numpy dtype to view the bytes as, or None for bfloat16).
@@ -39,11 +42,12 @@ _DECODE: dict[int, tuple[torch.dtype, np.dtype[Any] | None, int]] = {
     for k, d in WIRE_DTYPES.items()}
 
 
-def decode_tensor(t: pb.Tensor, field: str,
-                  shared_memory: SharedMemoryView | None = None) -> torch.Tensor:
+def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | None = None,
+                  claim: Claim | None = None) -> torch.Tensor:
     """A host tensor viewing the message's bytes, or its shared-memory bytes (no copy).
 
-    ``shared_memory`` resolves a SharedMemoryRef of the request's session.
+    ``shared_memory`` resolves a SharedMemoryRef of the request's session; ``claim`` sees
+    the shape first.
     """
     decoded = _DECODE.get(t.dtype)
     if decoded is None:
@@ -53,6 +57,8 @@ def decode_tensor(t: pb.Tensor, field: str,
     shape = tuple(t.shape)
     if shape and min(shape) < 0:
         raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
+    if claim is not None:
+        claim(field, shape)
     expected = math.prod(shape) * itemsize
     data: bytes | memoryview = t.data
     if t.HasField("shared_memory"):
@@ -71,12 +77,12 @@ def decode_tensor(t: pb.Tensor, field: str,
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def decode_option(name: str, v: pb.OptionValue) -> Any:
+def decode_option(name: str, v: pb.OptionValue, claim: Claim | None = None) -> Any:
     kind = v.WhichOneof("kind")
     if kind is None:
         raise RequestError(f"options.{name}", "no value set")
     if kind == "tensor_value":
-        return decode_tensor(v.tensor_value, f"options.{name}")
+        return decode_tensor(v.tensor_value, f"options.{name}", claim=claim)
     return getattr(v, kind)
 
 
@@ -93,10 +99,10 @@ def decode_reduction(value: pb.Reduction) -> str | None:
     return _REDUCTIONS[value]
 
 
-def decode_options(options: Any) -> dict[str, Any]:
+def decode_options(options: Any, claim: Claim | None = None) -> dict[str, Any]:
     if not options:
         return {}
-    return {name: decode_option(name, v) for name, v in options.items()}
+    return {name: decode_option(name, v, claim) for name, v in options.items()}
 
 
 def encode_tensor(t: torch.Tensor) -> pb.Tensor:
