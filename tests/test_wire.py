@@ -240,3 +240,17 @@ def test_encode_aggregate() -> None:
                                              ignored=np.array([True])), empty)
     assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.weighted_mean)
     assert empty.HasField("weight_sum") and empty.weight_sum == 0.0
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (32, 10), (127, 128), (0, 1 << 40),
+                                   (3, 200, 2)])
+@pytest.mark.parametrize("proto", [pb.FLOAT32, pb.BFLOAT16, pb.INT64])
+def test_encode_with_tensors_is_what_protobuf_serialises(shape: tuple[int, ...],
+                                                         proto: pb.DType) -> None:
+    from lossd._wire import encode_with_tensors
+
+    arr = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    raw = encode_with_tensors(pb.EvaluateRequest(loss="x", tag="t"), [(2, arr, proto)])
+    want = pb.EvaluateRequest(loss="x", tag="t", predictions=pb.Tensor(
+        dtype=proto, shape=shape, data=arr.tobytes()))
+    assert pb.EvaluateRequest.FromString(raw) == want

@@ -9,6 +9,7 @@ torch is optional: a ``torch.Tensor`` is recognised without importing torch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,19 +59,28 @@ def dtype_name(proto_dtype: pb.DType) -> str:
 
 
 def _is_torch_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+_PROTO_BY_TORCH_DTYPE: dict[Any, pb.DType] = {}  # torch.dtype -> wire dtype, filled on use
 
 
 def _torch_to_numpy(t: Any) -> tuple[np.ndarray, pb.DType]:
     """A CPU, contiguous numpy view of a torch tensor (a copy only if it lives elsewhere)."""
-    name = str(t.dtype)
-    if name not in _TORCH_NAMES:
-        raise TypeError(f"unsupported torch dtype {name}; send one of {sorted(_TORCH_NAMES)}")
-    t = t.detach()
-    if t.device.type != "cpu":
+    proto = _PROTO_BY_TORCH_DTYPE.get(t.dtype)
+    if proto is None:
+        name = str(t.dtype)
+        if name not in _TORCH_NAMES:
+            raise TypeError(f"unsupported torch dtype {name}; send one of "
+                            f"{sorted(_TORCH_NAMES)}")
+        proto = _PROTO_BY_TORCH_DTYPE[t.dtype] = _TORCH_NAMES[name]
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
-    proto = _TORCH_NAMES[name]
+    if not t.is_contiguous():
+        t = t.contiguous()
     if proto == pb.BFLOAT16:
         import torch  # present: we hold a torch tensor
 
@@ -86,8 +96,7 @@ def as_array(value: Any, *, field: str) -> tuple[np.ndarray, pb.DType]:
     little-endian array of an accepted dtype.
     """
     if _is_torch_tensor(value):
-        arr, proto = _torch_to_numpy(value)
-        return arr.reshape(arr.shape), proto
+        return _torch_to_numpy(value)
     arr = np.asarray(value)
     if arr.dtype == np.bool_:
         raise TypeError(f"{field}: bool arrays are not accepted; convert to float or int")
@@ -142,7 +151,12 @@ def option_value(name: str, value: Any) -> pb.OptionValue:
     raise TypeError(f"options.{name}: unsupported value of type {type(value).__name__}")
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _ONE_BYTE[value]
     out = bytearray()
     value &= (1 << 64) - 1
     while True:
@@ -153,6 +167,15 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def _tensor_header(dtype: pb.DType, shape: tuple[int, ...]) -> bytes:
+    """``Tensor(dtype=dtype, shape=shape).SerializeToString()``, written directly."""
+    header = b"\x08" + _varint(dtype) if dtype else b""  # field 1, varint
+    if shape:  # field 2, packed varints
+        packed = b"".join([_varint(d) for d in shape])
+        header += b"\x12" + _varint(len(packed)) + packed
+    return header
 
 
 def encode_with_tensors(message: Any,
@@ -166,9 +189,10 @@ def encode_with_tensors(message: Any,
     """
     parts: list[Any] = [message.SerializeToString()]
     for number, arr, dtype in tensors:
-        header = pb.Tensor(dtype=dtype, shape=arr.shape).SerializeToString()
-        data_key = _varint(arr.nbytes)
-        length = len(header) + 1 + len(data_key) + arr.nbytes
+        header = _tensor_header(dtype, arr.shape)
+        nbytes = arr.nbytes
+        data_key = _varint(nbytes)
+        length = len(header) + 1 + len(data_key) + nbytes
         parts += [_varint((number << 3) | 2), _varint(length), header, b"\x1a", data_key,
-                  arr.data.cast("B") if arr.nbytes else b""]
+                  arr.data.cast("B") if nbytes else b""]
     return b"".join(parts)
