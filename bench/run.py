@@ -152,6 +152,31 @@ def _proc_cpu(pid: int) -> float:
         return 0.0
 
 
+def _descendants(pid: int) -> list[int]:
+    """Live child processes of ``pid``, their children, and so on (a server's workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and of every live process below it (a supervisor and its
+    workers, MLServer and its inference pool)."""
+    return sum(_proc_cpu(p) for p in [pid, *_descendants(pid)])
+
+
 def _proc_minflt(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -267,7 +292,8 @@ class Server:
     """A server subprocess on a free loopback port."""
 
     def __init__(self, kind: str, device: str, workers: int | None, log: Path,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None, *,
+                 processes: str = "1") -> None:
         self.kind = kind
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -276,7 +302,7 @@ class Server:
         if kind == "lossd":
             # Metrics on (lossd's default): its stage histograms say where server time goes.
             self.metrics_port = _free_port()
-            cmd = [sys.executable, "-m", "lossd_server.serve", "--processes", "1",
+            cmd = [sys.executable, "-m", "lossd_server.serve", "--processes", processes,
                    "--host", "127.0.0.1",
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                    "--device", device, "--max-message-mb", mb, "--log-level", "warning"]
@@ -296,7 +322,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # a supervisor drains its workers
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -374,6 +400,9 @@ def _make_call(kind: str, w: Workload, address: str
 
         return call, client.close
 
+    if kind == "kserve":
+        return _kserve_call(w, address, pred, targ)
+
     from bench.workloads import arrays_for_wire, request_bytes
     from lossd.v1 import loss_service_pb2 as pb
 
@@ -398,6 +427,42 @@ def _make_call(kind: str, w: Workload, address: str
         return int(np.concatenate(out).shape[0])
 
     return floor_call, channel.close
+
+
+def _kserve_call(w: Workload, address: str, pred: Any, targ: Any
+                 ) -> tuple[Callable[[], int], Callable[[], None]]:
+    """One Open Inference Protocol ModelInfer per call (model = the loss, inputs
+    PREDICTIONS and TARGETS as raw contents), answered by lossd's KServe face or by the
+    MLServer peer (``bench.mlserver``); the request is built per call, as the others are."""
+    import grpc
+
+    from lossd._client import _channel_options
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+
+    if w.seq or w.weighted or w.dtype != "float32" or w.options:
+        raise ValueError(f"the kserve client measures plain fp32 workloads, not {w.name}")
+    channel = grpc.insecure_channel(address, options=_channel_options(MAX_MESSAGE_BYTES))
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                response_deserializer=kpb.ModelInferResponse.FromString)
+    x, t = pred.numpy(), targ.numpy()
+
+    def call() -> int:
+        request = kpb.ModelInferRequest(model_name=w.loss, inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="PREDICTIONS", datatype="FP32",
+                                                   shape=x.shape),
+            kpb.ModelInferRequest.InferInputTensor(name="TARGETS", datatype="INT64",
+                                                   shape=t.shape)],
+            raw_input_contents=[x.tobytes(), t.tobytes()])
+        resp = infer(request, timeout=CALL_TIMEOUT)
+        i = next(i for i, o in enumerate(resp.outputs) if o.name == "PER_SAMPLE")
+        if resp.raw_output_contents:
+            losses = np.frombuffer(resp.raw_output_contents[i], "<f4").copy()
+        else:
+            losses = np.asarray(resp.outputs[i].contents.fp32_contents, np.float32)
+        return int(losses.shape[0])
+
+    return call, channel.close
 
 
 def _wait_ready(address: str, timeout: float) -> float:
@@ -584,10 +649,11 @@ class Bench:
 
         def on_start() -> None:  # after the warm-up calls
             scraped["before"] = scrape_stages(server.metrics_port)
-            marks["cpu"] = _proc_cpu(server.pid)
+            marks["cpu"] = tree_cpu(server.pid)
             marks["flt"] = _proc_minflt(server.pid)
 
-        pids = [server.pid, os.getpid(), *(p.pid or 0 for p in pool.procs[:clients])]
+        pids = [server.pid, *_descendants(server.pid), os.getpid(),
+                *(p.pid or 0 for p in pool.procs[:clients])]
         # RSS is watched from before the first (warm-up) call: its peak covers them all.
         with RssSampler(server.pid) as sampler, self._load(record, pids):
             results = pool.run(kind, w, server.address, clients, warmup, min_calls, duration,
@@ -604,7 +670,7 @@ class Bench:
         record["warmup_ms"] = [round(x * 1e3, 2) for x in results[0]["warm"]]
         calls = max(1, len(lat))
         record["server_cpu_ms_per_call"] = round(
-            (_proc_cpu(server.pid) - marks["cpu"]) * 1e3 / calls, 2)
+            (tree_cpu(server.pid) - marks["cpu"]) * 1e3 / calls, 2)
         record["client_cpu_ms_per_call"] = round(
             sum(r["cpu"] for r in results) * 1e3 / calls, 2)
         record["server_page_faults_per_call"] = round(

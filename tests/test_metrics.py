@@ -179,3 +179,59 @@ def test_dashboard_queries_only_metrics_the_server_exports(metered: LossdServer)
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\b((?:lossd|process)_[a-z_]+)\b", e)}
     assert used and used <= exported, used - exported
+
+
+def test_histogram_writer_observes_as_prometheus_client_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from lossd_server.metrics import HistogramWriter
+
+    bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
+    values = [0.0, 0.001, 0.0010001, 0.05, 0.1, 1.0, 3.0, 10.0, 11.0, float("inf"), -1.0]
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h", "h", ("a",), buckets=bounds, registry=theirs).labels("x")
+    writer = HistogramWriter(Histogram("h", "h", ("a",), buckets=bounds,
+                                       registry=ours).labels("x"))
+    for v in values:
+        reference.observe(v)
+        writer.observe(v)
+    bulk = CollectorRegistry()
+    bulk_writer = HistogramWriter(Histogram("h", "h", ("a",), buckets=bounds,
+                                            registry=bulk).labels("x"))
+    counts = [0] * (len(bounds) + 1)
+    for v in values:  # bucket i: the first bound v is at most (+Inf last)
+        counts[next((i for i, b in enumerate(bounds) if v <= b), len(bounds))] += 1
+    bulk_writer.observe_counts(counts, sum(values))
+
+    def exposed(r: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {(s.name, s.labels.get("le", "")): s.value for f in r.collect()
+                for s in f.samples if not s.name.endswith("_created")}
+
+    assert exposed(ours) == exposed(theirs) == exposed(bulk)
+
+
+def test_flushed_values_lose_no_increment_across_threads() -> None:
+    import threading
+
+    from prometheus_client.values import MutexValue
+
+    from lossd_server.metrics import _Flushed, flush
+
+    target = MutexValue("counter", "c", "c", (), (), "")
+    value = _Flushed(target)
+
+    def add() -> None:
+        for _ in range(20_000):
+            value.inc(1)
+
+    threads = [threading.Thread(target=add) for _ in range(4)]
+    for t in threads:
+        t.start()
+    flush()  # a flush while threads add: the rest comes with the next one
+    for t in threads:
+        t.join()
+    flush()
+    assert target.get() == 80_000
+    value.set(2.5)
+    flush()
+    assert target.get() == 2.5

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import lossd
 from lossd import LossClient
 from lossd_server import serve
+from lossd_server.metrics import FLUSH_SECONDS
 from lossd_server.settings import Settings
 from tests.conftest import ServeProcess, batch, health, wait_for
 
@@ -46,6 +47,17 @@ def scrape(port: int | None) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
 def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: str,
           **labels: str) -> float:
     return samples.get((metric, frozenset(labels.items())), 0.0)
+
+
+def settled(pod: ServeProcess, requests: float
+            ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The pod's metrics once ``requests`` OK Evaluate calls show: workers write their
+    values to the shared files every ``FLUSH_SECONDS``, so the supervisor's exposition
+    trails the calls by that much."""
+    ok = dict(method="Evaluate", loss="cross_entropy", code="OK")
+    wait_for(lambda: value(scrape(pod.metrics_port), "lossd_requests_total", **ok) >= requests)
+    time.sleep(2 * FLUSH_SECONDS)  # the rest of that flush
+    return scrape(pod.metrics_port)
 
 
 def worker_pids(pod: ServeProcess) -> dict[int, int]:
@@ -83,9 +95,9 @@ def test_two_workers_serve_and_metrics_total_every_call_exactly(pod: ServeProces
     samples = 0
     for i, tag in enumerate(("a", "b", "c", "d")):
         samples += evaluate_on_fresh_channels(pod.address, channels=4, calls=3 + i, tag=tag)
-    after = scrape(pod.metrics_port)
     calls = 4 * (3 + 4 + 5 + 6)
     ok = dict(method="Evaluate", loss="cross_entropy", code="OK")
+    after = settled(pod, value(before, "lossd_requests_total", **ok) + calls)
     assert value(after, "lossd_requests_total", **ok) - value(
         before, "lossd_requests_total", **ok) == calls
     assert value(after, "lossd_samples_total", loss="cross_entropy") - value(
@@ -139,6 +151,7 @@ def test_streams_and_every_method_work_across_workers(pod: ServeProcess) -> None
 def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> None:
     with ServeProcess("--processes", "2", "--metrics-port", "0") as pod:
         sent = evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
+        settled(pod, 12)  # what the victim served is in the shared files
         victim = worker_pids(pod)[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: bool(pod.records("worker died")))
@@ -150,7 +163,7 @@ def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> N
         wait_for(lambda: health(pod.port) == SERVING, timeout=10)
         assert worker_pids(pod)[0] != victim
         sent += evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
-        metrics = scrape(pod.metrics_port)
+        metrics = settled(pod, 24)
         assert value(metrics, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
                      code="OK") == 24  # the dead worker's counts survive it
         assert value(metrics, "lossd_samples_total", loss="cross_entropy") == sent

@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import kserve
+from lossd_server import metrics as metrics_mod
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
 from lossd_server.gate import Gate
@@ -154,6 +155,7 @@ class LossdServer:
             log.warning("grace period over; cancelling calls still running",
                         extra={"in_flight": self.gate.in_flight if self.gate else 0})
         self.server.stop(left).wait()
+        metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         if self._metrics_http is not None:

@@ -31,7 +31,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from lossd_server.metrics import METHODS
+from lossd_server.metrics import METHODS, ValueWriter
 from lossd_server.validate import RequestError
 
 RETRY_AFTER = "retry-after-ms"
@@ -87,6 +87,9 @@ class LimitMetrics:
                              registry=registry, multiprocess_mode="livesum")
         self.draining = Gauge("lossd_draining", "1 while the server drains (SIGTERM), else 0.",
                               registry=registry, multiprocess_mode="livemax")
+        # Written on every call: through the hot path's writers.
+        self.waiting_value = ValueWriter(self.waiting)
+        self.running_value = ValueWriter(self.running)
         for method in (*METHODS, OTHER_METHOD):
             for reason in REJECT_REASONS:
                 self.rejected.labels(method, reason)
@@ -205,9 +208,9 @@ class Admission:
         if self.metrics is not None:
             waiting, running = len(self._queue), self.slots - self._free
             if waiting != self._shown[0]:
-                self.metrics.waiting.set(waiting)
+                self.metrics.waiting_value.set(waiting)
             if running != self._shown[1]:
-                self.metrics.running.set(running)
+                self.metrics.running_value.set(running)
             self._shown = (waiting, running)
 
     def acquire(self, call: CallState | None = None) -> float:

@@ -1,0 +1,323 @@
+"""Small calls (issue 10): lossd with 1..N serving processes, the transport floor and
+MLServer 1.7.1, side by side in one run.
+
+    python -m bench.small                                  # CPU host, ~3 min
+    python -m bench.small --device cuda --processes 1,2,4,8,16
+    python -m bench.small --quick --no-mlserver --out /tmp/s   # smoke run
+
+The workload is ``small`` (N=32, C=10, float32, cross_entropy: what a training step sends).
+For each server, 1 and 8 client processes (``bench.run``'s pool: one forked process and
+channel per client) call for ``--duration`` seconds:
+
+* the transport floor (``bench.floor_server``, sync and asyncio; the better one counts);
+* lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
+  ``lossd serve`` picks on this host) through ``lossd.LossClient``;
+* MLServer 1.7.1 (``bench.mlserver``: its own virtualenv under /tmp, a model computing the
+  same loss with torch) with ``parallel_workers`` 0 and its default, through an Open
+  Inference Protocol client (``bench.run``'s ``kserve`` kind: raw contents, built per call).
+
+Every server process tree's CPU per call is counted (a supervisor and its workers, MLServer
+and its pool). Writes ``small.json``, ``small.md`` and ``small.png`` (latency at one
+client; calls/s at 8 clients against the processes, with linear scaling from one
+process) under ``--out`` (default ``bench/results/<machine>/``). Targets (issue 10):
+p50 <= 1.3 x the transport floor's; calls/s at 8 clients >= 0.8 x the floor's and >= 2 x
+MLServer's best; calls/s with P processes >= 0.7 x P x calls/s with one, up to the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+from bench import run as bench_run
+from bench.workloads import WORKLOADS, make_data
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = WORKLOADS["small"]
+
+
+def _grpc_wait(address: str, check: Any, timeout: float = 180.0) -> float:
+    """Seconds until ``check(channel)`` is true (servers that bind before they are ready)."""
+    import grpc
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(address) as ch:
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                if check(ch):
+                    return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{address} not ready after {timeout} s")
+            time.sleep(0.1)
+
+
+def _serving(ch: Any) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _model_ready(ch: Any) -> bool:
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+
+    ready = ch.unary_unary("/inference.GRPCInferenceService/ModelReady",
+                           request_serializer=kpb.ModelReadyRequest.SerializeToString,
+                           response_deserializer=kpb.ModelReadyResponse.FromString)
+    return bool(ready(kpb.ModelReadyRequest(name=WORKLOAD.loss), timeout=2).ready)
+
+
+def resolve(processes: str, device: str) -> int:
+    from lossd_server.serve import resolve_processes
+    from lossd_server.settings import Settings
+
+    return resolve_processes(Settings(processes=processes, device=device))
+
+
+class SmallBench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        run_argv = ["--workloads", "small", "--device", a.device,
+                    "--wait-quiet", str(a.wait_quiet)]
+        if a.duration is not None:
+            run_argv += ["--duration", str(a.duration)]
+        if a.quick:
+            run_argv.append("--quick")
+        self.bench = bench_run.Bench(bench_run.parse_args(run_argv), [WORKLOAD], a.out)
+        self.bench.t0 = time.monotonic()
+        self.cases: list[dict[str, Any]] = []
+        self.servers: dict[str, Any] = {}
+
+    def measure(self, pool: bench_run.Pool, label: str, kind: str, server: Any,
+                **extra: Any) -> None:
+        for clients in self.a.clients:
+            rec = self.bench.grpc_case(pool, kind, WORKLOAD, clients, server)
+            rec.update(server=label, **extra)
+            rec.pop("server_rss", None)
+            self.cases.append(rec)
+            self.bench.say(f"{label:16s} c={clients}  p50 {rec['p50_ms']:7.3f} ms  "
+                           f"{rec['calls_per_s']:8.1f} calls/s  server CPU "
+                           f"{rec['server_cpu_ms_per_call']:.2f} ms/call")
+
+    def run(self) -> dict[str, Any]:
+        a, log = self.a, self.bench.log
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if a.wait_quiet > 0:
+            bench_run.wait_quiet(a.wait_quiet)
+        bench_run.DATA[WORKLOAD.name] = make_data(WORKLOAD)
+        pool = bench_run.Pool(max(a.clients))
+        try:
+            for kind in ("floor_sync", "floor_async"):
+                server = bench_run.Server(kind, a.device, None, log)
+                try:
+                    pool.wait_ready(server.address)
+                    self.measure(pool, kind, kind, server)
+                finally:
+                    server.stop()
+            for spec in a.processes:
+                n = resolve(spec, a.device)
+                label = f"lossd p={n}" + (" (auto)" if spec == "auto" else "")
+                if spec == "auto" and str(n) in a.processes:
+                    continue  # measured already under its number
+                server = bench_run.Server("lossd", a.device, None, log, processes=str(n))
+                try:
+                    startup = _grpc_wait(server.address, _serving)
+                    self.servers[label] = {"startup_s": round(startup, 2)}
+                    self.measure(pool, label, "lossd", server, processes=n,
+                                 auto=spec == "auto" or n == resolve("auto", a.device))
+                finally:
+                    server.stop()
+            if a.mlserver:
+                from bench.mlserver import MLServer
+
+                for workers in (0, None):
+                    server = MLServer(workers, log)
+                    try:
+                        startup = _grpc_wait(server.address, _model_ready)
+                        label = ("MLServer pw=0" if workers == 0
+                                 else "MLServer default")
+                        self.servers[label] = {"startup_s": round(startup, 2)}
+                        self.measure(pool, label, "kserve", server, parallel_workers=workers)
+                    finally:
+                        server.stop()
+        finally:
+            pool.close()
+        return {"machine": self.bench.machine, "started": started,
+                "elapsed_s": round(time.monotonic() - self.bench.t0, 1),
+                "workload": {"name": WORKLOAD.name, "n": WORKLOAD.n,
+                             "classes": WORKLOAD.classes, "payload_bytes":
+                             WORKLOAD.payload_bytes},
+                "config": {"clients": list(a.clients), "processes": list(a.processes),
+                           "device": a.device, "quick": a.quick, "git": bench_run.git_state(),
+                           "cores": bench_run.os.cpu_count(), "argv": sys.argv[1:]},
+                "servers": self.servers, "cases": self.cases}
+
+
+# ---- results --------------------------------------------------------------------------
+
+def _case(result: dict[str, Any], server: str, clients: int) -> dict[str, Any] | None:
+    return next((c for c in result["cases"] if c["server"] == server
+                 and c["concurrency"] == clients), None)
+
+
+def _best(result: dict[str, Any], prefix: str, clients: int, key: str) -> dict[str, Any]:
+    cases = [c for c in result["cases"] if c["server"].startswith(prefix)
+             and c["concurrency"] == clients]
+    pick = min if key == "p50_ms" else max
+    return pick(cases, key=lambda c: c[key])
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 10's small-call targets, from one run's cases."""
+    out = []
+    floor1 = _best(result, "floor", 1, "p50_ms")
+    floor8 = _best(result, "floor", 8, "calls_per_s")
+    lossd = [c for c in result["cases"] if c["server"].startswith("lossd")]
+    auto1 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 1)
+    auto8 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 8)
+    out.append({"target": f"p50 at 1 client <= 1.3 x transport floor ({auto1['server']})",
+                "value": auto1["p50_ms"] / floor1["p50_ms"], "limit": 1.3, "le": True})
+    out.append({"target": f"calls/s at 8 clients >= 0.8 x transport floor ({auto8['server']})",
+                "value": auto8["calls_per_s"] / floor8["calls_per_s"], "limit": 0.8,
+                "le": False})
+    ml = [c for c in result["cases"] if c["server"].startswith("MLServer")
+          and c["concurrency"] == 8]
+    if ml:
+        best = max(ml, key=lambda c: c["calls_per_s"])
+        out.append({"target": f"calls/s at 8 clients >= 2 x MLServer's best ({best['server']})",
+                    "value": auto8["calls_per_s"] / best["calls_per_s"], "limit": 2.0,
+                    "le": False})
+    one = next((c for c in lossd if c.get("processes") == 1 and c["concurrency"] == 8), None)
+    cores = result["config"]["cores"]
+    for c in lossd:
+        p = c.get("processes", 1)
+        if one is not None and c["concurrency"] == 8 and 1 < p <= cores:
+            out.append({"target": f"scaling: {p} processes >= 0.7 x linear (8 clients)",
+                        "value": c["calls_per_s"] / (p * one["calls_per_s"]), "limit": 0.7,
+                        "le": False})
+    for t in out:
+        t["met"] = t["value"] <= t["limit"] if t["le"] else t["value"] >= t["limit"]
+        t["value"] = round(t["value"], 3)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, cfg = result["machine"], result["config"]
+    lines = [f"# Small calls: {m['name']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; device `{m['device']}`; torch "
+             f"{m['torch']}, grpcio {m['grpcio']}. Run {result['started']}, "
+             f"{result['elapsed_s']:.0f} s. Code measured: commit "
+             f"`{(cfg.get('git') or {}).get('commit', '?')[:12]}`.", "",
+             f"Workload `small`: N={result['workload']['n']}, C={result['workload']['classes']}"
+             ", float32, cross_entropy. Clients: forked processes, one channel each. Server "
+             "CPU: the whole process tree (supervisor and workers; MLServer and its pool).",
+             "", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    for t in targets(result):
+        lines.append(f"| {t['target']} | {t['value']:.2f} | {t['limit']:.2f} | "
+                     f"{'yes' if t['met'] else '**no**'} |")
+    lines += ["", "## Latency and throughput", "",
+              "| server | clients | p50 ms | p99 ms | calls/s | server CPU ms/call | "
+              "client CPU ms/call | calls |", "|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append(f"| {c['server']} | {c['concurrency']} | {c['p50_ms']:.3f} | "
+                     f"{c['p99_ms']:.3f} | {c['calls_per_s']:.0f} | "
+                     f"{c['server_cpu_ms_per_call']:.2f} | {c['client_cpu_ms_per_call']:.2f} |"
+                     f" {c['calls']} |")
+    lines += ["", "Server start-up (s): " + ", ".join(
+        f"{k} {v['startup_s']}" for k, v in result["servers"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ones = [c for c in result["cases"] if c["concurrency"] == 1]
+    left.barh([c["server"] for c in ones], [c["p50_ms"] for c in ones], color=[
+        "#999" if c["server"].startswith("floor") else "#c44" if c["server"].startswith("ML")
+        else "#36c" for c in ones])
+    left.set_xlabel("p50 latency at 1 client (ms)")
+    left.invert_yaxis()
+    lossd8 = sorted((c for c in result["cases"] if c["server"].startswith("lossd")
+                     and c["concurrency"] == 8), key=lambda c: c["processes"])
+    ps = [c["processes"] for c in lossd8]
+    right.plot(ps, [c["calls_per_s"] for c in lossd8], "o-", color="#36c", label="lossd")
+    if lossd8 and lossd8[0]["processes"] == 1:
+        right.plot(ps, [p * lossd8[0]["calls_per_s"] for p in ps], ":", color="#36c",
+                   label="linear from 1 process")
+    floor = _best(result, "floor", 8, "calls_per_s")
+    right.axhline(floor["calls_per_s"], color="#999", ls="--", label="transport floor")
+    ml = [c for c in result["cases"] if c["server"].startswith("MLServer")
+          and c["concurrency"] == 8]
+    if ml:
+        right.axhline(max(c["calls_per_s"] for c in ml), color="#c44", ls="--",
+                      label="MLServer 1.7.1 (best)")
+    right.set_xlabel("lossd serving processes")
+    right.set_ylabel("calls/s at 8 clients")
+    right.set_xticks(ps)
+    right.set_ylim(bottom=0)
+    right.legend()
+    fig.suptitle(f"Small calls (N=32, C=10) on {result['machine']['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.small",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--processes", default=None,
+                   help="comma-separated lossd process counts (default: 1 up to the cores, "
+                        "and auto)")
+    p.add_argument("--clients", default="1,8")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per case")
+    p.add_argument("--mlserver", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure MLServer 1.7.1 (builds its virtualenv on first use)")
+    p.add_argument("--wait-quiet", type=float, default=60.0)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--machine", default=None)
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    a.clients = tuple(int(x) for x in a.clients.split(","))
+    cores = os.cpu_count() or 1
+    a.processes = (a.processes.split(",") if a.processes
+                   else [*map(str, range(1, cores + 1)), "auto"])
+    machine = bench_run.machine_info(a.device)
+    if a.machine:
+        machine["name"] = a.machine
+    a.out = a.out or ROOT / "bench" / "results" / machine["name"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    sb = SmallBench(a)
+    sb.bench.machine = machine
+    result = sb.run()
+    result["targets"] = targets(result)
+    (a.out / "small.json").write_text(json.dumps(result, indent=1))
+    (a.out / "small.md").write_text(markdown(result))
+    if not a.no_plot:
+        plot(result, a.out / "small.png")
+    print(markdown(result))
+    print(f"bench.small: wrote {a.out}/small.json, small.md"
+          f"{'' if a.no_plot else ', small.png'}; server logs in "
+          f"{Path(tempfile.gettempdir())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
