@@ -280,6 +280,28 @@ def test_split_batch_is_bitwise_the_unary_result(server: LossdServer,
     assert unary.omitted > 0 and unary.ignored > 0 and unary.count > 0
 
 
+def test_batches_over_split_bytes_go_in_parts_with_the_same_result(
+        server: LossdServer, client: LossClient) -> None:
+    """A batch that fits one message but exceeds ``split_bytes`` is sent in parts over a
+    stream, under the unary deadline, with the one message's result."""
+    from lossd._client import DEFAULT_SPLIT_BYTES, _Requests
+
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(50_000, 10, generator=g), torch.randint(0, 10, (50_000,), generator=g)
+    whole = LossClient(f"127.0.0.1:{server.port}", split_bytes=None)
+    with whole, LossClient(f"127.0.0.1:{server.port}", split_bytes=400_000,
+                           timeout=30, stream_timeout=0.001) as parts:
+        # stream_timeout would expire at once: the parts keep the unary deadline instead.
+        assert_same_result(parts.evaluate(x, t), whole.evaluate(x, t))
+    built = _Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {})
+    assert len(built) == 8 and _Requests(1 << 26, 400_000).one_message(built)
+    assert len(_Requests(1 << 26, DEFAULT_SPLIT_BYTES).build(
+        "cross_entropy", x, t, None, None, {})) == 1
+    # Gradient requests are never split for split_bytes.
+    assert len(_Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {},
+                                                 "mean")) == 1
+
+
 def test_split_float64_batch_is_bitwise_the_unary_result(server: LossdServer,
                                                          client: LossClient) -> None:
     g = torch.Generator().manual_seed(6)

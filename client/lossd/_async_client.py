@@ -15,6 +15,7 @@ import grpc.aio
 
 from lossd._client import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_SPLIT_BYTES,
     DEFAULT_TIMEOUT,
     KEEPALIVE_SECONDS,
     RETRY_ATTEMPTS,
@@ -45,6 +46,7 @@ class AsyncLossClient:
     def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT,
                  stream_timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 split_bytes: int | None = DEFAULT_SPLIT_BYTES,
                  token: str | None = None, root_certificates: PemSource = None,
                  certificate_chain: PemSource = None, private_key: PemSource = None,
                  tls: bool | None = None, server_name: str | None = None,
@@ -56,7 +58,7 @@ class AsyncLossClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts
-        self._requests = _Requests(max_message_bytes)
+        self._requests = _Requests(max_message_bytes, split_bytes)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -110,8 +112,10 @@ class AsyncLossClient:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
                                              metadata=self._metadata)
                 return LossResult.from_proto(reply)
+            deadline = _or(timeout, self.timeout if self._requests.one_message(reqs)
+                           else self.stream_timeout)
             call = self._evaluate_stream(iter(reqs), metadata=self._metadata,
-                                         timeout=_or(timeout, self.stream_timeout))
+                                         timeout=deadline)
             replies = [reply async for reply in call]
         except grpc.RpcError as exc:
             raise self._error(exc) from exc

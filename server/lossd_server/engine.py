@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,65 @@ class _Computed:
     analysis: analysis.BatchData | None = None
 
 
+CHUNK_BYTES = 16 * 1024 * 1024
+"""Predictions (in the compute dtype) of at most this size go through a loss at once: a
+larger batch of a samplewise loss is evaluated in chunks of samples, so the loss's
+intermediates (a log-softmax as large as the logits, an upcast copy of bfloat16 ones) take
+a chunk's memory, not the batch's."""
+ALIGN_ELEMENTS = 64
+"""Chunks start at multiples of this many elements. torch's CPU kernels run the bulk of a
+tensor through vector instructions and its last few elements through scalar code, whose
+exp or log can round differently by an ulp; with chunks cut at vector-width multiples every
+element takes the path it takes in one piece, so the values are the same bit for bit."""
+
+
+def chunks(predictions: Tensor, limit: int | None = None) -> list[slice]:
+    """Row ranges of ``predictions`` whose float32 (or float64) size is at most ``limit``
+    (default ``CHUNK_BYTES``; at least one aligned step), cut at ``ALIGN_ELEMENTS``."""
+    limit = CHUNK_BYTES if limit is None else limit
+    n = predictions.shape[0]
+    itemsize = 8 if predictions.dtype == torch.float64 else 4
+    elements = max(1, predictions[0].numel()) if n else 1
+    align = ALIGN_ELEMENTS // math.gcd(ALIGN_ELEMENTS, elements)  # rows a step is made of
+    step = max(align, limit // (elements * itemsize) // align * align)
+    if step >= n:
+        return [slice(None)]
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Per-sample results of some samples (see ``Engine._chunk``), joinable by ``cat``."""
+
+    losses: Tensor
+    all_ignored: Tensor | None
+    valid: Tensor | None
+    finite: Tensor | None
+    values: Tensor | None
+    outputs: analysis.ClassOutputs | None
+
+    @staticmethod
+    def cat(parts: list[_Chunk]) -> _Chunk:
+        def join(ts: list[Tensor | None]) -> Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+        first = parts[0].outputs
+        outputs = None
+        if first is not None:
+            outs = [p.outputs for p in parts if p.outputs is not None]
+            confidence = join([o.confidence for o in outs])
+            outputs = analysis.ClassOutputs(
+                torch.cat([o.predicted for o in outs]), confidence,
+                torch.cat([o.hit for o in outs]),
+                tuple(torch.cat([o.top_k_hits[i] for o in outs])
+                      for i in range(len(first.top_k_hits))))
+        losses = join([p.losses for p in parts])
+        assert losses is not None
+        return _Chunk(losses, join([p.all_ignored for p in parts]),
+                      join([p.valid for p in parts]), join([p.finite for p in parts]),
+                      join([p.values for p in parts]), outputs)
+
+
 class Engine:
     """Evaluates batches on ``device``; every input is validated on the host first.
 
@@ -168,61 +228,56 @@ class Engine:
     def _run(self, c: _Checked) -> _Computed:
         batch = c.batch
         dtype = compute_dtype(batch.predictions.dtype)
-        pred = self._to_device(batch.predictions, dtype)
         class_index = c.class_targets is not None
+        # Predictions keep their wire dtype here: each chunk is upcast on its own.
+        pred = self._to_device(batch.predictions)
         target = self._to_device(batch.targets, torch.int64 if class_index else dtype)
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
-
-        finite = None
-        if c.nan_policy != "propagate":
-            finite = validate.finite_predictions(pred)
-            if c.nan_policy == "raise":
-                validate.no_nonfinite(finite)
+        wanted = batch.analyses
+        masked = class_index and (target.dim() > 1 or (
+            c.class_targets is not None and c.class_targets.may_contain(c.options["ignore_index"])))
 
         if batch.gradient:
-            pred = pred.detach().requires_grad_(True)
+            pred = pred.to(dtype).detach().requires_grad_(True)
+        events = None
+        if self._cuda:
+            events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                      torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
+            events[0].record()
         with (torch.enable_grad() if batch.gradient
               else torch.inference_mode() if torch.is_grad_enabled()
               else contextlib.nullcontext()):  # serving threads run with grad off
-            events = None
-            if self._cuda:
-                events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
-                          torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
-                events[0].record()
-            values = c.spec.fn(pred, target, **opts)
-            valid = None
-            if c.class_targets is not None and (
-                    target.dim() > 1 or c.class_targets.may_contain(c.options["ignore_index"])):
-                # (N,) targets with no ignore_index need no mask: the loss is per sample.
-                valid = target != opts["ignore_index"]
-            losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
-            wanted = batch.analyses
-            outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
-                       if wanted.predictions and class_index else None)
+            parts = [self._chunk(c, pred[rows].to(dtype), target[rows], opts, masked, dtype)
+                     for rows in ([slice(None)] if batch.gradient or not c.spec.samplewise
+                                  else chunks(pred))]
+            chunk = parts[0] if len(parts) == 1 else _Chunk.cat(parts)
             if events is not None:
                 events[1].record()
-            omitted = ~finite if finite is not None and c.nan_policy == "omit" else None
+            if chunk.finite is not None and c.nan_policy == "raise":
+                validate.no_nonfinite(chunk.finite)
+            omitted = (~chunk.finite if chunk.finite is not None and c.nan_policy == "omit"
+                       else None)
             gradient = None
             if batch.gradient:
-                keep = torch.ones_like(losses, dtype=torch.bool)
-                if all_ignored is not None:
-                    keep &= ~all_ignored
+                keep = torch.ones_like(chunk.losses, dtype=torch.bool)
+                if chunk.all_ignored is not None:
+                    keep &= ~chunk.all_ignored
                 if omitted is not None:
                     keep &= ~omitted
                 w = None if batch.weights is None else self._to_device(batch.weights,
-                                                                       losses.dtype)
+                                                                       chunk.losses.dtype)
                 (gradient,) = torch.autograd.grad(
-                    reduction(batch.gradient, losses, keep, w), pred)
+                    reduction(batch.gradient, chunk.losses, keep, w), pred)
                 gradient = gradient.to(batch.predictions.dtype)
-            dense_classes = wanted.per_class and class_index and target.dim() > 1
+            outputs = chunk.outputs
             extra: list[Tensor | None] = [
-                None if valid is None or not wanted.classes else valid,
-                values.detach() if dense_classes else None,
+                None if chunk.valid is None or not wanted.classes else chunk.valid,
+                chunk.values,
                 *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
                   if outputs is not None else ())]
-            host = self._to_host([losses.detach() if batch.gradient else losses, all_ignored,
-                                  omitted, gradient, *extra])
+            losses = chunk.losses.detach() if batch.gradient else chunk.losses
+            host = self._to_host([losses, chunk.all_ignored, omitted, gradient, *extra])
         device_seconds = None
         if events is not None:
             device_seconds = events[0].elapsed_time(events[1]) / 1000.0
@@ -237,6 +292,23 @@ class Engine:
                                [None if t is None else t.numpy() for t in h_extra])
         return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
                          device_seconds=device_seconds, gradient=h_gradient, analysis=data)
+
+    def _chunk(self, c: _Checked, pred: Tensor, target: Tensor, opts: dict[str, Any],
+               masked: bool, dtype: torch.dtype) -> _Chunk:
+        """The loss, per-sample values and analyses' inputs of some samples."""
+        wanted = c.batch.analyses
+        class_index = c.class_targets is not None
+        finite = (validate.finite_predictions(pred) if c.nan_policy != "propagate"
+                  else None)
+        values = c.spec.fn(pred, target, **opts)
+        # (N,) targets with no ignore_index need no mask: the loss is per sample.
+        valid = target != opts["ignore_index"] if masked else None
+        losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
+        outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
+                   if wanted.predictions and class_index else None)
+        dense_classes = wanted.per_class and class_index and target.dim() > 1
+        return _Chunk(losses, all_ignored, valid, finite,
+                      values.detach() if dense_classes else None, outputs)
 
     def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Copy device results to the host with one synchronisation."""

@@ -58,6 +58,9 @@ class Loss:
     ``fn(predictions, targets, **options)`` gets predictions in the compute dtype, targets
     as int64 class indices or in the compute dtype, tensor options on the device.
     ``sum_class_dim``: the per-sample value sums dim 1 before averaging (kl_div).
+    ``samplewise``: a sample's loss depends on its own rows only (every built-in), so the
+    engine may evaluate a large batch in chunks of samples; False for a loss that couples
+    the samples of a batch (a contrastive loss over it).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Loss:
     targets: Targets
     options: tuple[Option, ...] = ()
     sum_class_dim: bool = False
+    samplewise: bool = True
     min_prediction_dims: int = 1
     prediction_shapes: tuple[str, ...] = ("(N)", "(N, d1, ...)")
     target_shapes: tuple[str, ...] = ("same as predictions",)
