@@ -55,6 +55,8 @@ RUN groupadd --system --gid 10001 lossd \
 COPY --from=cpu-build /opt/lossd /opt/lossd
 # Settings: every LOSSD_* variable maps to a `lossd serve` flag. Bind all interfaces in a
 # container. HOME and the cache variables point at /tmp, the only writable path.
+# LOSSD_PROCESSES=auto: one serving process per core the container may use (its CPU quota,
+# `docker run --cpus N`); Kubernetes sets it to the pod's CPU request (k8s/).
 ENV PATH=/opt/lossd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -62,6 +64,7 @@ ENV PATH=/opt/lossd/bin:$PATH \
     LOSSD_PORT=50051 \
     LOSSD_METRICS_PORT=9464 \
     LOSSD_DEVICE=cpu \
+    LOSSD_PROCESSES=auto \
     LOSSD_LOG_FORMAT=json \
     TMPDIR=/tmp \
     HOME=/tmp \
@@ -102,12 +105,14 @@ RUN --mount=type=bind,from=source,source=/src,target=/src,rw \
 RUN groupadd --system --gid 10001 lossd \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /tmp --shell /usr/sbin/nologin lossd
+# LOSSD_PROCESSES=auto: 4 serving processes per visible GPU (each with a CUDA context).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LOSSD_HOST=0.0.0.0 \
     LOSSD_PORT=50051 \
     LOSSD_METRICS_PORT=9464 \
     LOSSD_DEVICE=auto \
+    LOSSD_PROCESSES=auto \
     LOSSD_LOG_FORMAT=json \
     TMPDIR=/tmp \
     HOME=/tmp \

@@ -383,6 +383,20 @@ def test_gpu_overlay_requests_one_gpu_and_cpu_overlay_none(
     assert image["gpu"] != image["cpu"]
 
 
+def test_serving_processes_match_the_cores_requested(objs: list[Obj]) -> None:
+    """One serving process per requested core, requests equal to limits (no throttling
+    below what the processes use); on a GPU pod, lossd's 4 processes per GPU."""
+    from lossd_server.serve import GPU_PROCESSES
+
+    cfg, resources = config(objs), container(objs)["resources"]
+    processes = int(cfg["LOSSD_PROCESSES"])
+    assert str(resources["requests"]["cpu"]) == str(resources["limits"]["cpu"]) == \
+        str(processes)
+    gpus = int(resources["limits"].get("nvidia.com/gpu", 0))
+    if gpus:
+        assert processes == GPU_PROCESSES * gpus
+
+
 def test_resources_and_image(objs: list[Obj]) -> None:
     c = container(objs)
     for part in ("requests", "limits"):
