@@ -92,3 +92,23 @@ def test_analysis_quick_run_writes_ratios(tmp_path: Path) -> None:
         assert result[part]["plain"]["ratio"] == 1.0
         assert all(v["ratio"] > 0 for v in result[part].values())
     assert "| per_class |" in (tmp_path / "analysis.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -> None:
+    """bench.small end to end (without MLServer, whose virtualenv takes minutes to build):
+    the floors and lossd with 1 and 2 processes, the targets, the table and the plot."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.small", "--quick", "--no-mlserver", "--processes", "1,2",
+         "--out", str(tmp_path), "--machine", "test-box", "--wait-quiet", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=230, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "small.json").read_text())
+    servers = {(c["server"], c["concurrency"]) for c in result["cases"]}
+    assert {("floor_sync", 1), ("lossd p=1", 8), ("lossd p=2", 8)} <= servers
+    assert all(c["calls"] > 0 and c["server_cpu_ms_per_call"] > 0 for c in result["cases"])
+    targets = {t["target"].split(" (")[0] for t in result["targets"]}
+    assert "scaling: 2 processes >= 0.7 x linear" in targets
+    assert (tmp_path / "small.md").read_text().startswith("# Small calls: test-box")
+    assert (tmp_path / "small.png").stat().st_size > 10_000
