@@ -99,8 +99,10 @@ class Settings:
                                 "worker thread; beyond it gRPC answers RESOURCE_EXHAUSTED at "
                                 "once (0: twice the worker threads)")
     cuda_memory_fraction: float = _setting(0.0, "cap of the CUDA caching allocator, as a "
-                                                "fraction of device memory (0: no cap); "
-                                                "evaluations beyond it get RESOURCE_EXHAUSTED")
+                                                "fraction of device memory, for each serving "
+                                                "process (0: no cap; with 4 processes on a "
+                                                "GPU at most ~0.2 each); evaluations beyond "
+                                                "it get RESOURCE_EXHAUSTED")
     keepalive_seconds: float = _setting(60.0, "interval of the server's HTTP/2 keepalive pings "
                                               "(a dead client's calls are cancelled)")
     min_client_ping_seconds: float = _setting(10.0, "shortest keepalive ping interval "
