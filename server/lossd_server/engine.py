@@ -110,8 +110,10 @@ def chunks(predictions: Tensor, limit: int | None = None) -> list[slice]:
     """Row ranges of ``predictions`` whose float32 (or float64) size is at most ``limit``
     (default ``CHUNK_BYTES``; at least one aligned step), cut at ``ALIGN_ELEMENTS``."""
     limit = CHUNK_BYTES if limit is None else limit
-    n = predictions.shape[0]
     itemsize = 8 if predictions.dtype == torch.float64 else 4
+    if predictions.numel() * itemsize <= limit:
+        return [slice(None)]
+    n = predictions.shape[0]
     elements = max(1, predictions[0].numel()) if n else 1
     align = ALIGN_ELEMENTS // math.gcd(ALIGN_ELEMENTS, elements)  # rows a step is made of
     step = max(align, limit // (elements * itemsize) // align * align)
@@ -248,9 +250,14 @@ class Engine:
         with (torch.enable_grad() if batch.gradient
               else torch.inference_mode() if torch.is_grad_enabled()
               else contextlib.nullcontext()):  # serving threads run with grad off
-            parts = [self._chunk(c, pred[rows].to(dtype), target[rows], opts, masked, dtype)
-                     for rows in ([slice(None)] if batch.gradient or not c.spec.samplewise
-                                  else chunks(pred))]
+            pieces = ([slice(None)] if batch.gradient or not c.spec.samplewise
+                      else chunks(pred))
+            if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
+                parts = [self._chunk(c, pred if pred.dtype == dtype else pred.to(dtype),
+                                     target, opts, masked, dtype)]
+            else:
+                parts = [self._chunk(c, pred[rows].to(dtype), target[rows], opts, masked,
+                                     dtype) for rows in pieces]
             chunk = parts[0] if len(parts) == 1 else _Chunk.cat(parts)
             if events is not None:
                 events[1].record()

@@ -203,14 +203,8 @@ class ClassTargets:
         return self.lo <= value <= self.hi
 
 
-_SMALL = 1024  # up to this many elements, Python's min/max beat tensor reductions
-
-
 def index_range(targets: Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty host tensor of class indices."""
-    if targets.numel() <= _SMALL:
-        values = (targets if targets.dim() == 1 else targets.reshape(-1)).tolist()
-        return min(values), max(values)
     lo, hi = torch.aminmax(targets)
     return int(lo), int(hi)
 
