@@ -1,28 +1,48 @@
-"""Bounded soak: N concurrent clients for T seconds against a real ``lossd serve``.
+"""Bounded soak: every way in, hostile callers included, against a real ``lossd serve``.
 
     .venv/bin/python -m bench.soak                          # 32 clients, 60 s
     .venv/bin/python -m bench.soak --clients 8 --seconds 10 --out /tmp/soak
 
 Not part of the test suite. It starts ``lossd serve`` in its own process (CPU unless
-``--device``), then runs ``--clients`` clients, each a thread with its own ``LossClient``
-(its own channel), spread over ``--procs`` client processes, calling in a loop for
-``--seconds`` seconds. Each call is, at random:
+``--device``), then for ``--seconds`` seconds runs, spread over ``--procs`` client
+processes:
 
-* 70 % a valid ``evaluate`` (one of several losses, N up to 512), its per-sample values
-  checked against torch.nn.functional;
-* 10 % a valid ``evaluate_stream`` of three batches, checked the same way;
-* 5 % ``losses()`` (ListLosses);
-* 15 % an invalid ``evaluate`` (class index out of range, shapes that do not match, an
-  unknown loss, NaN with ``nan_policy='raise'``), which must end INVALID_ARGUMENT.
+* ``--clients`` client threads, each with its own ``LossClient`` (the first
+  ``--shm-clients`` of them also hold a shared-memory region for the whole run), each
+  calling in a loop, at random:
 
-A RESOURCE_EXHAUSTED answer (the server's admission queue is full) is counted as shed and
-the call is sent again after the server's ``retry-after-ms`` hint, up to 20 times.
+  - ``evaluate``: a valid unary call (one of several losses, N up to 512);
+  - ``stream``: a valid ``evaluate_stream`` of three batches;
+  - ``split``: one batch larger than the client's message limit, split along N over a
+    stream and reassembled;
+  - ``shm``: a valid evaluation through the client's shared memory (sealed memfd,
+    evaluated on its session's stream); ``shm_invalid``: an invalid one;
+  - ``kserve``: a valid ModelInfer (Open Inference Protocol); ``kserve_invalid``: an
+    unknown model, a wrong shape or a wrong datatype;
+  - ``cancel``: a stream cancelled after its first answer;
+  - ``losses``: ListLosses; ``invalid``: an invalid ``evaluate`` (class index out of
+    range, shapes that do not match, an unknown loss, NaN with ``nan_policy='raise'``);
+
+  every valid answer checked against torch.nn.functional, every invalid call expected
+  INVALID_ARGUMENT (NOT_FOUND for an unknown KServe model);
+* ``--long-streams`` streams open for the whole run, a batch every 100 ms, each answer
+  and the stream's running aggregates checked;
+* callers that die mid-call: every ``--kill-every`` seconds a process that opens shared
+  memory and a stream and evaluates in a loop is SIGKILLed at a random moment.
+
+A RESOURCE_EXHAUSTED answer to a unary call (the server's admission queue is full), or
+to a stream at its door (``--max-streams``), is counted as shed and sent again after the
+server's ``retry-after-ms`` hint, up to 20 times. A batch of an admitted stream is never
+refused: one refused mid-way is a lost call.
 
 Reported (``soak.json`` and ``soak.md`` under ``--out``, default
 ``bench/results/<machine>/``): calls by kind and final outcome, errors by code, lost calls
-(sent but never answered: a deadline or connection failure, or a valid call answered with
-wrong numbers or an unexpected code; must be 0), latency percentiles of answered calls, and
-the server's RSS sampled every second, with its growth after a warm-up (target: < 5 %).
+(sent but never answered, answered with wrong numbers or an unexpected code: must be 0),
+server crashes (must be 0), latency percentiles, the server's RSS and open descriptors
+sampled every second with their trend after a warm-up (the median of the run's last
+quarter against its first; targets: RSS < 5 %, descriptors back to their idle level once
+the callers are gone), and the shared-memory mappings
+and descriptors left in the server at the end (must be 0).
 """
 
 from __future__ import annotations
@@ -41,6 +61,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -52,7 +73,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CALL_TIMEOUT = 30.0
 MAX_SHED_RETRIES = 20
-MIX = (("evaluate", 0.70), ("stream", 0.10), ("losses", 0.05), ("invalid", 0.15))
+MIX = (("evaluate", 0.38), ("stream", 0.08), ("split", 0.04), ("shm", 0.14),
+       ("shm_invalid", 0.02), ("kserve", 0.08), ("kserve_invalid", 0.04), ("cancel", 0.04),
+       ("losses", 0.03), ("invalid", 0.15))
+NO_SHM = {"shm": "evaluate", "shm_invalid": "invalid"}  # for clients without a region
+SPLIT_MESSAGE_BYTES = 256 << 10
+LONG_STREAM_PERIOD = 0.1
 
 
 # ---- workloads -----------------------------------------------------------------------
@@ -99,6 +125,18 @@ def _cases(seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def _split_case(seed: int) -> dict[str, Any]:
+    """A (4096, 64) cross-entropy batch: 1 MiB, split over a stream at 256 KiB."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4096, 64)).astype(np.float32)
+    t = rng.integers(0, 64, 4096)
+    want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction="none")
+    return {"loss": "cross_entropy", "x": x, "t": t, "opts": {}, "want": want.numpy()}
+
+
 def _invalid(rng: np.random.Generator) -> dict[str, Any]:
     which = int(rng.integers(0, 4))
     x = rng.standard_normal((16, 5)).astype(np.float32)
@@ -113,87 +151,328 @@ def _invalid(rng: np.random.Generator) -> dict[str, Any]:
             "opts": {"nan_policy": "raise"}}
 
 
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-5, atol=1e-6))
+
+
+# ---- KServe --------------------------------------------------------------------------
+
+
+def _model_infer(stub: Any, case: dict[str, Any], *, broken: int | None = None) -> Any:
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+
+    x, t = case["x"], case["t"]
+    req = kpb.ModelInferRequest(model_name=case["loss"])
+    tdtype = "INT64" if t.dtype.kind == "i" else "FP32"
+    req.inputs.add(name="PREDICTIONS", datatype="FP32", shape=x.shape)
+    req.inputs.add(name="TARGETS", datatype=tdtype, shape=t.shape)
+    req.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
+    req.raw_input_contents.append(np.ascontiguousarray(
+        t, "<i8" if tdtype == "INT64" else "<f4").tobytes())
+    for name, value in case["opts"].items():
+        p = req.parameters[name]
+        if isinstance(value, float):
+            p.double_param = value
+        elif isinstance(value, str):
+            p.string_param = value
+    if broken == 0:
+        req.model_name = "no_such_model"
+    elif broken == 1:
+        del req.inputs[0].shape[:]
+        req.inputs[0].shape.extend([x.shape[0] + 1, *x.shape[1:]])
+    elif broken == 2:
+        req.inputs[0].datatype = "UINT8"
+    return stub.ModelInfer(req, timeout=CALL_TIMEOUT)
+
+
+def _request(case: dict[str, Any]) -> Any:
+    """The case as a plain EvaluateRequest message (float32 values, int64 or float32
+    targets; float options)."""
+    from lossd.v1 import loss_service_pb2 as pb
+
+    x, t = case["x"], case["t"]
+    index = t.dtype.kind == "i"
+    req = pb.EvaluateRequest(
+        loss=case["loss"],
+        predictions=pb.Tensor(dtype=pb.FLOAT32, shape=x.shape,
+                              data=np.ascontiguousarray(x, "<f4").tobytes()),
+        targets=pb.Tensor(dtype=pb.INT64 if index else pb.FLOAT32, shape=t.shape,
+                          data=np.ascontiguousarray(t, "<i8" if index else "<f4").tobytes()))
+    for name, value in case["opts"].items():
+        req.options[name].float_value = value
+    return req
+
+
+def _per_sample_output(resp: Any) -> np.ndarray:
+    i = [o.name for o in resp.outputs].index("PER_SAMPLE")
+    return np.frombuffer(resp.raw_output_contents[i], "<f4")
+
+
 # ---- one client ----------------------------------------------------------------------
 
 
+class _Stats:
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.lat_ok: list[float] = []
+        self.lat_e2e: list[float] = []
+        self.shed = 0
+        self.shed_final = 0
+        self.lost: list[dict[str, str]] = []
+
+    def record(self, kind: str, outcome: str, detail: str, expected: str, start: float,
+               t0: float, *, timed: bool = True) -> None:
+        end = time.perf_counter()
+        self.calls[kind] += 1
+        self.outcomes[f"{kind}:{outcome}"] += 1
+        if outcome == expected:
+            if timed:
+                self.lat_ok.append(end - t0)
+                self.lat_e2e.append(end - start)
+        elif outcome != "RESOURCE_EXHAUSTED":
+            self.lost.append({"kind": kind, "outcome": outcome, "detail": detail})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"calls": dict(self.calls), "outcomes": dict(self.outcomes),
+                "lat_ok": self.lat_ok, "lat_e2e": self.lat_e2e, "shed": self.shed,
+                "shed_final": self.shed_final, "lost": self.lost}
+
+
+def _shed(exc: Any) -> bool:
+    """A refusal the caller should retry: the unary queue is full, or a stream's door."""
+    return exc.retry_after is not None and ("busy" in exc.message)
+
+
 def _client(address: str, seed: int, stop_at: float, cases: list[dict[str, Any]],
-            out: list[dict[str, Any]]) -> None:
+            split: dict[str, Any], use_shm: bool, out: list[dict[str, Any]]) -> None:
+    import grpc
+
     import lossd
     from lossd import LossClient
+    from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
+    from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(seed)
     kinds, weights = zip(*MIX, strict=True)
-    stats: dict[str, Any] = {"calls": collections.Counter(), "outcomes": collections.Counter(),
-                             "lat_ok": [], "lat_e2e": [], "shed": 0, "lost": [],
-                             "shed_final": 0}
-    with LossClient(address, timeout=CALL_TIMEOUT, stream_timeout=CALL_TIMEOUT) as client:
+    stats = _Stats()
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(LossClient(address, timeout=CALL_TIMEOUT,
+                                                stream_timeout=CALL_TIMEOUT))
+        splitter = stack.enter_context(LossClient(address, timeout=CALL_TIMEOUT,
+                                                  stream_timeout=CALL_TIMEOUT,
+                                                  max_message_bytes=SPLIT_MESSAGE_BYTES))
+        channel = stack.enter_context(grpc.insecure_channel(address))
+        stubs = {"kserve": kpb_grpc.GRPCInferenceServiceStub(channel),
+                 "native": pb_grpc.LossServiceStub(channel)}
+        shm = None
+        if use_shm:
+            for _ in range(MAX_SHED_RETRIES):
+                try:
+                    shm = stack.enter_context(client.shared_memory(1 << 20))
+                    break
+                except lossd.ResourceExhausted as exc:  # the stream door: retry
+                    time.sleep(exc.retry_after or 1.0)
         while time.monotonic() < stop_at:
             kind = str(rng.choice(kinds, p=weights))
+            if shm is None:
+                kind = NO_SHM.get(kind, kind)
             case = cases[int(rng.integers(0, len(cases)))]
+            expected = ("INVALID_ARGUMENT" if kind in ("invalid", "shm_invalid") else
+                        "ERROR" if kind == "kserve_invalid" else "OK")
             start = time.perf_counter()
+            t0 = start
             outcome, detail = "OK", ""
             for _attempt in range(MAX_SHED_RETRIES + 1):
                 t0 = time.perf_counter()
                 try:
-                    if kind == "evaluate":
-                        r = client.evaluate(case["x"], case["t"], loss=case["loss"],
-                                            **case["opts"])
-                        if not np.allclose(r.per_sample, case["want"], rtol=1e-5, atol=1e-6):
-                            outcome, detail = "WRONG", case["loss"]
-                    elif kind == "stream":
-                        parts = [(case["x"], case["t"])] * 3
-                        got = [r.per_sample for r in client.evaluate_stream(
-                            parts, loss=case["loss"], **case["opts"])]
-                        if len(got) != 3 or not all(
-                                np.allclose(g, case["want"], rtol=1e-5, atol=1e-6)
-                                for g in got):
-                            outcome, detail = "WRONG", case["loss"]
-                    elif kind == "losses":
-                        if len(client.losses()) < 10:
-                            outcome, detail = "WRONG", "catalogue"
-                    else:
-                        bad = _invalid(rng)
-                        client.evaluate(bad["x"], bad["t"], loss=bad["loss"], **bad["opts"])
-                        outcome, detail = "UNEXPECTED_OK", bad["loss"]
+                    outcome, detail = _call(kind, rng, client, splitter, stubs, shm, case,
+                                            split)
                 except lossd.ResourceExhausted as exc:
-                    if exc.retry_after is not None and "busy" in exc.message:
-                        stats["shed"] += 1
+                    if _shed(exc):
+                        stats.shed += 1
                         time.sleep(min(1.0, exc.retry_after * (1 + rng.random())))
                         if time.monotonic() < stop_at + CALL_TIMEOUT:
                             continue
                     outcome, detail = "RESOURCE_EXHAUSTED", exc.message[:80]
                 except lossd.LossdError as exc:
                     outcome, detail = exc.code.name, exc.message[:120]
+                except grpc.RpcError as exc:  # the KServe stub's raw errors
+                    code = exc.code()
+                    details = exc.details() or ""
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in details:
+                        stats.shed += 1
+                        time.sleep(0.05 * (1 + rng.random()))
+                        continue
+                    outcome, detail = code.name, details[:120]
+                    if kind == "kserve_invalid" and code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                             grpc.StatusCode.NOT_FOUND):
+                        outcome = "ERROR"
                 break
             else:
-                stats["shed_final"] += 1
-            end = time.perf_counter()
-            stats["calls"][kind] += 1
-            stats["outcomes"][f"{kind}:{outcome}"] += 1
-            expected = "INVALID_ARGUMENT" if kind == "invalid" else "OK"
-            if outcome == expected:
-                stats["lat_ok"].append(end - t0)
-                stats["lat_e2e"].append(end - start)
-            elif outcome != "RESOURCE_EXHAUSTED":
-                stats["lost"].append({"kind": kind, "outcome": outcome, "detail": detail})
-    out.append(stats)
+                stats.shed_final += 1
+            stats.record(kind, outcome, detail, expected, start, t0)
+    out.append(stats.as_dict())
 
 
-def _process(address: str, first_seed: int, clients: int, stop_at_wall: float,
-             queue: Any) -> None:
+def _call(kind: str, rng: np.random.Generator, client: Any, splitter: Any,
+          stubs: dict[str, Any], shm: Any, case: dict[str, Any], split: dict[str, Any]
+          ) -> tuple[str, str]:
+    """One call of ``kind``: (outcome, detail); raises the client's errors."""
+    if kind == "evaluate":
+        r = client.evaluate(case["x"], case["t"], loss=case["loss"], **case["opts"])
+        return ("OK", "") if _close(r.per_sample, case["want"]) else ("WRONG", case["loss"])
+    if kind == "stream":
+        got = [r.per_sample for r in client.evaluate_stream(
+            [(case["x"], case["t"])] * 3, loss=case["loss"], **case["opts"])]
+        ok = len(got) == 3 and all(_close(g, case["want"]) for g in got)
+        return ("OK", "") if ok else ("WRONG", case["loss"])
+    if kind == "split":
+        r = splitter.evaluate(split["x"], split["t"], loss=split["loss"])
+        return ("OK", "") if _close(r.per_sample, split["want"]) else ("WRONG", "split")
+    if kind == "shm":
+        r = shm.evaluate(case["x"], case["t"], loss=case["loss"], **case["opts"])
+        return ("OK", "") if _close(r.per_sample, case["want"]) else ("WRONG", "shm")
+    if kind in ("invalid", "shm_invalid"):
+        bad = _invalid(rng)
+        target = client if kind == "invalid" else shm
+        target.evaluate(bad["x"], bad["t"], loss=bad["loss"], **bad["opts"])
+        return "UNEXPECTED_OK", bad["loss"]
+    if kind == "kserve":
+        resp = _model_infer(stubs["kserve"], case)
+        ok = _close(_per_sample_output(resp), case["want"])
+        return ("OK", "") if ok else ("WRONG", "kserve")
+    if kind == "kserve_invalid":
+        _model_infer(stubs["kserve"], case, broken=int(rng.integers(0, 3)))
+        return "UNEXPECTED_OK", "kserve"
+    if kind == "cancel":
+        import grpc
+
+        import lossd
+
+        call = stubs["native"].EvaluateStream(iter([_request(case)] * 5), timeout=CALL_TIMEOUT)
+        try:
+            first = next(call)
+        except grpc.RpcError as exc:
+            raise lossd._errors.from_rpc_error(exc) from exc
+        call.cancel()  # the caller goes away mid-stream
+        got = np.frombuffer(first.per_sample.data, "<f4")
+        return ("OK", "") if _close(got, case["want"]) else ("WRONG", "cancel")
+    if kind == "losses":
+        return ("OK", "") if len(client.losses()) >= 10 else ("WRONG", "catalogue")
+    raise AssertionError(kind)
+
+
+def _long_stream(address: str, seed: int, stop_at: float, cases: list[dict[str, Any]],
+                 out: list[dict[str, Any]]) -> None:
+    """One stream open for the whole run: mse_loss batches every 100 ms, each answer and
+    the running aggregates checked (the running sum against math.fsum of every
+    per-sample loss so far)."""
+    import lossd
+    from lossd import LossClient
+
+    stats = _Stats()
+    mse = [c for c in cases if c["loss"] == "mse_loss"]
+    rng = np.random.default_rng(seed)
+    order = [mse[int(i)] for i in rng.integers(0, len(mse), 100_000)]
+    sent: list[dict[str, Any]] = []
+
+    def batches() -> Any:
+        for case in order:
+            if time.monotonic() >= stop_at:
+                return
+            sent.append(case)
+            yield case["x"], case["t"]
+            time.sleep(LONG_STREAM_PERIOD)
+
+    start = time.perf_counter()
+    outcome, detail = "OK", ""
+    total: list[float] = []
+    answered = 0
+    with LossClient(address, timeout=CALL_TIMEOUT) as client:
+        for attempt in range(MAX_SHED_RETRIES + 1):
+            try:
+                for r in client.evaluate_stream(batches(), loss="mse_loss"):
+                    case = sent[answered]
+                    answered += 1
+                    total.extend(float(v) for v in r.per_sample)
+                    if not _close(r.per_sample, case["want"]):
+                        outcome, detail = "WRONG", "long stream batch"
+                    elif r.running is None or r.running.count != len(total) or not math.isclose(
+                            r.running.sum, math.fsum(total), rel_tol=1e-12, abs_tol=1e-12):
+                        outcome, detail = "WRONG", "long stream running aggregates"
+                break
+            except lossd.ResourceExhausted as exc:
+                if answered == 0 and _shed(exc) and attempt < MAX_SHED_RETRIES:
+                    stats.shed += 1  # refused at the door: retry
+                    sent.clear()
+                    time.sleep(exc.retry_after or 1.0)
+                    continue
+                outcome, detail = "RESOURCE_EXHAUSTED_MIDWAY", exc.message[:120]
+                break
+            except lossd.LossdError as exc:
+                outcome, detail = exc.code.name, exc.message[:120]
+                break
+    if answered != len(sent) and outcome == "OK":
+        outcome, detail = "LOST", f"{len(sent) - answered} batches unanswered"
+    stats.calls["long_stream_batches"] += answered
+    stats.record("long_stream", outcome, detail, "OK", start, start, timed=False)
+    out.append(stats.as_dict())
+
+
+def _process(address: str, first_seed: int, clients: int, shm_clients: int,
+             long_streams: int, seconds: float, go: Any, queue: Any) -> None:
     cases = _cases(first_seed)
-    stop_at = time.monotonic() + (stop_at_wall - time.time())
+    split = _split_case(first_seed)
+    queue.put("ready")
+    go.wait()
+    stop_at = time.monotonic() + seconds
     results: list[dict[str, Any]] = []
     threads = [threading.Thread(target=_client, args=(address, first_seed + i, stop_at, cases,
-                                                      results), daemon=True)
-               for i in range(clients)]
+                                                      split, i < shm_clients, results),
+                                daemon=True) for i in range(clients)]
+    threads += [threading.Thread(target=_long_stream, args=(address, first_seed + 500 + i,
+                                                            stop_at, cases, results),
+                                 daemon=True) for i in range(long_streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(max(1.0, stop_at - time.monotonic()) + CALL_TIMEOUT * (MAX_SHED_RETRIES + 2))
-    for r in results:
-        r["calls"], r["outcomes"] = dict(r["calls"]), dict(r["outcomes"])
     queue.put({"results": results, "hung_threads": sum(t.is_alive() for t in threads)})
+
+
+# ---- callers that die mid-call -------------------------------------------------------
+
+_DYING = """
+import sys, numpy as np
+from lossd import LossClient
+client = LossClient(sys.argv[1], timeout=30)
+shm = client.shared_memory(4 << 20)
+x = np.random.default_rng(0).standard_normal((2048, 100)).astype(np.float32)
+t = np.zeros(2048, np.int64)
+def batches():
+    while True:
+        yield x, t
+stream = client.evaluate_stream(batches())
+print("ready", flush=True)
+while True:
+    shm.evaluate(x, t)
+    next(stream)
+"""
+
+
+def _killer(address: str, every: float, stop: threading.Event, counts: dict[str, int]
+            ) -> None:
+    rng = np.random.default_rng(7)
+    while not stop.wait(every * (0.5 + rng.random())):
+        proc = subprocess.Popen([sys.executable, "-c", _DYING, address], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        ready = proc.stdout.readline() == "ready\n"
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        counts["killed_mid_call" if ready else "died_before_ready"] += 1
 
 
 # ---- the server ----------------------------------------------------------------------
@@ -211,6 +490,18 @@ def _rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _descriptors(pid: int) -> tuple[int, int, int]:
+    """(open descriptors, of them memfds, memfd mappings) of process ``pid``."""
+    fds = memfds = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            fds += 1
+            memfds += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+    maps = sum(1 for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+               if "/memfd:" in line)
+    return fds, memfds, maps
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -240,56 +531,103 @@ def _machine(device: str) -> dict[str, Any]:
                 "cores": cores, "platform": platform.platform()}
 
 
+def _trend(values: list[float]) -> float:
+    """Median of the last quarter against the median of the first, in percent."""
+    q = max(1, len(values) // 4)
+    first, last = float(np.median(values[:q])), float(np.median(values[-q:]))
+    return round(100.0 * (last - first) / first, 2) if first else math.nan
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 2) if values else None
 
 
+def _wait_ready(server: subprocess.Popen[str], address: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, "lossd serve exited"
+        with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=2)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.2)
+
+
 def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
-        server_args: list[str]) -> dict[str, Any]:
+        server_args: list[str], *, shm_clients: int = 8, long_streams: int = 8,
+        kill_every: float = 2.0) -> dict[str, Any]:
     port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     cmd = [sys.executable, "-m", "lossd_server.serve", "--port", str(port),
            "--metrics-port", str(metrics_port), "--device", device, "--log-level", "warning",
            *server_args]
-    server = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (never a pipe: a full one
+    server = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=log, text=True)  # blocks it)
     address = f"127.0.0.1:{port}"
+    samples: list[dict[str, float]] = []
+    deaths = {"killed_mid_call": 0, "died_before_ready": 0}
+    crashed_at: float | None = None
     try:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "lossd serve exited"
-            with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=2)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-
+        _wait_ready(server, address)
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-        start_wall = time.time() + 5.0  # every process builds its cases first
-        stop_wall = start_wall + seconds
-        workers = [ctx.Process(target=_process, args=(address, 1000 * i, n, stop_wall, queue))
-                   for i, n in enumerate(per) if n]
+        shm_per = [shm_clients // procs + (1 if i < shm_clients % procs else 0)
+                   for i in range(procs)]
+        long_per = [long_streams // procs + (1 if i < long_streams % procs else 0)
+                    for i in range(procs)]
+        go = ctx.Event()
+        workers = [ctx.Process(target=_process, args=(address, 1000 * i, n, shm_per[i],
+                                                      long_per[i], seconds, go, queue))
+                   for i, n in enumerate(per) if n or long_per[i]]
         for w in workers:
             w.start()
-        rss: list[tuple[float, int]] = []
-        while time.time() < start_wall:
-            time.sleep(0.05)
+        for _ in workers:  # each has built its cases and torch's references
+            assert queue.get(timeout=300) == "ready"
+        idle = _descriptors(server.pid)
         rss_idle = _rss(server.pid)
+        start_wall = time.time()
+        stop_wall = start_wall + seconds
+        go.set()
+        stop_killing = threading.Event()
+        killer = threading.Thread(target=_killer, args=(address, kill_every, stop_killing,
+                                                        deaths), daemon=True)
+        if kill_every > 0:
+            killer.start()
         while time.time() < stop_wall:
-            rss.append((round(time.time() - start_wall, 1), _rss(server.pid)))
+            if server.poll() is not None:
+                crashed_at = round(time.time() - start_wall, 1)
+                break
+            fds, memfds, maps = _descriptors(server.pid)
+            samples.append({"t": round(time.time() - start_wall, 1), "rss": _rss(server.pid),
+                            "fds": fds, "memfds": memfds, "memfd_maps": maps})
             time.sleep(1.0)
+        stop_killing.set()
+        killer.join(60) if killer.is_alive() else None
         parts = [queue.get(timeout=seconds + CALL_TIMEOUT * (MAX_SHED_RETRIES + 3))
                  for _ in workers]
         for w in workers:
             w.join(30)
-        metrics = _scrape(metrics_port)
-        rss.append((round(time.time() - start_wall, 1), _rss(server.pid)))
+        # Every caller gone: sessions released, connections closed.
+        settle = time.monotonic() + 20
+        while server.poll() is None:
+            final = _descriptors(server.pid)
+            if ((final[1], final[2]) == (0, 0) and final[0] <= idle[0]) or \
+                    time.monotonic() > settle:
+                break
+            time.sleep(0.5)
+        if server.poll() is not None and crashed_at is None:
+            crashed_at = round(time.time() - start_wall, 1)
+        final = _descriptors(server.pid) if server.poll() is None else (-1, -1, -1)
+        metrics = _scrape(metrics_port) if server.poll() is None else {}
+        samples.append({"t": round(time.time() - start_wall, 1),
+                        "rss": _rss(server.pid) if server.poll() is None else 0,
+                        "fds": final[0], "memfds": final[1], "memfd_maps": final[2]})
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -297,7 +635,14 @@ def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
         except subprocess.TimeoutExpired:
             server.kill()
             exit_code = server.wait()
-        stderr = server.stderr.read() if server.stderr else ""
+        log.seek(0)
+        stderr = log.read()
+        log.close()
+    return _report(locals())
+
+
+def _report(v: dict[str, Any]) -> dict[str, Any]:
+    parts, samples, warmup, seconds = v["parts"], v["samples"], v["warmup"], v["seconds"]
     results = [r for p in parts for r in p["results"]]
     calls: collections.Counter[str] = collections.Counter()
     outcomes: collections.Counter[str] = collections.Counter()
@@ -307,71 +652,108 @@ def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
     lost = [x for r in results for x in r["lost"]]
     lat = [x for r in results for x in r["lat_ok"]]
     e2e = [x for r in results for x in r["lat_e2e"]]
-    after = [v for t, v in rss if t >= warmup]
-    base = after[0] if after else rss[0][1]
+    running = [s for s in samples[:-1] if s["t"] >= warmup] or samples[:1]
+    base = running[0]
+    end = samples[-1]
     errors: collections.Counter[str] = collections.Counter()
     for key, n in outcomes.items():
         code = key.split(":", 1)[1]
         if code != "OK":
             errors[code] += n
-    total = sum(calls.values())
+    total = sum(n for k, n in calls.items() if k != "long_stream_batches")
+    last_running = running[-1]
     return {
-        "clients": clients, "seconds": seconds, "procs": procs, "device": device,
-        "server_args": server_args,
+        "clients": v["clients"], "seconds": seconds, "procs": v["procs"],
+        "device": v["device"], "server_args": v["server_args"],
+        "shm_clients": v["shm_clients"], "long_streams": v["long_streams"],
+        "kill_every_s": v["kill_every"],
         "calls": total, "calls_per_s": round(total / seconds, 1), "by_kind": dict(calls),
         "outcomes": dict(sorted(outcomes.items())), "errors_by_code": dict(errors),
+        "callers_killed": v["deaths"],
         "shed_retries": sum(r["shed"] for r in results),
         "shed_final": sum(r["shed_final"] for r in results),
         "lost_calls": len(lost) + sum(p["hung_threads"] for p in parts),
         "lost_examples": lost[:10],
         "hung_client_threads": sum(p["hung_threads"] for p in parts),
+        "server_crashes": 0 if v["crashed_at"] is None else 1,
+        "server_crashed_at_s": v["crashed_at"],
         "latency_ms": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99),
                        "max": _pct(lat, 100)},
         "latency_with_shed_retries_ms": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99)},
-        "rss_mib": {"idle": round(rss_idle / 2**20, 1),
-                    "after_warmup": round(base / 2**20, 1),
-                    "end": round(rss[-1][1] / 2**20, 1),
-                    "max": round(max(v for _, v in rss) / 2**20, 1)},
-        "rss_growth_after_warmup_pct": round(100.0 * (rss[-1][1] - base) / base, 2),
+        "rss_mib": {"idle": round(v["rss_idle"] / 2**20, 1),
+                    "after_warmup": round(base["rss"] / 2**20, 1),
+                    "end_of_load": round(last_running["rss"] / 2**20, 1),
+                    "after_callers_left": round(end["rss"] / 2**20, 1),
+                    "max": round(max(s["rss"] for s in samples) / 2**20, 1)},
+        "rss_growth_after_warmup_pct": round(
+            100.0 * (last_running["rss"] - base["rss"]) / base["rss"], 2),
+        # Robust to where one sample lands in the allocator's ups and downs: the median of
+        # the last quarter of the run after warm-up against the median of its first.
+        "rss_trend_after_warmup_pct": _trend([s["rss"] for s in running]),
+        "fds_trend_after_warmup_pct": _trend([s["fds"] for s in running]),
         "rss_max_growth_after_warmup_pct": round(
-            100.0 * (max(after or [base]) - base) / base, 2),
+            100.0 * (max(s["rss"] for s in running) - base["rss"]) / base["rss"], 2),
+        "fds": {"idle": v["idle"][0], "after_warmup": base["fds"],
+                "end_of_load": last_running["fds"],
+                "max": max(s["fds"] for s in samples), "after_callers_left": end["fds"]},
+        "memfds_max": max(s["memfds"] for s in samples),
+        "memfd_maps_max": max(s["memfd_maps"] for s in samples),
+        "left_after_callers": {"memfds": end["memfds"], "memfd_maps": end["memfd_maps"]},
         "warmup_s": warmup,
-        "rss_samples": rss,
-        "server_metrics": metrics,
-        "server_exit_code": exit_code,
-        "server_stderr_tail": stderr[-2000:],
+        "samples": samples,
+        "server_metrics": v["metrics"],
+        "server_exit_code": v["exit_code"],
+        "server_stderr_tail": v["stderr"][-2000:],
     }
 
 
 def markdown(r: dict[str, Any]) -> str:
+    fds, rss = r["fds"], r["rss_mib"]
     lines = [
         f"# lossd soak: {r['clients']} clients x {r['seconds']:g} s "
         f"({r['machine']['name']}, {r['device']})",
         "",
         f"Run {r['started']}, commit {r.get('git', {}).get('commit', '?')[:12]}; server "
         f"`lossd serve {' '.join(r['server_args']) or '(defaults)'}`; "
-        f"{r['procs']} client processes.",
+        f"{r['procs']} client processes; {r['shm_clients']} clients with shared memory, "
+        f"{r['long_streams']} long streams, a caller killed mid-call every ~"
+        f"{r['kill_every_s']:g} s. Load average at the end: "
+        f"{', '.join(f'{x:.2f}' for x in r['load_avg'])}.",
         "",
         "| figure | value |", "|---|---|",
-        f"| calls | {r['calls']} ({r['calls_per_s']}/s) |",
-        f"| lost calls (must be 0) | **{r['lost_calls']}** |",
+        f"| calls | {r['calls']} ({r['calls_per_s']}/s); long-stream batches "
+        f"{r['by_kind'].get('long_stream_batches', 0)} |",
+        f"| lost or wrong answers (must be 0) | **{r['lost_calls']}** |",
+        f"| server crashes (must be 0) | **{r['server_crashes']}** |",
+        f"| callers SIGKILLed mid-call | {r['callers_killed']['killed_mid_call']} |",
         f"| latency p50 / p90 / p99 / max (answered attempt) | {r['latency_ms']['p50']} / "
         f"{r['latency_ms']['p90']} / {r['latency_ms']['p99']} / {r['latency_ms']['max']} ms |",
         f"| latency p50 / p99 incl. shed retries | {r['latency_with_shed_retries_ms']['p50']} "
         f"/ {r['latency_with_shed_retries_ms']['p99']} ms |",
-        f"| shed (RESOURCE_EXHAUSTED queue full, retried after retry-after-ms) | "
+        f"| shed (unary queue full or a stream's door, retried after retry-after-ms) | "
         f"{r['shed_retries']} attempts; {r['shed_final']} calls gave up |",
-        f"| server RSS idle / after {r['warmup_s']:g} s warm-up / end / max | "
-        f"{r['rss_mib']['idle']} / {r['rss_mib']['after_warmup']} / {r['rss_mib']['end']} / "
-        f"{r['rss_mib']['max']} MiB |",
-        f"| RSS growth after warm-up (target < 5 %) | **{r['rss_growth_after_warmup_pct']} %** "
-        f"(peak {r['rss_max_growth_after_warmup_pct']} %) |",
+        f"| server RSS idle / after {r['warmup_s']:g} s warm-up / end of load / callers gone "
+        f"/ max | {rss['idle']} / {rss['after_warmup']} / {rss['end_of_load']} / "
+        f"{rss['after_callers_left']} / {rss['max']} MiB |",
+        f"| RSS growth after warm-up: trend, last quarter vs first (target < 5 %); last "
+        f"sample vs first; peak | **{r['rss_trend_after_warmup_pct']} %**; "
+        f"{r['rss_growth_after_warmup_pct']} %; {r['rss_max_growth_after_warmup_pct']} % |",
+        f"| open descriptors trend after warm-up | {r['fds_trend_after_warmup_pct']} % |",
+        f"| server open descriptors idle / after warm-up / end of load / max / callers gone "
+        f"| {fds['idle']} / {fds['after_warmup']} / {fds['end_of_load']} / {fds['max']} / "
+        f"**{fds['after_callers_left']}** |",
+        f"| shared-memory descriptors / mappings: most at once; left when callers gone "
+        f"(must be 0) | {r['memfds_max']} / {r['memfd_maps_max']}; **"
+        f"{r['left_after_callers']['memfds']} / {r['left_after_callers']['memfd_maps']}** |",
         f"| server exit code after SIGTERM | {r['server_exit_code']} |",
         "", "## Calls by kind and outcome", "", "| kind:outcome | calls |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in r["outcomes"].items()),
-        "", "## Errors by code (expected: INVALID_ARGUMENT for the invalid calls)", "",
+        "", "## Errors by code (expected: INVALID_ARGUMENT for the invalid calls, "
+        "ERROR for kserve_invalid: INVALID_ARGUMENT or NOT_FOUND)", "",
         "| code | calls |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in sorted(r["errors_by_code"].items())),
+        "", "## Lost calls (examples)", "",
+        *(f"- {x}" for x in r["lost_examples"]), *(["none"] if not r["lost_examples"] else []),
         "", "## Server counters", "", "| series | value |", "|---|---|",
         *(f"| `{k}` | {v:g} |" for k, v in sorted(r["server_metrics"].items())),
         "",
@@ -379,11 +761,26 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def passed(r: dict[str, Any]) -> bool:
+    """0 lost, 0 crashes, exit 0, RSS flat, descriptors back, no shared memory left."""
+    return (r["lost_calls"] == 0 and r["server_crashes"] == 0 and r["server_exit_code"] == 0
+            and not math.isnan(r["rss_trend_after_warmup_pct"])
+            and r["rss_trend_after_warmup_pct"] < 5.0
+            and r["fds"]["after_callers_left"] <= r["fds"]["idle"] + 2
+            and r["left_after_callers"] == {"memfds": 0, "memfd_maps": 0})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--procs", type=int, default=4, help="client processes (default 4)")
+    p.add_argument("--shm-clients", type=int, default=8,
+                   help="clients that also hold shared memory (default 8)")
+    p.add_argument("--long-streams", type=int, default=8,
+                   help="streams open the whole run (default 8)")
+    p.add_argument("--kill-every", type=float, default=2.0,
+                   help="seconds between callers killed mid-call (0: none; default 2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds before the RSS baseline (default: a sixth of the run, 5..15)")
@@ -399,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"soak: {a.clients} clients x {a.seconds:g} s on {machine['name']}", flush=True)
     result = run(a.clients, a.seconds, min(a.procs, a.clients), a.device, warmup,
-                 a.server_arg)
+                 a.server_arg, shm_clients=min(a.shm_clients, a.clients),
+                 long_streams=a.long_streams, kill_every=a.kill_every)
     result.update(machine=machine, started=started, load_avg=os.getloadavg())
     with contextlib.suppress(Exception):
         from bench.run import git_state
@@ -411,9 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.md").write_text(markdown(result))
     print(markdown(result))
     print(f"soak: wrote {out / 'soak.json'} and soak.md")
-    ok = (result["lost_calls"] == 0 and result["server_exit_code"] == 0
-          and not math.isnan(result["rss_growth_after_warmup_pct"]))
-    return 0 if ok else 1
+    return 0 if passed(result) else 1
 
 
 if __name__ == "__main__":

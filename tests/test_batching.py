@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from lossd_server.batching import Batcher, coalesce_key
-from lossd_server.engine import Batch, Engine
+from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.validate import RequestError
 
 
@@ -114,3 +115,44 @@ def test_server_with_batching_serves_concurrent_clients_exactly() -> None:
         assert srv.servicer.batcher.coalesced_calls >= 1
     finally:
         srv.stop(0)
+
+
+def test_a_leader_refused_admission_leaves_its_followers_to_their_own() -> None:
+    """A leader whose call is refused (queue full, cancelled, deadline) fails alone: its
+    followers run under their own admission (a stream's batch is never refused)."""
+    import grpc
+
+    from lossd_server.limits import Refused
+
+    engine = Engine(torch.device("cpu"))
+    batcher = Batcher(engine, max_samples=10_000, max_delay=5.0, in_flight=lambda: 2)
+    leader_batch, follower_batch = batch(1), batch(2)
+    outcome: dict[str, object] = {}
+
+    def refuse(device_call: Callable[[], list[Evaluation]]) -> list[Evaluation]:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy", reason="queue_full")
+
+    def lead() -> None:
+        try:
+            batcher.evaluate(leader_batch, run=refuse)
+        except Refused as exc:
+            outcome["leader"] = exc.reason
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    deadline = 10.0
+    while not batcher._open and deadline > 0:  # the leader's group is open, waiting
+        threading.Event().wait(0.01)
+        deadline -= 0.01
+    ran_alone: list[int] = []
+
+    def own(device_call: Callable[[], list[Evaluation]]) -> list[Evaluation]:
+        ran_alone.append(1)
+        return device_call()
+
+    result = batcher.evaluate(follower_batch, run=own)
+    leader.join(10)
+    assert outcome == {"leader": "queue_full"} and ran_alone == [1]
+    alone = engine.evaluate(follower_batch)
+    assert torch.equal(result.per_sample, alone.per_sample)
+    assert result.aggregate == alone.aggregate

@@ -14,8 +14,9 @@ is checked:
 - the properties a platform engineer relies on (GPU request, gRPC probes, shutdown
   budget, security context, Services, NetworkPolicy, ...);
 - the image's runtime contract without a container engine: the build context builds the
-  package, and ``lossd serve`` runs as UID 10001 on a read-only root with only /tmp
-  writable, configured by the image's ENV and the overlay's ConfigMap.
+  package, and ``lossd serve`` runs as UID 10001 on a read-only root with only /tmp (and
+  the shared-memory socket directory) writable, configured by the image's ENV and the
+  overlay's ConfigMap.
 """
 
 from __future__ import annotations
@@ -444,16 +445,30 @@ def test_security_context(objs: list[Obj]) -> None:
     assert sc.get("privileged", False) is False
     assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
     assert sc["seccompProfile"]["type"] == "RuntimeDefault"
-    # The only writable path is /tmp, an emptyDir.
+    # The only writable paths are emptyDirs: /tmp, and the shared-memory socket directory.
     mounts = {m["mountPath"]: m["name"] for m in container(objs)["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert mounts == {"/tmp": "tmp"} and "emptyDir" in volumes["tmp"]
+    assert mounts == {"/tmp": "tmp", "/run/lossd": "lossd-run"}
+    assert all("emptyDir" in volumes[name] for name in mounts.values())
     # Own ServiceAccount, no API token.
     assert spec["serviceAccountName"] == "lossd"
     assert spec["automountServiceAccountToken"] is False
     assert one(objs, "ServiceAccount", "lossd")["automountServiceAccountToken"] is False
     namespace = one(objs, "Namespace", NAMESPACE)["metadata"]["labels"]
     assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_shared_memory_sockets_live_on_an_emptydir(objs: list[Obj]) -> None:
+    """Each server process binds its descriptor socket in LOSSD_SHM_SOCKET_DIR: a
+    memory-backed emptyDir a caller container of the pod can mount too."""
+    directory = config(objs)["LOSSD_SHM_SOCKET_DIR"]
+    mounts = {m["mountPath"]: m["name"] for m in container(objs)["volumeMounts"]}
+    assert directory in mounts
+    volume = {v["name"]: v for v in pod_spec(objs)["volumes"]}[mounts[directory]]
+    assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
+    # The pod's fsGroup gives every container of the pod the sockets' group (mode 0660).
+    assert pod_spec(objs)["securityContext"]["fsGroup"] == UID
+    # Unix sockets need no network: the NetworkPolicy stays as it is.
 
 
 def test_services_clusterip_and_headless(objs: list[Obj]) -> None:
@@ -687,6 +702,9 @@ def test_server_runs_non_root_on_read_only_root(
         set -u
         mount --bind / / && mount -o remount,bind,ro / || exit 90
         mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp || exit 91
+        # The lossd-run emptyDir (LOSSD_SHM_SOCKET_DIR), group-owned as fsGroup makes it.
+        mount -t tmpfs -o size=1m,mode=0755 tmpfs /run || exit 91
+        mkdir -m 2770 /run/lossd && chown {UID}:{UID} /run/lossd || exit 91
         cd /
         {as_uid} env -i {env_args} lossd serve >/tmp/.server.log 2>&1 &
         pid=$!
@@ -701,6 +719,7 @@ def test_server_runs_non_root_on_read_only_root(
         echo "in_flight_series=$(python -c "{scrape}" | grep -c '^lossd_requests_in_flight')"
         {as_uid} touch {probe} 2>/dev/null; echo "root_write=$?"
         echo "tmp_writable=$({as_uid} sh -c 'touch /tmp/.probe && echo yes')"
+        echo "shm_sockets=$(ls /run/lossd | grep -c '^lossd-shm-.*[.]sock$')"
         kill -TERM $pid
         wait $pid
         echo "exit=$?"
@@ -723,6 +742,7 @@ def test_server_runs_non_root_on_read_only_root(
     assert int(result.get("in_flight_series", "0")) >= 1, context
     assert result.get("root_write") not in (None, "0"), "the root filesystem was writable"
     assert result.get("tmp_writable") == "yes", context
+    assert result.get("shm_sockets") == "1", context  # the descriptor socket, on the emptyDir
     assert result.get("exit") == "0", context
     assert time.monotonic() - started < 120
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from loss_reference import CASES, Case, check_case
 import lossd
 from lossd import LossClient
 from lossd_server.app import LossdServer
+from tests.conftest import EngineBlocker
 
 pytestmark = pytest.mark.gpu
 
@@ -85,3 +88,35 @@ def test_split_and_stream_on_cuda(gpu_server: LossdServer, gpu_client: LossClien
     parts = [(x[i:i + 5000], t[i:i + 5000], w[i:i + 5000]) for i in range(0, n, 5000)]
     results = list(gpu_client.evaluate_stream(parts))
     assert results[-1].running == unary.aggregates
+
+
+def test_shared_memory_on_cuda(gpu_server: LossdServer, gpu_client: LossClient,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through shared memory on CUDA, the inputs are copied once into pinned memory at
+    decode (so the caller cannot change them after validation) and the device copy goes
+    straight from there: the same answers as the socket, and an out-of-range index
+    written after validation never reaches the kernel."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 100, generator=g)
+    t = torch.randint(0, 100, (4096,), generator=g)
+    w = torch.rand(4096, generator=g)
+    with gpu_client.shared_memory(8 << 20) as shm:
+        for kwargs in ({}, {"weights": w}, {"label_smoothing": 0.1}):
+            a, b = shm.evaluate(x, t, **kwargs), gpu_client.evaluate(x, t, **kwargs)
+            assert np.array_equal(a.per_sample, b.per_sample)
+            assert a.aggregates == b.aggregates
+        blocker = EngineBlocker(gpu_server.engine, monkeypatch)
+        answer: list[lossd.LossResult] = []
+        worker = threading.Thread(target=lambda: answer.append(shm.evaluate(x, t)))
+        worker.start()
+        deadline = 30.0
+        while blocker.entered == 0 and deadline > 0:
+            threading.Event().wait(0.01)
+            deadline -= 0.01
+        targets_at = x.numel() * 4 + (-(x.numel() * 4) % 64)  # the client's layout
+        np.frombuffer(shm.buffer, np.int64, count=4096, offset=targets_at)[:] = 10**9
+        blocker.release.set()
+        worker.join(60)
+    want = F.cross_entropy(x.cuda(), t.cuda(), reduction="none").cpu()
+    assert torch.equal(torch.from_numpy(answer[0].per_sample), want)
+    _assert_cuda_serves(gpu_client)

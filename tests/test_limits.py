@@ -279,6 +279,202 @@ def test_a_real_cuda_out_of_memory_under_a_memory_cap() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Streams: admitted at the door, never shed mid-way
+
+
+def _stream_batches(seed: int, count: int, n: int = 256, c: int = 100
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n, c)).astype(np.float32), rng.integers(0, c, n))
+            for _ in range(count)]
+
+
+def _torch_running_sums(batches: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """The exact running sum after each batch (float64 of the float32 per-sample losses)."""
+    sums, total = [], 0.0
+    per_sample = [torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                                                    reduction="none") for x, t in batches]
+    for i in range(len(batches)):
+        total = float(torch.cat(per_sample[:i + 1]).double().sum())
+        sums.append(total)
+    return sums
+
+
+def test_more_open_streams_than_slots_are_never_shed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's scenario on default settings (2 slots, 16 may wait): 24 streams each
+    send a (256, 100) batch while the device is held, so 22 batches wait (more than
+    --max-waiting), then stream on. No batch of an admitted stream is refused; every
+    stream's running aggregates equal torch's. Meanwhile the unary busy path is as it was
+    (refused with a retry-after hint), and a new stream is still admitted at the door."""
+    srv = start_server(metrics_port=0)
+    gate = Gate(srv.engine, monkeypatch)
+    streams, per_stream = 25, 5
+    data = [_stream_batches(i, per_stream) for i in range(streams)]
+    go_on = threading.Event()
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=60) as client:
+            def job(i: int) -> list[lossd.LossResult]:
+                def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    yield data[i][0]
+                    go_on.wait(30)
+                    yield from data[i][1:]
+                return list(client.evaluate_stream(batches(), timeout=120))
+
+            with futures.ThreadPoolExecutor(streams) as pool:
+                jobs = [pool.submit(job, i) for i in range(streams - 1)]
+                wait_for(lambda: gate.entered == 2 and srv.admission.waiting == streams - 3)
+                with pytest.raises(lossd.ResourceExhausted) as unary:
+                    client.evaluate(LOGITS, LABELS)
+                assert unary.value.retry_after is not None and "busy" in unary.value.message
+                jobs.append(pool.submit(job, streams - 1))  # admitted, and waits
+                wait_for(lambda: srv.admission.waiting == streams - 2)
+                assert srv.admission.streams == streams
+                gate.release.set()
+                go_on.set()
+                results = [j.result(120) for j in jobs]
+        for i, rs in enumerate(results):
+            assert len(rs) == per_stream
+            want = _torch_running_sums(data[i])
+            for k, r in enumerate(rs):
+                assert r.running is not None and r.running.count == 256 * (k + 1)
+                assert r.running.sum == pytest.approx(want[k], rel=1e-12, abs=1e-9)
+                np.testing.assert_array_equal(r.per_sample, torch.nn.functional.cross_entropy(
+                    torch.from_numpy(data[i][k][0]), torch.from_numpy(data[i][k][1]),
+                    reduction="none").numpy())
+        for reason in ("queue_full", "too_many_streams"):
+            assert metric(srv, "lossd_rejected_requests_total", method="EvaluateStream",
+                          reason=reason) == 0
+        assert metric(srv, "lossd_rejected_requests_total", method="Evaluate",
+                      reason="queue_full") == 1
+        assert metric(srv, "lossd_requests_total", method="EvaluateStream",
+                      loss="cross_entropy", code="OK") == streams
+        assert (srv.admission.streams, srv.admission.waiting) == (0, 0)
+    finally:
+        gate.release.set()
+        go_on.set()
+        srv.stop(0)
+
+
+def test_streams_beyond_max_streams_are_refused_at_the_door() -> None:
+    srv = start_server(max_streams=2, metrics_port=0)
+    try:
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=30) as client:
+            hold = [threading.Event(), threading.Event()]
+
+            def open_stream(i: int) -> list[lossd.LossResult]:
+                def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    yield LOGITS, LABELS
+                    hold[i].wait(30)
+                return list(client.evaluate_stream(batches()))
+
+            with futures.ThreadPoolExecutor(2) as pool:
+                held = [pool.submit(open_stream, i) for i in range(2)]
+                wait_for(lambda: srv.admission.streams == 2)
+                with pytest.raises(lossd.ResourceExhausted) as exc:
+                    list(client.evaluate_stream([(LOGITS, LABELS)]))
+                assert "--max-streams 2" in exc.value.message
+                assert exc.value.retry_after is not None and exc.value.retry_after >= 1
+                with pytest.raises(lossd.ResourceExhausted, match="--max-streams"):
+                    client.shared_memory(4096)  # a session is a stream too
+                assert client.evaluate(LOGITS, LABELS).per_sample.shape == (2,)  # unary: fine
+                hold[0].set()
+                assert len(held[0].result(30)) == 1
+                wait_for(lambda: srv.admission.streams == 1)
+                assert len(list(client.evaluate_stream([(LOGITS, LABELS)]))) == 1
+                hold[1].set()
+                held[1].result(30)
+        assert metric(srv, "lossd_rejected_requests_total", method="EvaluateStream",
+                      reason="too_many_streams") == 1
+        assert metric(srv, "lossd_rejected_requests_total", method="SharedMemorySession",
+                      reason="too_many_streams") == 1
+        assert metric(srv, "lossd_streams_open") == 0
+    finally:
+        srv.stop(0)
+
+
+def test_a_waiting_stream_batch_keeps_its_deadline_and_cancellation(
+        narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(narrow.engine, monkeypatch)
+    with LossClient(f"127.0.0.1:{narrow.port}", timeout=30) as client, \
+            futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.evaluate, LOGITS, LABELS)
+        wait_for(lambda: gate.entered == 1)
+        with pytest.raises(lossd.DeadlineExceeded):
+            list(client.evaluate_stream([(LOGITS, LABELS)], timeout=0.3))
+        wait_for(lambda: narrow.admission.waiting == 0 and narrow.admission.streams == 0)
+        with grpc.insecure_channel(f"127.0.0.1:{narrow.port}") as ch:
+            call = pb_grpc.LossServiceStub(ch).EvaluateStream(iter([request()]), timeout=30)
+            wait_for(lambda: narrow.admission.waiting == 1)
+            call.cancel()
+            wait_for(lambda: narrow.admission.waiting == 0 and narrow.admission.streams == 0)
+        gate.release.set()
+        running.result(30)
+    assert gate.entered == 1  # neither reached the engine
+
+
+def test_a_stream_whose_caller_goes_away_never_ends_internal() -> None:
+    """A caller cancelling mid-stream: the server ends the stream CANCELLED (or, when gRPC
+    reports the end of the messages before the cancellation, as a stream that ended),
+    never INTERNAL with a traceback in the log."""
+    srv = start_server(metrics_port=0)
+    try:
+        for _ in range(5):
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                more = threading.Event()
+
+                def requests(more: threading.Event = more) -> Iterator[pb.EvaluateRequest]:
+                    yield request()
+                    more.wait(30)
+                    yield request()
+
+                call = pb_grpc.LossServiceStub(ch).EvaluateStream(requests(), timeout=30)
+                assert len(next(call).per_sample.data) == 8
+                call.cancel()  # while the server waits for the next message
+                more.set()
+
+        def ended(code: str) -> float:
+            return metric(srv, "lossd_requests_total", method="EvaluateStream",
+                          loss="cross_entropy", code=code)
+
+        wait_for(lambda: ended("CANCELLED") + ended("OK") == 5)
+        assert ended("INTERNAL") == 0
+        assert metric(srv, "lossd_cancelled_requests_total", method="EvaluateStream",
+                      reason="cancelled") == ended("CANCELLED")
+    finally:
+        srv.stop(0)
+
+
+def test_admitted_batches_wait_whatever_the_queue_length() -> None:
+    a = Admission(slots=1, max_waiting=0, max_streams=3)
+    release = threading.Event()
+    done: list[int] = []
+
+    def batch(i: int) -> None:
+        with a.slot(admitted=True):
+            release.wait(10)
+            done.append(i)
+
+    with a.slot():
+        with pytest.raises(Refused) as busy, a.slot():  # "full" for a unary call
+            pass
+        assert busy.value.reason == "queue_full"
+        threads = [threading.Thread(target=batch, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: a.waiting == 3)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == [0, 1, 2] and (a.running, a.waiting) == (0, 0)
+    with a.stream(), a.stream(), a.stream():
+        assert a.streams == 3
+        with pytest.raises(Refused) as full, a.stream():
+            pass
+        assert full.value.reason == "too_many_streams"
+    assert a.streams == 0
+
+
+# ---------------------------------------------------------------------------------------
 # Admission as a unit
 
 
@@ -350,6 +546,12 @@ def test_limit_settings_are_checked() -> None:
         Settings(max_waiting=-1).check()
     with pytest.raises(ValueError, match="--concurrency"):
         Settings(concurrency=0).check()
-    assert Settings(workers=8, concurrency=2, max_waiting=16).threads == 20
+    with pytest.raises(ValueError, match="--max-streams"):
+        Settings(max_streams=-1).check()
+    # Threads for every running and waiting evaluation, every open stream, and two spare.
+    assert Settings(workers=8, concurrency=2, max_waiting=16).stream_limit == 32
+    assert Settings(workers=8, concurrency=2, max_waiting=16).threads == 2 + 16 + 32 + 2
+    assert Settings(workers=64).stream_limit == 64 - 2 - 16 - 2
     assert Settings(workers=64).threads == 64
-    assert Settings(workers=8, max_rpcs=0).rpc_limit == 2 * 20
+    assert Settings(max_streams=4).threads == 2 + 16 + 4 + 2
+    assert Settings(workers=8, max_rpcs=0).rpc_limit == 2 * 52

@@ -13,6 +13,7 @@ from lossd._client import LossClient
 from lossd._errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InternalError,
     InvalidArgument,
     LossdError,
@@ -46,6 +47,7 @@ __all__ = [
     "Cancelled",
     "ClassAggregates",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "HardSample",
     "Hardest",
     "InternalError",

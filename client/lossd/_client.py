@@ -555,14 +555,15 @@ class LossClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
-    def shared_memory(self, size: int, *, name: str = "lossd") -> SharedMemory:
+    def shared_memory(self, size: int, *, name: str = "lossd",
+                      socket_dir: str | os.PathLike[str] | None = None) -> SharedMemory:
         """A shared-memory region of ``size`` bytes registered with the server, for callers
-        on the same host or in the same pod: ``with client.shared_memory(1 << 28) as shm:
-        shm.evaluate(...)``. See :class:`lossd.SharedMemory`.
+        on the same host or in the same pod (Linux): ``with client.shared_memory(1 << 28)
+        as shm: shm.evaluate(...)``. See :class:`lossd.SharedMemory`.
         """
         from lossd._shm import SharedMemory
 
-        return SharedMemory(self, size, name=name)
+        return SharedMemory(self, size, name=name, socket_dir=socket_dir)
 
     def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """The server's loss catalogue: names, options, accepted shapes and dtypes."""

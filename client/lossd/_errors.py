@@ -9,6 +9,8 @@
     ├── Unauthenticated         missing or wrong token
     ├── PermissionDenied
     ├── NotFound
+    ├── FailedPrecondition      the server is not set up for the call (e.g. shared memory
+    │                           off, or its descriptor socket not reachable from here)
     ├── Unavailable             server unreachable or draining; raised once the client's
     │                           retries (UNAVAILABLE only, with backoff) ran out
     ├── DeadlineExceeded        the call's timeout passed
@@ -67,6 +69,10 @@ class NotFound(LossdError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(LossdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(LossdError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -90,8 +96,8 @@ class InternalError(LossdError):
 _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
     cls.code: cls
     for cls in (InvalidArgument, ResourceExhausted, Unauthenticated, PermissionDenied,
-                NotFound, Unavailable, DeadlineExceeded, Cancelled, Unimplemented,
-                InternalError)
+                NotFound, FailedPrecondition, Unavailable, DeadlineExceeded, Cancelled,
+                Unimplemented, InternalError)
 }
 
 
@@ -135,3 +141,14 @@ def from_rpc_error(exc: grpc.RpcError, *, retry_attempts: int = 1) -> LossdError
                     "attempts with exponential backoff)")
     return cls(message, code=code, attempts=attempts,
                retry_after=None if retry_ms is None else retry_ms / 1000.0)
+
+
+_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: int, message: str, retry_after_ms: int = 0) -> LossdError:
+    """The typed error for a status sent inside a message (a shared-memory session's
+    answers): ``code`` in gRPC's numbering, ``retry_after_ms`` 0 for none."""
+    status = _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(status, LossdError)(
+        message, code=status, retry_after=retry_after_ms / 1000.0 if retry_after_ms else None)

@@ -15,10 +15,13 @@ port closes. Processes, signals and the ``lossd serve`` command are
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,6 +41,7 @@ from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
 from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
+from lossd_server.shm import DescriptorSocket, SharedMemoryRegistry
 
 log = logging.getLogger("lossd")
 LOSS_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -95,6 +99,7 @@ class LossdServer:
     gate: Gate | None = None
     servicer: LossServicer | None = None
     health_port: int | None = None
+    descriptor_socket: DescriptorSocket | None = None
     _health_server: grpc.Server | None = field(default=None, repr=False)
     _metrics_http: Any = field(default=None, repr=False)
 
@@ -122,6 +127,8 @@ class LossdServer:
         """Start serving; health turns SERVING once a warm-up evaluation passed (with
         ``serving=False`` it stays NOT_SERVING until ``set_serving(True)``: a worker
         process waits for its supervisor, which knows when every worker is ready)."""
+        if self.descriptor_socket is not None:
+            self.descriptor_socket.start()
         self.server.start()
         if self._health_server is not None:
             self._health_server.start()
@@ -156,6 +163,8 @@ class LossdServer:
                         extra={"in_flight": self.gate.in_flight if self.gate else 0})
         self.server.stop(left).wait()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
+        if self.descriptor_socket is not None:
+            self.descriptor_socket.close()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         if self._metrics_http is not None:
@@ -197,9 +206,18 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                          options=server_options(settings, reuse_port=reuse_port),
                          interceptors=[gate],
                          maximum_concurrent_rpcs=settings.rpc_limit)
+    registry, fd_socket = None, None
+    if settings.shared_memory:
+        registry = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes)
+        fd_socket = DescriptorSocket(registry, Path(settings.shm_socket_dir
+                                                    or tempfile.gettempdir()))
     servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
                             metrics=metrics, slots=settings.concurrency,
-                            max_waiting=settings.max_waiting, max_elements=settings.max_elements,
+                            max_waiting=settings.max_waiting,
+                            max_streams=settings.stream_limit,
+                            max_elements=settings.max_elements,
+                            shared_memory=registry,
+                            descriptor_socket=os.fspath(fd_socket.path) if fd_socket else "",
                             batching=BatchingSettings(settings.batch_max_samples,
                                                       settings.batch_delay_us / 1e6)
                             if settings.batching == "on" else None,
@@ -227,7 +245,7 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
                         metrics=metrics, health=health_servicer, services=tuple(services),
                         ready=ready, gate=gate, servicer=servicer, health_port=health_port,
-                        _health_server=health_server)
+                        descriptor_socket=fd_socket, _health_server=health_server)
     lossd.set_serving(False)
     return lossd
 

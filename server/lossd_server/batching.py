@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lossd_server.engine import Batch, Engine, Evaluation, _Checked
+from lossd_server.limits import Refused
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ class Batcher:
             with self._cond:
                 self._cond.notify_all()  # the leader may be waiting for this arrival
             group.done.wait()
+            if isinstance(group.error, Refused):
+                # The leader's own admission failed (queue full, cancelled, deadline): not
+                # this caller's fault; it runs alone, under its own admission.
+                return run(lambda: self.engine.evaluate_many([checked]))[0]
             if group.error is not None:
                 raise group.error
         assert group.results is not None

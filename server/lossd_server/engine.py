@@ -221,9 +221,11 @@ class Engine:
 
     def _to_device(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         if self._cuda:
-            staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            staged.copy_(t)
-            t = staged.to(self.device, non_blocking=True)
+            if not t.is_pinned():  # (a copy out of shared memory is pinned already)
+                staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                staged.copy_(t)
+                t = staged
+            t = t.to(self.device, non_blocking=True)
         # Even a no-op .to() is a dispatch: microseconds that add up on small batches.
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 

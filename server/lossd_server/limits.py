@@ -1,9 +1,12 @@
 """Limits and backpressure: bounded admission, request size, deadlines, out-of-memory.
 
 * :class:`Admission`: ``slots`` evaluations run at once; up to ``max_waiting`` more wait,
-  first come first served, for a slot (the ``queue`` stage). A call beyond that is refused
-  at once with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer; nothing queues without
-  bound. A waiting call whose caller cancelled or whose deadline passed leaves the queue
+  first come first served, for a slot (the ``queue`` stage). A unary call beyond that is
+  refused at once with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. A stream is
+  admitted or refused (``max_streams`` open already; with the same trailer) at the door,
+  when it starts; each batch of an admitted stream then waits for a slot and is never
+  refused for contention. Nothing queues without bound: a stream has at most one batch waiting. A
+  waiting evaluation whose caller cancelled or whose deadline passed leaves the queue
   without computing.
 * :class:`ElementBudget`: the elements a request claims (its shapes), checked against
   ``--max-elements`` as each tensor is decoded, before its bytes are looked at.
@@ -36,7 +39,8 @@ from lossd_server.validate import RequestError
 
 RETRY_AFTER = "retry-after-ms"
 OTHER_METHOD = "other"
-REJECT_REASONS = ("queue_full", "too_large", "out_of_memory", "unauthenticated", "draining")
+REJECT_REASONS = ("queue_full", "too_many_streams", "too_large", "out_of_memory",
+                  "unauthenticated", "draining")
 DROP_REASONS = ("cancelled", "deadline_exceeded")
 
 
@@ -74,7 +78,8 @@ class LimitMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
             "lossd_rejected_requests", "Calls refused before evaluation, by method and reason "
-            "(queue_full, too_large, out_of_memory, unauthenticated, draining).",
+            "(queue_full, too_many_streams, too_large, out_of_memory, unauthenticated, "
+            "draining).",
             ("method", "reason"), registry=registry)
         self.dropped = Counter(
             "lossd_cancelled_requests", "Calls dropped unanswered because their caller "
@@ -85,6 +90,9 @@ class LimitMetrics:
                              registry=registry, multiprocess_mode="livesum")
         self.running = Gauge("lossd_queue_running", "Evaluations holding a compute slot.",
                              registry=registry, multiprocess_mode="livesum")
+        self.streams = Gauge("lossd_streams_open", "Admitted streams (EvaluateStream, "
+                             "SharedMemorySession) now open.", registry=registry,
+                             multiprocess_mode="livesum")
         self.draining = Gauge("lossd_draining", "1 while the server drains (SIGTERM), else 0.",
                               registry=registry, multiprocess_mode="livemax")
         # Written on every call: through the hot path's writers.
@@ -164,7 +172,14 @@ class Admission:
 
     ``slot(call)`` is a context manager holding a slot; it raises :class:`Refused`:
     RESOURCE_EXHAUSTED (queue full, with a retry-after hint), or CANCELLED /
-    DEADLINE_EXCEEDED when the caller goes away while waiting.
+    DEADLINE_EXCEEDED when the caller goes away while waiting. ``slot(call,
+    admitted=True)`` is a batch of an admitted stream: it waits whatever the queue's length.
+
+    ``stream()`` is the door of a stream, held while it is open: refused (with a
+    retry-after hint) when ``max_streams`` streams are open (0: no limit). A stream is a
+    long commitment, so the door counts streams, not the queue of the moment; each open
+    stream has at most one batch waiting, so the queue stays within ``max_waiting`` plus
+    ``max_streams``.
 
     >>> a = Admission(slots=1, max_waiting=0)
     >>> with a.slot():
@@ -178,16 +193,18 @@ class Admission:
 
     POLL_SECONDS = 0.05  # how often a waiter checks whether its caller is still there
 
-    def __init__(self, slots: int, max_waiting: int, *,
+    def __init__(self, slots: int, max_waiting: int, *, max_streams: int = 0,
                  metrics: LimitMetrics | None = None) -> None:
-        if slots < 1 or max_waiting < 0:
-            raise ValueError("slots >= 1 and max_waiting >= 0")
+        if slots < 1 or max_waiting < 0 or max_streams < 0:
+            raise ValueError("slots >= 1, max_waiting >= 0 and max_streams >= 0")
         self.slots = slots
         self.max_waiting = max_waiting
+        self.max_streams = max_streams
         self.metrics = metrics
         self._lock = threading.Lock()
         self._free = slots
         self._queue: collections.deque[_Waiter] = collections.deque()
+        self._streams = 0
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
         self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
@@ -199,6 +216,10 @@ class Admission:
     @property
     def running(self) -> int:
         return self.slots - self._free
+
+    @property
+    def streams(self) -> int:
+        return self._streams
 
     def retry_after_seconds(self) -> float:
         """About when a slot frees for one more caller: the queue ahead, per slot."""
@@ -213,30 +234,33 @@ class Admission:
                 self.metrics.running_value.set(running)
             self._shown = (waiting, running)
 
-    def acquire(self, call: CallState | None = None) -> float:
+    def acquire(self, call: CallState | None = None, *, admitted: bool = False) -> float:
         """Take a slot (waiting in line for one); returns when it was taken, for
         :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
-        self._acquire(call or CallState())
+        self._acquire(call or CallState(), admitted)
         return time.perf_counter()
 
     def release(self, acquired: float) -> None:
         """Give back a slot taken by :meth:`acquire` at ``acquired``."""
         self._release(time.perf_counter() - acquired)
 
-    def _acquire(self, call: CallState) -> None:
+    def _busy(self) -> Refused:
+        hint = self.retry_after_seconds()
+        return Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: {self.slots - self._free} evaluations running and "
+            f"{len(self._queue)} waiting (--concurrency {self.slots}, --max-waiting "
+            f"{self.max_waiting}); retry after {math.ceil(hint * 1000)} ms",
+            reason="queue_full", trailers=retry_after(hint))
+
+    def _acquire(self, call: CallState, admitted: bool) -> None:
         with self._lock:
             if self._free > 0 and not self._queue:
                 self._free -= 1
                 self._gauges()
                 return
-            if len(self._queue) >= self.max_waiting:
-                hint = self.retry_after_seconds()
-                raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self.slots - self._free} evaluations running and "
-                    f"{len(self._queue)} waiting (--concurrency {self.slots}, --max-waiting "
-                    f"{self.max_waiting}); retry after {math.ceil(hint * 1000)} ms",
-                    reason="queue_full", trailers=retry_after(hint))
+            if not admitted and len(self._queue) >= self.max_waiting:
+                raise self._busy()
             waiter = _Waiter()
             self._queue.append(waiter)
             self._gauges()
@@ -267,12 +291,36 @@ class Admission:
             self._gauges()
 
     @contextmanager
-    def slot(self, call: CallState | None = None) -> Iterator[None]:
-        acquired = self.acquire(call)
+    def slot(self, call: CallState | None = None, *, admitted: bool = False) -> Iterator[None]:
+        acquired = self.acquire(call, admitted=admitted)
         try:
             yield
         finally:
             self.release(acquired)
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """Admit a stream for as long as the block runs (see the class doc)."""
+        with self._lock:
+            if self.max_streams and self._streams >= self.max_streams:
+                hint = max(1.0, self.retry_after_seconds())
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self._streams} streams open (--max-streams "
+                    f"{self.max_streams}); retry after {math.ceil(hint * 1000)} ms",
+                    reason="too_many_streams", trailers=retry_after(hint))
+            self._streams += 1
+            self._stream_gauge()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams -= 1
+                self._stream_gauge()
+
+    def _stream_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.streams.set(self._streams)
 
 
 # ---------------------------------------------------------------------------------------

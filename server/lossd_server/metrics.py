@@ -46,7 +46,7 @@ from prometheus_client import (
 
 from lossd_server.losses import LOSSES
 
-METHODS = ("Evaluate", "EvaluateStream", "ListLosses", "ModelInfer")
+METHODS = ("Evaluate", "EvaluateStream", "ListLosses", "ModelInfer", "SharedMemorySession")
 STAGES = ("decode", "queue", "compute", "encode")
 INVALID_LOSS = "invalid"
 OTHER_TAG = "other"
@@ -532,7 +532,9 @@ class CallRecord:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None:
+        if isinstance(exc, GeneratorExit):  # gRPC closed a stream's handler: caller gone
+            self.code = grpc.StatusCode.CANCELLED
+        elif exc is not None:
             code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
             self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
         self.duration = time.perf_counter() - self._start

@@ -269,7 +269,9 @@ def _serving_fields(server: LossdServer, settings: Settings) -> dict[str, Any]:
             "health_port": server.health_port, "device": str(server.engine.device),
             "tls": "mutual" if settings.tls_client_ca else settings.tls,
             "auth_tokens": tokens.count if tokens else 0, "threads": settings.threads,
-            "max_rpcs": settings.rpc_limit}
+            "max_rpcs": settings.rpc_limit,
+            "descriptor_socket": (os.fspath(server.descriptor_socket.path)
+                                  if server.descriptor_socket is not None else None)}
 
 
 def _wait_for_signal(settings: Settings) -> str:
@@ -395,7 +397,9 @@ class Supervisor:
                 "devices": sorted({w.device for w in self.workers}),
                 "tls": "mutual" if s.tls_client_ca else s.tls,
                 "auth_tokens": tokens.count if tokens.enabled else 0,
-                "threads": s.threads, "max_rpcs": s.rpc_limit})
+                "threads": s.threads, "max_rpcs": s.rpc_limit,
+                "shm_socket_dir": (s.shm_socket_dir or tempfile.gettempdir())
+                if s.shared_memory else None})
             self._supervise()
             return self._drain()
         finally:

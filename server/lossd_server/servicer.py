@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -68,8 +70,10 @@ def stream_errors(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
 
 def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | None
                    ) -> wire.SharedMemoryView | None:
-    if not req.shared_memory_session or registry is None:
+    if not req.shared_memory_session:
         return None
+    if registry is None:
+        raise RequestError("shared_memory_session", "shared memory is off on this server")
     session = req.shared_memory_session
     return lambda ref, field: registry.view(session, ref.region, ref.offset, ref.byte_size,
                                             field)
@@ -77,10 +81,17 @@ def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | Non
 
 def decode_request(req: pb.EvaluateRequest,
                    shared_memory: SharedMemoryRegistry | None = None, *,
-                   max_elements: int = 0) -> Batch:
+                   max_elements: int = 0, pin_memory: bool = False) -> Batch:
     """The request's tensors (views, no copies) and options. Refused (RESOURCE_EXHAUSTED)
     when its shapes claim more than ``max_elements`` elements (0: no limit), before any
-    tensor's bytes are looked at."""
+    tensor's bytes are looked at.
+
+    Tensors in shared memory can be rewritten by the caller at any moment, so every one
+    whose values validation relies on (targets, weights) is copied out of the region
+    here, before validation; predictions are viewed in place (zero copy: no value of a
+    float tensor can make a kernel misbehave), except with ``pin_memory`` (CUDA), where
+    they are copied once into pinned memory for the device copy, as the engine would.
+    """
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
     if not req.HasField("targets"):
@@ -91,9 +102,10 @@ def decode_request(req: pb.EvaluateRequest,
     claim = limits.ElementBudget(max_elements).claim
     return Batch(
         loss=req.loss,
-        predictions=wire.decode_tensor(req.predictions, "predictions", view, claim),
-        targets=wire.decode_tensor(req.targets, "targets", view, claim),
-        weights=(wire.decode_tensor(req.weights, "weights", view, claim)
+        predictions=wire.decode_tensor(req.predictions, "predictions", view, claim,
+                                       private=pin_memory, pin_memory=pin_memory),
+        targets=wire.decode_tensor(req.targets, "targets", view, claim, private=True),
+        weights=(wire.decode_tensor(req.weights, "weights", view, claim, private=True)
                  if req.HasField("weights") else None),
         options=wire.decode_options(req.options, claim),
         gradient=wire.decode_reduction(req.gradient),
@@ -101,17 +113,27 @@ def decode_request(req: pb.EvaluateRequest,
     )
 
 
-def encode_response(ev: Evaluation, req: pb.EvaluateRequest | None = None,
-                    shared_memory: SharedMemoryRegistry | None = None) -> pb.EvaluateResponse:
-    """The response; per-sample losses go to ``req.per_sample_output`` when it names one."""
-    view = None if req is None else _shared_memory(req, shared_memory)
-    if view is not None and req is not None and req.HasField("per_sample_output"):
-        out = view(req.per_sample_output, "per_sample_output")
-        n = ev.per_sample.shape[0]
-        if len(out) != 4 * n:
-            raise RequestError("per_sample_output", f"{len(out)} bytes; {n} float32 need {4 * n}")
+def output_view(req: pb.EvaluateRequest, shared_memory: SharedMemoryRegistry | None,
+                samples: int) -> memoryview | None:
+    """Where ``req.per_sample_output`` asks the per-sample losses to go, checked to hold
+    ``samples`` float32 values; resolved with the inputs, so a session that ends while the
+    request computes still gets its answer written (the mapping outlives its views)."""
+    view = _shared_memory(req, shared_memory)
+    if view is None or not req.HasField("per_sample_output"):
+        return None
+    out = view(req.per_sample_output, "per_sample_output")
+    if len(out) != 4 * samples:
+        raise RequestError("per_sample_output", f"{len(out)} bytes; {samples} float32 need "
+                                                f"{4 * samples}")
+    return out
+
+
+def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.EvaluateResponse:
+    """The response; the per-sample losses go to ``out`` (see :func:`output_view`) if given."""
+    if out is not None:
         torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
-        resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32, shape=[n]))
+        resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32,
+                                                        shape=[ev.per_sample.shape[0]]))
     else:
         losses = ev.losses
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(
@@ -131,7 +153,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 
     ``slots`` evaluations run on the device at once and ``max_waiting`` more may wait for
     one (the ``queue`` stage); beyond that a call gets RESOURCE_EXHAUSTED with a
-    ``retry-after-ms`` trailer (see :class:`limits.Admission`). A request claiming more than
+    ``retry-after-ms`` trailer (see :class:`limits.Admission`). Streams are admitted when
+    they start (at most ``max_streams``); their batches wait for a slot and are never
+    refused for contention. A request claiming more than
     ``max_elements`` elements (0: no limit) is refused before decoding. A call whose caller
     cancelled or whose deadline passed is dropped before compute and never answered late;
     an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
@@ -139,45 +163,59 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 
     def __init__(self, engine: Engine, *, max_message_bytes: int,
                  metrics: Metrics | None = None, slots: int = 2, max_waiting: int = 16,
-                 max_elements: int = 0, batching: BatchingSettings | None = None,
-                 in_flight: Callable[[], int] = lambda: 0) -> None:
+                 max_streams: int = 0, max_elements: int = 0,
+                 batching: BatchingSettings | None = None,
+                 in_flight: Callable[[], int] = lambda: 0,
+                 shared_memory: SharedMemoryRegistry | None = None,
+                 descriptor_socket: str = "") -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics or Metrics(process=False)
-        self.shared_memory = SharedMemoryRegistry()
+        # None: shared memory is off (SharedMemorySession answers FAILED_PRECONDITION).
+        self.shared_memory = shared_memory
+        self.descriptor_socket = descriptor_socket
         self.limits = LimitMetrics.of(self.metrics.registry)
-        self.admission = Admission(slots, max_waiting, metrics=self.limits)
+        self.admission = Admission(slots, max_waiting, max_streams=max_streams,
+                                   metrics=self.limits)
         self.max_elements = max_elements
         self.batcher = None if batching is None else Batcher(
             engine, max_samples=batching.max_samples, max_delay=batching.max_delay,
             in_flight=in_flight)
 
     def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
-                  stream: bool, state: CallState | None = None
+                  stream: bool, state: CallState | None = None, admitted: bool = False
                   ) -> tuple[Evaluation, pb.EvaluateResponse]:
-        """decode -> queue -> compute -> encode for one message, recorded on ``call``."""
+        """decode -> queue -> compute -> encode for one message, recorded on ``call``.
+
+        ``stream``: a batch of an EvaluateStream (its weights may sum to zero);
+        ``admitted``: a batch of an admitted stream (it waits for a slot, never refused).
+        """
         state = state or CallState()
         call.loss = request.loss
         call.received(request.ByteSize())
         try:
             with call.stage("decode"):
                 batch = decode_request(request, self.shared_memory,
-                                       max_elements=self.max_elements)
+                                       max_elements=self.max_elements,
+                                       pin_memory=self.engine.device.type == "cuda")
+                out = output_view(request, self.shared_memory,
+                                  batch.predictions.shape[0] if batch.predictions.dim() else 0)
         except Refused as exc:
             self.limits.count(call.method, exc)
             raise
-        ev = self.compute(call, batch, state, stream=stream)
+        ev = self.compute(call, batch, state, stream=stream, admitted=admitted)
         with call.stage("encode"):
-            resp = encode_response(ev, request, self.shared_memory)
+            resp = encode_response(ev, out)
         call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
 
     def compute(self, call: CallRecord, batch: Batch, state: CallState, *,
-                stream: bool = False) -> Evaluation:
+                stream: bool = False, admitted: bool = False) -> Evaluation:
         """queue -> compute for a decoded batch: admission, deadlines, out-of-memory.
 
         Every front (this service, the Open Inference Protocol) evaluates through here.
+        ``admitted``: the batch belongs to an admitted stream and waits for its slot.
         """
         try:
             oom = False
@@ -186,10 +224,12 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                     with call.stage("compute"):  # a leader's queue stage nests in it
                         ev = self.batcher.evaluate(
                             batch, allow_zero_weight_sum=stream,
-                            run=lambda device_call: self._in_slot(call, state, device_call))
+                            run=lambda device_call: self._in_slot(call, state, device_call,
+                                                                  admitted=admitted))
                 else:
                     ev = self._in_slot(call, state, lambda: [self.engine.evaluate(
-                        batch, allow_zero_weight_sum=stream)], compute_stage=True)[0]
+                        batch, allow_zero_weight_sum=stream)], compute_stage=True,
+                        admitted=admitted)[0]
             except Exception as exc:
                 if not limits.is_out_of_memory(exc):
                     raise
@@ -208,11 +248,11 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 
     def _in_slot(self, call: CallRecord, state: CallState,
                  device_call: Callable[[], list[Evaluation]], *,
-                 compute_stage: bool = False) -> list[Evaluation]:
+                 compute_stage: bool = False, admitted: bool = False) -> list[Evaluation]:
         """Run ``device_call`` holding a compute slot (the wait is the ``queue`` stage)."""
         with call.stage("queue"):
             state.check("before compute")
-            started = self.admission.acquire(state)
+            started = self.admission.acquire(state, admitted=admitted)
         try:
             if not compute_stage:
                 return device_call()
@@ -232,7 +272,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
     @stream_errors
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
-        with self.metrics.call("EvaluateStream") as call:
+        with self.metrics.call("EvaluateStream") as call, \
+                self._admitted_stream(call.method):
             state = CallState.of(context)
             running: Aggregate | None = None
             batch: Aggregate | None = None  # the batch so far, while messages carry `more`
@@ -241,7 +282,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             batch_analysis: Analysis | None = None
             offset = index = 0
             first: pb.EvaluateRequest | None = None
-            for request in request_iterator:
+            for request in self._received(request_iterator, context, call.method):
                 where = f"(batch {index} of the stream)"
                 if first is None:
                     first = request
@@ -256,7 +297,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                                              f"batch asks for the same analyses {where}")
                 token = validate.sample_offset.set(offset)
                 try:
-                    ev, resp = self._evaluate(call, request, stream=True, state=state)
+                    ev, resp = self._evaluate(call, request, stream=True, state=state,
+                                              admitted=True)
                 except RequestError as exc:
                     raise RequestError(exc.field, f"{exc.problem} {where}", exc.code) from None
                 finally:
@@ -279,30 +321,120 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 else:
                     batch, batch_analysis, offset, index = None, None, 0, index + 1
                 call.sent(resp.ByteSize())
-                yield resp
+                try:
+                    yield resp
+                except GeneratorExit:  # gRPC closed the handler: the caller went away
+                    self.limits.count(call.method, _gone(context))
+                    raise
 
+    def _received(self, requests: Iterator[T], context: grpc.ServicerContext,
+                  method: str) -> Iterator[T]:
+        """A stream's messages. A caller that goes away mid-stream (cancelled, deadline
+        passed, connection lost) ends it CANCELLED or DEADLINE_EXCEEDED, not INTERNAL."""
+        while True:
+            try:
+                request = next(requests)
+            except (StopIteration, grpc.RpcError) as end:
+                if context.is_active():  # the caller closed its side: the stream is done
+                    if isinstance(end, StopIteration):
+                        return
+                    raise
+                exc = _gone(context)
+                self.limits.count(method, exc)
+                raise exc from None
+            yield request
+
+    @contextlib.contextmanager
+    def _admitted_stream(self, method: str) -> Iterator[None]:
+        """The door of a stream: admitted for as long as it is open, or Refused now."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.admission.stream())
+            except Refused as exc:
+                self.limits.count(method, exc)
+                raise
+            yield
+
+    @stream_errors
     def SharedMemorySession(self, request_iterator: Iterator[pb.SharedMemoryRequest],
                             context: grpc.ServicerContext) -> Iterator[pb.SharedMemoryResponse]:
-        """A session of shared-memory regions; they are released when the stream ends."""
-        session = self.shared_memory.open_session()
-        context.add_callback(lambda: self.shared_memory.close_session(session.id))
+        """A session of shared-memory regions; they are released when the stream ends.
+
+        The session is admitted like any stream; its ``evaluate`` actions wait for a
+        compute slot and are answered in order on the stream, errors included (the
+        session stays open).
+        """
+        registry = self.shared_memory
+        if registry is None:
+            raise RequestError("SharedMemorySession", "shared memory is off on this server "
+                                                      "(--no-shared-memory)",
+                               grpc.StatusCode.FAILED_PRECONDITION)
+        with self._admitted_stream("SharedMemorySession"):
+            session = registry.open_session()
+            context.add_callback(lambda: registry.close_session(session.id))
+            try:
+                yield pb.SharedMemoryResponse(session=session.id,
+                                              descriptor_socket=self.descriptor_socket)
+                for request in self._received(request_iterator, context,
+                                              "SharedMemorySession"):
+                    if request.HasField("evaluate"):
+                        yield self._evaluate_in_session(session.id, request, context)
+                        continue
+                    error, code = "", 0
+                    try:
+                        if request.HasField("register"):
+                            r = request.register
+                            registry.register(session, r.name, r.byte_size,
+                                              descriptor=r.descriptor, key=r.key)
+                        elif request.HasField("unregister"):
+                            registry.unregister(session, request.unregister)
+                        else:
+                            raise RequestError("action", "missing: register, unregister or "
+                                                         "evaluate")
+                    except RequestError as exc:
+                        error, code = str(exc), exc.code.value[0]
+                    yield pb.SharedMemoryResponse(regions=sorted(session.regions), error=error,
+                                                  code=code)
+            finally:
+                registry.close_session(session.id)
+
+    def _evaluate_in_session(self, session: str, request: pb.SharedMemoryRequest,
+                             context: grpc.ServicerContext) -> pb.SharedMemoryResponse:
+        """One ``evaluate`` action: the answer, or the error with its code, as a response."""
+        req = request.evaluate
+        stream_state = CallState.of(context)
+        state = stream_state
+        if request.timeout_seconds > 0:
+            deadline = time.monotonic() + request.timeout_seconds
+
+            def time_remaining() -> float:
+                left = stream_state.time_remaining()
+                mine = deadline - time.monotonic()
+                return mine if left is None else min(left, mine)
+
+            state = CallState(is_active=stream_state.is_active, time_remaining=time_remaining)
         try:
-            yield pb.SharedMemoryResponse(session=session.id)
-            for request in request_iterator:
-                error = ""
-                try:
-                    if request.HasField("register"):
-                        r = request.register
-                        self.shared_memory.register(session, r.name, r.key, r.byte_size)
-                    elif request.HasField("unregister"):
-                        self.shared_memory.unregister(session, request.unregister)
-                    else:
-                        raise RequestError("action", "missing: register or unregister")
-                except RequestError as exc:
-                    error = str(exc)
-                yield pb.SharedMemoryResponse(regions=sorted(session.regions), error=error)
-        finally:
-            self.shared_memory.close_session(session.id)
+            with self.metrics.call("SharedMemorySession") as call:
+                if req.shared_memory_session and req.shared_memory_session != session:
+                    raise RequestError("shared_memory_session", "not this stream's session "
+                                                                "(leave it empty)")
+                req.shared_memory_session = session
+                _, resp = self._evaluate(call, req, stream=False, state=state, admitted=True)
+                call.sent(resp.ByteSize())
+                return pb.SharedMemoryResponse(evaluation=resp)
+        except RequestError as exc:
+            log.info("rejected: %s", exc)
+            return pb.SharedMemoryResponse(error=str(exc), code=exc.code.value[0])
+        except Refused as exc:
+            log.info("refused: %s", exc.message, extra={"code": exc.code.name,
+                                                         "reason": exc.reason})
+            retry = dict(exc.trailers).get(limits.RETRY_AFTER)
+            return pb.SharedMemoryResponse(error=exc.message, code=exc.code.value[0],
+                                           retry_after_ms=int(retry) if retry else 0)
+        except Exception:
+            log.exception("internal error")
+            return pb.SharedMemoryResponse(error="internal error; see the server log",
+                                           code=grpc.StatusCode.INTERNAL.value[0])
 
     @unary_errors
     def ListLosses(self, request: pb.ListLossesRequest,
@@ -311,6 +443,16 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             resp = catalogue_response(self.max_message_bytes)
             call.sent(resp.ByteSize())
             return resp
+
+
+def _gone(context: grpc.ServicerContext) -> Refused:
+    """Why a stream whose caller went away ends: its deadline passed, or it cancelled."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        return Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed mid-stream; "
+                       "dropped", reason="deadline_exceeded")
+    return Refused(grpc.StatusCode.CANCELLED, "caller went away mid-stream; dropped",
+                   reason="cancelled")
 
 
 def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:

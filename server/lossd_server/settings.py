@@ -43,8 +43,8 @@ class Settings:
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
     workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
-                               "--max-waiting + 2 when lower, so waiting evaluations never "
-                               "starve health checks)")
+                               "--max-waiting + --max-streams + 2 when lower, so waiting "
+                               "evaluations and open streams never starve health checks)")
     concurrency: int = _setting(2, "evaluations running on the device at once; further calls "
                                    "wait (the 'queue' stage)")
     grace_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight calls may "
@@ -95,6 +95,11 @@ class Settings:
     max_waiting: int = _setting(16, "evaluations that may wait for one of the --concurrency "
                                     "slots; beyond it calls get RESOURCE_EXHAUSTED with a "
                                     "'retry-after-ms' trailer")
+    max_streams: int = _setting(0, "streams (EvaluateStream, SharedMemorySession) open at once; "
+                                   "a stream is admitted or refused (RESOURCE_EXHAUSTED, "
+                                   "'retry-after-ms') when it starts, and its batches then wait "
+                                   "for a compute slot, never refused for contention (0: "
+                                   "--workers - --concurrency - --max-waiting - 2, at least 32)")
     max_rpcs: int = _setting(0, "calls in progress at once, including calls waiting for a "
                                 "worker thread; beyond it gRPC answers RESOURCE_EXHAUSTED at "
                                 "once (0: twice the worker threads)")
@@ -103,6 +108,16 @@ class Settings:
                                                 "process (0: no cap; with 4 processes on a "
                                                 "GPU at most ~0.2 each); evaluations beyond "
                                                 "it get RESOURCE_EXHAUSTED")
+    # Shared memory (README, "Asyncio, shared memory").
+    shared_memory: bool = _setting(True, "serve SharedMemorySession: co-located callers pass "
+                                         "sealed memfds over a Unix-domain socket in "
+                                         "--shm-socket-dir")
+    shm_socket_dir: str = _setting("", "directory of each server process's descriptor socket "
+                                       "(in Kubernetes an emptyDir shared with the caller's "
+                                       "container; empty: the temp directory)")
+    shm_max_mb: float = _setting(4096.0, "most shared memory one server process maps, in MiB, "
+                                         "over all sessions (pages it touches are charged to "
+                                         "it)")
     keepalive_seconds: float = _setting(60.0, "interval of the server's HTTP/2 keepalive pings "
                                               "(a dead client's calls are cancelled)")
     min_client_ping_seconds: float = _setting(10.0, "shortest keepalive ping interval "
@@ -124,9 +139,20 @@ class Settings:
         return self.metrics_host or self.host
 
     @property
+    def stream_limit(self) -> int:
+        """--max-streams, or its default: what --workers leaves, at least 32."""
+        return self.max_streams or max(32, self.workers - self.concurrency - self.max_waiting
+                                       - 2)
+
+    @property
     def threads(self) -> int:
-        """Threads of the call pool: --workers, or enough for every admitted evaluation."""
-        return max(self.workers, self.concurrency + self.max_waiting + 2)
+        """Threads of the call pool: --workers, or enough for every admitted evaluation and
+        stream with two to spare (health checks, ListLosses)."""
+        return max(self.workers, self.concurrency + self.max_waiting + self.stream_limit + 2)
+
+    @property
+    def shm_max_bytes(self) -> int:
+        return int(self.shm_max_mb * 1024 * 1024)
 
     @property
     def rpc_limit(self) -> int:
@@ -153,9 +179,11 @@ class Settings:
         for name in ("concurrency", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
-        for name in ("max_waiting", "max_elements", "max_rpcs"):
+        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.shm_max_mb <= 0:
+            raise ValueError("--shm-max-mb must be positive")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
             raise ValueError("--cuda-memory-fraction must be within [0, 1]")
         if self.processes != "auto" and not (self.processes.isdigit()

@@ -43,11 +43,13 @@ _DECODE: dict[int, tuple[torch.dtype, np.dtype[Any] | None, int]] = {
 
 
 def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | None = None,
-                  claim: Claim | None = None) -> torch.Tensor:
+                  claim: Claim | None = None, *, private: bool = False,
+                  pin_memory: bool = False) -> torch.Tensor:
     """A host tensor viewing the message's bytes, or its shared-memory bytes (no copy).
 
     ``shared_memory`` resolves a SharedMemoryRef of the request's session; ``claim`` sees
-    the shape first.
+    the shape first. ``private``: bytes in shared memory are copied out (into pinned
+    memory with ``pin_memory``), so the caller cannot change them after validation.
     """
     decoded = _DECODE.get(t.dtype)
     if decoded is None:
@@ -61,7 +63,8 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
         claim(field, shape)
     expected = math.prod(shape) * itemsize
     data: bytes | memoryview = t.data
-    if t.HasField("shared_memory"):
+    shared = t.HasField("shared_memory")
+    if shared:
         if data:
             raise RequestError(field, "both data and shared_memory are set")
         if shared_memory is None:
@@ -72,6 +75,10 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
                                             f"{dtype_name(t.dtype)} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if shared and private:  # (a copy, so the caller cannot change it after validation)
+        copy = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+        copy.copy_(torch.frombuffer(data, dtype=dtype).reshape(shape))
+        return copy
     if view_as is not None:  # numpy's view is cheaper than torch.frombuffer's
         return torch.from_numpy(np.frombuffer(data, dtype=view_as).reshape(shape))
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
@@ -214,8 +221,18 @@ def wire_array(a: Any, dtype: pb.DType) -> pb.Tensor:
 # protobuf hands a bytes field out as a fresh copy; for a 65 MB batch that copy, and the
 # parse that makes it, cost more than the loss. Evaluate requests arrive as raw bytes; the
 # tensor fields are sliced out as memoryviews here and protobuf parses only the rest.
+#
+# What protobuf (upb) accepts, this accepts with the same meaning, and what it rejects,
+# this rejects (tests/test_wire_fuzz.py checks it differentially): varints of at most 10
+# bytes (bits beyond 64 dropped), tags of at most 5 bytes below 2**32 with a field number
+# of at least 1, wire types 0, 1, 2, 3/4 (groups, properly nested and closed) and 5, at
+# most 100 levels of messages and groups; a known field with another wire type than its
+# own is an unknown field, and unknown fields are skipped.
 
 _TENSOR_FIELDS = {2: "predictions", 3: "targets", 4: "weights"}
+_MAX_DEPTH = 100  # upb's default limit of nested messages and groups
+_MASK64 = (1 << 64) - 1
+_START_GROUP, _END_GROUP = 3, 4
 
 
 class MalformedMessage(RequestError):
@@ -232,34 +249,66 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result & _MASK64, pos
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(field number, wire type, field start, value start, value end) of each field."""
+def _tag(buf: memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """(field number, wire type, position after the tag)."""
+    start = pos
+    key, pos = _varint(buf, pos, end)
+    if pos - start > 5 or key > 0xFFFFFFFF:
+        raise MalformedMessage("overlong or out-of-range tag")
+    if key >> 3 == 0:
+        raise MalformedMessage("field number 0")
+    return key >> 3, key & 7, pos
+
+
+def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
+               depth: int) -> tuple[int, int]:
+    """(value start, value end) of a field whose tag ends at ``pos``; ``depth``: the
+    levels of messages and groups around it."""
+    if wire_type == 0:
+        return pos, _varint(buf, pos, end)[1]
+    if wire_type == 1:
+        value_end = pos + 8
+    elif wire_type == 2:
+        length, pos = _varint(buf, pos, end)
+        value_end = pos + length
+    elif wire_type == 5:
+        value_end = pos + 4
+    elif wire_type == _START_GROUP:
+        if depth + 1 > _MAX_DEPTH:
+            raise MalformedMessage(f"more than {_MAX_DEPTH} nested messages and groups")
+        inner = pos
+        while True:
+            if inner >= end:
+                raise MalformedMessage(f"group {number} not closed")
+            inner_number, inner_type, inner = _tag(buf, inner, end)
+            if inner_type == _END_GROUP:
+                if inner_number != number:
+                    raise MalformedMessage(f"group {number} closed as {inner_number}")
+                return pos, inner
+            inner = _value_end(buf, inner_number, inner_type, inner, end, depth + 1)[1]
+    elif wire_type == _END_GROUP:
+        raise MalformedMessage(f"end of group {number} outside a group")
+    else:
+        raise MalformedMessage(f"unsupported wire type {wire_type}")
+    if value_end > end:
+        raise MalformedMessage("field runs past the end of the message")
+    return pos, value_end
+
+
+def _fields(buf: memoryview, start: int, end: int, depth: int = 0
+            ) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, value end) of each field of the
+    message in ``buf[start:end]``, nested ``depth`` levels deep."""
     pos = start
     while pos < end:
         field_start = pos
-        key, pos = _varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise MalformedMessage("field number 0")
-        if wire_type == 0:
-            _, value_end = _varint(buf, pos, end)
-        elif wire_type == 1:
-            value_end = pos + 8
-        elif wire_type == 2:
-            length, pos = _varint(buf, pos, end)
-            value_end = pos + length
-        elif wire_type == 5:
-            value_end = pos + 4
-        else:
-            raise MalformedMessage(f"unsupported wire type {wire_type}")
-        if value_end > end:
-            raise MalformedMessage("field runs past the end of the message")
-        yield number, wire_type, field_start, pos, value_end
-        pos = value_end
+        number, wire_type, pos = _tag(buf, pos, end)
+        value_start, pos = _value_end(buf, number, wire_type, pos, end, depth)
+        yield number, wire_type, field_start, value_start, pos
 
 
 def _int64(value: int) -> int:
@@ -279,11 +328,12 @@ class TensorView:
     def HasField(self, name: str) -> bool:
         return name == "shared_memory" and self._has_shared_memory
 
-    def merge(self, buf: memoryview, start: int, end: int) -> None:
-        """Merge one occurrence of the message, as protobuf does for repeated occurrences."""
-        for number, wire_type, _, value_start, value_end in _fields(buf, start, end):
+    def merge(self, buf: memoryview, start: int, end: int, depth: int = 1) -> None:
+        """Merge one occurrence of the message, as protobuf does for repeated occurrences
+        (``depth``: its nesting level, 1 for a field of the request)."""
+        for number, wire_type, _, value_start, value_end in _fields(buf, start, end, depth):
             if number == 1 and wire_type == 0:
-                self.dtype = _int64(_varint(buf, value_start, value_end)[0]) & 0xFFFFFFFF
+                self.dtype = _varint(buf, value_start, value_end)[0] & 0xFFFFFFFF
                 if self.dtype >= 1 << 31:
                     self.dtype -= 1 << 32
             elif number == 2 and wire_type == 2:  # packed
@@ -296,10 +346,14 @@ class TensorView:
             elif number == 3 and wire_type == 2:
                 self.data = buf[value_start:value_end]
             elif number == 4 and wire_type == 2:
-                self.shared_memory.MergeFromString(bytes(buf[value_start:value_end]))
+                for _ in _fields(buf, value_start, value_end, depth + 1):
+                    pass  # nesting checked at its true depth; protobuf parses the values
+                try:
+                    self.shared_memory.MergeFromString(bytes(buf[value_start:value_end]))
+                except Exception as exc:  # protobuf's DecodeError (e.g. a string not UTF-8)
+                    raise MalformedMessage(f"shared_memory: {exc}") from None
                 self._has_shared_memory = True
-            elif number in (1, 2, 3, 4):
-                raise MalformedMessage(f"Tensor field {number} has wire type {wire_type}")
+            # Anything else, a known field with another wire type included, is unknown.
 
 
 def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
@@ -309,13 +363,10 @@ def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, Te
     tensors: dict[str, TensorView] = {}
     rest: list[memoryview] = []
     for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
-        if number in _TENSOR_FIELDS:
-            if wire_type != 2:
-                raise MalformedMessage(f"field {_TENSOR_FIELDS[number]} has wire type "
-                                       f"{wire_type}")
+        if number in _TENSOR_FIELDS and wire_type == 2:
             tensors.setdefault(_TENSOR_FIELDS[number], TensorView()).merge(
                 buf, value_start, value_end)
-        else:
+        else:  # (a tensor field of another wire type is an unknown field to protobuf too)
             rest.append(buf[field_start:value_end])
     try:
         request = pb.EvaluateRequest.FromString(b"".join(rest))

@@ -275,32 +275,46 @@ class Diagnostics(_message.Message):
     def __init__(self, predicted: _Optional[_Union[Tensor, _Mapping]] = ..., confidence: _Optional[_Union[Tensor, _Mapping]] = ..., correct: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemoryRequest(_message.Message):
-    __slots__ = ("register", "unregister")
+    __slots__ = ("register", "unregister", "evaluate", "timeout_seconds")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     UNREGISTER_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     register: RegisterRegion
     unregister: str
-    def __init__(self, register: _Optional[_Union[RegisterRegion, _Mapping]] = ..., unregister: _Optional[str] = ...) -> None: ...
+    evaluate: EvaluateRequest
+    timeout_seconds: float
+    def __init__(self, register: _Optional[_Union[RegisterRegion, _Mapping]] = ..., unregister: _Optional[str] = ..., evaluate: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class RegisterRegion(_message.Message):
-    __slots__ = ("name", "key", "byte_size")
+    __slots__ = ("name", "key", "byte_size", "descriptor")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     key: str
     byte_size: int
-    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+    descriptor: str
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., descriptor: _Optional[str] = ...) -> None: ...
 
 class SharedMemoryResponse(_message.Message):
-    __slots__ = ("session", "regions", "error")
+    __slots__ = ("session", "regions", "error", "descriptor_socket", "evaluation", "code", "retry_after_ms")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     session: str
     regions: _containers.RepeatedScalarFieldContainer[str]
     error: str
-    def __init__(self, session: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+    descriptor_socket: str
+    evaluation: EvaluateResponse
+    code: int
+    retry_after_ms: int
+    def __init__(self, session: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., descriptor_socket: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., code: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ListLossesRequest(_message.Message):
     __slots__ = ()

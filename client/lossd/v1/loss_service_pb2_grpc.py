@@ -84,8 +84,10 @@ class LossServiceServicer:
 
     def SharedMemorySession(self, request_iterator, context):
         """Shared memory for callers on the same host or in the same pod. The stream is the
-        session: its first response carries the session id that requests quote; regions are
-        registered and unregistered on it, and all are released when the stream ends.
+        session: its first response carries the session id and the Unix-domain socket to pass
+        sealed memfds to; regions are registered, used by `evaluate` actions and unregistered
+        on it, and all are released when the stream ends. Evaluations on the stream always
+        reach the server process that holds the session (a pod may run several).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
