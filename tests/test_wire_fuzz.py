@@ -534,7 +534,7 @@ _KS_TORCH = {name: dt.torch for name, dt in kserve.DATATYPES.items()}
 
 
 def _bytes(t: torch.Tensor) -> bytes:
-    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
 
 
 def reference_inputs(req: kpb.ModelInferRequest) -> dict[str, torch.Tensor] | str:
