@@ -84,6 +84,55 @@ def test_contents_and_raw_are_exclusive(stub: pb_grpc.GRPCInferenceServiceStub) 
                                           "raw_input_contents")
 
 
+@pytest.mark.parametrize(("shape", "code", "problem"), [
+    ([2**40, 2**40, 0], grpc.StatusCode.INVALID_ARGUMENT, "dimensions too large"),
+    ([0, 2**62], grpc.StatusCode.RESOURCE_EXHAUSTED, "has a dimension over"),
+])
+def test_claimed_shapes_are_checked_before_decoding(
+        stub: pb_grpc.GRPCInferenceServiceStub, shape: list[int], code: grpc.StatusCode,
+        problem: str) -> None:
+    """Found by tests/test_wire_fuzz.py: typed contents under a shape with a zero and huge
+    dimensions ended INTERNAL. Shapes are now checked as the native API checks them."""
+    req = pb.ModelInferRequest(model_name="mse_loss")
+    req.inputs.add(name="PREDICTIONS", datatype="FP32", shape=shape)
+    req.inputs.add(name="TARGETS", datatype="FP32", shape=shape)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req, timeout=30)
+    assert err.value.code() == code
+    assert err.value.details().startswith(f"PREDICTIONS.shape: {shape}"), err.value.details()
+    assert problem in err.value.details()
+
+
+def test_no_elements_under_huge_dimensions_decode_without_a_limit() -> None:
+    from lossd_server import kserve
+
+    req = pb.ModelInferRequest(model_name="mse_loss")
+    req.inputs.add(name="PREDICTIONS", datatype="FP32", shape=[0, 2**62])
+    req.inputs.add(name="TARGETS", datatype="FP32", shape=[0, 2**62])
+    batch = kserve.decode_request(req, max_elements=0)  # (validation refuses N = 0 later)
+    assert batch.predictions.shape == (0, 2**62) and batch.predictions.numel() == 0
+
+
+def test_max_elements_applies_to_model_infer() -> None:
+    from tests.conftest import start_server
+
+    srv = start_server(max_elements=100)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            req = pb.ModelInferRequest(model_name="mse_loss")
+            for name in ("PREDICTIONS", "TARGETS"):
+                req.inputs.add(name=name, datatype="FP32", shape=[60])
+                req.raw_input_contents.append(np.zeros(60, np.float32).tobytes())
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details().startswith("TARGETS.shape: [60] brings the request to 120")
+        assert srv.metrics.registry.get_sample_value(
+            "lossd_rejected_requests_total", {"method": "ModelInfer", "reason": "too_large"}) == 1
+    finally:
+        srv.stop(0)
+
+
 def test_model_infer_goes_through_admission_and_metrics() -> None:
     """ModelInfer shares the native service's queue and is counted in its metrics."""
     import grpc

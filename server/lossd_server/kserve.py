@@ -53,9 +53,9 @@ import torch
 from lossd._result import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from lossd_server import __version__, analysis
+from lossd_server import __version__, analysis, limits
 from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.limits import CallState
+from lossd_server.limits import CallState, Refused
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
 from lossd_server.servicer import LossServicer, unary_errors
 from lossd_server.validate import RequestError
@@ -271,6 +271,8 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     if len(values) != count:
         raise RequestError(f"{name}.contents.{dt.contents_field}",
                            f"{len(values)} values; shape {list(shape)} needs {count}")
+    if count == 0:  # (numpy refuses shapes whose other dimensions are huge)
+        return torch.empty(shape, dtype=dt.torch)
     return torch.from_numpy(np.asarray(values, dtype=dt.numpy).reshape(shape))
 
 
@@ -281,9 +283,16 @@ def decode_parameter(name: str, p: pb.InferParameter) -> Any:
     return getattr(p, kind)
 
 
-def decode_request(request: pb.ModelInferRequest) -> Batch:
-    """The engine's batch for a ModelInfer request (model, inputs and parameters)."""
+def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> Batch:
+    """The engine's batch for a ModelInfer request (model, inputs and parameters).
+
+    The shapes the inputs claim are checked first, as the native API checks them
+    (``--max-elements``, and dimensions whose product overflows), before any decoding.
+    """
     spec = _model(request.model_name, request.model_version)
+    budget = limits.ElementBudget(max_elements)
+    for i, t in enumerate(request.inputs):
+        budget.claim(t.name or f"inputs[{i}]", t.shape)
     raws = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
         raise RequestError("raw_input_contents", f"{len(raws)} entries for "
@@ -479,10 +488,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         with self.evaluator.metrics.call("ModelInfer") as call:
             call.loss = request.model_name
             call.received(request.ByteSize())
-            with call.stage("decode"):
-                batch = decode_request(request)
-                outputs = requested_outputs(request, weighted=batch.weights is not None,
-                                            analyses=batch.analyses)
+            try:
+                with call.stage("decode"):
+                    batch = decode_request(request, max_elements=self.evaluator.max_elements)
+                    outputs = requested_outputs(request, weighted=batch.weights is not None,
+                                                analyses=batch.analyses)
+            except Refused as exc:
+                self.evaluator.limits.count(call.method, exc)
+                raise
             try:
                 ev = self.evaluator.compute(call, batch, CallState.of(context))
             except RequestError as exc:
