@@ -546,7 +546,8 @@ class Served:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
         env.update(LOSSD_PORT="0", LOSSD_METRICS_PORT="-1", LOSSD_DEVICE="cpu",
                    LOSSD_LOG_FORMAT="json", LOSSD_SHM_SOCKET_DIR=self.dir)
-        self.proc = subprocess.Popen([sys.executable, "-m", "lossd_server.cli", "serve", *args],
+        args = args if "--processes" in args else ("--processes", "1", *args)
+        self.proc = subprocess.Popen([sys.executable, "-m", "lossd_server.serve", *args],
                                      env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
@@ -556,7 +557,8 @@ class Served:
         else:
             raise AssertionError(f"lossd serve exited {self.proc.wait()}")
         self.address = str(line["address"])
-        self.socket = str(line["descriptor_socket"])
+        self.socket = str(line.get("descriptor_socket") or "")  # (one process)
+        self.workers = [int(pid) for pid in line.get("workers") or []]  # (several)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr or ()),
                          daemon=True).start()
@@ -787,37 +789,15 @@ def test_a_broken_session_is_opened_again_transparently() -> None:
             second.stop(0)
 
 
-_WORKER = textwrap.dedent("""
-    # One worker process of a pod: servers in separate processes on one port, as
-    # `lossd serve --processes N` runs them (SO_REUSEPORT).
-    import os, signal, sys, threading
-    from lossd_server import app
-    from lossd_server.settings import Settings
-
-    options = app.server_options
-    app.server_options = lambda s: [(k, 1 if k == "grpc.so_reuseport" else v)
-                                    for k, v in options(s)]
-    srv = app.create_server(Settings(host="127.0.0.1", port=int(sys.argv[1]), metrics_port=-1,
-                                     device="cpu", shm_socket_dir=sys.argv[2])).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(os.getpid(), flush=True)
-    while not stop.wait(0.2):
-        pass
-    srv.stop(0)
-""")
-
-
-def test_sessions_and_their_evaluations_reach_the_process_holding_them(
-        tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(tmp_path)],
-                                stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+def test_sessions_and_their_evaluations_reach_the_process_holding_them() -> None:
+    """`lossd serve --processes 2`: two worker processes on one port. Each session, and
+    every evaluation on it, reaches the worker holding it (each has its own descriptor
+    socket); a unary call quoting a session held by the other worker is told so."""
+    srv = Served("--processes", "2")
     try:
-        pids = {int(w.stdout.readline()) for w in workers if w.stdout is not None}
+        pids = set(srv.workers)
         assert len(pids) == 2
+        port = int(srv.address.rsplit(":", 1)[1])
         address = f"127.0.0.1:{port}"
         x = np.random.default_rng(3).standard_normal((64, 10)).astype(np.float32)
         t = np.arange(64) % 10
@@ -856,11 +836,8 @@ def test_sessions_and_their_evaluations_reach_the_process_holding_them(
             shm.close()
             client.close()
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            assert w.wait(30) == 0
-    assert not list(tmp_path.iterdir())  # each worker removed its descriptor socket
+        assert srv.stop() == 0
+    assert not os.listdir(srv.dir)  # each worker removed its descriptor socket
 
 
 def test_descriptors_held_are_bounded_per_process() -> None:
