@@ -67,9 +67,9 @@ def _per_class(dim: int) -> Callable[[Tensor, Tensor], str | None]:
         n = predictions.shape[dim]
         if tuple(value.shape) == (n,):
             return None
-        where = "the last dim" if dim == -1 else f"dim {dim}"
+        where = "the last dim of predictions" if dim == -1 else f"predictions dim {dim}"
         return (f"shape {shape_str(value.shape)}; expected ({n},), one weight per class "
-                f"(predictions {where})")
+                f"({where})")
     return fits
 
 
