@@ -188,29 +188,35 @@ class Loss:
     source: str = ""
     option_by_name: Mapping[str, Option] = field(init=False, repr=False)
     input_by_name: Mapping[str, Input] = field(init=False, repr=False)
+    class_targets: bool = field(init=False, repr=False)
+    """Targets are (or, for ``classes_or_probabilities``, may be) class indices, one per
+    position (N, d1, ...) for the class dimension 1 of the predictions: per-class breakdowns
+    and accuracy apply. Whether a request's targets are indices is its dtype's say
+    (``engine._Checked.class_index``)."""
+    engine_ignore_index: bool = field(init=False, repr=False)
+    """The engine applies ``ignore_index`` itself (the loss takes class indices but has no
+    ``ignore_index`` option of its own): ignored positions reach the function as class 0
+    and their values are zeroed."""
+    takes_targets: bool = field(init=False, repr=False)
+    accepted_options: tuple[Option, ...] = field(init=False, repr=False)
+    """Its own options, then the engine-level ones (:func:`all_options`)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "option_by_name", {o.name: o for o in self.options})
-        object.__setattr__(self, "input_by_name", {i.name: i for i in self.inputs})
-
-    @property
-    def class_targets(self) -> bool:
-        """Targets are (or, for ``classes_or_probabilities``, may be) class indices, one per
-        position (N, d1, ...) for the class dimension 1 of the predictions: per-class
-        breakdowns and accuracy apply. Whether a request's targets are indices is its
-        dtype's say (``engine._Checked.class_index``)."""
-        return self.targets in (Targets.CLASS_INDEX, Targets.CLASS_INDEX_OR_PROBS)
-
-    @property
-    def engine_ignore_index(self) -> bool:
-        """The engine applies ``ignore_index`` itself (the loss takes class indices but has
-        no ``ignore_index`` option of its own): ignored positions reach the function as
-        class 0 and their values are zeroed."""
-        return self.class_targets and "ignore_index" not in self.option_by_name
-
-    @property
-    def takes_targets(self) -> bool:
-        return self.targets is not Targets.NONE
+        # Derived once: requests read these on every call.
+        option_by_name = {o.name: o for o in self.options}
+        class_targets = self.targets in (Targets.CLASS_INDEX, Targets.CLASS_INDEX_OR_PROBS)
+        engine_ignore_index = class_targets and "ignore_index" not in option_by_name
+        engine = (IGNORE_INDEX,) if engine_ignore_index else ()
+        derived: dict[str, Any] = {
+            "option_by_name": option_by_name,
+            "input_by_name": {i.name: i for i in self.inputs},
+            "class_targets": class_targets,
+            "engine_ignore_index": engine_ignore_index,
+            "takes_targets": self.targets is not Targets.NONE,
+            "accepted_options": (*self.options, *engine, NAN_POLICY),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 # The options every loss takes; the engine applies them, not the loss functions.
@@ -226,8 +232,7 @@ RESERVED_NAMES = frozenset({"nan_policy", "reduction", "predictions", "targets",
 
 def all_options(loss: Loss) -> tuple[Option, ...]:
     """The loss's own options plus the engine-level ones it accepts."""
-    engine = (IGNORE_INDEX,) if loss.engine_ignore_index else ()
-    return (*loss.options, *engine, NAN_POLICY)
+    return loss.accepted_options
 
 
 def render_default(value: Any) -> str:

@@ -400,9 +400,9 @@ class Engine:
         if out.dtype != pred.dtype:
             return (f"its function returned {dtype_str(out.dtype)} values; expected "
                     f"{dtype_str(pred.dtype)}, the compute dtype of its inputs")
-        if out.device.type != self.device.type or (
-                self.device.index is not None and out.device.index != self.device.index):
-            return f"its function returned a tensor on {out.device}; expected {self.device}"
+        device = out.device
+        if device != pred.device:
+            return f"its function returned a tensor on {device}; expected {self.device}"
         if out.dim() == 0 or out.shape[0] != n:
             return (f"its function returned shape {shape_str(out.shape)}; expected (N, ...) "
                     f"with N = {n}, torch's reduction='none' output")
