@@ -21,10 +21,12 @@ from lossd._errors import DeadlineExceeded, LossdError, Unavailable
 EVAL_EPILOG = """exit codes: 0 done; 1 the server rejected the input; 2 usage or local input
 error (missing file, shape mismatch); 3 the server could not be reached or timed out.
 
-example:
+examples:
   lossd eval --target 127.0.0.1:50051 --loss cross_entropy logits.npy labels.npy \\
       --batch-size 4096 --option label_smoothing=0.1 --out losses.csv --top 10 \\
-      --report report.html"""
+      --report report.html
+  lossd eval --loss gaussian_nll_loss means.npy y.npy --input var=var.npy
+  lossd eval --loss triplet_margin_loss anchors.npy -i positive=p.npy -i negative=n.npy"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,11 @@ from typing import Any
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
-             secret: bool = False, flag: str | None = None) -> Any:
+             secret: bool = False, flag: str | None = None, metavar: str | None = None
+             ) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices,
-                                            "secret": secret, "flag": flag})
+                                            "secret": secret, "flag": flag,
+                                            "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Settings:
                                             "registers losses with lossd_server.plugins."
                                             "register; repeatable (the variable: comma-"
                                             "separated); a plugin that fails to load stops "
-                                            "the server", flag="--plugin")
+                                            "the server", flag="--plugin", metavar="MODULE")
     entry_points: bool = _setting(True, "load the plugins installed packages declare in "
                                         "entry-point group lossd.losses")
     max_connection_age_seconds: float = _setting(300.0, "connections are closed (GOAWAY, "
@@ -227,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
         if isinstance(f.default, tuple):
             parser.add_argument(flag, dest=f.name, action="append", default=None,
-                                metavar=f.name.removesuffix("s").upper(), help=help_text)
+                                metavar=f.metadata.get("metavar"), help=help_text)
         elif isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
