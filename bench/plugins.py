@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
+from bench.shm import _grpc_ready, _start, _timed
 from lossd import LossClient
 
 
@@ -40,30 +36,6 @@ def register_probe() -> None:
 
     register("bench_mse", lambda input, target: F.mse_loss(input, target, reduction="none"),
              options={}, targets="values", description="mse_loss, as a plugin")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve() -> tuple[subprocess.Popen[bytes], int]:
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "lossd_server.cli", "serve", "--port",
-                             str(port), "--metrics-port", "-1", "--device", "cpu",
-                             "--plugin", "bench.plugins:register_probe"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                grpc.channel_ready_future(ch).result(timeout=1)
-            return proc, port
-        except grpc.FutureTimeoutError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("lossd serve did not start")
 
 
 def one_path(client: LossClient, reps: dict[str, int]) -> dict[str, Any]:
@@ -86,16 +58,6 @@ def one_path(client: LossClient, reps: dict[str, int]) -> dict[str, Any]:
     return out
 
 
-def _timed(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def zero_copy_inputs(reps: int) -> dict[str, Any]:
     from lossd._wire import encode_with_tensors
     from lossd.v1 import loss_service_pb2 as pb
@@ -115,7 +77,7 @@ def zero_copy_inputs(reps: int) -> dict[str, Any]:
         "inputs map entry, protobuf's parse": lambda: servicer.decode_request(
             pb.EvaluateRequest.FromString(as_input)),
     }
-    p50 = {k: _timed(fn, reps) for k, fn in parse_decode.items()}
+    p50 = {k: statistics.median(_timed(fn, reps)) for k, fn in parse_decode.items()}
     return {"request_bytes": len(as_input), "p50_s": p50,
             "inputs_over_targets": p50["inputs map entry, lossd's parser"]
             / p50["targets (field 3), lossd's parser"],
@@ -130,7 +92,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke run)")
     args = parser.parse_args()
     reps = {"small": 40, "large": 4} if args.quick else {"small": 400, "large": 30}
-    proc, port = _serve()
+    proc, port = _start(["lossd_server.cli", "serve", "--metrics-port", "-1", "--device",
+                         "cpu", "--plugin", "bench.plugins:register_probe"], _grpc_ready)
     try:
         with LossClient(f"127.0.0.1:{port}") as client:
             path = one_path(client, reps)

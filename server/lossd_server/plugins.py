@@ -143,15 +143,8 @@ def _load_one(target: str, origin: str) -> Plugin:
     before = set(LOSSES)
     try:
         with registering_for(f"{target} ({origin})"):
-            try:
-                obj: Any = importlib.import_module(module_name)
-            except RegistrationError:
-                raise
-            except Exception as exc:
-                log.error("plugin failed to import", exc_info=True,
-                          extra={"plugin": target, "origin": origin})
-                raise PluginError(f"{where}: cannot import {module_name!r}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            obj = _step(where, f"cannot import {module_name!r}:",
+                        lambda: importlib.import_module(module_name))
             if attr:
                 for part in attr.split("."):
                     obj = getattr(obj, part, None)
@@ -160,15 +153,7 @@ def _load_one(target: str, origin: str) -> Plugin:
                 if not callable(obj):
                     raise PluginError(f"{where}: {attr!r} is a {type(obj).__name__}, not a "
                                       "function to call")
-                try:
-                    obj()
-                except RegistrationError:
-                    raise
-                except Exception as exc:
-                    log.error("plugin function failed", exc_info=True,
-                              extra={"plugin": target, "origin": origin})
-                    raise PluginError(f"{where}: {attr}() raised {type(exc).__name__}: "
-                                      f"{exc}") from exc
+                _step(where, f"{attr}() raised", obj)
     except RegistrationError as exc:
         _forget_new(before)
         raise PluginError(f"{where}: {exc}") from exc
@@ -183,6 +168,18 @@ def _load_one(target: str, origin: str) -> Plugin:
         log.warning("plugin registered no loss (loaded before, or it registers nothing)",
                     extra={"plugin": target, "origin": origin})
     return Plugin(target, origin, added)
+
+
+def _step(where: str, failed: str, step: Callable[[], Any]) -> Any:
+    """``step()``; a declaration it registers that cannot be served stays a
+    RegistrationError, any other exception becomes a PluginError (traceback in the log)."""
+    try:
+        return step()
+    except RegistrationError:
+        raise
+    except Exception as exc:
+        log.error("plugin failed to load", exc_info=True, extra={"plugin": where})
+        raise PluginError(f"{where}: {failed} {type(exc).__name__}: {exc}") from exc
 
 
 def _forget_new(before: set[str]) -> None:
