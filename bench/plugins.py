@@ -92,8 +92,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke run)")
     args = parser.parse_args()
     reps = {"small": 40, "large": 4} if args.quick else {"small": 400, "large": 30}
-    proc, port = _start(["lossd_server.cli", "serve", "--metrics-port", "-1", "--device",
-                         "cpu", "--plugin", "bench.plugins:register_probe"], _grpc_ready)
+    proc, port = _start(["lossd_server.serve", "--processes", "1", "--metrics-port", "-1",
+                         "--device", "cpu", "--plugin", "bench.plugins:register_probe"],
+                        _grpc_ready)
     try:
         with LossClient(f"127.0.0.1:{port}") as client:
             path = one_path(client, reps)

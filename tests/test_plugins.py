@@ -221,7 +221,7 @@ def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "PYTHONPATH": str(tmp_path), "LOSSD_PORT": "0",
                    "LOSSD_METRICS_PORT": "-1", "LOSSD_DEVICE": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lossd_server.cli", "serve", *args],
+    return subprocess.run([sys.executable, "-m", "lossd_server.serve", *args],
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
 
@@ -242,9 +242,60 @@ def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
 def test_lossd_serve_refuses_to_start(tmp_path: Path, source: str, args: list[str],
                                       env: dict[str, str], message: str) -> None:
     (tmp_path / "testplugin_bad.py").write_text(source)
-    proc = _serve(tmp_path, *args, env=env)
+    proc = _serve(tmp_path, "--processes", "1", *args, env=env)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
+
+
+def test_worker_processes_refuse_to_start_too(tmp_path: Path) -> None:
+    """With worker processes each worker loads the plugins; one that cannot is a
+    configuration error for the whole server."""
+    (tmp_path / "testplugin_bad.py").write_text("import testplugin_absent_dependency")
+    proc = _serve(tmp_path, "--processes", "2", "--plugin", "testplugin_bad", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert ("plugin 'testplugin_bad' (--plugin): cannot import 'testplugin_bad': "
+            "ModuleNotFoundError") in proc.stderr, proc.stderr
+
+
+def test_every_worker_process_serves_the_plugin(tmp_path: Path) -> None:
+    """lossd serve --processes 2 --plugin MOD: both workers (told apart by the loss, which
+    adds the worker's index) serve the plugin's loss."""
+    import socket
+
+    write_module(tmp_path, "testplugin_workers", """
+        import os
+        from lossd_server.plugins import register
+        register("testplugin_which_worker",
+                 lambda x, t: (x - t).abs() + float(os.environ["LOSSD_WORKER_INDEX"]),
+                 options={}, targets="values")
+    """)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOSSD_METRICS_PORT": "-1",
+           "LOSSD_DEVICE": "cpu", "LOSSD_PLUGINS": "testplugin_workers"}
+    proc = subprocess.Popen([sys.executable, "-m", "lossd_server.serve", "--processes", "2",
+                             "--port", str(port), "--grace-seconds", "1"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        seen: set[float] = set()
+        x, t = np.zeros((2, 1), np.float32), np.zeros((2, 1), np.float32)
+        for _ in range(60):
+            if proc.poll() is not None:
+                pytest.fail(f"lossd serve exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                with LossClient(f"127.0.0.1:{port}", timeout=10, retry_attempts=1) as c:
+                    seen.add(float(c.evaluate(x, t, loss="testplugin_which_worker").mean))
+            except lossd.LossdError:
+                import time
+
+                time.sleep(0.5)  # not up yet
+            if seen == {0.0, 1.0}:
+                break
+        assert seen == {0.0, 1.0}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_settings_read_plugins_from_flags_and_the_environment() -> None:
@@ -260,6 +311,10 @@ def test_settings_read_plugins_from_flags_and_the_environment() -> None:
                       env)
     assert (flags.plugins, flags.entry_points) == (("c", "d"), True)
     assert Settings().plugins == () and Settings().entry_points is True
+    # How worker processes get their settings: LOSSD_* variables, read back the same.
+    settings = Settings(plugins=("a.losses", "b:setup"), entry_points=False)
+    assert Settings.from_env(settings.to_env()) == settings
+    assert Settings.from_env(Settings().to_env()) == Settings()
 
 
 # ---------------------------------------------------------------------------------------

@@ -180,8 +180,13 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[self.env_name(f.name)] = (("true" if value else "false")
-                                          if isinstance(value, bool) else str(value))
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):  # read back comma-separated
+                text = ",".join(value)
+            else:
+                text = str(value)
+            out[self.env_name(f.name)] = text
         return out
 
     @classmethod
