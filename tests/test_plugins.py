@@ -257,6 +257,27 @@ def test_worker_processes_refuse_to_start_too(tmp_path: Path) -> None:
             "ModuleNotFoundError") in proc.stderr, proc.stderr
 
 
+def _wait_serving(proc: subprocess.Popen[str], port: int, timeout: float = 120) -> None:
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"lossd serve exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    pytest.fail("lossd serve not SERVING in time")
+
+
 def test_every_worker_process_serves_the_plugin(tmp_path: Path) -> None:
     """lossd serve --processes 2 --plugin MOD: both workers (told apart by the loss, which
     adds the worker's index) serve the plugin's loss."""
@@ -278,18 +299,12 @@ def test_every_worker_process_serves_the_plugin(tmp_path: Path) -> None:
                              "--port", str(port), "--grace-seconds", "1"], env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
+        _wait_serving(proc, port)  # SERVING only once every worker is ready
         seen: set[float] = set()
         x, t = np.zeros((2, 1), np.float32), np.zeros((2, 1), np.float32)
-        for _ in range(60):
-            if proc.poll() is not None:
-                pytest.fail(f"lossd serve exited: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                with LossClient(f"127.0.0.1:{port}", timeout=10, retry_attempts=1) as c:
-                    seen.add(float(c.evaluate(x, t, loss="testplugin_which_worker").mean))
-            except lossd.LossdError:
-                import time
-
-                time.sleep(0.5)  # not up yet
+        for _ in range(200):  # each client its own connection: the kernel spreads them
+            with LossClient(f"127.0.0.1:{port}", timeout=10) as c:
+                seen.add(float(c.evaluate(x, t, loss="testplugin_which_worker").mean))
             if seen == {0.0, 1.0}:
                 break
         assert seen == {0.0, 1.0}
