@@ -592,3 +592,42 @@ def test_lossd_losses_lists_plugins_inputs_and_targets(server: LossdServer,
     assert "targets (classes)" in out
     assert "triplet_margin_loss:" in out and "no targets" in out
     assert "    input input_lengths: (N) (int)" in out
+
+
+# ---------------------------------------------------------------------------------------
+# The analyses (per class, accuracy, hardest) on the new losses and on a plugin
+
+
+def test_analyses_follow_the_kind_of_targets(client: LossClient) -> None:
+    """Class-index analyses apply to every loss with class-index targets (a plugin's and
+    multi_margin_loss, whose ignore_index is lossd's), not to label sequences; hardest and
+    quantiles apply to every loss, one without targets too."""
+    x, t, teacher, _ = batch(40, 6)
+    t[::4] = -100
+    r = client.evaluate(x, t, loss="multi_margin_loss", per_class=True, accuracy=True)
+    kept = t != -100
+    assert r.ignored == 10 and r.per_class is not None
+    assert sorted(r.per_class) == sorted(set(t[kept].tolist()))
+    assert sum(r.per_class[c].count for c in r.per_class) == 30
+    hits = (x.argmax(1) == t)[kept].double().mean().item()
+    assert r.accuracy == pytest.approx(hits)
+    kd = client.evaluate(x, t.clamp(min=0), loss="knowledge_distillation",
+                         inputs={"teacher": teacher}, per_class=True, hardest=3)
+    assert kd.per_class is not None and kd.hardest is not None
+    assert [s.loss for s in kd.hardest.samples] == sorted(kd.per_sample.tolist(),
+                                                          reverse=True)[:3]
+    anchors = client.evaluate(x, loss="triplet_margin_loss", hardest=2, quantiles=True,
+                              inputs={"positive": teacher, "negative": x.flip(0)})
+    assert anchors.hardest is not None and len(anchors.hardest.samples) == 2
+    with pytest.raises(lossd.InvalidArgument) as info:
+        client.evaluate(x, loss="triplet_margin_loss", accuracy=True,
+                        inputs={"positive": teacher, "negative": x})
+    assert info.value.message.startswith("accuracy: needs class-index targets; "
+                                         "triplet_margin_loss takes none")
+    log_probs = torch.randn(2, 5, 4).log_softmax(2)
+    with pytest.raises(lossd.InvalidArgument) as info:
+        client.evaluate(log_probs, torch.tensor([[1, 2], [3, 1]]), loss="ctc_loss",
+                        per_class=True, inputs={"input_lengths": [5, 5],
+                                                "target_lengths": [2, 2]})
+    assert info.value.message.startswith("per_class: needs class-index targets; ctc_loss "
+                                         "takes label sequences")
