@@ -81,6 +81,12 @@ def torch_loss(loss: str, x: Tensor, t: Tensor | None, opts: dict[str, Any],
         o["distance_function"] = DISTANCES[o.get("distance_function", "pairwise_distance")]
         return F.triplet_margin_with_distance_loss(x, extra["positive"], extra["negative"],
                                                    reduction=reduction, **o)
+    if loss == "binary_cross_entropy" and bool(torch.isnan(x).any()):
+        # torch refuses a NaN probability; lossd's documented answer is a NaN loss there.
+        nan = torch.isnan(x)
+        out = F.binary_cross_entropy(torch.where(nan, 0.5, x), t, reduction="none", **o)
+        out = torch.where(nan, torch.nan, out)
+        return out if reduction == "none" else getattr(out, reduction)()
     if loss == "multi_margin_loss":
         o.pop("ignore_index", None)  # lossd's, applied by the caller (expected)
     # mse_loss, l1_loss, smooth_l1_loss, huber_loss, kl_div, poisson_nll_loss,
