@@ -72,6 +72,14 @@ ENV PATH=/opt/lossd/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     TRITON_CACHE_DIR=/tmp/triton
 COPY docker/healthcheck.py /usr/local/lib/lossd/healthcheck.py
+# Plugins (README, "Plugins"): an image FROM this one installs one with a plain
+# `pip install` as the lossd user. PIP_PREFIX sends it to /opt/lossd-plugins (owned by that
+# user; pip leaves torch and lossd where they are), which Python finds, entry points and
+# all, through a .pth file. Run with a read-only root, as k8s/ does, and nothing changes it.
+COPY docker/plugin_site.py /usr/local/lib/lossd/plugin_site.py
+RUN install -d -o 10001 -g 10001 /opt/lossd-plugins \
+    && python /usr/local/lib/lossd/plugin_site.py /opt/lossd-plugins
+ENV PIP_PREFIX=/opt/lossd-plugins
 # With `docker run --read-only` /tmp stays writable through this anonymous volume.
 VOLUME ["/tmp"]
 WORKDIR /tmp
@@ -121,6 +129,10 @@ ENV PYTHONUNBUFFERED=1 \
     TRITON_CACHE_DIR=/tmp/triton \
     CUDA_CACHE_PATH=/tmp/.nv/ComputeCache
 COPY docker/healthcheck.py /usr/local/lib/lossd/healthcheck.py
+COPY docker/plugin_site.py /usr/local/lib/lossd/plugin_site.py
+RUN install -d -o 10001 -g 10001 /opt/lossd-plugins \
+    && python /usr/local/lib/lossd/plugin_site.py /opt/lossd-plugins
+ENV PIP_PREFIX=/opt/lossd-plugins
 VOLUME ["/tmp"]
 WORKDIR /tmp
 USER 10001:10001

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.lossd-setup
-want="$(cat pyproject.toml constraints.txt scripts/bootstrap*.sh 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/bootstrap*.sh examples/plugin/pyproject.toml \
+         2>/dev/null | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
@@ -32,6 +33,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     "${pip[@]}" "${torch_args[@]}" "$torch_spec"
     echo "bootstrap: installing lossd[server,dev] into $VENV" >&2
     "${pip[@]}" -c constraints.txt -e ".[server,dev]"
+    # The example plugin (examples/plugin), installed as a user installs one: the test run
+    # serves its losses through its entry point, with no flag.
+    echo "bootstrap: installing the example plugin into $VENV" >&2
+    "${pip[@]}" -c constraints.txt -e examples/plugin
     echo "$want" > "$STAMP"
 fi
 

@@ -209,26 +209,61 @@ def test_model_metadata(triton: grpcclient.InferenceServerClient) -> None:
     rejected(exc, "NOT_FOUND", "model_version:")
 
 
+def example_inputs(name: str) -> dict[str, np.ndarray] | None:
+    """Valid float32 inputs for a model, by their Open Inference Protocol names: a
+    reference case of the built-in (tests/loss_reference.py) with default options, or the
+    example plugin's (None for another model)."""
+    from loss_reference import CASES
+
+    rng = np.random.default_rng(11)
+    if name == "charbonnier":
+        x = rng.standard_normal((6, 3)).astype(np.float32)
+        return {"PREDICTIONS": x, "TARGETS": rng.standard_normal((6, 3)).astype(np.float32)}
+    if name == "knowledge_distillation":
+        return {"PREDICTIONS": rng.standard_normal((6, 3)).astype(np.float32),
+                "TARGETS": rng.integers(0, 3, 6).astype(np.int64),
+                "TEACHER": rng.standard_normal((6, 3)).astype(np.float32)}
+    for case in CASES:
+        if case.loss == name and case.x.dtype == torch.float32 and not case.opts and (
+                case.t is None or case.t.dtype in (torch.float32, torch.int64)):
+            arrays = {"PREDICTIONS": case.x.numpy()}
+            if case.t is not None:
+                arrays["TARGETS"] = case.t.numpy()
+            arrays.update({k.upper(): v.numpy() for k, v in case.inputs.items()})
+            return arrays
+    return None
+
+
 def test_metadata_is_what_infer_takes_and_gives(triton: grpcclient.InferenceServerClient,
                                                 native: LossClient) -> None:
-    """Inputs built from each model's metadata infer, and outputs are as described."""
-    rng = np.random.default_rng(1)
+    """Inputs as each model's metadata lists them (names, canonical datatypes, ranks) infer,
+    and outputs are as described; every built-in and the example plugin's losses."""
+    tried = []
     for info in native.losses():
+        arrays = example_inputs(info.name)
+        if arrays is None:
+            continue
         meta = triton.get_model_metadata(info.name)
-        by_name = {t.name: t for t in meta.inputs}
-        shape = [6 if i == 0 else 3 for i in range(len(by_name["PREDICTIONS"].shape))]
-        x = rng.standard_normal(shape).astype(np.float32)
-        if by_name["TARGETS"].datatype == "INT64":
-            t = rng.integers(0, shape[1], 6).astype(np.int64)
-        else:
-            t = rng.random(shape).astype(np.float32)
-        w = rng.random(6).astype(np.float32)
-        result = infer(triton, info.name, {"PREDICTIONS": x, "TARGETS": t, "WEIGHTS": w})
+        listed = {t.name: t for t in meta.inputs}
+        optional = {"WEIGHTS", *(o.name.upper() for o in info.options if o.type == "tensor")}
+        assert set(arrays) == set(listed) - optional, info.name
+        for name, arr in arrays.items():
+            assert listed[name].datatype == np_to_triton_dtype(arr.dtype), (info.name, name)
+            assert len(listed[name].shape) <= arr.ndim, (info.name, name)
+        n = arrays["PREDICTIONS"].shape[0]
+        w = np.random.default_rng(2).random(n).astype(np.float32)
+        result = infer(triton, info.name, {**arrays, "WEIGHTS": w})
         described = {o.name: o for o in meta.outputs}
         for out in result.get_response().outputs:
             assert out.datatype == described[out.name].datatype
-            assert [6 if d == -1 else d for d in described[out.name].shape] == list(out.shape)
-        assert_same(result, native.evaluate(x, t, loss=info.name, weights=w))
+            assert [n if d == -1 else d for d in described[out.name].shape] == list(out.shape)
+        extra = {i.name: arrays[i.name.upper()] for i in info.inputs}
+        assert_same(result, native.evaluate(arrays["PREDICTIONS"], arrays.get("TARGETS"),
+                                            loss=info.name, weights=w, inputs=extra))
+        tried.append(info.name)
+    assert {"ctc_loss", "triplet_margin_loss", "gaussian_nll_loss", "charbonnier",
+            "knowledge_distillation"} <= set(tried)
+    assert len(tried) == len(native.losses())
 
 
 # ---- inference equals the native API ----------------------------------------------------
@@ -445,6 +480,37 @@ def test_bad_request_names_the_field(triton: grpcclient.InferenceServerClient,
     with pytest.raises(InferenceServerException) as exc:
         infer(triton, "cross_entropy", inputs, **kwargs)
     rejected(exc, "INVALID_ARGUMENT", prefix)
+
+
+def test_extra_inputs_and_no_targets(triton: grpcclient.InferenceServerClient) -> None:
+    """Extra inputs are named in capitals; a loss without targets takes no TARGETS."""
+    meta = triton.get_model_metadata("ctc_loss")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("PREDICTIONS", "FP32", [-1, -1, -1]), ("TARGETS", "INT64", [-1, -1]),
+        ("WEIGHTS", "FP32", [-1]), ("INPUT_LENGTHS", "INT64", [-1]),
+        ("TARGET_LENGTHS", "INT64", [-1])]
+    triplet = triton.get_model_metadata("triplet_margin_loss")
+    assert [t.name for t in triplet.inputs] == ["PREDICTIONS", "WEIGHTS", "POSITIVE",
+                                                "NEGATIVE"]
+    x = RNG.standard_normal((4, 3)).astype(np.float32)
+    cases = [
+        ("triplet_margin_loss", {"PREDICTIONS": x, "POSITIVE": x, "NEGATIVE": x, "TARGETS": x},
+         "TARGETS: unknown input for model triplet_margin_loss"),
+        ("triplet_margin_loss", {"PREDICTIONS": x, "POSITIVE": x},
+         "NEGATIVE: missing; triplet_margin_loss takes negative"),
+        ("gaussian_nll_loss", {"PREDICTIONS": x, "TARGETS": x, "VAR": -x * x - 1},
+         "VAR: negative value"),
+        ("ctc_loss", {"PREDICTIONS": RNG.standard_normal((2, 5, 3)).astype(np.float32),
+                      "TARGETS": np.array([[1, 2], [2, 1]]),
+                      "INPUT_LENGTHS": np.array([5, 6]), "TARGET_LENGTHS": np.array([2, 2])},
+         "INPUT_LENGTHS: 6 at sample 1 outside [0, 5]"),
+        ("binary_cross_entropy", {"PREDICTIONS": x, "TARGETS": np.abs(x) / 10},
+         "PREDICTIONS: value"),
+    ]
+    for model, inputs, prefix in cases:
+        with pytest.raises(InferenceServerException) as exc:
+            infer(triton, model, inputs)
+        rejected(exc, "INVALID_ARGUMENT", prefix)
 
 
 def test_raw_size_must_match_shape(triton: grpcclient.InferenceServerClient) -> None:

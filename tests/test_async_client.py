@@ -125,3 +125,20 @@ def test_catalogue_and_gradient(front: Callable[..., SyncFront], client: LossCli
     r = front().evaluate(x, t, gradient="mean")
     assert r.gradient is not None
     assert np.array_equal(r.gradient, client.evaluate(x, t, gradient="mean").gradient)
+
+
+def test_extra_inputs_and_no_targets(front: Callable[..., SyncFront], client: LossClient) -> None:
+    """inputs= on both clients, split along N with the predictions, and streamed."""
+    rng = np.random.default_rng(4)
+    anchor, positive, negative = (rng.standard_normal((3000, 16)).astype(np.float32)
+                                  for _ in range(3))
+    inputs = {"positive": positive, "negative": negative}
+    whole = client.evaluate(anchor, loss="triplet_margin_loss", inputs=inputs)
+    split = front(max_message_bytes=200_000).evaluate(anchor, loss="triplet_margin_loss",
+                                                      inputs=inputs)
+    assert np.array_equal(split.per_sample, whole.per_sample)
+    assert split.aggregates == whole.aggregates
+    batches = [(anchor[i:i + 1000], None, None, {k: v[i:i + 1000] for k, v in inputs.items()})
+               for i in range(0, 3000, 1000)]
+    results = front().evaluate_stream(batches, loss="triplet_margin_loss")
+    assert results[-1].running == whole.aggregates

@@ -181,6 +181,7 @@ CATALOGUE: dict[str, dict[str, tuple[str, str]]] = {
     "nll_loss": {"class_weights": ("tensor", "none"), "ignore_index": ("int", "-100")},
     "binary_cross_entropy_with_logits": {"class_weights": ("tensor", "none"),
                                          "pos_weight": ("tensor", "none")},
+    "binary_cross_entropy": {"class_weights": ("tensor", "none")},
     "mse_loss": {},
     "l1_loss": {},
     "smooth_l1_loss": {"beta": ("float", "1.0")},
@@ -189,8 +190,38 @@ CATALOGUE: dict[str, dict[str, tuple[str, str]]] = {
     "sigmoid_focal_loss": {"alpha": ("float", "0.25"), "gamma": ("float", "2.0")},
     "poisson_nll_loss": {"log_input": ("bool", "true"), "full": ("bool", "false"),
                          "eps": ("float", "1e-08")},
+    "gaussian_nll_loss": {"full": ("bool", "false"), "eps": ("float", "1e-06")},
+    "ctc_loss": {"blank": ("int", "0"), "zero_infinity": ("bool", "false")},
+    "margin_ranking_loss": {"margin": ("float", "0.0")},
+    "hinge_embedding_loss": {"margin": ("float", "1.0")},
+    "cosine_embedding_loss": {"margin": ("float", "0.0")},
+    "triplet_margin_loss": {"margin": ("float", "1.0"), "p": ("float", "2.0"),
+                            "eps": ("float", "1e-06"), "swap": ("bool", "false")},
+    "triplet_margin_with_distance_loss": {"distance_function": ("str", "pairwise_distance"),
+                                          "margin": ("float", "1.0"),
+                                          "swap": ("bool", "false")},
+    "multilabel_margin_loss": {},
+    "multilabel_soft_margin_loss": {"class_weights": ("tensor", "none")},
+    "multi_margin_loss": {"p": ("int", "1"), "margin": ("float", "1.0"),
+                          "class_weights": ("tensor", "none"),
+                          "ignore_index": ("int", "-100")},  # lossd's own
+    "soft_margin_loss": {},
+}
+# (extra inputs, what the targets are) where not (none, "values").
+INPUTS_AND_TARGETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "cross_entropy": ((), "classes_or_probabilities"),
+    "nll_loss": ((), "classes"),
+    "gaussian_nll_loss": (("var",), "values"),
+    "ctc_loss": (("input_lengths", "target_lengths"), "sequences"),
+    "margin_ranking_loss": (("input2",), "values"),
+    "cosine_embedding_loss": (("input2",), "sample_values"),
+    "triplet_margin_loss": (("positive", "negative"), "none"),
+    "triplet_margin_with_distance_loss": (("positive", "negative"), "none"),
+    "multilabel_margin_loss": ((), "class_sets"),
+    "multi_margin_loss": ((), "classes"),
 }
 FLOATS = ("float32", "float16", "bfloat16", "float64")
+INDEXES = ("int64", "int32")
 
 
 def test_catalogue(client: LossClient) -> None:
@@ -198,7 +229,8 @@ def test_catalogue(client: LossClient) -> None:
     assert all(isinstance(i, lossd.LossInfo) for i in infos)
     by_name = {i.name: i for i in infos}
     assert len(by_name) == len(infos)
-    assert set(by_name) == set(CATALOGUE)
+    assert {name for name, i in by_name.items() if i.source == "lossd"} == set(CATALOGUE)
+    assert list(by_name)[:len(CATALOGUE)] == [i.name for i in infos if i.source == "lossd"]
     for name, want in CATALOGUE.items():
         info = by_name[name]
         assert info.description
@@ -209,27 +241,42 @@ def test_catalogue(client: LossClient) -> None:
         assert all(o.description for o in info.options)
         assert all(isinstance(o, lossd.OptionInfo) for o in info.options)
         assert set(info.prediction_dtypes) == set(FLOATS)
-        assert info.prediction_shapes and info.target_shapes
-        if name == "cross_entropy":
-            assert set(info.target_dtypes) == {"int64", "int32", *FLOATS}
-        elif name == "nll_loss":
-            assert set(info.target_dtypes) == {"int64", "int32"}
-        else:
-            assert set(info.target_dtypes) == set(FLOATS)
+        assert info.prediction_shapes
+        inputs, targets = INPUTS_AND_TARGETS.get(name, ((), "values"))
+        assert tuple(i.name for i in info.inputs) == inputs, name
+        assert all(isinstance(i, lossd.InputInfo) and i.description and i.shapes and
+                   not i.optional for i in info.inputs)
+        assert info.targets == targets, name
+        wanted_dtypes = {"values": FLOATS, "sample_values": FLOATS, "none": (),
+                         "classes_or_probabilities": (*INDEXES, *FLOATS)}.get(targets, INDEXES)
+        assert set(info.target_dtypes) == set(wanted_dtypes), name
+        assert bool(info.target_shapes) == (targets != "none"), name
         if name in ("cross_entropy", "nll_loss", "kl_div"):
             assert "(N, C)" in info.prediction_shapes
             assert "(N, C, d1, ...)" in info.prediction_shapes
+    assert by_name["ctc_loss"].inputs[0].dtypes == INDEXES
+    assert by_name["gaussian_nll_loss"].inputs[0].dtypes == FLOATS
 
 
 def test_catalogue_dtypes_are_accepted(client: LossClient) -> None:
-    """Every advertised dtype is served (and an unadvertised one is not)."""
+    """Every advertised dtype is served, for every built-in (a reference case of each, its
+    tensors cast to each advertised dtype)."""
+    from loss_reference import CASES
+
     for info in client.losses():
-        for pd in info.prediction_dtypes:
-            for td in info.target_dtypes:
-                x = torch.rand(2, 3).to(getattr(torch, pd))
-                t = torch.tensor([0, 2]) if td.startswith("int") else torch.rand(2, 3)
-                r = client.evaluate(x, t.to(getattr(torch, td)), loss=info.name)
-                assert r.count == 2, (info.name, pd, td)
+        if info.source != "lossd":
+            continue
+        for td in info.target_dtypes or (None,):
+            integer = td is not None and td.startswith("int")
+            case = next(c for c in CASES if c.loss == info.name and c.x.dtype == torch.float32
+                        and (c.t is None or (not c.t.dtype.is_floating_point) == integer))
+            for pd in info.prediction_dtypes:
+                t = None if case.t is None or td is None else case.t.to(getattr(torch, td))
+                inputs = {k: v.to(getattr(torch, pd)) if v.dtype.is_floating_point else v
+                          for k, v in case.inputs.items()}
+                r = client.evaluate(case.x.to(getattr(torch, pd)), t, loss=info.name,
+                                    inputs=inputs, **case.opts)
+                assert r.count + r.ignored == case.x.shape[0], (info.name, pd, td)
 
 
 # ---------------------------------------------------------------------------------------
@@ -557,7 +604,8 @@ def test_public_names() -> None:
     assert set(lossd.__all__) == public | {"__version__"}
     for name in lossd.__all__:
         assert hasattr(lossd, name), name
-    assert {"LossClient", "LossResult", "Aggregates", "LossInfo", "OptionInfo", "LossdError",
+    assert {"LossClient", "LossResult", "Aggregates", "LossInfo", "OptionInfo", "InputInfo",
+            "LossdError",
             "SharedMemory", "AsyncLossClient", *ERRORS} <= set(lossd.__all__)
     assert re.fullmatch(r"\d+\.\d+\.\d+", lossd.__version__)
     assert dataclasses.is_dataclass(lossd.Aggregates)

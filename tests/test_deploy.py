@@ -4,7 +4,8 @@ The lint tools live in their own virtualenv, .venv/tools/ (scripts/bootstrap_too
 run by scripts/bootstrap.sh), so checkov's pins never meet the main environment's. What
 is checked:
 
-- both overlays render with ``kubectl kustomize``, and every rendered object passes
+- every overlay (gpu, cpu, and plugin: the GPU one running a plugin image) renders with
+  ``kubectl kustomize``, and every rendered object passes
   ``kubernetes-validate --strict`` for Kubernetes 1.31 and 1.37; the ServiceMonitor (a CRD,
   no schema there) is checked against the prometheus-operator models and against what the
   Service exposes;
@@ -16,7 +17,9 @@ is checked:
 - the image's runtime contract without a container engine: the build context builds the
   package, and ``lossd serve`` runs as UID 10001 on a read-only root with only /tmp (and
   the shared-memory socket directory) writable, configured by the image's ENV and the
-  overlay's ConfigMap.
+  overlay's ConfigMap;
+- the plugin image (examples/plugin/Dockerfile, FROM the lossd image plus ``pip install``):
+  what its ``pip install`` does under the lossd image's ``PIP_PREFIX`` and plugin site.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".venv" / "tools" / "bin"
 K8S = ROOT / "k8s"
-OVERLAYS = ("gpu", "cpu")
+OVERLAYS = ("gpu", "cpu", "plugin")
 # Kubernetes versions validated against: an older supported minor and the newest schemas
 # kubernetes-validate ships.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
@@ -398,6 +401,19 @@ def test_serving_processes_match_the_cores_requested(objs: list[Obj]) -> None:
         assert processes == GPU_PROCESSES * gpus
 
 
+def test_plugin_overlay_runs_the_plugin_image_on_the_gpu_overlay(
+        rendered: dict[str, list[Obj]]) -> None:
+    plugin, gpu = rendered["plugin"], rendered["gpu"]
+    image = container(plugin)["image"]
+    assert image == "registry.example.com/ml/lossd-example-plugin:0.1.0-cuda"
+    assert container(plugin)["resources"] == container(gpu)["resources"]
+    cfg = config(plugin)
+    assert cfg == {**config(gpu), "LOSSD_PLUGINS": "lossd_example_plugin.losses"}
+    # The module it names is what the example package's entry point loads.
+    pyproject = (ROOT / "examples" / "plugin" / "pyproject.toml").read_text()
+    assert f'example = "{cfg["LOSSD_PLUGINS"]}"' in pyproject
+
+
 def test_resources_and_image(objs: list[Obj]) -> None:
     c = container(objs)
     for part in ("requests", "limits"):
@@ -670,7 +686,8 @@ def sandbox() -> Iterator[None]:
 
 @pytest.mark.parametrize("overlay", [
     pytest.param("cpu", id="cpu-overlay"),
-    pytest.param("gpu", id="gpu-overlay", marks=pytest.mark.gpu)])
+    pytest.param("gpu", id="gpu-overlay", marks=pytest.mark.gpu),
+    pytest.param("plugin", id="plugin-overlay")])
 def test_server_runs_non_root_on_read_only_root(
         sandbox: None, overlay: str, rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
     """What the image and the pod promise, without a container engine: in a private mount
@@ -685,6 +702,8 @@ def test_server_runs_non_root_on_read_only_root(
     image = "cuda" if overlay == "gpu" else "cpu"
     env = image_env(image)
     env.update(config(rendered[overlay]))
+    if overlay == "plugin" and not _has_cuda():
+        env["LOSSD_DEVICE"] = "cpu"  # what is checked here is the plugin loading, not CUDA
     port, metrics_port = free_port(), free_port()
     env.update({"LOSSD_PORT": str(port), "LOSSD_METRICS_PORT": str(metrics_port),
                 "LOSSD_GRACE_SECONDS": "5",
@@ -747,6 +766,76 @@ def test_server_runs_non_root_on_read_only_root(
     assert serving and result.get("shm_sockets") == str(serving[0].get("processes", 1)), context
     assert result.get("exit") == "0", context
     assert time.monotonic() - started < 120
+    if overlay == "plugin":  # LOSSD_PLUGINS from the ConfigMap loaded the example plugin
+        loaded = [json.loads(line) for line in log.splitlines()
+                  if line.startswith("{") and '"plugin loaded"' in line]
+        assert loaded, context  # once in each worker process
+        assert {(x["plugin"], tuple(x["losses"])) for x in loaded} == {
+            ("lossd_example_plugin.losses", ("charbonnier", "knowledge_distillation"))}, context
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def test_plugin_dockerfile_is_from_lossd_plus_pip_install() -> None:
+    """examples/plugin/Dockerfile is the two lines the README promises, and lints clean."""
+    lines = [ln for ln in (ROOT / "examples" / "plugin" / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"FROM registry\.example\.com/ml/lossd:[\w.-]+", lines[0]), lines[0]
+    assert lines[1].startswith("RUN ") and "pip install --no-cache-dir /src" in lines[1]
+    proc = run([tool("hadolint"), "--no-color", "--failure-threshold", "warning",
+                "examples/plugin/Dockerfile"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("cpu", "cuda"):  # what makes a plain pip install work as the lossd user
+        assert image_env(name)["PIP_PREFIX"] == "/opt/lossd-plugins", name
+        runs = " ".join(args for instr, args in stage(name) if instr == "RUN")
+        assert "install -d -o 10001 -g 10001 /opt/lossd-plugins" in runs, name
+        assert "plugin_site.py /opt/lossd-plugins" in runs, name
+
+
+def test_pip_install_under_the_images_plugin_prefix(tmp_path: Path) -> None:
+    """The plugin image's `pip install`, without a container engine: with the image's
+    PIP_PREFIX a plugin package lands in the prefix and nothing lossd already has is
+    installed again; the .pth file docker/plugin_site.py writes makes Python find it, and
+    lossd's loader its entry point."""
+    prefix, site_dir, package = tmp_path / "plugins", tmp_path / "site", tmp_path / "probe"
+    site_dir.mkdir()
+    (package / "lossd_probe_plugin").mkdir(parents=True)
+    (package / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = ["setuptools>=69"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "lossd-probe-plugin"
+        version = "1.0"
+        dependencies = ["lossd[server]"]
+        [project.entry-points."lossd.losses"]
+        probe = "lossd_probe_plugin"
+    """))
+    (package / "lossd_probe_plugin" / "__init__.py").write_text(
+        "from lossd_server.plugins import register\n"
+        "register('probe_l1', lambda x, t: (x - t).abs(), options={}, targets='values')\n")
+    proc = run([sys.executable, str(ROOT / "docker" / "plugin_site.py"), str(prefix),
+                "--site", str(site_dir)])
+    assert proc.returncode == 0, proc.stderr
+    listed = (site_dir / "lossd-plugins.pth").read_text().split()
+    env = {**os.environ, "PIP_PREFIX": str(prefix), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    proc = run([sys.executable, "-m", "pip", "install", "--no-cache-dir",
+                "--no-build-isolation", "--no-index", str(package)], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installed = sorted(p.name for d in listed if Path(d).is_dir() for p in Path(d).iterdir())
+    assert installed == ["lossd_probe_plugin", "lossd_probe_plugin-1.0.dist-info"], installed
+    code = ("import site, sys\n"
+            "site.addsitedir(sys.argv[1])\n"
+            "from lossd_server import plugins\n"
+            "print([(p.target, p.losses) for p in plugins.load()])\n")
+    proc = run([sys.executable, "-c", code, str(site_dir)])
+    assert proc.returncode == 0, proc.stderr
+    assert "('lossd_probe_plugin', ('probe_l1',))" in proc.stdout, proc.stdout
 
 
 def test_healthcheck_reports_not_serving_when_nothing_listens() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import socket
 from pathlib import Path
 
@@ -75,7 +76,36 @@ def test_eval_writes_csv_and_reads_pt_and_safetensors(
     assert np.array_equal(np.array([float(r["loss"]) for r in rows], np.float32), expected)
 
 
-@pytest.mark.parametrize("case", ["missing", "mismatch", "format", "ambiguous"])
+def test_eval_extra_inputs_and_no_targets(server: LossdServer, client: LossClient,
+                                          tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(8)
+    arrays = {name: rng.standard_normal((300, 4)).astype(np.float32)
+              for name in ("x", "t", "positive", "negative")}
+    arrays["var"] = rng.random((300, 4)).astype(np.float32)
+    for name, arr in arrays.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    out = tmp_path / "g.npy"
+    assert main(["eval", "--target", target(server), "--loss", "gaussian_nll_loss",
+                 str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--input",
+                 f"var={tmp_path / 'var.npy'}", "--batch-size", "64", "-o", "full=true",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    want = client.evaluate(arrays["x"], arrays["t"], loss="gaussian_nll_loss",
+                           inputs={"var": arrays["var"]}, full=True)
+    assert np.array_equal(np.load(out), want.per_sample)
+    capsys.readouterr()
+    assert main(["eval", "--target", target(server), "--loss", "triplet_margin_loss",
+                 str(tmp_path / "x.npy"), "-i", f"positive={tmp_path / 'positive.npy'}",
+                 "-i", f"negative={tmp_path / 'negative.npy'}", "--out", str(out)]) == 0
+    want = client.evaluate(arrays["x"], loss="triplet_margin_loss",
+                           inputs={"positive": arrays["positive"],
+                                   "negative": arrays["negative"]})
+    assert np.array_equal(np.load(out), want.per_sample)
+    assert re.search(r"^count +300$", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.parametrize("case", ["missing", "mismatch", "format", "ambiguous", "input",
+                                  "input-length"])
 def test_eval_local_input_errors_exit_2(server: LossdServer, files: tuple, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str], case: str) -> None:
     xp, tp, _, _, t, _ = files
@@ -87,9 +117,15 @@ def test_eval_local_input_errors_exit_2(server: LossdServer, files: tuple, tmp_p
     elif case == "format":
         (tmp_path / "x.txt").write_text("1")
         args, needle = [str(tmp_path / "x.txt"), str(tp)], "unknown format"
-    else:
+    elif case == "ambiguous":
         save_file({"a": t, "b": t}, str(tmp_path / "two.safetensors"))
         args, needle = [str(xp), str(tmp_path / "two.safetensors")], "holds 2 tensors"
+    elif case == "input":
+        args, needle = [str(xp), str(tp), "--input", "var"], "--input 'var': expected name=FILE"
+    else:
+        np.save(tmp_path / "short.npy", t[:10])
+        args = [str(xp), str(tp), "--input", f"var={tmp_path / 'short.npy'}"]
+        needle = "input var has 10 samples, predictions 1000"
     assert main(["eval", "--target", target(server), *args]) == 2
     assert needle in capsys.readouterr().err
 

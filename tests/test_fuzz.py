@@ -50,14 +50,17 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
 # A message names its field first: "predictions.shape: ...", "options.beta: ...".
 # An option is named as sent, whatever its characters: "options.<name>...".
 FIELD_FIRST = re.compile(r"^((loss|predictions|targets|weights|gradient|request|"
-                         r"per_sample_output|shared_memory_session)[\w.\[\]]*|options\..*?): ",
-                         re.DOTALL)
+                         r"per_sample_output|shared_memory_session)[\w.\[\]]*|"
+                         r"(options|inputs)\..*?): ", re.DOTALL)
 
 NUMPY = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.BFLOAT16: np.dtype("<u2"),
          pb.FLOAT64: np.dtype("<f8"), pb.INT64: np.dtype("<i8"), pb.INT32: np.dtype("<i4")}
 FLOATS = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.FLOAT64)
 INDEXES = (pb.INT64, pb.INT32)
 OPTION_NAMES = sorted({o.name for spec in CATALOGUE for o in all_options(spec)})
+# The built-ins, whose references tests/loss_reference.py has (plugins the server loads
+# join LOSSES later).
+BUILTIN_NAMES = sorted(spec.name for spec in CATALOGUE)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +173,7 @@ def typed_option(draw: st.DrawFn, o: Any, shape: list[int]) -> pb.OptionValue:
 def requests(draw: st.DrawFn) -> bytes:
     """An EvaluateRequest, serialized; mostly plausible, sometimes broken on purpose."""
     chaos = draw(st.booleans())  # half the requests are well-formed
-    name = draw(st.sampled_from([*sorted(LOSSES), *(["", "nope"] if chaos else [])]))
+    name = draw(st.sampled_from([*BUILTIN_NAMES, *(["", "nope"] if chaos else [])]))
     spec = LOSSES.get(name, CATALOGUE[0])
     n, c = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     extra = draw(st.lists(st.integers(1, 3), max_size=1))
@@ -179,21 +182,39 @@ def requests(draw: st.DrawFn) -> bytes:
     else:
         shape = [n, c, *extra]
     pdtype = draw(st.sampled_from(FLOATS))
-    class_index = spec.targets is Targets.CLASS_INDEX or (
+    integer = spec.targets in (Targets.CLASS_INDEX, Targets.CLASS_SETS,
+                               Targets.LABEL_SEQUENCES) or (
         spec.targets is Targets.CLASS_INDEX_OR_PROBS and draw(st.booleans()))
     req = pb.EvaluateRequest(loss=name)
     req.predictions.CopyFrom(draw(tensor(pdtype, shape, chaos=chaos)))
-    if class_index:
-        tshape = [shape[0], *shape[2:]]
+    if integer:
+        tshape = {Targets.CLASS_SETS: shape,
+                  Targets.LABEL_SEQUENCES: [shape[0], draw(st.integers(1, 3))]}.get(
+            spec.targets, [shape[0], *shape[2:]])
+        classes = shape[-1] if spec.targets is not Targets.CLASS_INDEX else shape[1]
         req.targets.CopyFrom(draw(tensor(draw(st.sampled_from(INDEXES)), tshape,
-                                         classes=shape[1], chaos=chaos)))
+                                         classes=classes, chaos=chaos)))
     else:
-        targets = draw(tensor(draw(st.sampled_from(FLOATS)), shape, chaos=chaos))
-        if spec.name in ("binary_cross_entropy_with_logits", "sigmoid_focal_loss") and \
-                not chaos:  # probabilities in [0, 1]
+        tshape = [n] if spec.targets is Targets.SAMPLE_VALUES else shape
+        targets = draw(tensor(draw(st.sampled_from(FLOATS)), tshape, chaos=chaos))
+        if spec.name in ("binary_cross_entropy_with_logits", "sigmoid_focal_loss",
+                         "binary_cross_entropy") and not chaos:  # probabilities in [0, 1]
             t = np.clip(np.nan_to_num(decode(targets).float().numpy()), 0, 1)
-            targets = pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=t.tobytes())
+            targets = pb.Tensor(dtype=pb.FLOAT32, shape=tshape, data=t.tobytes())
         req.targets.CopyFrom(targets)
+    for declared in spec.inputs:  # the loss's extra tensors (now and then left out)
+        if draw(st.integers(0, 9)) == 0:
+            continue
+        if declared.dtype == "int":  # lengths: (N,) counts of what the tensors hold
+            hi = shape[1] if declared.name == "input_lengths" and len(shape) > 1 else 2
+            values_ = draw(st.lists(st.integers(-1, hi + 1), min_size=n, max_size=n))
+            req.inputs[declared.name].CopyFrom(pb.Tensor(
+                dtype=pb.INT64, shape=[n], data=np.asarray(values_, "<i8").tobytes()))
+        else:
+            req.inputs[declared.name].CopyFrom(draw(tensor(draw(st.sampled_from(FLOATS)),
+                                                           shape, chaos=chaos)))
+    if spec.targets is Targets.NONE and draw(st.integers(0, 9)) != 0:
+        req.ClearField("targets")
     if draw(st.integers(0, 3)) == 0:
         w = draw(tensor(draw(st.sampled_from(FLOATS)), [n], chaos=chaos))
         if not chaos:  # non-negative, not all zero
@@ -255,14 +276,16 @@ def call(channel: grpc.Channel, raw: bytes) -> Reply:
 def check_ok(raw: bytes, resp: pb.EvaluateResponse) -> None:
     """The answer to a request the server accepted equals torch's."""
     req = pb.EvaluateRequest.FromString(raw)
-    x, t = decode(req.predictions), decode(req.targets)
+    x = decode(req.predictions)
+    t = decode(req.targets) if req.HasField("targets") else None
     w = decode(req.weights).double() if req.HasField("weights") else None
     opts: dict[str, Any] = {}
     for name, v in req.options.items():
         kind = v.WhichOneof("kind")
         opts[name] = decode(v.tensor_value) if kind == "tensor_value" else getattr(v, kind)
     nan_policy = opts.get("nan_policy", "propagate")
-    case = ref.Case("fuzz", req.loss, x, t, {k: v for k, v in opts.items()}, w)
+    inputs = {name: decode(v) for name, v in req.inputs.items()}
+    case = ref.Case("fuzz", req.loss, x, t, {k: v for k, v in opts.items()}, w, inputs)
     want = ref.expected(case, DEVICE)
     got = torch.from_numpy(np.frombuffer(resp.per_sample.data, "<f4").copy())
     assert got.shape == (x.shape[0],)

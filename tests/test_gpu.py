@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,86 @@ def test_out_of_range_class_index_on_cuda(gpu_client: LossClient, loss: str, x: 
         gpu_client.evaluate(x, t, loss=loss, **kwargs)
     assert info.value.message.startswith(f"targets: class index {value} out of range")
     _assert_cuda_serves(gpu_client)
+
+
+_LOG_PROBS = F.log_softmax(torch.randn(2, 6, 4), dim=2)
+
+
+@pytest.mark.parametrize(("loss", "x", "t", "kwargs", "field", "problem"), [
+    ("binary_cross_entropy", torch.tensor([0.5, 1.5]), torch.tensor([1.0, 0.0]), {},
+     "predictions", "value 1.5 at sample 1 is not a probability"),
+    ("binary_cross_entropy", torch.tensor([0.5, 0.5]), torch.tensor([1.0, -2.0]), {},
+     "targets", "value -2.0 at sample 1 is not a probability"),
+    ("multi_margin_loss", torch.randn(3, 4), torch.tensor([0, 4, 1]), {}, "targets",
+     "class index 4 out of range [0, 4)"),
+    ("multilabel_margin_loss", torch.randn(2, 3), torch.tensor([[0, 3, -1], [1, -1, 0]]), {},
+     "targets", "class index 3 out of range [-1, 3)"),
+    ("ctc_loss", _LOG_PROBS, torch.tensor([[1, 9], [2, 3]]),
+     {"inputs": {"input_lengths": [6, 6], "target_lengths": [2, 2]}}, "targets",
+     "label 9 out of range [0, 4)"),
+    ("ctc_loss", _LOG_PROBS, torch.tensor([[1, 2], [2, 3]]),
+     {"inputs": {"input_lengths": [6, 60], "target_lengths": [2, 2]}}, "inputs.input_lengths",
+     "60 at sample 1 outside [0, 6]"),
+    ("ctc_loss", _LOG_PROBS, torch.tensor([[1, 2], [2, 3]]),
+     {"inputs": {"input_lengths": [6, 6], "target_lengths": [2, 5]}}, "inputs.target_lengths",
+     "5 at sample 1 outside [0, 2]"),
+], ids=["bce-prediction", "bce-target", "multi-margin-class", "multilabel-class", "ctc-label",
+        "ctc-input-length", "ctc-target-length"])
+def test_bad_input_of_the_new_losses_never_reaches_a_cuda_kernel(
+        gpu_client: LossClient, loss: str, x: torch.Tensor, t: torch.Tensor,
+        kwargs: dict[str, object], field: str, problem: str) -> None:
+    with pytest.raises(lossd.InvalidArgument) as info:
+        gpu_client.evaluate(x, t, loss=loss, **kwargs)  # type: ignore[arg-type]
+    assert info.value.message.startswith(f"{field}: "), info.value.message
+    assert problem in info.value.message, info.value.message
+    _assert_cuda_serves(gpu_client)
+
+
+def test_plugin_on_cuda(gpu_client: LossClient) -> None:
+    """The example plugin (loaded through its entry point) computes on the device, with
+    its gradient; the result equals torch's on CUDA."""
+    g = torch.Generator().manual_seed(4)
+    x, teacher = torch.randn(256, 10, 7, generator=g), torch.randn(256, 10, 7, generator=g)
+    t = torch.randint(0, 10, (256, 7), generator=g)
+    t[::5, 0] = -100
+    r = gpu_client.evaluate(x, t, loss="knowledge_distillation", inputs={"teacher": teacher},
+                            gradient="mean")
+    xc = x.cuda().requires_grad_(True)
+    tc = t.cuda()
+    valid = tc != -100
+    soft = F.kl_div(F.log_softmax(xc / 2, 1), F.log_softmax(teacher.cuda() / 2, 1),
+                    log_target=True, reduction="none").sum(1)
+    hard = F.cross_entropy(xc, tc.clamp(min=0), reduction="none")
+    per_position = (0.5 * 4 * soft + 0.5 * hard) * valid
+    per = per_position.sum(1) / valid.sum(1)
+    per.mean().backward()
+    torch.testing.assert_close(torch.from_numpy(r.per_sample), per.detach().cpu(), rtol=1e-5,
+                               atol=1e-6)
+    assert xc.grad is not None and r.gradient is not None
+    torch.testing.assert_close(torch.from_numpy(r.gradient), xc.grad.cpu(), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_a_plugin_answering_from_the_wrong_device_is_internal(
+        gpu_client: LossClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lossd_server import plugins
+    from lossd_server.catalogue import LOSSES
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "testplugin_cpu_answer.py").write_text(
+        "from lossd_server.plugins import register\n"
+        "register('testplugin_cpu_answer', lambda x, t: (x - t).abs().cpu(), options={}, "
+        "targets='values')\n")
+    try:
+        plugins.load(["testplugin_cpu_answer"], entry_points=False)
+        with pytest.raises(lossd.InternalError) as info:
+            gpu_client.evaluate(torch.ones(4, 2), torch.zeros(4, 2), loss="testplugin_cpu_answer")
+        assert info.value.message.startswith(
+            "loss 'testplugin_cpu_answer': its function returned a tensor on cpu; expected cuda")
+        _assert_cuda_serves(gpu_client)
+    finally:
+        LOSSES.remove("testplugin_cpu_answer")
+        plugins._loaded.pop("testplugin_cpu_answer", None)
 
 
 def test_cuda_tensors_in(gpu_client: LossClient) -> None:

@@ -22,7 +22,7 @@ from loss_reference import (
 )
 
 from lossd import LossClient
-from lossd_server.losses import LOSSES
+from lossd_server.losses import BUILTINS, all_options
 
 HYPOTHESIS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -33,13 +33,23 @@ def test_matches_torch(client: LossClient, case: Case) -> None:
 
 
 def test_cases_cover_every_loss_and_option() -> None:
-    """The table above exercises every catalogue loss and every option of each."""
+    """The table above exercises every built-in loss, every option of each (lossd's own
+    ignore_index too) and every extra input."""
     used: dict[str, set[str]] = {}
     for case in CASES:
-        used.setdefault(case.loss, set()).update(case.opts)
-    assert set(used) == set(LOSSES)
-    for name, spec in LOSSES.items():
-        assert {o.name for o in spec.options} <= used[name], name
+        used.setdefault(case.loss, set()).update(case.opts, case.inputs)
+    assert set(used) == {spec.name for spec in BUILTINS}
+    for spec in BUILTINS:
+        wanted = {o.name for o in all_options(spec)} - {"nan_policy"}
+        assert wanted | {i.name for i in spec.inputs} <= used[spec.name], spec.name
+
+
+def test_the_catalogue_is_every_loss_of_torch_nn_functional() -> None:
+    """Every loss torch.nn.functional defines is a built-in (and sigmoid_focal_loss,
+    torchvision's)."""
+    torch_losses = {name for name in dir(F) if name.endswith("_loss")} | {
+        "cross_entropy", "kl_div", "binary_cross_entropy", "binary_cross_entropy_with_logits"}
+    assert {spec.name for spec in BUILTINS} == torch_losses | {"sigmoid_focal_loss"}
 
 
 def test_focal_reference_is_torchvision_formula() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -50,3 +51,40 @@ def test_example_runs_as_written(index: int) -> None:
         srv.stop(0)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_plugin_example_is_served_as_written(tmp_path: Path) -> None:
+    """The Plugins section's mypkg/losses.py, installed as a module and loaded with --plugin
+    (entry points off: the example plugin's charbonnier would take the name), computes the
+    Charbonnier loss; its Dockerfile block is examples/plugin/Dockerfile."""
+    [module] = [b for b in python_blocks() if b.startswith("# mypkg/losses.py")]
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "losses.py").write_text(module)
+    check = """
+import numpy as np
+from lossd import LossClient
+from lossd_server.app import create_server
+from lossd_server.settings import Settings
+
+server = create_server(Settings(port=0, metrics_port=-1, device="cpu",
+                                plugins=("mypkg.losses",), entry_points=False)).start()
+x = np.array([[0.0, 3.0], [1.0, -1.0]], np.float32)
+t = np.array([[0.0, -1.0], [1.0, 1.0]], np.float32)
+with LossClient(f"127.0.0.1:{server.port}") as client:
+    info = {i.name: i for i in client.losses()}["charbonnier"]
+    r = client.evaluate(x, t, loss="charbonnier", eps=0.5)
+server.stop(0)
+want = np.sqrt((x - t) ** 2 + 0.25).mean(axis=1)
+assert info.description == "Charbonnier (smooth L1) loss", info
+assert info.source == "mypkg.losses (--plugin)", info.source
+assert np.allclose(r.per_sample, want, rtol=1e-6), (r.per_sample, want)
+print("served")
+"""
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "served"
+    [dockerfile] = re.findall(r"```dockerfile\n(.*?)```", README, flags=re.S)
+    example = (Path(__file__).parent.parent / "examples" / "plugin" / "Dockerfile").read_text()
+    assert dockerfile == example

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_reference import CASES as REFERENCE_CASES
+from loss_reference import Case, expected
 
 import lossd
 from lossd import LossClient
@@ -115,3 +118,51 @@ def test_weighted_gradient_needs_weights(client: LossClient) -> None:
     with pytest.raises(lossd.InvalidArgument) as exc:
         client.evaluate(torch.ones(3), torch.zeros(3), loss="mse_loss", gradient="weighted_mean")
     assert exc.value.message == "gradient: weighted_mean needs weights"
+
+
+def _new_loss_cases() -> list[Case]:
+    """One float32 reference case of each loss beyond the first ten, with its options
+    (tests/loss_reference.py), with weights; ctc's infinite one left out."""
+    seen: dict[str, Case] = {}
+    for case in REFERENCE_CASES:
+        if (case.loss not in CASES and case.loss not in seen and case.x.dtype == torch.float32
+                and case.w is not None and case.exact and "infinite" not in case.id):
+            seen[case.loss] = case
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("case", _new_loss_cases(), ids=lambda c: c.loss)
+@pytest.mark.parametrize("reduction", ["mean", "weighted_sum"])
+def test_gradient_of_every_other_loss_equals_local_autograd(client: LossClient, case: Case,
+                                                            reduction: str) -> None:
+    """The server differentiates every loss of torch.nn.functional with respect to the
+    predictions; extra inputs and targets are constants."""
+    leaf = case.x.clone().requires_grad_(True)
+    per = expected(dataclasses.replace(case, x=leaf)).per_sample
+    assert case.w is not None
+    w = case.w.double() if per.dtype == torch.float64 else case.w
+    local = per.mean() if reduction == "mean" else (w * per).sum()
+    local.backward()
+    r = client.evaluate(case.x, case.t, loss=case.loss, inputs=case.inputs or None,
+                        weights=case.w if reduction.startswith("w") else None,
+                        gradient=reduction, **case.opts)
+    assert r.gradient is not None and r.gradient.shape == tuple(case.x.shape)
+    assert leaf.grad is not None
+    torch.testing.assert_close(torch.from_numpy(r.gradient), leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_remote_loss_with_extra_inputs(client: LossClient) -> None:
+    """RemoteLoss passes inputs through; the gradient reaches the predictions only."""
+    g = torch.Generator().manual_seed(5)
+    anchor, positive, negative = (torch.randn(N, C, generator=g) for _ in range(3))
+    remote = RemoteLoss(client, "triplet_margin_loss", margin=0.5)
+    x = anchor.clone().requires_grad_(True)
+    p = positive.clone().requires_grad_(True)
+    loss = remote(x, inputs={"positive": p, "negative": negative})
+    loss.backward()
+    local_x = anchor.clone().requires_grad_(True)
+    local = F.triplet_margin_loss(local_x, positive, negative, margin=0.5)
+    local.backward()
+    torch.testing.assert_close(loss.detach(), local.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, local_x.grad, rtol=1e-5, atol=1e-7)
+    assert p.grad is None

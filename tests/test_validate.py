@@ -178,6 +178,109 @@ CLIENT_CASES: list[tuple[str, str, Any, Any, dict[str, Any], str, str]] = [
     ("no-classes", "cross_entropy", torch.zeros(4, 0), T, {}, "predictions",
      "has no elements"),
     ("empty-list", "mse_loss", [], [], {}, "predictions", "empty batch"),
+    # Targets left out, or given to a loss that takes none; extra inputs.
+    ("targets-missing", "mse_loss", REG_X, None, {}, "targets",
+     "missing; mse_loss takes same as predictions"),
+    ("targets-for-triplet", "triplet_margin_loss", REG_X, REG_T,
+     {"inputs": {"positive": REG_X, "negative": REG_T}}, "targets",
+     "triplet_margin_loss takes no targets; leave them out"),
+    ("input-unknown", "mse_loss", REG_X, REG_T, {"inputs": {"var": REG_T}}, "inputs.var",
+     "unknown input for mse_loss; accepted: none"),
+    ("input-missing", "margin_ranking_loss", REG_X, torch.ones(4, 3), {}, "inputs.input2",
+     "missing; margin_ranking_loss takes input2"),
+    ("input-shape", "margin_ranking_loss", REG_X, torch.ones(4, 3),
+     {"inputs": {"input2": REG_T[:, :2]}}, "inputs.input2",
+     "shape (4, 2) does not match predictions (4, 3)"),
+    ("input-int", "triplet_margin_loss", REG_X, None,
+     {"inputs": {"positive": REG_X, "negative": torch.ones(4, 3, dtype=torch.long)}},
+     "inputs.negative", "dtype int64 not accepted"),
+    ("input-batch-first", "gaussian_nll_loss", REG_X, REG_T, {"inputs": {"var": torch.ones(3)}},
+     "inputs.var", "the batch dimension N = 4 comes first"),
+    # binary_cross_entropy takes probabilities (a CUDA kernel would assert otherwise).
+    ("bce-above-1", "binary_cross_entropy", torch.tensor([[0.2, 1.5], [0.1, 0.3]]),
+     torch.rand(2, 2), {}, "predictions", "value 1.5 at sample 0 is not a probability in [0, 1]"),
+    ("bce-negative", "binary_cross_entropy", torch.tensor([0.2, 0.5, -1e-6]), torch.rand(3), {},
+     "predictions", "at sample 2 is not a probability"),
+    ("bce-inf", "binary_cross_entropy", torch.tensor([0.5, math.inf]), torch.rand(2), {},
+     "predictions", "value inf at sample 1"),
+    ("bce-target-above-1", "binary_cross_entropy", torch.rand(3), torch.tensor([0.0, 1.0, 2.0]),
+     {}, "targets", "value 2.0 at sample 2 is not a probability"),
+    ("bce-target-nan", "binary_cross_entropy", torch.rand(3), torch.tensor([0.0, math.nan, 1.0]),
+     {}, "targets", "value nan at sample 1"),
+    ("bce-bfloat16", "binary_cross_entropy", torch.tensor([0.5, 1.25]).bfloat16(),
+     torch.rand(2), {}, "predictions", "value 1.25 at sample 1"),
+    # gaussian_nll_loss: var by torch's rules, N first, >= 0.
+    ("var-negative", "gaussian_nll_loss", REG_X, REG_T,
+     {"inputs": {"var": torch.tensor([[1.0, 1, 1], [1, 1, 1], [1, -0.5, 1], [1, 1, 1]])}},
+     "inputs.var", "negative value -0.5 at sample 2; a variance is >= 0"),
+    ("var-shape", "gaussian_nll_loss", REG_X, REG_T, {"inputs": {"var": torch.ones(4, 2)}},
+     "inputs.var", "shape (4, 2) does not fit predictions (4, 3)"),
+    ("var-int", "gaussian_nll_loss", REG_X, REG_T, {"inputs": {"var": torch.ones(4, 3).long()}},
+     "inputs.var", "dtype int64 not accepted"),
+    ("gaussian-eps", "gaussian_nll_loss", REG_X, REG_T, {"inputs": {"var": torch.ones(4, 3)},
+                                                         "eps": -1.0},
+     "options.eps", "must be >= 0.0"),
+    # ctc_loss: lengths within the tensors, labels within the classes, not blank.
+    *[(f"ctc-{name}", "ctc_loss", F.log_softmax(torch.randn(2, 5, 4, generator=G), 2), t,
+       {"inputs": {"input_lengths": il, "target_lengths": tl}, **opts}, field, problem)
+      for name, t, il, tl, opts, field, problem in [
+          ("input-length", torch.tensor([[1, 2], [3, 1]]), [5, 6], [2, 2], {},
+           "inputs.input_lengths", "6 at sample 1 outside [0, 5] (T, predictions dim 1)"),
+          ("input-length-negative", torch.tensor([[1, 2], [3, 1]]), [-1, 5], [2, 2], {},
+           "inputs.input_lengths", "-1 at sample 0 outside [0, 5]"),
+          ("target-length", torch.tensor([[1, 2], [3, 1]]), [5, 5], [2, 3], {},
+           "inputs.target_lengths", "3 at sample 1 outside [0, 2] (S, targets dim 1)"),
+          ("label", torch.tensor([[1, 4], [3, 1]]), [5, 5], [2, 2], {}, "targets",
+           "label 4 out of range [0, 4) at sample 0"),
+          ("label-negative", torch.tensor([[1, 2], [-3, 1]]), [5, 5], [2, 2], {}, "targets",
+           "label -3 out of range"),
+          ("blank-label", torch.tensor([[1, 2], [3, 0]]), [5, 5], [2, 2], {}, "targets",
+           "the blank label 0 at sample 1"),
+          ("blank-option", torch.tensor([[1, 2], [3, 1]]), [5, 5], [2, 2], {"blank": 4},
+           "options.blank", "4 out of range [0, 4)"),
+          ("float-lengths", torch.tensor([[1, 2], [3, 1]]), [5.0, 5.0], [2, 2], {},
+           "inputs.input_lengths", "dtype float64 not accepted; send int64 or int32"),
+          ("lengths-shape", torch.tensor([[1, 2], [3, 1]]), [[5], [5]], [2, 2], {},
+           "inputs.input_lengths", "expected (2,), one per sample"),
+          ("targets-1d", torch.tensor([1, 2, 3, 1]), [5, 5], [2, 2], {}, "targets",
+           "expected (N, S) label sequences with N = 2"),
+          ("float-targets", torch.rand(2, 2), [5, 5], [2, 2], {}, "targets",
+           "dtype float32 not accepted by ctc_loss; send int64 or int32 labels"),
+      ]],
+    ("ctc-2d", "ctc_loss", REG_X, torch.ones(4, 1).long(),
+     {"inputs": {"input_lengths": [3] * 4, "target_lengths": [1] * 4}}, "predictions",
+     "has 2 dims; ctc_loss takes (N, T, C)"),
+    # The other losses' own rules.
+    ("triplet-margin", "triplet_margin_loss", REG_X, None,
+     {"inputs": {"positive": REG_X, "negative": REG_T}, "margin": 0.0}, "options.margin",
+     "must be > 0.0"),
+    ("triplet-1d", "triplet_margin_loss", REG_X[:, 0], None,
+     {"inputs": {"positive": REG_X[:, 0], "negative": REG_T[:, 0]}}, "predictions",
+     "has 1 dims"),
+    ("distance-function", "triplet_margin_with_distance_loss", REG_X, None,
+     {"inputs": {"positive": REG_X, "negative": REG_T}, "distance_function": "l1"},
+     "options.distance_function", "must be one of pairwise_distance, cosine_distance"),
+    ("multilabel-range", "multilabel_margin_loss", REG_X,
+     torch.tensor([[0, 1, -1], [2, -1, 0], [3, 0, 0], [-1, 0, 0]]), {}, "targets",
+     "class index 3 out of range [-1, 3) at sample 2"),
+    ("multilabel-below", "multilabel_margin_loss", REG_X,
+     torch.tensor([[0, 1, -1], [2, -1, 0], [1, -2, 0], [-1, 0, 0]]), {}, "targets",
+     "class index -2 out of range"),
+    ("multilabel-shape", "multilabel_margin_loss", REG_X, T, {}, "targets",
+     "class lists are shaped as the predictions"),
+    ("multi-margin-p", "multi_margin_loss", X, T, {"p": 3}, "options.p",
+     "must be one of 1, 2, got 3"),
+    ("multi-margin-class", "multi_margin_loss", X, torch.tensor([0, 1, 2, 3]), {}, "targets",
+     "class index 3 out of range [0, 3) at sample 3 (ignore_index is -100)"),
+    ("multi-margin-3d", "multi_margin_loss", torch.randn(4, 3, 2), torch.zeros(4, 2).long(), {},
+     "predictions", "has 3 dims; multi_margin_loss takes (N, C)"),
+    ("multi-margin-weights", "multi_margin_loss", X, T, {"class_weights": [1.0, 2.0]},
+     "options.class_weights", "expected (3,), one weight per class (predictions dim 1)"),
+    ("cosine-targets", "cosine_embedding_loss", REG_X, REG_T, {"inputs": {"input2": REG_T}},
+     "targets", "does not match predictions (4, 3); one value per sample, (4)"),
+    ("soft-margin-weights", "multilabel_soft_margin_loss", REG_X, REG_T,
+     {"class_weights": [1.0, 2.0]}, "options.class_weights",
+     "expected (3,), one weight per class (the last dim of predictions)"),
 ]
 
 
@@ -186,6 +289,25 @@ CLIENT_CASES: list[tuple[str, str, Any, Any, dict[str, Any], str, str]] = [
 def test_rejected(client: LossClient, loss: str, x: Any, t: Any, kwargs: dict[str, Any],
                   field: str, problem: str) -> None:
     assert_invalid(client, lambda: client.evaluate(x, t, loss=loss, **kwargs), field, problem)
+
+
+@pytest.mark.parametrize("nan_policy", ["propagate", "omit", "raise"])
+def test_binary_cross_entropy_nan_predictions_follow_nan_policy(client: LossClient,
+                                                                nan_policy: str) -> None:
+    """torch refuses a NaN probability (a CUDA kernel asserts on it); lossd gives that
+    sample a NaN loss, like every loss, and nan_policy decides."""
+    x = torch.tensor([[0.2, 0.9], [math.nan, 0.5], [1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.5]])
+    if nan_policy == "raise":
+        assert_invalid(client, lambda: client.evaluate(x, t, loss="binary_cross_entropy",
+                                                       nan_policy="raise"),
+                       "predictions", "non-finite value at sample 1")
+        return
+    r = client.evaluate(x, t, loss="binary_cross_entropy", nan_policy=nan_policy)
+    want = F.binary_cross_entropy(x[[0, 2]], t[[0, 2]], reduction="none").mean(1)
+    assert torch.equal(torch.from_numpy(r.per_sample[[0, 2]]), want)
+    assert math.isnan(r.per_sample[1])
+    assert (r.count, r.omitted) == ((2, 1) if nan_policy == "omit" else (3, 0))
 
 
 def test_ignore_index_outside_range_is_accepted(client: LossClient) -> None:
@@ -217,6 +339,8 @@ def raw_request(**fields: Any) -> pb.EvaluateRequest:
                                         else to_tensor(value, field=name))
     for name, value in fields.pop("options", {}).items():
         req.options[name].CopyFrom(value)
+    for name, value in fields.pop("inputs", {}).items():
+        req.inputs[name].CopyFrom(value)
     assert not fields
     return req
 
@@ -263,6 +387,16 @@ WIRE_CASES: list[tuple[str, Callable[[], pb.EvaluateRequest], str, str]] = [
     ("int-option-for-float", lambda: raw_request(options={
         "label_smoothing": pb.OptionValue(int_value=2)}), "options.label_smoothing",
      "must be in [0.0, 1.0], got 2.0"),
+    ("input-dtype", lambda: raw_request(
+        loss="gaussian_nll_loss", predictions=REG_X, targets=REG_T,
+        inputs={"var": pb.Tensor(dtype=99, shape=[4, 3], data=b"\0" * 48)}),
+     "inputs.var.dtype", "DType(99) not accepted"),
+    ("input-short", lambda: raw_request(loss="gaussian_nll_loss", predictions=REG_X,
+                                        targets=REG_T, inputs={"var": _truncated(REG_T)}),
+     "inputs.var.data", "47 bytes; shape [4, 3] of float32 needs 48"),
+    ("input-without-value", lambda: raw_request(loss="gaussian_nll_loss", predictions=REG_X,
+                                                targets=REG_T, inputs={"var": pb.Tensor()}),
+     "inputs.var.dtype", "DType(0) not accepted"),
 ]
 
 

@@ -254,3 +254,92 @@ def test_encode_with_tensors_is_what_protobuf_serialises(shape: tuple[int, ...],
     want = pb.EvaluateRequest(loss="x", tag="t", predictions=pb.Tensor(
         dtype=proto, shape=shape, data=arr.tobytes()))
     assert pb.EvaluateRequest.FromString(raw) == want
+
+
+# ---------------------------------------------------------------------------------------
+# The zero-copy request parser and the ``inputs`` map (EvaluateRequest field 11)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _entry(*parts: bytes) -> bytes:
+    return _field(11, b"".join(parts))
+
+
+def _parsed_inputs(raw: bytes) -> dict[str, tuple[int, list[int], bytes]]:
+    parsed = wire.ParsedRequest(raw)
+    return {k: (v.dtype, list(v.shape), bytes(v.data)) for k, v in parsed.inputs.items()}
+
+
+def _protobuf_inputs(raw: bytes) -> dict[str, tuple[int, list[int], bytes]]:
+    msg = pb.EvaluateRequest.FromString(raw)
+    return {k: (v.dtype, list(v.shape), v.data) for k, v in msg.inputs.items()}
+
+
+def test_client_encoding_of_inputs_parses_as_protobuf_and_as_lossd() -> None:
+    """encode_with_tensors writes map entries that protobuf reads as the map, and lossd's
+    parser views in place."""
+    from lossd._wire import encode_with_tensors
+
+    var = np.arange(12, dtype="<f4").reshape(4, 3)
+    lengths = np.array([3, 1, 2, 2], dtype="<i8")
+    small = pb.EvaluateRequest(loss="gaussian_nll_loss", tag="t")
+    raw = encode_with_tensors(small, [(2, var, pb.FLOAT32)],
+                              [(11, "var", var, pb.FLOAT32), (11, "lengths", lengths, pb.INT64),
+                               (11, "ünïcode", lengths[:0], pb.INT64)])
+    want = pb.EvaluateRequest(loss="gaussian_nll_loss", tag="t",
+                              predictions=array_to_tensor(var, pb.FLOAT32))
+    for key, arr, dtype in (("var", var, pb.FLOAT32), ("lengths", lengths, pb.INT64),
+                            ("ünïcode", lengths[:0], pb.INT64)):
+        want.inputs[key].CopyFrom(array_to_tensor(arr, dtype))
+    assert pb.EvaluateRequest.FromString(raw) == want
+    assert _parsed_inputs(raw) == _protobuf_inputs(raw)
+    parsed = wire.ParsedRequest(raw)
+    assert parsed.loss == "gaussian_nll_loss" and parsed.ByteSize() == len(raw)
+    assert not parsed.message.inputs  # left to the zero-copy views
+    t = wire.decode_tensor(parsed.inputs["var"], "inputs.var")
+    start = _address(raw)
+    assert start <= t.data_ptr() < start + len(raw)  # a view of the request bytes
+    assert torch.equal(t, torch.from_numpy(var))
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    (_entry(_field(1, b"a"), _field(2, pb.Tensor(dtype=pb.FLOAT32).SerializeToString()),
+            _field(2, pb.Tensor(shape=[3]).SerializeToString())),
+     {"a": (pb.FLOAT32, [3], b"")}),  # value occurrences merge
+    (_entry(_field(1, b"a"), _field(1, b"b")), {"b": (0, [], b"")}),  # the last key counts
+    (_entry(_field(1, b"k"), _field(2, pb.Tensor(shape=[1]).SerializeToString()))
+     + _entry(_field(1, b"k"), _field(2, pb.Tensor(shape=[2]).SerializeToString())),
+     {"k": (0, [2], b"")}),  # a later entry replaces an earlier one
+    (_entry(_field(2, pb.Tensor(shape=[1]).SerializeToString())), {"": (0, [1], b"")}),
+    (_entry(), {"": (0, [], b"")}),
+    (_entry(_field(1, b"a"), _field(3, b"unknown")), {}),  # protobuf drops such an entry
+    (_entry(_field(1, b"a"), _varint(2 << 3 | 0) + _varint(5)), {}),  # value as a varint
+    (_entry(_field(1, b"a")) + _varint(11 << 3 | 0) + _varint(7), {"a": (0, [], b"")}),
+    (_entry(_field(2, pb.Tensor(shape=[4]).SerializeToString()), _field(1, b"late-key")),
+     {"late-key": (0, [4], b"")}),
+], ids=["values-merge", "last-key", "last-entry", "no-key", "empty-entry", "unknown-field",
+        "wrong-wire-type", "field-11-as-varint", "key-after-value"])
+def test_inputs_map_semantics_are_protobufs(raw: bytes, want: dict[str, Any]) -> None:
+    raw = pb.EvaluateRequest(loss="mse_loss").SerializeToString() + raw
+    assert _protobuf_inputs(raw) == want
+    assert _parsed_inputs(raw) == want
+
+
+def test_inputs_key_must_be_utf8() -> None:
+    raw = _entry(_field(1, b"\xff\xfe"))
+    with pytest.raises(Exception, match="Error parsing"):
+        pb.EvaluateRequest.FromString(raw)
+    with pytest.raises(wire.MalformedMessage, match="inputs: a key is not valid UTF-8"):
+        wire.ParsedRequest(raw)

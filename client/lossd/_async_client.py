@@ -94,8 +94,9 @@ class AsyncLossClient:
     def _error(self, exc: grpc.RpcError) -> LossdError:
         return from_rpc_error(exc, retry_attempts=self.retry_attempts)
 
-    async def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
-                       weights: Any = None, tag: str | None = None,
+    async def evaluate(self, predictions: Any, targets: Any = None, *,
+                       loss: str = "cross_entropy", weights: Any = None,
+                       inputs: Mapping[str, Any] | None = None, tag: str | None = None,
                        timeout: float | None = None, gradient: str | None = None,
                        per_class: bool = False, accuracy: bool = False,
                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
@@ -106,7 +107,8 @@ class AsyncLossClient:
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
-                                    self._requests.options(options), gradient, analyses)
+                                    self._requests.options(options), gradient,
+                                    analyses=analyses, inputs=inputs)
         try:
             if len(reqs) == 1:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),

@@ -21,10 +21,12 @@ from lossd._errors import DeadlineExceeded, LossdError, Unavailable
 EVAL_EPILOG = """exit codes: 0 done; 1 the server rejected the input; 2 usage or local input
 error (missing file, shape mismatch); 3 the server could not be reached or timed out.
 
-example:
+examples:
   lossd eval --target 127.0.0.1:50051 --loss cross_entropy logits.npy labels.npy \\
       --batch-size 4096 --option label_smoothing=0.1 --out losses.csv --top 10 \\
-      --report report.html"""
+      --report report.html
+  lossd eval --loss gaussian_nll_loss means.npy y.npy --input var=var.npy
+  lossd eval --loss triplet_margin_loss anchors.npy -i positive=p.npy -i negative=n.npy"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "EvaluateStream and print the aggregates.",
                         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("predictions", help="predictions file, (N, ...)")
-    ev.add_argument("targets", help="targets file, (N, ...)")
+    ev.add_argument("targets", nargs="?", default=None,
+                    help="targets file, (N, ...); left out for a loss without targets")
     ev.add_argument("--target", default="127.0.0.1:50051", help="server address (gRPC target)")
     ev.add_argument("--loss", default="cross_entropy", help="loss name (see `lossd losses`)")
     ev.add_argument("--weights", help="per-sample weights file, (N,)")
+    ev.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE",
+                    help="an extra input of the loss, e.g. var=var.npy (repeatable; see "
+                         "`lossd losses`)")
     ev.add_argument("--batch-size", type=int, default=4096, help="samples per streamed batch")
     ev.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                     help="a loss option, e.g. label_smoothing=0.1 or class_weights=1,2,3 "
@@ -76,9 +82,15 @@ def _losses(target: str) -> int:
         print(f"lossd losses: {exc}", file=sys.stderr)
         return _eval.EXIT_REJECTED
     for info in catalogue:
-        print(f"{info.name}: {info.description}")
-        print(f"    predictions {' | '.join(info.prediction_shapes)}; "
-              f"targets {' | '.join(info.target_shapes)}")
+        source = "" if info.source in ("", "lossd") else f"  [plugin: {info.source}]"
+        print(f"{info.name}: {info.description}{source}")
+        targets = (f"targets ({info.targets}) {' | '.join(info.target_shapes)}"
+                   if info.targets != "none" else "no targets")
+        print(f"    predictions {' | '.join(info.prediction_shapes)}; {targets}")
+        for i in info.inputs:
+            optional = ", optional" if i.optional else ""
+            print(f"    input {i.name}: {' | '.join(i.shapes)} "
+                  f"({'int' if 'int64' in i.dtypes else 'float'}{optional})  {i.description}")
         for o in info.options:
             choices = f" ({'|'.join(o.choices)})" if o.choices else ""
             print(f"    {o.name}: {o.type} = {o.default}{choices}  {o.description}")
@@ -120,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "losses":
         return _losses(args.target)
     return _eval.run(target=args.target, loss=args.loss, predictions=args.predictions,
-                     targets=args.targets, weights=args.weights, batch_size=args.batch_size,
+                     targets=args.targets, weights=args.weights, inputs=args.input,
+                     batch_size=args.batch_size,
                      out=args.out, top=args.top, tag=args.tag, options=args.option,
                      timeout=args.timeout, progress=args.progress, report=args.report)
 

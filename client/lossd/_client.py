@@ -37,7 +37,13 @@ _ENVELOPE_BYTES = 64 * 1024
 if TYPE_CHECKING:
     from lossd._shm import SharedMemory
 
-Batch = tuple[Any, Any] | tuple[Any, Any, Any]
+Batch = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Mapping[str, Any]]
+"""A batch of a stream: (predictions, targets), with weights, and with extra inputs (targets
+and weights may be None)."""
+
+_PREDICTIONS, _TARGETS, _WEIGHTS, _INPUTS = 2, 3, 4, 11  # EvaluateRequest field numbers
+_Tensors = list[tuple[int, np.ndarray, pb.DType]]
+_Entries = list[tuple[int, str, np.ndarray, pb.DType]]
 
 
 class _Requests:
@@ -61,38 +67,47 @@ class _Requests:
 
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
               options: dict[str, pb.OptionValue], gradient: str | None = None,
-              analyses: Mapping[str, Any] | None = None) -> list[bytes]:
+              analyses: Mapping[str, Any] | None = None,
+              inputs: Mapping[str, Any] | None = None) -> list[bytes]:
         """One serialised request, or several along N when the payload exceeds the limit.
 
-        ``analyses``: EvaluateRequest analysis fields (see :func:`analysis_fields`), on every
-        message.
+        ``targets`` None: the loss takes none. ``analyses``: EvaluateRequest analysis fields
+        (see :func:`analysis_fields`), on every message. ``inputs``: the loss's extra tensors
+        by name (None values are left out), split along N with the rest.
         """
         reduction = _reduction(gradient)
         analyses = analyses or {}
-        arrays = [as_array(predictions, field="predictions"), as_array(targets, field="targets")]
+        tensors: _Tensors = [(_PREDICTIONS, *as_array(predictions, field="predictions"))]
+        if targets is not None:
+            tensors.append((_TARGETS, *as_array(targets, field="targets")))
         if weights is not None:
-            arrays.append(as_array(weights, field="weights"))
-        total = sum(a.nbytes for a, _ in arrays)
-        n = arrays[0][0].shape[0] if arrays[0][0].ndim else 0
+            tensors.append((_WEIGHTS, *as_array(weights, field="weights")))
+        entries: _Entries = [(_INPUTS, name, *as_array(value, field=f"inputs.{name}"))
+                             for name, value in (inputs or {}).items() if value is not None]
+        arrays = [a for _, a, _ in tensors] + [a for _, _, a, _ in entries]
+        total = sum(a.nbytes for a in arrays)
+        n = arrays[0].shape[0] if arrays[0].ndim else 0
         limit = self.max_message_bytes
         if self.split_bytes is not None and not reduction:
             limit = min(limit, self.split_bytes)
         if total + _ENVELOPE_BYTES <= limit or n <= 1:
-            return [self._request(loss, arrays, tag, options, reduction, analyses)]
-        if any(a.ndim == 0 or a.shape[0] != n for a, _ in arrays):
+            return [self._request(loss, tensors, entries, tag, options, reduction, analyses)]
+        if any(a.ndim == 0 or a.shape[0] != n for a in arrays):
             # Let the server name the mismatch; it cannot be split consistently.
-            return [self._request(loss, arrays, tag, options, reduction, analyses)]
+            return [self._request(loss, tensors, entries, tag, options, reduction, analyses)]
         if reduction:
             raise ValueError(f"a gradient request must fit one message ({total} bytes > "
                              f"max_message_bytes {self.max_message_bytes}); raise "
                              "max_message_bytes (and the server's --max-message-mb)")
-        if weights is not None:
-            self._check_weights_sum(*arrays[2])
+        for number, arr, dtype in tensors:
+            if number == _WEIGHTS:
+                self._check_weights_sum(arr, dtype)
         row_bytes = max(1, math.ceil(total / n))
         rows = max(1, (limit - _ENVELOPE_BYTES) // row_bytes)
-        starts = range(0, n, rows)
-        return [self._request(loss, [(a[i:i + rows], d) for a, d in arrays], tag, options,
-                              analyses=analyses, more=i + rows < n) for i in starts]
+        return [self._request(loss, [(f, a[i:i + rows], d) for f, a, d in tensors],
+                              [(f, k, a[i:i + rows], d) for f, k, a, d in entries], tag,
+                              options, analyses=analyses, more=i + rows < n)
+                for i in range(0, n, rows)]
 
     def one_message(self, requests: list[bytes]) -> bool:
         """Whether the batch of ``requests`` would fit one message (split for ``split_bytes``
@@ -108,15 +123,13 @@ class _Requests:
         if w.dtype.kind == "f" and np.all(np.isfinite(w)) and np.all(w >= 0) and not w.any():
             raise InvalidArgument("weights: sum to zero; weighted_mean would be undefined")
 
-    def _request(self, loss: str, arrays: list[tuple[np.ndarray, pb.DType]], tag: str | None,
+    def _request(self, loss: str, tensors: _Tensors, entries: _Entries, tag: str | None,
                  options: dict[str, pb.OptionValue],
                  reduction: pb.Reduction = pb.REDUCTION_UNSPECIFIED,
                  analyses: Mapping[str, Any] | None = None, *, more: bool = False) -> bytes:
         small = pb.EvaluateRequest(loss=loss, options=options, tag=tag or "",
                                    gradient=reduction, more=more, **(analyses or {}))
-        # Fields 2, 3, 4: predictions, targets, weights.
-        return encode_with_tensors(small, [(number, arr, dtype) for number, (arr, dtype)
-                                           in zip((2, 3, 4), arrays, strict=False)])
+        return encode_with_tensors(small, tensors, entries)
 
 
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
@@ -189,8 +202,10 @@ class _BatchJoiner:
                  analyses: Mapping[str, Any] | None = None) -> Iterator[bytes]:
         for batch in batches:
             preds, targs, *rest = batch
-            built = builder.build(loss, preds, targs, rest[0] if rest else None, tag, options,
-                                  analyses=analyses)
+            weights = rest[0] if rest else None
+            inputs = rest[1] if len(rest) > 1 else None
+            built = builder.build(loss, preds, targs, weights, tag, options,
+                                  analyses=analyses, inputs=inputs)
             self._chunks.append(len(built))
             yield from built
 
@@ -486,8 +501,9 @@ class LossClient:
     def _error(self, exc: grpc.RpcError) -> LossdError:
         return from_rpc_error(exc, retry_attempts=self.retry_attempts)
 
-    def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
-                 weights: Any = None, tag: str | None = None, timeout: float | None = None,
+    def evaluate(self, predictions: Any, targets: Any = None, *, loss: str = "cross_entropy",
+                 weights: Any = None, inputs: Mapping[str, Any] | None = None,
+                 tag: str | None = None, timeout: float | None = None,
                  gradient: str | None = None, per_class: bool = False,
                  accuracy: bool = False, top_k: int | Iterable[int] | None = None,
                  diagnostics: bool = False, hardest: int = 0,
@@ -497,8 +513,11 @@ class LossClient:
 
         ``options`` are the loss's options by their torch.nn.functional names
         (``label_smoothing=0.1``, ``ignore_index=0``, ``class_weights=[...]``) plus
-        ``nan_policy``. A batch larger than ``max_message_bytes`` is split along N over
-        one stream and comes back as one result, exactly as if it had gone in one message.
+        ``nan_policy``. ``inputs`` are the loss's extra tensors by torch's argument names,
+        each with N first (``inputs={"var": var}`` for gaussian_nll_loss); ``targets`` is
+        left out for a loss that takes none (triplet_margin_loss). A batch larger than
+        ``max_message_bytes`` is split along N over one stream and comes back as one
+        result, exactly as if it had gone in one message.
 
         ``gradient`` ("mean", "sum", "weighted_mean", "weighted_sum") also returns
         d(reduction)/d(predictions) as ``result.gradient``, shaped as the predictions
@@ -515,7 +534,8 @@ class LossClient:
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
-                                    self._requests.options(options), gradient, analyses)
+                                    self._requests.options(options), gradient,
+                                    analyses=analyses, inputs=inputs)
         try:
             if len(reqs) == 1:
                 return LossResult.from_proto(self._evaluate(
@@ -535,7 +555,8 @@ class LossClient:
                         **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
-        Each batch is ``(predictions, targets)`` or ``(predictions, targets, weights)``.
+        Each batch is ``(predictions, targets)``, ``(predictions, targets, weights)`` or
+        ``(predictions, targets, weights, inputs)`` (targets and weights may be None).
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)

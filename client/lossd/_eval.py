@@ -126,11 +126,21 @@ class Progress:
             self.out.write("\n")
 
 
-def _batches(predictions: Any, targets: Any, weights: Any, size: int
+def _batches(predictions: Any, targets: Any, weights: Any, inputs: dict[str, Any], size: int
              ) -> Iterator[tuple[Any, ...]]:
     for i in range(0, len(predictions), size):
-        batch = (predictions[i:i + size], targets[i:i + size])
-        yield batch if weights is None else (*batch, weights[i:i + size])
+        part = slice(i, i + size)
+        yield (predictions[part], None if targets is None else targets[part],
+               None if weights is None else weights[part],
+               {name: arr[part] for name, arr in inputs.items()})
+
+
+def parse_input(text: str) -> tuple[str, str]:
+    """``name=FILE`` of ``--input``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise InputError(f"--input {text!r}: expected name=FILE")
+    return name, path
 
 
 def format_aggregates(loss: str, a: Aggregates) -> str:
@@ -194,25 +204,31 @@ def write_losses(path: Path, losses: np.ndarray) -> None:
 REPORT_HARDEST = 20
 
 
-def run(*, target: str, loss: str, predictions: str, targets: str, weights: str | None,
+def run(*, target: str, loss: str, predictions: str, targets: str | None, weights: str | None,
         batch_size: int, out: str | None, top: int, tag: str | None, options: Sequence[str],
         timeout: float | None, progress: bool | None, report: str | None = None,
-        stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+        inputs: Sequence[str] = (), stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
     """The body of ``lossd eval``; returns the exit code.
 
     ``top``: the server keeps the K hardest samples of the stream (nothing is collected
     here for it). ``report``: write an HTML report there (needs matplotlib); it asks the
     server for the quantiles, the hardest samples and, for class-index targets, the
-    per-class breakdown, accuracy (top-1 and top-5) and calibration.
+    per-class breakdown, accuracy (top-1 and top-5) and calibration. ``inputs``: the loss's
+    extra tensors, ``name=FILE`` each; ``targets`` None for a loss without targets.
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
         opts = dict(parse_option(o) for o in options)
-        pred, targ = load_array(predictions), load_array(targets)
+        pred = load_array(predictions)
+        targ = load_array(targets) if targets else None
         w = load_array(weights) if weights else None
+        extra = {name: load_array(path) for name, path in map(parse_input, inputs)}
         n = len(pred)
-        for name, arr in (("targets", targ), ("weights", w)):
+        named = [("targets", targ), ("weights", w),
+                 *((f"input {name}", arr) for name, arr in extra.items())]
+        for name, arr in named:
             if arr is not None and len(arr) != n:
                 raise InputError(f"{name} has {len(arr)} samples, predictions {n}")
         if batch_size < 1:
@@ -243,7 +259,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str, weights: str 
     running: Aggregates | None = None
     try:
         with LossClient(target, timeout=timeout) as client:
-            for result in client.evaluate_stream(_batches(pred, targ, w, batch_size),
+            for result in client.evaluate_stream(_batches(pred, targ, w, extra, batch_size),
                                                  loss=loss, tag=tag, **analyses, **opts):
                 if keep:
                     per_sample.append(result.per_sample)
@@ -272,8 +288,10 @@ def run(*, target: str, loss: str, predictions: str, targets: str, weights: str 
             return EXIT_USAGE
     if report:
         page = _report.render(loss=loss, aggregates=running, losses=losses, options=opts,
-                              sources={"predictions": predictions, "targets": targets,
-                                       **({"weights": weights} if weights else {})},
+                              sources={"predictions": predictions,
+                                       **({"targets": targets} if targets else {}),
+                                       **({"weights": weights} if weights else {}),
+                                       **dict(map(parse_input, inputs))},
                               target=target, samples=n)
         Path(report).write_text(page, encoding="utf-8")
         print(f"\nreport: {report}", file=stdout)

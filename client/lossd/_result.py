@@ -560,8 +560,23 @@ class OptionInfo:
 
 
 @dataclass(frozen=True)
+class InputInfo:
+    """One extra tensor a loss takes (``evaluate(..., inputs={name: ...})``), N first."""
+
+    name: str
+    description: str
+    shapes: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
 class LossInfo:
-    """One catalogue entry, as ``LossClient.losses()`` returns it."""
+    """One catalogue entry, as ``LossClient.losses()`` returns it.
+
+    ``targets``: what the targets are ("values", "classes", "none", ...; see the README's
+    loss table); ``source``: "lossd" for a built-in, else the plugin that registered it.
+    """
 
     name: str
     description: str
@@ -570,6 +585,9 @@ class LossInfo:
     target_shapes: tuple[str, ...]
     prediction_dtypes: tuple[str, ...]
     target_dtypes: tuple[str, ...]
+    inputs: tuple[InputInfo, ...] = ()
+    targets: str = ""
+    source: str = ""
 
     @classmethod
     def from_proto(cls, s: pb.LossSpec) -> LossInfo:
@@ -584,4 +602,9 @@ class LossInfo:
             target_shapes=tuple(s.target_shapes),
             prediction_dtypes=tuple(dtype_name(d) for d in s.prediction_dtypes),
             target_dtypes=tuple(dtype_name(d) for d in s.target_dtypes),
+            inputs=tuple(InputInfo(i.name, i.description, tuple(i.shapes),
+                                   tuple(dtype_name(d) for d in i.dtypes), i.optional)
+                         for i in s.inputs),
+            targets=s.targets,
+            source=s.source,
         )

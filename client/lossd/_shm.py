@@ -33,7 +33,7 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,22 +185,25 @@ class SharedMemory:
         """The region's bytes (to fill in place, e.g. ``np.frombuffer(shm.buffer, ...)``)."""
         return memoryview(self._map)
 
-    def evaluate(self, predictions: Any, targets: Any, *, loss: str = "cross_entropy",
-                 weights: Any = None, tag: str | None = None, timeout: float | None = None,
+    def evaluate(self, predictions: Any, targets: Any = None, *, loss: str = "cross_entropy",
+                 weights: Any = None, inputs: Mapping[str, Any] | None = None,
+                 tag: str | None = None, timeout: float | None = None,
                  **options: Any) -> LossResult:
         """As ``LossClient.evaluate``, with the tensors passed through the region.
 
-        Each input is copied once, into the region; the per-sample losses come back through
-        it. Calls on one ``SharedMemory`` are serialised (they share the region).
-        ``timeout`` (default: the client's) bounds the evaluation on the server, which
-        answers DEADLINE_EXCEEDED once it passed.
+        Each input (extra ``inputs`` too) is copied once, into the region; the per-sample
+        losses come back through it. Calls on one ``SharedMemory`` are serialised (they
+        share the region). ``timeout`` (default: the client's) bounds the evaluation on the
+        server, which answers DEADLINE_EXCEEDED once it passed.
         """
-        arrays = [as_array(predictions, field="predictions"), as_array(targets, field="targets")]
-        if weights is not None:
-            arrays.append(as_array(weights, field="weights"))
-        n = arrays[0][0].shape[0] if arrays[0][0].ndim else 0
+        named = {"predictions": predictions, "targets": targets, "weights": weights,
+                 **{f"inputs.{k}": v for k, v in (inputs or {}).items()}}
+        arrays = {field: as_array(value, field=field) for field, value in named.items()
+                  if value is not None}
+        first = arrays["predictions"][0]
+        n = first.shape[0] if first.ndim else 0
         offsets, end = [], 0
-        for arr, _ in arrays:
+        for arr, _ in arrays.values():
             offsets.append(end)
             end = _aligned(end + arr.nbytes)
         out_offset, end = end, end + 4 * n
@@ -210,20 +213,20 @@ class SharedMemory:
         deadline = self._client._timeout(timeout)
         with self._lock:
             buf = self.buffer
-            tensors = []
-            for (arr, dtype), offset in zip(arrays, offsets, strict=True):
-                np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=offset).reshape(
-                    arr.shape)[...] = arr
-                tensors.append(pb.Tensor(dtype=dtype, shape=arr.shape, shared_memory=pb.
-                                         SharedMemoryRef(region=self.name, offset=offset,
-                                                         byte_size=arr.nbytes)))
             request = pb.EvaluateRequest(
-                loss=loss, predictions=tensors[0], targets=tensors[1], tag=tag or "",
-                options=self._client._requests.options(options),
+                loss=loss, tag=tag or "", options=self._client._requests.options(options),
                 per_sample_output=pb.SharedMemoryRef(region=self.name, offset=out_offset,
                                                      byte_size=4 * n))
-            if len(tensors) > 2:
-                request.weights.CopyFrom(tensors[2])
+            for (field, (arr, dtype)), offset in zip(arrays.items(), offsets, strict=True):
+                np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=offset).reshape(
+                    arr.shape)[...] = arr
+                tensor = pb.Tensor(dtype=dtype, shape=arr.shape, shared_memory=pb.
+                                   SharedMemoryRef(region=self.name, offset=offset,
+                                                   byte_size=arr.nbytes))
+                if field.startswith("inputs."):
+                    request.inputs[field.removeprefix("inputs.")].CopyFrom(tensor)
+                else:
+                    getattr(request, field).CopyFrom(tensor)
             action = pb.SharedMemoryRequest(evaluate=request, timeout_seconds=deadline or 0.0)
             reply = self._evaluate(action)
             if reply.error:

@@ -178,21 +178,38 @@ def _tensor_header(dtype: pb.DType, shape: tuple[int, ...]) -> bytes:
     return header
 
 
-def encode_with_tensors(message: Any,
-                        tensors: list[tuple[int, np.ndarray, pb.DType]]) -> bytes:
+def _tensor_message(arr: np.ndarray, dtype: pb.DType) -> tuple[list[Any], int]:
+    """A Tensor message as pieces to join (the array's bytes as a view, not a copy) and its
+    length."""
+    header = _tensor_header(dtype, arr.shape)
+    nbytes = arr.nbytes
+    data_key = _varint(nbytes)
+    length = len(header) + 1 + len(data_key) + nbytes
+    return [header, b"\x1a", data_key, arr.data.cast("B") if nbytes else b""], length
+
+
+def encode_with_tensors(message: Any, tensors: list[tuple[int, np.ndarray, pb.DType]],
+                        entries: Sequence[tuple[int, str, np.ndarray, pb.DType]] = ()
+                        ) -> bytes:
     """``message`` serialised, followed by Tensor fields built from the arrays in place.
 
-    ``tensors``: (field number, contiguous array, wire dtype). Protobuf merges a message's
-    fields wherever they stand, so this parses exactly as if the tensors had been set on the
-    message; the difference is that each array's bytes are copied once, by the final join,
-    instead of by tobytes, the message setter and the serialiser.
+    ``tensors``: (field number, contiguous array, wire dtype). ``entries``: (field number of
+    a ``map<string, Tensor>``, key, contiguous array, wire dtype), one map entry each.
+    Protobuf merges a message's fields wherever they stand, so this parses exactly as if
+    the tensors had been set on the message; the difference is that each array's bytes
+    are copied once, by the final join, instead of by tobytes, the message setter and the
+    serialiser.
     """
     parts: list[Any] = [message.SerializeToString()]
     for number, arr, dtype in tensors:
-        header = _tensor_header(dtype, arr.shape)
-        nbytes = arr.nbytes
-        data_key = _varint(nbytes)
-        length = len(header) + 1 + len(data_key) + nbytes
-        parts += [_varint((number << 3) | 2), _varint(length), header, b"\x1a", data_key,
-                  arr.data.cast("B") if nbytes else b""]
+        pieces, length = _tensor_message(arr, dtype)
+        parts += [_varint((number << 3) | 2), _varint(length), *pieces]
+    for number, key, arr, dtype in entries:
+        raw_key = key.encode()
+        key_field = b"\x0a" + _varint(len(raw_key)) + raw_key  # entry field 1: the key
+        pieces, length = _tensor_message(arr, dtype)
+        value_key = b"\x12" + _varint(length)  # entry field 2: the value
+        entry_length = len(key_field) + len(value_key) + length
+        parts += [_varint((number << 3) | 2), _varint(entry_length), key_field, value_key,
+                  *pieces]
     return b"".join(parts)

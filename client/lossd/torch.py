@@ -68,13 +68,17 @@ class RemoteLoss(torch.nn.Module):
         self.options = options
         self.last_result: LossResult | None = None
 
-    def forward(self, predictions: torch.Tensor, targets: Any,
-                weights: Any = None) -> torch.Tensor:
+    def forward(self, predictions: torch.Tensor, targets: Any = None, weights: Any = None,
+                inputs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The loss of the batch; ``inputs`` are the loss's extra tensors (no gradient
+        flows to them: the server differentiates with respect to the predictions)."""
         wants_grad = predictions.requires_grad and torch.is_grad_enabled()
         result = self.client.evaluate(
-            predictions.detach(), targets, loss=self.loss, weights=weights, tag=self.tag,
-            timeout=self.timeout, gradient=self.reduction if wants_grad else None,
-            **self.options)
+            predictions.detach(), targets, loss=self.loss, weights=weights,
+            inputs=None if inputs is None else {k: v.detach() if isinstance(v, torch.Tensor)
+                                                else v for k, v in inputs.items()},
+            tag=self.tag, timeout=self.timeout,
+            gradient=self.reduction if wants_grad else None, **self.options)
         self.last_result = result
         value = getattr(result, _VALUE[self.reduction])
         if value is None:

@@ -1,8 +1,9 @@
 """Server assembly and lifecycle: ``create_server(settings)``, then ``start()``, ``stop()``.
 
-A server is: the LossService, the standard gRPC health service (NOT_SERVING until the
-device passed a warm-up evaluation, NOT_SERVING again while draining), server reflection,
-and a Prometheus /metrics endpoint on its own port (and address).
+A server is: the loss catalogue (built-ins and plugins), the LossService, the standard gRPC
+health service (NOT_SERVING until the device passed a warm-up evaluation, NOT_SERVING again
+while draining), server reflection, and a Prometheus /metrics endpoint on its own port (and
+address).
 
 Every call passes :class:`gate.Gate`: bearer tokens when configured (health stays open),
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
@@ -31,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lossd.v1 import loss_service_pb2 as pb
-from lossd_server import kserve
+from lossd_server import kserve, plugins
 from lossd_server import metrics as metrics_mod
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
@@ -179,13 +180,24 @@ class LossdServer:
         self.stop(0)
 
 
+def load_plugins(settings: Settings) -> list[plugins.Plugin]:
+    """The plugins of ``settings``: the ``--plugin`` modules, then (unless
+    ``--no-entry-points``) the installed entry points of group ``lossd.losses``. Each is
+    loaded once per process, so every worker process loads its own; raises
+    ``plugins.PluginError`` (naming the plugin and the problem) for one that cannot load."""
+    return plugins.load(settings.plugins, entry_points=settings.entry_points)
+
+
 def create_server(settings: Settings, *, metrics: Metrics | None = None,
                   reuse_port: bool = False) -> LossdServer:
     """Build the server and bind its port (``port=0`` picks a free one, see ``.port``).
 
-    ``reuse_port``: share the port with other processes (SO_REUSEPORT), as the worker
-    processes of ``lossd serve --processes N`` do; otherwise a taken port fails loudly.
+    Loads the plugins first (:func:`load_plugins`), so metrics and the Open Inference
+    Protocol endpoint know every loss. ``reuse_port``: share the port with other processes
+    (SO_REUSEPORT), as the worker processes of ``lossd serve --processes N`` do; otherwise a
+    taken port fails loudly.
     """
+    load_plugins(settings)
     engine = Engine(resolve_device(settings.device))
     if metrics is None:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),

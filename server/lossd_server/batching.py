@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent small requests that can share one device call do.
 
-Requests coalesce when they have the same loss, options, dtypes and trailing shapes (see
-:func:`coalesce_key`); the first to arrive leads: it waits up to ``max_delay`` for others
-to join (only while other calls are in flight, so a lone caller pays nothing), runs one
+Requests coalesce when they have the same loss, options, dtypes and trailing shapes of
+every tensor, extra inputs included (see :func:`coalesce_key`); the first to arrive leads:
+it waits up to ``max_delay`` for others to join (only while other calls are in flight, so
+a lone caller pays nothing), runs one
 ``Engine.evaluate_many`` and hands each caller exactly its own per-sample losses and
 aggregates. Validation happens per caller before joining, so one bad request fails alone.
 """
@@ -42,9 +43,10 @@ def coalesce_key(c: _Checked) -> Hashable | None:
         if isinstance(value, torch.Tensor):
             value = (str(value.dtype), tuple(value.shape), value.contiguous().numpy().tobytes())
         options.append((name, value))
-    return (b.loss, tuple(options), c.nan_policy, b.predictions.dtype, b.targets.dtype,
-            tuple(b.predictions.shape[1:]), tuple(b.targets.shape[1:]), b.weights is not None,
-            b.analyses)
+    targets = None if b.targets is None else (b.targets.dtype, tuple(b.targets.shape[1:]))
+    inputs = tuple(sorted((name, t.dtype, tuple(t.shape[1:])) for name, t in b.inputs.items()))
+    return (b.loss, tuple(options), c.nan_policy, b.predictions.dtype,
+            tuple(b.predictions.shape[1:]), targets, inputs, b.weights is not None, b.analyses)
 
 
 @dataclass

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lossd_server import analysis, validate
+from lossd_server import analysis, limits, validate
+from lossd_server.checks import LossFailed, dtype_str, shape_str
 from lossd_server.losses import Loss
 from lossd_server.reduce import Aggregate, per_sample, reduction
 
 Tensor = torch.Tensor
+log = logging.getLogger("lossd.engine")
 
 
 @dataclass(slots=True)
@@ -31,13 +34,16 @@ class Batch:
 
     loss: str
     predictions: Tensor
-    targets: Tensor
+    targets: Tensor | None
+    """None for a loss that takes no targets."""
     weights: Tensor | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     gradient: str | None = None
     """A reduction (``reduce.REDUCTIONS``) whose gradient w.r.t. predictions is wanted."""
     analyses: analysis.Request = analysis.NONE
     """The analyses wanted besides the aggregates (per class, accuracy, hardest, ...)."""
+    inputs: Mapping[str, Tensor] = field(default_factory=dict)
+    """The loss's extra tensors by name (N first)."""
 
 
 @dataclass(slots=True)
@@ -170,8 +176,9 @@ class Engine:
         """Validate ``batch`` on the host; raises ``validate.RequestError``."""
         spec = validate.loss(batch.loss)
         opts = validate.options(spec, batch.options)
-        class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights, opts,
-                                     allow_zero_weight_sum=allow_zero_weight_sum)
+        class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights,
+                                       opts, batch.inputs,
+                                       allow_zero_weight_sum=allow_zero_weight_sum)
         validate.gradient(batch.gradient, weighted=batch.weights is not None)
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
@@ -203,9 +210,13 @@ class Engine:
         batches = [c.batch for c in checked]
         weights = None if first.batch.weights is None else torch.cat(
             [b.weights for b in batches if b.weights is not None])
+        targets = None if first.batch.targets is None else torch.cat(
+            [b.targets for b in batches if b.targets is not None])
+        inputs = {name: torch.cat([b.inputs[name] for b in batches])
+                  for name in first.batch.inputs}
         merged = Batch(first.batch.loss, torch.cat([b.predictions for b in batches]),
-                       torch.cat([b.targets for b in batches]), weights, first.batch.options,
-                       analyses=first.batch.analyses)
+                       targets, weights, first.batch.options,
+                       analyses=first.batch.analyses, inputs=inputs)
         ranges = [c.class_targets for c in checked if c.class_targets is not None]
         class_targets = (validate.ClassTargets(min(r.lo for r in ranges),
                                                max(r.hi for r in ranges)) if ranges else None)
@@ -230,17 +241,27 @@ class Engine:
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def _run(self, c: _Checked) -> _Computed:
-        batch = c.batch
+        batch, spec = c.batch, c.spec
         dtype = compute_dtype(batch.predictions.dtype)
-        class_index = c.class_targets is not None
         # Predictions keep their wire dtype here: each chunk is upcast on its own.
         pred = self._to_device(batch.predictions)
-        target = self._to_device(batch.targets, torch.int64 if class_index else dtype)
+        target = None
+        if batch.targets is not None:
+            integer = batch.targets.dtype in validate.INDEX_DTYPES
+            target = self._to_device(batch.targets, torch.int64 if integer else dtype)
+        inputs = {name: self._to_device(t, torch.int64 if spec.input_by_name[name].dtype == "int"
+                                        else dtype) for name, t in batch.inputs.items()}
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
         wanted = batch.analyses
-        masked = class_index and (target.dim() > 1 or (
-            c.class_targets is not None and c.class_targets.may_contain(c.options["ignore_index"])))
+        ignore_index = None  # set when some target may be ignore_index: then a mask is needed
+        if c.class_targets is not None:
+            assert target is not None
+            candidate = int(opts.pop("ignore_index") if spec.engine_ignore_index
+                            else opts["ignore_index"])
+            # (N,) targets with no ignore_index need no mask: the loss is per sample.
+            if target.dim() > 1 or c.class_targets.may_contain(candidate):
+                ignore_index = candidate
 
         if batch.gradient:
             pred = pred.to(dtype).detach().requires_grad_(True)
@@ -252,14 +273,18 @@ class Engine:
         with (torch.enable_grad() if batch.gradient
               else torch.inference_mode() if torch.is_grad_enabled()
               else contextlib.nullcontext()):  # serving threads run with grad off
-            pieces = ([slice(None)] if batch.gradient or not c.spec.samplewise
+            pieces = ([slice(None)] if batch.gradient or not spec.samplewise
                       else chunks(pred))
             if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
                 parts = [self._chunk(c, pred if pred.dtype == dtype else pred.to(dtype),
-                                     target, opts, masked, dtype)]
+                                     target, inputs, opts, ignore_index,
+                                     gradient=bool(batch.gradient))]
             else:
-                parts = [self._chunk(c, pred[rows].to(dtype), target[rows], opts, masked,
-                                     dtype) for rows in pieces]
+                parts = [self._chunk(c, pred[rows].to(dtype),
+                                     None if target is None else target[rows],
+                                     {name: t[rows] for name, t in inputs.items()}, opts,
+                                     ignore_index, gradient=bool(batch.gradient))
+                         for rows in pieces]
             chunk = parts[0] if len(parts) == 1 else _Chunk.cat(parts)
             if events is not None:
                 events[1].record()
@@ -276,9 +301,9 @@ class Engine:
                     keep &= ~omitted
                 w = None if batch.weights is None else self._to_device(batch.weights,
                                                                        chunk.losses.dtype)
-                (gradient,) = torch.autograd.grad(
-                    reduction(batch.gradient, chunk.losses, keep, w), pred)
-                gradient = gradient.to(batch.predictions.dtype)
+                gradient = self._gradient(
+                    spec, reduction(batch.gradient, chunk.losses, keep, w), pred
+                ).to(batch.predictions.dtype)
             outputs = chunk.outputs
             extra: list[Tensor | None] = [
                 None if chunk.valid is None or not wanted.classes else chunk.valid,
@@ -302,22 +327,112 @@ class Engine:
         return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
                          device_seconds=device_seconds, gradient=h_gradient, analysis=data)
 
-    def _chunk(self, c: _Checked, pred: Tensor, target: Tensor, opts: dict[str, Any],
-               masked: bool, dtype: torch.dtype) -> _Chunk:
-        """The loss, per-sample values and analyses' inputs of some samples."""
+    def _chunk(self, c: _Checked, pred: Tensor, target: Tensor | None,
+               inputs: Mapping[str, Tensor], opts: dict[str, Any], ignore_index: int | None,
+               *, gradient: bool) -> _Chunk:
+        """The loss, per-sample values and analyses' inputs of some samples.
+
+        ``ignore_index``: None when no target can be ignored (no mask needed). Where the
+        engine applies it itself (``spec.engine_ignore_index``) the loss function sees class
+        0 at ignored positions, and their values are zeroed."""
+        spec = c.spec
         wanted = c.batch.analyses
         class_index = c.class_targets is not None
         finite = (validate.finite_predictions(pred) if c.nan_policy != "propagate"
                   else None)
-        values = c.spec.fn(pred, target, **opts)
-        # (N,) targets with no ignore_index need no mask: the loss is per sample.
-        valid = target != opts["ignore_index"] if masked else None
-        losses, all_ignored = per_sample(values, valid, sum_class_dim=c.spec.sum_class_dim)
+        valid = None
+        if ignore_index is not None:
+            assert target is not None
+            valid = target != ignore_index
+            if spec.engine_ignore_index:
+                target = target.masked_fill(~valid, 0)
+        values = self._call(spec, pred, target, inputs, opts, gradient=gradient, valid=valid)
+        if valid is not None and spec.engine_ignore_index:
+            values = values.masked_fill(~valid, 0)
+        losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
         outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
-                   if wanted.predictions and class_index else None)
-        dense_classes = wanted.per_class and class_index and target.dim() > 1
+                   if wanted.predictions and class_index and target is not None else None)
+        dense_classes = (wanted.per_class and class_index and target is not None
+                         and target.dim() > 1)
+        if dense_classes and target is not None and values.shape != target.shape:
+            raise validate.RequestError(
+                "per_class", f"needs a value per position; {spec.name} returns one per sample "
+                             "for dense targets")
         return _Chunk(losses, all_ignored, valid, finite,
                       values.detach() if dense_classes else None, outputs)
+
+    def _call(self, spec: Loss, pred: Tensor, target: Tensor | None,
+              inputs: Mapping[str, Tensor], opts: Mapping[str, Any], *, gradient: bool,
+              valid: Tensor | None) -> Tensor:
+        """``spec.fn`` on the device tensors, every loss alike (built-in or plugin): an
+        exception or a bad output becomes :class:`LossFailed` naming the loss and the
+        problem, with the traceback in the log; running out of memory stays itself."""
+        args = (pred,) if target is None else (pred, target)
+        arguments = [*args, *inputs.values(), *(v for v in opts.values()
+                                                if isinstance(v, Tensor))]
+        versions = [t._version for t in arguments]
+        try:
+            out = spec.fn(*args, **inputs, **opts)
+        except Exception as exc:
+            if limits.is_out_of_memory(exc):
+                raise
+            log.error("loss function raised", exc_info=True, extra={"loss": spec.name})
+            raise LossFailed(spec.name, f"its function raised {type(exc).__name__} (the "
+                                        "traceback is in the server log)") from exc
+        problem = self._output_problem(out, pred, valid, gradient=gradient,
+                                       exact_positions=spec.engine_ignore_index)
+        if problem is None and [t._version for t in arguments] != versions:
+            problem = ("its function modified its arguments in place (they are views of the "
+                       "request's memory)")
+        if problem is not None:
+            log.error("loss function returned a bad output",
+                      extra={"loss": spec.name, "problem": problem})
+            raise LossFailed(spec.name, problem)
+        assert isinstance(out, Tensor)
+        return out
+
+    def _output_problem(self, out: Any, pred: Tensor, valid: Tensor | None, *,
+                        gradient: bool, exact_positions: bool) -> str | None:
+        """What is wrong with a loss function's output, or None: it must be a tensor of the
+        compute dtype on the device, (N, ...) or (N,), matching the class-index positions
+        when there are some, and differentiable when a gradient is asked for."""
+        n = pred.shape[0]
+        if not isinstance(out, Tensor):
+            return f"its function returned a {type(out).__name__}, not a tensor"
+        if out.dtype != pred.dtype:
+            return (f"its function returned {dtype_str(out.dtype)} values; expected "
+                    f"{dtype_str(pred.dtype)}, the compute dtype of its inputs")
+        device = out.device
+        if device != pred.device:
+            return f"its function returned a tensor on {device}; expected {self.device}"
+        if out.dim() == 0 or out.shape[0] != n:
+            return (f"its function returned shape {shape_str(out.shape)}; expected (N, ...) "
+                    f"with N = {n}, torch's reduction='none' output")
+        if out.numel() == 0:
+            return f"its function returned shape {shape_str(out.shape)}, no values"
+        if valid is not None:
+            shapes = [tuple(valid.shape)] if exact_positions else [tuple(valid.shape), (n,)]
+            if tuple(out.shape) not in shapes:
+                return (f"its function returned shape {shape_str(out.shape)}; expected "
+                        f"{' or '.join(map(shape_str, shapes))}, one value per class-index "
+                        "position of the targets")
+        if gradient and not out.requires_grad:
+            return ("its output does not depend on the predictions through torch autograd, so "
+                    "no gradient can be computed")
+        return None
+
+    @staticmethod
+    def _gradient(spec: Loss, value: Tensor, pred: Tensor) -> Tensor:
+        try:
+            (grad,) = torch.autograd.grad(value, pred)
+        except Exception as exc:
+            if limits.is_out_of_memory(exc):
+                raise
+            log.error("loss gradient failed", exc_info=True, extra={"loss": spec.name})
+            raise LossFailed(spec.name, f"its output could not be differentiated with respect "
+                                        f"to the predictions ({type(exc).__name__}; the "
+                                        "traceback is in the server log)") from exc
+        return grad
 
     def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Copy device results to the host with one synchronisation."""
@@ -350,7 +465,8 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     """What the analyses read of a computed batch (weights left for ``_evaluation``)."""
     valid, elementwise, *outputs = extra
     class_index = c.class_targets is not None
-    targets = c.batch.targets.numpy() if class_index else None
+    targets = (c.batch.targets.numpy() if class_index and c.batch.targets is not None
+               else None)
     n_classes = int(c.batch.predictions.shape[1]) if class_index else 0
     predicted = confidence = hit = None
     top_k_hits: tuple[np.ndarray, ...] = ()

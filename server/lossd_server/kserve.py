@@ -6,12 +6,14 @@ name, version ``"1"``, platform ``"lossd"``.
 
 ModelInfer, per model (loss):
 
-* inputs ``PREDICTIONS`` and ``TARGETS``, optional ``WEIGHTS`` (N,), and one optional input
-  per tensor-valued loss option, named after it in capitals (``CLASS_WEIGHTS``,
-  ``POS_WEIGHT``). Datatypes ``FP32``, ``FP16``, ``BF16``, ``FP64``, ``INT64``, ``INT32``,
-  as the native API accepts them. Data comes as ``raw_input_contents`` (one entry per input,
-  in input order) or as typed ``contents`` (``fp32_contents``, ``fp64_contents``,
-  ``int64_contents``, ``int_contents``; FP16 and BF16 only raw).
+* inputs ``PREDICTIONS`` and ``TARGETS`` (none for a loss without targets), optional
+  ``WEIGHTS`` (N,), the loss's extra inputs named in capitals (``VAR``, ``INPUT2``,
+  ``INPUT_LENGTHS``...), and one optional input per tensor-valued loss option, named
+  after it in capitals (``CLASS_WEIGHTS``, ``POS_WEIGHT``). Datatypes ``FP32``, ``FP16``,
+  ``BF16``, ``FP64``, ``INT64``, ``INT32``, as the native API accepts them. Data comes as
+  ``raw_input_contents`` (one entry per input, in input order) or as typed ``contents``
+  (``fp32_contents``, ``fp64_contents``, ``int64_contents``, ``int_contents``; FP16 and
+  BF16 only raw).
 * request ``parameters`` are the loss's scalar options by their native names
   (``label_smoothing``, ``ignore_index``, ``nan_policy``, ...): bool, int64, double or
   string values, checked exactly as the native API checks options. Any other parameter,
@@ -34,7 +36,8 @@ ModelInfer, per model (loss):
 
 Errors are the native API's: a bad request is INVALID_ARGUMENT with a message that starts
 with the field at fault, named as here (``PREDICTIONS``, ``TARGETS``, ``WEIGHTS``,
-``CLASS_WEIGHTS``, ``parameters.<name>``, ``raw_input_contents[<i>]``, ``outputs.<name>``);
+``CLASS_WEIGHTS``, ``VAR``, ``parameters.<name>``, ``raw_input_contents[<i>]``,
+``outputs.<name>``);
 an unknown model or version is NOT_FOUND.
 """
 
@@ -203,12 +206,19 @@ def tensor_inputs(spec: Loss) -> dict[str, str]:
     return {o.name.upper(): o.name for o in all_options(spec) if o.type is OptionType.TENSOR}
 
 
+def extra_inputs(spec: Loss) -> dict[str, str]:
+    """Input name -> the loss's extra input (``VAR`` -> ``var``, ``INPUT_LENGTHS``...)."""
+    return {i.name.upper(): i.name for i in spec.inputs}
+
+
 def input_names(spec: Loss) -> list[str]:
-    return [PREDICTIONS, TARGETS, WEIGHTS, *tensor_inputs(spec)]
+    targets = [TARGETS] if spec.takes_targets else []
+    return [PREDICTIONS, *targets, WEIGHTS, *extra_inputs(spec), *tensor_inputs(spec)]
 
 
 def _field(spec: Loss, field: str) -> str:
-    """A native field name (``predictions``, ``options.label_smoothing``) as named here."""
+    """A native field name (``predictions``, ``options.label_smoothing``, ``inputs.var``) as
+    named here."""
     head, _, rest = field.partition(".")
     native = {"predictions": PREDICTIONS, "targets": TARGETS, "weights": WEIGHTS}
     if head in native:
@@ -218,6 +228,9 @@ def _field(spec: Loss, field: str) -> str:
         return tensors.get(rest, f"parameters.{rest}")
     if head in ANALYSIS_PARAMETERS:
         return f"parameters.{field}"
+    if head == "inputs" and rest:
+        name, _, sub = rest.partition(".")
+        return name.upper() + (f".{sub}" if sub else "")
     return field
 
 
@@ -308,7 +321,7 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
         if t.name in tensors:
             raise RequestError(t.name, "given twice")
         tensors[t.name] = decode_input(t, raws[i] if raws else None, i)
-    for name in (PREDICTIONS, TARGETS):
+    for name in (PREDICTIONS, TARGETS) if spec.takes_targets else (PREDICTIONS,):
         if name not in tensors:
             raise RequestError(name, f"missing input; model {spec.name} takes "
                                      f"{', '.join(accepted)}")
@@ -344,8 +357,10 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
                                 accuracy=bool(asked.get("accuracy")),
                                 top_k=asked.get("top_k", ()),
                                 diagnostics=bool(asked.get("diagnostics")))
-    return Batch(loss=spec.name, predictions=tensors[PREDICTIONS], targets=tensors[TARGETS],
-                 weights=tensors.get(WEIGHTS), options=options, analyses=analyses)
+    return Batch(loss=spec.name, predictions=tensors[PREDICTIONS], targets=tensors.get(TARGETS),
+                 weights=tensors.get(WEIGHTS), options=options, analyses=analyses,
+                 inputs={name: tensors[key] for key, name in extra_inputs(spec).items()
+                         if key in tensors})
 
 
 def _analysis_parameter(name: str, value: Any) -> Any:
@@ -422,15 +437,24 @@ def model_metadata(spec: Loss) -> pb.ModelMetadataResponse:
     The protocol has one datatype and one rank per tensor: PREDICTIONS is listed as FP32
     (FP16, BF16, FP64 are accepted too), class-index TARGETS as INT64 (INT32 too; for
     cross_entropy also float probabilities shaped as PREDICTIONS), float TARGETS as
-    PREDICTIONS; trailing dimensions d1, ... beyond the listed shape are accepted.
+    PREDICTIONS, extra inputs as FP32 or INT64; trailing dimensions d1, ... beyond the listed
+    shape are accepted.
     """
     pred_shape = [-1] * spec.min_prediction_dims
-    if spec.targets is Targets.SAME_SHAPE:
-        targets = _metadata(TARGETS, "FP32", pred_shape)
+    kind = spec.targets
+    if kind is Targets.SAME_SHAPE or kind is Targets.CLASS_SETS:
+        targets = [_metadata(TARGETS, "INT64" if kind.integer else "FP32", pred_shape)]
+    elif kind is Targets.LABEL_SEQUENCES:
+        targets = [_metadata(TARGETS, "INT64", [-1, -1])]
+    elif kind is Targets.NONE:
+        targets = []
     else:
-        targets = _metadata(TARGETS, "INT64", [-1])
-    inputs = [_metadata(PREDICTIONS, "FP32", pred_shape), targets,
-              _metadata(WEIGHTS, "FP32", [-1]),
+        targets = [_metadata(TARGETS, "INT64" if kind.integer else "FP32", [-1])]
+    extra = [_metadata(key, "INT64" if spec.input_by_name[name].dtype == "int" else "FP32",
+                       pred_shape if spec.input_by_name[name].shape == "predictions" else [-1])
+             for key, name in extra_inputs(spec).items()]
+    inputs = [_metadata(PREDICTIONS, "FP32", pred_shape), *targets,
+              _metadata(WEIGHTS, "FP32", [-1]), *extra,
               *(_metadata(name, "FP32", [-1]) for name in tensor_inputs(spec))]
     listed = (*OUTPUTS, *ANALYSIS_OUTPUTS) if spec.targets is not Targets.SAME_SHAPE \
         else OUTPUTS

@@ -2,7 +2,8 @@
 
 Per-sample rule: the loss of sample i is torch's elementwise loss (``reduction='none'``)
 averaged over sample i's valid positions (all positions but those whose target equals
-``ignore_index``); for ``kl_div`` the class dimension is summed first. A sample with no
+``ignore_index``); for ``kl_div`` the class dimension is summed first; a loss whose
+``reduction='none'`` output is already one value per sample (N,) keeps it. A sample with no
 valid position gets 0.0 (torch's value at ignored positions) and is left out of the
 aggregates, counted in ``ignored``.
 
@@ -41,7 +42,12 @@ def per_sample(values: Tensor, valid: Tensor | None, *, sum_class_dim: bool = Fa
     if values.dim() == 1:
         if valid is None:
             return values, None
-        return values, ~valid
+        if valid.dim() == 1:
+            return values, ~valid
+        # One value per sample for dense targets (a loss that reduces its positions itself):
+        # a sample with no valid position still has no loss.
+        all_ignored = ~valid.reshape(n, -1).any(dim=1)
+        return values.masked_fill(all_ignored, 0.0), all_ignored
     flat = values.reshape(n, -1)
     if valid is None:
         return flat.mean(dim=1), None
@@ -139,8 +145,10 @@ class Aggregate:
         if weights is not None:
             kept = kept.astype(np.float64, copy=False)
             w = weights[keep].astype(np.float64)
-            # float32 x float32 products are exact in float64.
-            agg.weighted_parts = exact_parts((w * kept).tolist())
+            # float32 x float32 products are exact in float64; a weight of 0 on an infinite
+            # loss is NaN, as IEEE says, without a warning per request.
+            with np.errstate(invalid="ignore"):
+                agg.weighted_parts = exact_parts((w * kept).tolist())
             agg.weight_parts = exact_parts(w.tolist())
         return agg
 

@@ -683,9 +683,10 @@ def _worker() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         _prepare_process(settings, 1)
-        from lossd_server.app import create_server
+        from lossd_server.app import create_server, load_plugins
         from lossd_server.metrics import Metrics, SharedTags, TagPolicy, parse_buckets
 
+        load_plugins(settings)  # before the metrics, so plugin losses start at zero too
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
                           tags=TagPolicy(allow=settings.tags.split(","),
                                          max_tags=settings.max_tags,

@@ -17,6 +17,7 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits, losses, validate, wire
 from lossd_server.analysis import Analysis
 from lossd_server.batching import Batcher, BatchingSettings
+from lossd_server.checks import LossFailed
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
 from lossd_server.metrics import CallRecord, Metrics
@@ -32,6 +33,8 @@ _INDEX_PROTOS = [wire._PROTO_BY_TORCH[d] for d in INDEX_DTYPES]
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, LossFailed):  # logged with its traceback where it happened
+        context.abort(exc.code, str(exc))
     if isinstance(exc, RequestError):
         log.info("rejected: %s", exc)
         context.abort(exc.code, str(exc))
@@ -87,15 +90,14 @@ def decode_request(req: pb.EvaluateRequest,
     tensor's bytes are looked at.
 
     Tensors in shared memory can be rewritten by the caller at any moment, so every one
-    whose values validation relies on (targets, weights) is copied out of the region
+    whose values validation relies on (targets, weights, extra inputs such as lengths) is
+    copied out of the region
     here, before validation; predictions are viewed in place (zero copy: no value of a
     float tensor can make a kernel misbehave), except with ``pin_memory`` (CUDA), where
     they are copied once into pinned memory for the device copy, as the engine would.
     """
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
-    if not req.HasField("targets"):
-        raise RequestError("targets", "missing")
     view = _shared_memory(req, shared_memory)
     if req.HasField("per_sample_output") and view is None:
         raise RequestError("per_sample_output", "needs shared_memory_session")
@@ -104,12 +106,15 @@ def decode_request(req: pb.EvaluateRequest,
         loss=req.loss,
         predictions=wire.decode_tensor(req.predictions, "predictions", view, claim,
                                        private=pin_memory, pin_memory=pin_memory),
-        targets=wire.decode_tensor(req.targets, "targets", view, claim, private=True),
+        targets=(wire.decode_tensor(req.targets, "targets", view, claim, private=True)
+                 if req.HasField("targets") else None),
         weights=(wire.decode_tensor(req.weights, "weights", view, claim, private=True)
                  if req.HasField("weights") else None),
         options=wire.decode_options(req.options, claim),
         gradient=wire.decode_reduction(req.gradient),
         analyses=wire.decode_analyses(req),
+        inputs={name: wire.decode_tensor(t, f"inputs.{name}", view, claim, private=True)
+                for name, t in req.inputs.items()},
     )
 
 
@@ -480,18 +485,23 @@ def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
 
 
 def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:
+    """Every loss of this process (built-ins, then plugins) as ListLosses describes it."""
     resp = pb.ListLossesResponse(max_message_bytes=max_message_bytes)
-    for spec in losses.CATALOGUE:
-        index = spec.targets is not losses.Targets.SAME_SHAPE
-        float_targets = spec.targets is not losses.Targets.CLASS_INDEX
+    for spec in losses.LOSSES.values():
+        kind = spec.targets
         resp.losses.append(pb.LossSpec(
             name=spec.name, description=spec.description,
             options=[pb.OptionSpec(name=o.name, type=o.type.value,
                                    default=losses.render_default(o.default),
                                    description=o.description, choices=o.choices)
                      for o in losses.all_options(spec)],
-            prediction_shapes=spec.prediction_shapes, target_shapes=spec.target_shapes,
+            prediction_shapes=spec.prediction_shapes,
+            target_shapes=spec.target_shapes if spec.takes_targets else [],
             prediction_dtypes=_FLOAT_PROTOS,
-            target_dtypes=(_INDEX_PROTOS if index else []) + (_FLOAT_PROTOS if float_targets
-                                                                else [])))
+            target_dtypes=(_INDEX_PROTOS if kind.integer else []) + (_FLOAT_PROTOS if
+                                                                     kind.floating else []),
+            inputs=[pb.InputSpec(name=i.name, description=i.description, shapes=i.shapes,
+                                 dtypes=_INDEX_PROTOS if i.dtype == "int" else _FLOAT_PROTOS,
+                                 optional=i.optional) for i in spec.inputs],
+            targets=kind.value, source=spec.source))
     return resp

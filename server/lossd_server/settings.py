@@ -1,7 +1,8 @@
 """Typed server settings from flags and ``LOSSD_*`` environment variables.
 
-Each setting is one field below: its flag is ``--name-with-dashes``, its variable
-``LOSSD_NAME``; a flag beats the variable, the variable beats the default.
+Each setting is one field below: its flag is ``--name-with-dashes`` (or the ``flag`` it
+names), its variable ``LOSSD_NAME``; a flag beats the variable, the variable beats the
+default. A tuple setting is a repeatable flag and a comma-separated variable.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
-             secret: bool = False) -> Any:
+             secret: bool = False, flag: str | None = None, metavar: str | None = None
+             ) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices,
-                                            "secret": secret})
+                                            "secret": secret, "flag": flag,
+                                            "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,14 @@ class Settings:
                                                     "accepted from clients (lossd clients ping "
                                                     "every 30 s); faster pingers are "
                                                     "disconnected")
+    # Plugins (README, "Plugins").
+    plugins: tuple[str, ...] = _setting((), "a module (or module:function) whose import "
+                                            "registers losses with lossd_server.plugins."
+                                            "register; repeatable (the variable: comma-"
+                                            "separated); a plugin that fails to load stops "
+                                            "the server", flag="--plugin", metavar="MODULE")
+    entry_points: bool = _setting(True, "load the plugins installed packages declare in "
+                                        "entry-point group lossd.losses")
     max_connection_age_seconds: float = _setting(300.0, "connections are closed (GOAWAY, "
                                                         "in-flight calls finish) after about "
                                                         "this long, so clients re-resolve DNS "
@@ -197,8 +208,13 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[self.env_name(f.name)] = (("true" if value else "false")
-                                          if isinstance(value, bool) else str(value))
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):  # read back comma-separated
+                text = ",".join(value)
+            else:
+                text = str(value)
+            out[self.env_name(f.name)] = text
         return out
 
     @classmethod
@@ -220,6 +236,8 @@ class Settings:
 
 def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
     kind: Any = type(f.default)
+    if kind is tuple:
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     try:
         if kind is bool:
             low = raw.strip().lower()
@@ -239,10 +257,13 @@ def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; defaults shown are the environment-resolved ones."""
     for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         env = Settings.env_name(f.name)
         help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
-        if isinstance(f.default, bool):
+        if isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, action="append", default=None,
+                                metavar=f.metadata.get("metavar"), help=help_text)
+        elif isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         else:
@@ -251,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
-             if getattr(args, f.name, None) is not None}
+    given = {f.name: (tuple(value) if isinstance(f.default, tuple) else value)
+             for f in dataclasses.fields(Settings)
+             if (value := getattr(args, f.name, None)) is not None}
     return Settings.from_env(env, **given)

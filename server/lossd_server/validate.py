@@ -2,47 +2,41 @@
 
 Each failure raises :class:`RequestError` naming the field and the problem; the servicer
 turns it into INVALID_ARGUMENT (or the status it carries). Nothing here touches a device:
-class indices are range-checked on the host, because an out-of-range index on a GPU
-raises a device-side assert that poisons the CUDA context for every later request.
+class indices, labels and lengths are range-checked on the host, because an out-of-range
+index on a GPU raises a device-side assert that poisons the CUDA context for every later
+request. The generic checks come from the loss's declaration (its targets, options and
+extra inputs); a loss's own ``check`` runs last.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import torch
 
 from lossd_server import analysis
+from lossd_server.checks import (
+    RequestError,
+    dtype_str,
+    first_value,
+    sample_offset,
+    shape_str,
+)
+from lossd_server.checks import first as _first
+from lossd_server.checks import sample as _sample
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
 from lossd_server.reduce import REDUCTIONS
+
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "RequestError", "batch", "dtype_str",
+           "finite_predictions", "gradient", "loss", "no_nonfinite", "options",
+           "sample_offset", "shape_str"]
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-class RequestError(Exception):
-    """A bad request: ``field`` names what is wrong, ``problem`` says how."""
-
-    def __init__(self, field: str, problem: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-        self.code = code
-
-
-def shape_str(shape: tuple[int, ...] | torch.Size) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-def dtype_str(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def loss(name: str) -> Loss:
@@ -115,57 +109,70 @@ def _float_tensor(field: str, t: Tensor) -> None:
                                   "use float32, float16, bfloat16 or float64")
 
 
-sample_offset: contextvars.ContextVar[int] = contextvars.ContextVar("sample_offset", default=0)
-"""Added to sample numbers in messages: a chunk of a split batch reports batch positions."""
-
-
-def _first(mask: Tensor) -> int:
-    """Index of the first sample (dim 0) where ``mask`` holds anywhere."""
-    rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() > 1 else mask
-    return int(rows.nonzero()[0, 0])
-
-
-def _sample(i: int) -> int:
-    """Sample ``i`` of this message, numbered within its whole batch."""
-    return i + sample_offset.get()
-
-
-def batch(spec: Loss, predictions: Tensor, targets: Tensor, weights: Tensor | None,
-          opts: Mapping[str, Any], *, allow_zero_weight_sum: bool = False
-          ) -> ClassTargets | None:
-    """Check shapes, dtypes and values; for class-index targets, return their range."""
+def batch(spec: Loss, predictions: Tensor, targets: Tensor | None, weights: Tensor | None,
+          opts: Mapping[str, Any], inputs: Mapping[str, Tensor] | None = None, *,
+          allow_zero_weight_sum: bool = False) -> ClassTargets | None:
+    """Check shapes, dtypes and values; for class-index targets (one per position, with
+    ``ignore_index``), return their range."""
     _float_tensor("predictions", predictions)
-    if predictions.dim() < spec.min_prediction_dims:
+    dims = predictions.dim()
+    if dims < spec.min_prediction_dims or (spec.max_prediction_dims is not None
+                                           and dims > spec.max_prediction_dims):
         raise RequestError("predictions",
-                           f"shape {shape_str(predictions.shape)} has {predictions.dim()} dims; "
+                           f"shape {shape_str(predictions.shape)} has {dims} dims; "
                            f"{spec.name} takes {' or '.join(spec.prediction_shapes)}")
     if predictions.shape[0] == 0:
         raise RequestError("predictions", "empty batch (N = 0)")
     if predictions.numel() == 0:
         raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no elements")
 
-    class_index = targets.dtype in INDEX_DTYPES
-    if class_index and spec.targets is Targets.SAME_SHAPE:
-        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
-                                      f"{spec.name}; send float values")
-    if not class_index and spec.targets is Targets.CLASS_INDEX:
-        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
-                                      f"{spec.name}; send int64 or int32 class indices")
-    found = None
-    if class_index:
-        found = _class_targets(spec, predictions, targets, opts)
-    else:
-        _float_tensor("targets", targets)
-        if targets.shape != predictions.shape:
-            raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
-                                          f"predictions {shape_str(predictions.shape)}")
-        if spec.targets is Targets.CLASS_INDEX_OR_PROBS and opts.get("ignore_index", -100) != -100:
-            raise RequestError("options.ignore_index", "not supported with probability targets")
-
+    found = _targets(spec, predictions, targets, opts)
+    _inputs(spec, predictions, inputs or {})
     _tensor_options(spec, predictions, opts)
     if weights is not None:
         _weights(predictions.shape[0], weights, allow_zero_sum=allow_zero_weight_sum)
+    if spec.check is not None:
+        spec.check(predictions, targets, inputs or {}, opts)
     return found
+
+
+def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
+             opts: Mapping[str, Any]) -> ClassTargets | None:
+    kind = spec.targets
+    if kind is Targets.NONE:
+        if targets is not None:
+            raise RequestError("targets", f"{spec.name} takes no targets; leave them out")
+        return None
+    if targets is None:
+        raise RequestError("targets", f"missing; {spec.name} takes "
+                                      f"{' or '.join(spec.target_shapes)}")
+    integer = targets.dtype in INDEX_DTYPES
+    if integer and not kind.integer:
+        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
+                                      f"{spec.name}; send float values")
+    if not integer and not kind.floating:
+        what = "class indices" if spec.class_targets else "labels"
+        raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
+                                      f"{spec.name}; send int64 or int32 {what}")
+    if integer:
+        if kind is Targets.CLASS_SETS:
+            _class_sets(predictions, targets)
+            return None
+        if kind is Targets.LABEL_SEQUENCES:
+            _label_sequences(predictions, targets)
+            return None
+        return _class_targets(spec, predictions, targets, opts)
+    _float_tensor("targets", targets)
+    want = (predictions.shape[0],) if kind is Targets.SAMPLE_VALUES else tuple(
+        predictions.shape)
+    if tuple(targets.shape) != want:
+        per_sample = (f"; one value per sample, {shape_str(want)}"
+                      if kind is Targets.SAMPLE_VALUES else "")
+        raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
+                                      f"predictions {shape_str(predictions.shape)}{per_sample}")
+    if kind is Targets.CLASS_INDEX_OR_PROBS and opts.get("ignore_index", -100) != -100:
+        raise RequestError("options.ignore_index", "not supported with probability targets")
+    return None
 
 
 def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
@@ -209,22 +216,69 @@ def index_range(targets: Tensor) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def _class_sets(predictions: Tensor, targets: Tensor) -> None:
+    """multilabel_margin_loss: class indices shaped as the predictions (N, C), each row a
+    list of classes ended by the first -1; every entry must lie in [-1, C)."""
+    if targets.shape != predictions.shape:
+        raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
+                                      f"predictions {shape_str(predictions.shape)}; class "
+                                      "lists are shaped as the predictions")
+    n_classes = predictions.shape[-1]
+    bad = (targets < -1) | (targets >= n_classes)
+    if bool(bad.any()):
+        i, value = first_value(targets, bad)
+        raise RequestError("targets", f"class index {value} out of range [-1, {n_classes}) "
+                                      f"at sample {i} (-1 ends a sample's list)")
+
+
+def _label_sequences(predictions: Tensor, targets: Tensor) -> None:
+    n = predictions.shape[0]
+    if targets.dim() != 2 or targets.shape[0] != n:
+        raise RequestError("targets", f"shape {shape_str(targets.shape)}; expected (N, S) "
+                                      f"label sequences with N = {n}, padded to the longest "
+                                      "(S)")
+
+
+def _inputs(spec: Loss, predictions: Tensor, inputs: Mapping[str, Tensor]) -> None:
+    """Each extra input: known, present unless optional, of its dtype, with N first."""
+    for name in inputs:
+        if name not in spec.input_by_name:
+            accepted = ", ".join(spec.input_by_name) or "none"
+            raise RequestError(f"inputs.{name}", f"unknown input for {spec.name}; accepted: "
+                                                 f"{accepted}")
+    n = predictions.shape[0]
+    for declared in spec.inputs:
+        field = f"inputs.{declared.name}"
+        t = inputs.get(declared.name)
+        if t is None:
+            if declared.optional:
+                continue
+            raise RequestError(field, f"missing; {spec.name} takes {declared.name}: "
+                                      f"{declared.description or ' or '.join(declared.shapes)}")
+        if declared.dtype == "int":
+            if t.dtype not in INDEX_DTYPES:
+                raise RequestError(field, f"dtype {dtype_str(t.dtype)} not accepted; send "
+                                          "int64 or int32")
+        else:
+            _float_tensor(field, t)
+        if declared.shape == "predictions" and t.shape != predictions.shape:
+            raise RequestError(field, f"shape {shape_str(t.shape)} does not match predictions "
+                                      f"{shape_str(predictions.shape)}")
+        if declared.shape == "sample" and tuple(t.shape) != (n,):
+            raise RequestError(field, f"shape {shape_str(t.shape)}; expected ({n},), one per "
+                                      "sample")
+        if t.dim() == 0 or t.shape[0] != n:
+            raise RequestError(field, f"shape {shape_str(t.shape)}; the batch dimension "
+                                      f"N = {n} comes first, as in the predictions")
+
+
 def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:
-    cw = opts.get("class_weights")
-    if cw is not None:
-        dim = 1 if spec.targets is not Targets.SAME_SHAPE else predictions.dim() - 1
-        n = predictions.shape[dim]
-        if tuple(cw.shape) != (n,):
-            raise RequestError("options.class_weights",
-                               f"shape {shape_str(cw.shape)}; expected ({n},), one weight per "
-                               f"class (predictions dim {dim})")
-    pw = opts.get("pos_weight")
-    if pw is not None:
-        n = predictions.shape[-1]
-        if tuple(pw.shape) not in ((n,), (1,)):
-            raise RequestError("options.pos_weight",
-                               f"shape {shape_str(pw.shape)}; expected ({n},), one per class "
-                               "(the last dim of predictions)")
+    for o in all_options(spec):
+        value = opts.get(o.name)
+        if o.fits is not None and isinstance(value, Tensor):
+            problem = o.fits(value, predictions)
+            if problem is not None:
+                raise RequestError(f"options.{o.name}", problem)
 
 
 def _weights(n: int, w: Tensor, *, allow_zero_sum: bool) -> None:
@@ -266,15 +320,19 @@ def no_nonfinite(finite: Tensor) -> None:
                                           f"{_sample(_first(~finite))} (nan_policy='raise')")
 
 
-def analyses(a: analysis.Request, spec: Loss, predictions: Tensor, targets: Tensor, *,
+def analyses(a: analysis.Request, spec: Loss, predictions: Tensor, targets: Tensor | None, *,
              class_index: bool) -> None:
     """The analyses asked for suit the loss and the batch, and stay within their bounds."""
     if a.classes and not class_index:
         name = next(n for n, on in (("per_class", a.per_class), ("accuracy", a.accuracy),
                                     ("top_k", bool(a.top_k)), ("diagnostics", a.diagnostics))
                     if on)
-        got = ("takes values, not class indices" if spec.targets is Targets.SAME_SHAPE
-               else f"got {dtype_str(targets.dtype)} targets (probabilities)")
+        if spec.targets is Targets.SAME_SHAPE:
+            got = "takes values, not class indices"
+        elif spec.class_targets and targets is not None:
+            got = f"got {dtype_str(targets.dtype)} targets (probabilities)"
+        else:  # ctc's label sequences, multilabel_margin's class lists, no targets, ...
+            got = f"takes {spec.targets.description}, not class indices per position"
         raise RequestError(name, f"needs class-index targets; {spec.name} {got}")
     if a.top_k:
         n_classes = predictions.shape[1]

@@ -233,6 +233,8 @@ _TENSOR_FIELDS = {2: "predictions", 3: "targets", 4: "weights"}
 _MAX_DEPTH = 100  # upb's default limit of nested messages and groups
 _MASK64 = (1 << 64) - 1
 _START_GROUP, _END_GROUP = 3, 4
+_INPUTS_FIELD = 11  # map<string, Tensor> inputs: each entry a message {1: key, 2: value}
+INPUT_PREFIX = "inputs."
 
 
 class MalformedMessage(RequestError):
@@ -356,9 +358,31 @@ class TensorView:
             # Anything else, a known field with another wire type included, is unknown.
 
 
+def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView] | None:
+    """One entry of the ``inputs`` map (a message {1: key, 2: Tensor value}), or None for an
+    entry protobuf leaves out of the map: one holding any other field, or a field of the
+    wrong wire type (protobuf keeps such an entry as an unknown field). As in protobuf, the
+    last key and the merge of every value occurrence count."""
+    key = ""
+    value = TensorView()
+    clean = True
+    for number, wire_type, _, value_start, value_end in _fields(buf, start, end, 1):
+        if number == 1 and wire_type == 2:
+            try:
+                key = str(buf[value_start:value_end], "utf-8")
+            except UnicodeDecodeError:
+                raise MalformedMessage("inputs: a key is not valid UTF-8") from None
+        elif number == 2 and wire_type == 2:
+            value.merge(buf, value_start, value_end, 2)
+        else:
+            clean = False
+    return (key, value) if clean else None
+
+
 def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
     """The request's small fields (parsed by protobuf; tensor fields left empty) and its
-    tensors as zero-copy views."""
+    tensors as zero-copy views: predictions, targets, weights, and each of the ``inputs``
+    map as ``inputs.<name>``."""
     buf = memoryview(raw)
     tensors: dict[str, TensorView] = {}
     rest: list[memoryview] = []
@@ -366,6 +390,10 @@ def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, Te
         if number in _TENSOR_FIELDS and wire_type == 2:
             tensors.setdefault(_TENSOR_FIELDS[number], TensorView()).merge(
                 buf, value_start, value_end)
+        elif number == _INPUTS_FIELD and wire_type == 2:
+            entry = _input_entry(buf, value_start, value_end)
+            if entry is not None:
+                tensors[INPUT_PREFIX + entry[0]] = entry[1]  # a later entry replaces
         else:  # (a tensor field of another wire type is an unknown field to protobuf too)
             rest.append(buf[field_start:value_end])
     try:
@@ -394,8 +422,9 @@ def parse_request(raw: bytes) -> pb.EvaluateRequest | ParsedRequest:
 class ParsedRequest:
     """An EvaluateRequest parsed from its raw bytes without copying its tensors.
 
-    Reads like the message: tensor fields are :class:`TensorView`s, every other field comes
-    from the protobuf-parsed remainder, and ``ByteSize()`` is the received size.
+    Reads like the message: tensor fields and the ``inputs`` map's values are
+    :class:`TensorView`s, every other field comes from the protobuf-parsed remainder, and
+    ``ByteSize()`` is the received size.
     """
 
     _TENSORS = frozenset(_TENSOR_FIELDS.values())
@@ -403,6 +432,8 @@ class ParsedRequest:
     def __init__(self, raw: bytes) -> None:
         self.message, self.tensors = parse_evaluate_request(raw)
         self.size = len(raw)
+        self.inputs = {name.removeprefix(INPUT_PREFIX): view
+                       for name, view in self.tensors.items() if name.startswith(INPUT_PREFIX)}
 
     def __getattr__(self, name: str) -> Any:
         if name in ParsedRequest._TENSORS:

@@ -74,7 +74,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "inputs", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,13 @@ class EvaluateRequest(_message.Message):
         key: str
         value: OptionValue
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[OptionValue, _Mapping]] = ...) -> None: ...
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +99,7 @@ class EvaluateRequest(_message.Message):
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     PER_SAMPLE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -108,13 +116,14 @@ class EvaluateRequest(_message.Message):
     shared_memory_session: str
     per_sample_output: SharedMemoryRef
     more: bool
+    inputs: _containers.MessageMap[str, Tensor]
     per_class: bool
     accuracy: bool
     top_k: _containers.RepeatedScalarFieldContainer[int]
     diagnostics: bool
     hardest: int
     quantiles: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -335,7 +344,7 @@ class OptionSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., description: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LossSpec(_message.Message):
-    __slots__ = ("name", "description", "options", "prediction_shapes", "target_shapes", "prediction_dtypes", "target_dtypes")
+    __slots__ = ("name", "description", "options", "prediction_shapes", "target_shapes", "prediction_dtypes", "target_dtypes", "inputs", "targets", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +352,9 @@ class LossSpec(_message.Message):
     TARGET_SHAPES_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_DTYPES_FIELD_NUMBER: _ClassVar[int]
     TARGET_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     options: _containers.RepeatedCompositeFieldContainer[OptionSpec]
@@ -350,7 +362,24 @@ class LossSpec(_message.Message):
     target_shapes: _containers.RepeatedScalarFieldContainer[str]
     prediction_dtypes: _containers.RepeatedScalarFieldContainer[DType]
     target_dtypes: _containers.RepeatedScalarFieldContainer[DType]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., options: _Optional[_Iterable[_Union[OptionSpec, _Mapping]]] = ..., prediction_shapes: _Optional[_Iterable[str]] = ..., target_shapes: _Optional[_Iterable[str]] = ..., prediction_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[InputSpec]
+    targets: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., options: _Optional[_Iterable[_Union[OptionSpec, _Mapping]]] = ..., prediction_shapes: _Optional[_Iterable[str]] = ..., target_shapes: _Optional[_Iterable[str]] = ..., prediction_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., target_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., targets: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class InputSpec(_message.Message):
+    __slots__ = ("name", "description", "shapes", "dtypes", "optional")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    shapes: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    optional: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., shapes: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., optional: _Optional[bool] = ...) -> None: ...
 
 class ListLossesResponse(_message.Message):
     __slots__ = ("losses", "max_message_bytes")
