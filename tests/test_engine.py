@@ -25,9 +25,11 @@ def _batch(case: Case, analyses: analysis.Request = analysis.NONE, repeat: int =
 
     opts: dict[str, Any] = {k: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list)
                                 else v) for k, v in case.opts.items()}
-    x, t = more(case.x), more(case.t)
-    assert x is not None and t is not None
-    return Batch(case.loss, x, t, more(case.w), opts, analyses=analyses)
+    x = more(case.x)
+    assert x is not None
+    inputs = {name: t for name, v in case.inputs.items() if (t := more(v)) is not None}
+    return Batch(case.loss, x, more(case.t), more(case.w), opts, analyses=analyses,
+                 inputs=inputs)
 
 
 def _same(a: Evaluation, b: Evaluation) -> None:

@@ -635,12 +635,18 @@ def test_kserve_decoding_means_what_the_protocol_says(seed: int) -> None:
     event("decoded")
     expected = reference_inputs(req)
     assert isinstance(expected, dict), f"kserve decoded what the protocol refuses: {expected}"
-    tensors = {kserve.PREDICTIONS: batch.predictions, kserve.TARGETS: batch.targets}
+    spec = kserve.LOSSES[batch.loss]
+    tensors = {kserve.PREDICTIONS: batch.predictions}
+    if batch.targets is not None:
+        tensors[kserve.TARGETS] = batch.targets
     if batch.weights is not None:
         tensors[kserve.WEIGHTS] = batch.weights
-    for input_name, option in kserve.tensor_inputs(kserve.LOSSES[batch.loss]).items():
+    for input_name, option in kserve.tensor_inputs(spec).items():
         if option in batch.options:
             tensors[input_name] = batch.options[option]
+    for input_name, extra in kserve.extra_inputs(spec).items():
+        if extra in batch.inputs:
+            tensors[input_name] = batch.inputs[extra]
     assert set(tensors) == set(expected)
     for name, tensor in tensors.items():
         want = expected[name]

@@ -270,9 +270,11 @@ class Engine:
             events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
                       torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
             events[0].record()
+        # Serving threads run with grad off. no_grad, not inference_mode: inference tensors
+        # have no version counters, which _call reads to catch in-place writes.
         with (torch.enable_grad() if batch.gradient
-              else torch.inference_mode() if torch.is_grad_enabled()
-              else contextlib.nullcontext()):  # serving threads run with grad off
+              else torch.no_grad() if torch.is_grad_enabled()
+              else contextlib.nullcontext()):
             pieces = ([slice(None)] if batch.gradient or not spec.samplewise
                       else chunks(pred))
             if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
