@@ -246,6 +246,49 @@ def test_sigterm_drains_every_worker_with_streams_in_flight_and_exits_0() -> Non
     assert pod.lines[-1]["msg"] == "lossd stopped"
 
 
+def test_a_draining_pod_keeps_every_listener_open_until_the_pod_is_idle() -> None:
+    """One stream in flight leaves a worker with nothing to finish: it must not close its
+    listener early, or the kernel resets the connections it still hands that worker."""
+    pod = ServeProcess("--processes", "2", "--grace-seconds", "30")
+    go_on = threading.Event()
+    first = threading.Event()
+    x, t, want = batch(7)
+
+    def stream() -> list[np.ndarray]:
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            yield x, t
+            assert go_on.wait(30)
+            yield x, t
+
+        out = []
+        with LossClient(pod.address, timeout=60) as client:
+            for r in client.evaluate_stream(batches()):
+                out.append(r.per_sample)
+                first.set()
+        return out
+
+    try:
+        with futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(stream)
+            assert first.wait(60)
+            pod.signal(signal.SIGTERM)
+            time.sleep(1.5)  # a worker with nothing in flight has had time to stop
+            for _ in range(24):  # fresh connections, spread over both listeners
+                assert health(pod.port) == NOT_SERVING
+                with LossClient(pod.address, timeout=10, retry_attempts=1) as client, \
+                        pytest.raises(lossd.Unavailable, match="draining"):
+                    client.evaluate(x, t)
+            assert pod.records("worker stopped") == []
+            go_on.set()
+            for got in call.result(60):
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert pod.wait(60) == 0
+    finally:
+        go_on.set()
+        pod.kill()
+    assert {x["worker"] for x in pod.records("worker stopped")} == {0, 1}
+
+
 def test_rotated_tokens_are_taken_up_by_every_worker(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("first-token\n")

@@ -28,13 +28,16 @@ processes:
   it keeps dying; its callers see UNAVAILABLE for the calls that were on it (clients
   retry) and the port stays reserved. A worker that fails before it first becomes ready
   is a configuration error: everything stops and ``lossd serve`` exits 2.
-* **drain**: SIGTERM or SIGINT drains every worker within ``--grace-seconds``; the
-  supervisor exits 0 once all have finished.
+* **drain**: SIGTERM or SIGINT drains every worker within ``--grace-seconds``: each
+  refuses new calls with UNAVAILABLE and lets its calls in flight finish, and every
+  listener stays open until the whole pod is idle (a worker that closed early would have
+  the kernel reset the connections it still hands that worker). The supervisor then tells
+  all to close and exits 0 once all have finished.
 
 Supervisor and worker talk over two pipes: the worker's stdin carries one word a line
-(``serving``, ``not_serving``, ``drain``; end of file, the supervisor gone, drains too)
-and a pipe named by ``LOSSD_WORKER_STATUS_FD`` carries JSON lines back
-(``{"event": "ready", ...}``).
+(``serving``, ``not_serving``, ``drain``, ``close``; end of file, the supervisor gone,
+drains and closes too) and a pipe named by ``LOSSD_WORKER_STATUS_FD`` carries JSON lines
+back (``{"event": "ready", ...}``, ``{"event": "idle"}``).
 
 This module is the top of the server's dependency graph: nothing in the server imports it.
 """
@@ -337,6 +340,7 @@ class _Worker:
     backoff: float = RESTART_BACKOFF[0]
     restart_at: float | None = None
     told: bool | None = None  # the serving state last sent to it
+    idle: bool = False  # draining, and nothing of its in flight any more
 
     @property
     def pid(self) -> int | None:
@@ -456,7 +460,12 @@ class Supervisor:
             w.restart_at = None
             self._tell(w, "drain")
         deadline = time.monotonic() + grace + 10.0
+        closed = False
         while any(w.proc is not None for w in self.workers):
+            if not closed and all(w.idle or w.proc is None for w in self.workers):
+                for w in self.workers:  # the pod is idle: every listener closes now
+                    self._tell(w, "close")
+                closed = True
             if time.monotonic() > deadline:
                 for w in self.workers:
                     if w.proc is not None:
@@ -484,7 +493,7 @@ class Supervisor:
         finally:
             os.close(write)
         os.set_blocking(read, False)
-        w.status, w.buffer, w.ready, w.told = read, b"", False, None
+        w.status, w.buffer, w.ready, w.told, w.idle = read, b"", False, None, False
         w.started, w.restart_at = time.monotonic(), None
         self._selector.register(read, selectors.EVENT_READ, w)
         log.info("worker started", extra={"worker": w.index, "pid": w.pid,
@@ -519,6 +528,8 @@ class Supervisor:
                     w.ready = w.ever_ready = True
                     log.info("worker ready", extra={"worker": w.index, "pid": w.pid,
                                                     "device": event.get("device")})
+                elif event.get("event") == "idle":
+                    w.idle = True
 
     def _exited(self, w: _Worker) -> None:
         assert w.proc is not None
@@ -679,8 +690,14 @@ def _worker() -> int:
     logs.configure(settings.log_level, settings.log_format, worker=index)
     # Ctrl-C reaches the whole process group; the supervisor drains its workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = threading.Event()  # drain: refuse new calls, let those in flight finish
+    close = threading.Event()  # every worker of the pod is idle: close the listener
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop.set()  # a worker signalled on its own drains on its own
+        close.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         _prepare_process(settings, 1)
         from lossd_server.app import create_server, load_plugins
@@ -709,15 +726,28 @@ def _worker() -> int:
             elif word == b"not_serving":
                 server.set_serving(False)
             elif word == b"drain":
-                break
-        stop.set()  # "drain", or the supervisor went away
+                stop.set()
+            elif word == b"close":
+                close.set()
+        stop.set()  # the supervisor went away
+        close.set()
 
     threading.Thread(target=control, name="lossd-control", daemon=True).start()
     while not stop.wait(1.0):
         pass
+    grace = settings.grace_seconds
     in_flight = server.gate.in_flight if server.gate is not None else 0
     log.info("drain started", extra={"in_flight": in_flight})
-    server.stop(settings.grace_seconds)
+    start = time.monotonic()
+    server.drain()
+    if server.gate is not None:
+        server.gate.wait_idle(grace)
+    # The listener stays open until the whole pod is idle: a connection the kernel hands
+    # to this worker meanwhile gets a clean UNAVAILABLE ("draining"), not a reset.
+    with contextlib.suppress(OSError):  # the supervisor may be gone
+        status.write(json.dumps({"event": "idle"}) + "\n")
+    close.wait(max(0.0, grace - (time.monotonic() - start)))
+    server.stop(max(0.0, grace - (time.monotonic() - start)))
     return 0
 
 
