@@ -88,7 +88,7 @@ def health(port: int, service: str = "lossd.v1.LossService") -> int:
             health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
 
-def batch(seed: int, n: int = 64, c: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def batch(seed: int, n: int = 64, c: int = 10) -> Batch:
     """Logits, labels and their cross-entropy per sample (torch's, as the reference)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c)).astype(np.float32)
@@ -96,6 +96,29 @@ def batch(seed: int, n: int = 64, c: int = 10) -> tuple[np.ndarray, np.ndarray, 
     want = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
                                              reduction="none").numpy()
     return x, t, want
+
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def held_stream(address: str, cases: list[Batch], go_on: threading.Event,
+                answered: threading.Semaphore) -> list[np.ndarray]:
+    """An ``evaluate_stream`` of ``cases`` that is in flight by construction: it sends the
+    first batch, releases ``answered`` once that batch is answered, and sends the rest
+    only after ``go_on`` is set. Returns every batch's per-sample losses."""
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield cases[0][:2]
+        assert go_on.wait(30)
+        for x, t, _ in cases[1:]:
+            yield x, t
+
+    out = []
+    with LossClient(address, timeout=60) as client:
+        for r in client.evaluate_stream(batches()):
+            out.append(r.per_sample)
+            if len(out) == 1:
+                answered.release()
+    return out
 
 
 class ServeProcess:

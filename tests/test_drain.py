@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -20,7 +19,15 @@ import lossd
 from lossd import LossClient
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from tests.conftest import EngineBlocker, ServeProcess, batch, health, start_server, wait_for
+from tests.conftest import (
+    EngineBlocker,
+    ServeProcess,
+    batch,
+    health,
+    held_stream,
+    start_server,
+    wait_for,
+)
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -103,24 +110,10 @@ def test_sigterm_with_32_calls_in_flight_completes_them_all_and_exits_0() -> Non
     answered = threading.Semaphore(0)
     cases = [[batch(100 * i + j) for j in range(3)] for i in range(32)]
 
-    def stream(i: int) -> list[np.ndarray]:
-        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            yield cases[i][0][:2]
-            assert signalled.wait(30)
-            for x, t, _ in cases[i][1:]:
-                yield x, t
-
-        out = []
-        with LossClient(f"127.0.0.1:{serve.port}", timeout=60) as client:
-            for r in client.evaluate_stream(batches()):
-                out.append(r.per_sample)
-                if len(out) == 1:
-                    answered.release()
-        return out
-
     try:
         with futures.ThreadPoolExecutor(32) as pool:
-            calls = [pool.submit(stream, i) for i in range(32)]
+            calls = [pool.submit(held_stream, f"127.0.0.1:{serve.port}", cases[i], signalled,
+                                 answered) for i in range(32)]
             for _ in range(32):
                 assert answered.acquire(timeout=60)
             serve.proc.send_signal(signal.SIGTERM)

@@ -30,7 +30,7 @@ from lossd import LossClient
 from lossd_server import serve
 from lossd_server.metrics import FLUSH_SECONDS
 from lossd_server.settings import Settings
-from tests.conftest import ServeProcess, batch, health, wait_for
+from tests.conftest import ServeProcess, batch, health, held_stream, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -205,24 +205,10 @@ def test_sigterm_drains_every_worker_with_streams_in_flight_and_exits_0() -> Non
     answered = threading.Semaphore(0)
     cases = [[batch(100 * i + j) for j in range(3)] for i in range(8)]
 
-    def stream(i: int) -> list[np.ndarray]:
-        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            yield cases[i][0][:2]
-            assert signalled.wait(30)
-            for x, t, _ in cases[i][1:]:
-                yield x, t
-
-        out = []
-        with LossClient(pod.address, timeout=60) as client:
-            for r in client.evaluate_stream(batches()):
-                out.append(r.per_sample)
-                if len(out) == 1:
-                    answered.release()
-        return out
-
     try:
         with futures.ThreadPoolExecutor(8) as pool:
-            calls = [pool.submit(stream, i) for i in range(8)]
+            calls = [pool.submit(held_stream, pod.address, cases[i], signalled, answered)
+                     for i in range(8)]
             for _ in range(8):
                 assert answered.acquire(timeout=60)
             pod.signal(signal.SIGTERM)
@@ -251,26 +237,14 @@ def test_a_draining_pod_keeps_every_listener_open_until_the_pod_is_idle() -> Non
     listener early, or the kernel resets the connections it still hands that worker."""
     pod = ServeProcess("--processes", "2", "--grace-seconds", "30")
     go_on = threading.Event()
-    first = threading.Event()
-    x, t, want = batch(7)
-
-    def stream() -> list[np.ndarray]:
-        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            yield x, t
-            assert go_on.wait(30)
-            yield x, t
-
-        out = []
-        with LossClient(pod.address, timeout=60) as client:
-            for r in client.evaluate_stream(batches()):
-                out.append(r.per_sample)
-                first.set()
-        return out
+    answered = threading.Semaphore(0)
+    case = batch(7)
+    x, t, want = case
 
     try:
         with futures.ThreadPoolExecutor(1) as pool:
-            call = pool.submit(stream)
-            assert first.wait(60)
+            call = pool.submit(held_stream, pod.address, [case, case], go_on, answered)
+            assert answered.acquire(timeout=60)
             pod.signal(signal.SIGTERM)
             time.sleep(1.5)  # a worker with nothing in flight has had time to stop
             for _ in range(24):  # fresh connections, spread over both listeners
