@@ -88,6 +88,9 @@ def health(port: int, service: str = "lossd.v1.LossService") -> int:
             health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
 
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # inputs, targets, torch's losses
+
+
 def batch(seed: int, n: int = 64, c: int = 10) -> Batch:
     """Logits, labels and their cross-entropy per sample (torch's, as the reference)."""
     rng = np.random.default_rng(seed)
@@ -96,9 +99,6 @@ def batch(seed: int, n: int = 64, c: int = 10) -> Batch:
     want = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
                                              reduction="none").numpy()
     return x, t, want
-
-
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def held_stream(address: str, cases: list[Batch], go_on: threading.Event,

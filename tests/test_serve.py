@@ -263,6 +263,29 @@ def test_a_draining_pod_keeps_every_listener_open_until_the_pod_is_idle() -> Non
     assert {x["worker"] for x in pod.records("worker stopped")} == {0, 1}
 
 
+def test_a_stream_still_open_when_the_grace_period_ends_is_cancelled_and_the_pod_exits_0(
+        ) -> None:
+    pod = ServeProcess("--processes", "2", "--grace-seconds", "2")
+    go_on = threading.Event()
+    answered = threading.Semaphore(0)
+    try:
+        with futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(held_stream, pod.address, [batch(7), batch(8)], go_on,
+                               answered)
+            assert answered.acquire(timeout=60)
+            start = time.monotonic()
+            pod.signal(signal.SIGTERM)
+            with pytest.raises(lossd.LossdError):
+                call.result(30)
+            assert pod.wait(30) == 0
+            assert time.monotonic() - start < 12  # the grace period, not the supervisor's
+    finally:
+        go_on.set()
+        pod.kill()
+    assert pod.record("grace period over; cancelling calls still running")["in_flight"] == 1
+    assert {x["worker"] for x in pod.records("worker stopped")} == {0, 1}
+
+
 def test_rotated_tokens_are_taken_up_by_every_worker(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("first-token\n")

@@ -153,16 +153,22 @@ class LossdServer:
     def stop(self, grace: float | None = None) -> None:
         """Drain, let in-flight calls finish within ``grace`` seconds, then close the port
         (calls still running then are cancelled). ``grace`` None waits without limit."""
+        self.close(self.drain_and_wait(grace))
+
+    def drain_and_wait(self, grace: float | None) -> float | None:
+        """Drain, then let in-flight calls finish within ``grace`` seconds (None: without
+        limit, 0: not at all); returns the grace left, for :meth:`close`."""
         start = time.monotonic()
         self.drain()
-        idle = True
-        if self.gate is not None and grace != 0:
-            idle = self.gate.wait_idle(grace)
-        left = None if grace is None else max(0.0, grace - (time.monotonic() - start))
-        if not idle:
+        if self.gate is not None and grace != 0 and not self.gate.wait_idle(grace):
             log.warning("grace period over; cancelling calls still running",
-                        extra={"in_flight": self.gate.in_flight if self.gate else 0})
-        self.server.stop(left).wait()
+                        extra={"in_flight": self.gate.in_flight})
+        return None if grace is None else max(0.0, grace - (time.monotonic() - start))
+
+    def close(self, grace: float | None = 0) -> None:
+        """Close the port, cancelling the calls still running after ``grace`` seconds, and
+        the server's other endpoints. :meth:`stop` drains first; this does not."""
+        self.server.stop(grace).wait()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()

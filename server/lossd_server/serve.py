@@ -340,7 +340,7 @@ class _Worker:
     backoff: float = RESTART_BACKOFF[0]
     restart_at: float | None = None
     told: bool | None = None  # the serving state last sent to it
-    idle: bool = False  # draining, and nothing of its in flight any more
+    idle: bool = False  # draining, done waiting for its calls (finished, or grace over)
 
     @property
     def pid(self) -> int | None:
@@ -735,19 +735,16 @@ def _worker() -> int:
     threading.Thread(target=control, name="lossd-control", daemon=True).start()
     while not stop.wait(1.0):
         pass
-    grace = settings.grace_seconds
     in_flight = server.gate.in_flight if server.gate is not None else 0
     log.info("drain started", extra={"in_flight": in_flight})
-    start = time.monotonic()
-    server.drain()
-    if server.gate is not None:
-        server.gate.wait_idle(grace)
+    deadline = time.monotonic() + settings.grace_seconds
+    server.drain_and_wait(settings.grace_seconds)
     # The listener stays open until the whole pod is idle: a connection the kernel hands
     # to this worker meanwhile gets a clean UNAVAILABLE ("draining"), not a reset.
     with contextlib.suppress(OSError):  # the supervisor may be gone
         status.write(json.dumps({"event": "idle"}) + "\n")
-    close.wait(max(0.0, grace - (time.monotonic() - start)))
-    server.stop(max(0.0, grace - (time.monotonic() - start)))
+    close.wait(max(0.0, deadline - time.monotonic()))
+    server.close(max(0.0, deadline - time.monotonic()))
     return 0
 
 
