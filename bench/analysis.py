@@ -118,11 +118,13 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
     from lossd_server.engine import Engine
     from lossd_server.metrics import Metrics
     from lossd_server.serve import tune_allocator
+    from lossd_server.service import EvaluationService
     from lossd_server.servicer import LossServicer
 
     tune_allocator()  # as `lossd serve` does at start: keep freed memory (--malloc-reuse)
-    handler = LossServicer(Engine(torch.device(device)), max_message_bytes=2**31,
-                           metrics=Metrics(process=False))
+    handler = LossServicer(EvaluationService(Engine(torch.device(device)),
+                                             metrics=Metrics(process=False)),
+                           max_message_bytes=2**31)
     builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)
     requests: dict[str, bytes] = {}
     for name, w in ws.items():

@@ -67,9 +67,10 @@ def breakdown(w: Workload, data: Data, device: str = "cpu", reps: int = 5) -> di
     engine = Engine(dev)
     try:  # the whole handler, metrics included, as the server builds it
         from lossd_server.metrics import Metrics
+        from lossd_server.service import EvaluationService
 
-        handler: Any = servicer.LossServicer(engine, max_message_bytes=2**31,
-                                             metrics=Metrics(process=False))
+        handler: Any = servicer.LossServicer(
+            EvaluationService(engine, metrics=Metrics(process=False)), max_message_bytes=2**31)
     except Exception:  # an older or newer servicer signature: skip that stage
         handler = None
     builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)

@@ -11,7 +11,7 @@ import torch
 
 from lossd_server.batching import Batcher, coalesce_key
 from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.validate import RequestError
+from lossd_server.errors import RequestError
 
 
 def batch(seed: int, n: int = 8, *, weights: bool = True, **options: object) -> Batch:
@@ -102,7 +102,7 @@ def test_server_with_batching_serves_concurrent_clients_exactly() -> None:
 
     srv = start_server(batching="on", batch_delay_us=20_000, concurrency=1)
     try:
-        assert srv.servicer is not None and srv.servicer.batcher is not None
+        assert srv.service is not None and srv.service.batcher is not None
         batches = [batch(i, n=4 + i) for i in range(16)]
         engine = Engine(torch.device("cpu"))
         with LossClient(f"127.0.0.1:{srv.port}") as client, ThreadPoolExecutor(16) as pool:
@@ -112,7 +112,7 @@ def test_server_with_batching_serves_concurrent_clients_exactly() -> None:
             alone = engine.evaluate(b)
             assert np.array_equal(r.per_sample, alone.per_sample.numpy())
             assert r.sum == alone.aggregate.sum and r.weighted_mean == alone.aggregate.weighted_mean
-        assert srv.servicer.batcher.coalesced_calls >= 1
+        assert srv.service.batcher.coalesced_calls >= 1
     finally:
         srv.stop(0)
 
@@ -122,7 +122,7 @@ def test_a_leader_refused_admission_leaves_its_followers_to_their_own() -> None:
     followers run under their own admission (a stream's batch is never refused)."""
     import grpc
 
-    from lossd_server.limits import Refused
+    from lossd_server.errors import Refused
 
     engine = Engine(torch.device("cpu"))
     batcher = Batcher(engine, max_samples=10_000, max_delay=5.0, in_flight=lambda: 2)

@@ -11,7 +11,7 @@ import torch
 
 from lossd_server import analysis, engine
 from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.validate import RequestError
+from lossd_server.errors import RequestError
 from tests.loss_reference import CASES, Case
 
 CPU = Engine(torch.device("cpu"))

@@ -144,7 +144,7 @@ def test_model_infer_goes_through_admission_and_metrics() -> None:
 
     srv = start_server(metrics_port=0, concurrency=1)
     try:
-        assert srv.servicer is not None
+        assert srv.service is not None
         x = np.zeros((3, 4), np.float32)
         t = np.array([0, 1, 2], np.int64)
         req = kpb.ModelInferRequest(model_name="cross_entropy", inputs=[
@@ -154,7 +154,7 @@ def test_model_infer_goes_through_admission_and_metrics() -> None:
             raw_input_contents=[x.tobytes(), t.tobytes()])
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
-            with srv.servicer.admission.slot():  # the only slot is taken: the call waits
+            with srv.service.admission.slot():  # the only slot is taken: the call waits
                 future = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer.future(req, timeout=10)
                 with pytest.raises(grpc.FutureTimeoutError):
                     future.result(timeout=0.5)

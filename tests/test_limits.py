@@ -19,7 +19,8 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits
 from lossd_server.app import LossdServer
-from lossd_server.limits import Admission, CallState, Refused
+from lossd_server.errors import Refused
+from lossd_server.limits import Admission, CallState
 from lossd_server.settings import Settings
 from tests.conftest import EngineBlocker, metric_value, start_server
 

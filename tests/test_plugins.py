@@ -30,7 +30,8 @@ from lossd.kserve.v2 import grpc_service_pb2 as kpb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
 from lossd_server import plugins
 from lossd_server.app import LossdServer
-from lossd_server.catalogue import LOSSES, Input, Option, RegistrationError, register
+from lossd_server.catalogue import LOSSES, Input, Option, register
+from lossd_server.errors import RegistrationError
 from lossd_server.settings import Settings, add_arguments, from_args
 
 Tensor = torch.Tensor

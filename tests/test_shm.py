@@ -844,8 +844,8 @@ def test_descriptors_held_are_bounded_per_process() -> None:
     """Every region and every passed descriptor holds one descriptor in the server (mmap
     keeps a duplicate): a process holds at most max_descriptors, so no caller can run it
     out of descriptors."""
+    from lossd_server.errors import RequestError
     from lossd_server.shm import SharedMemoryRegistry
-    from lossd_server.validate import RequestError
 
     registry = SharedMemoryRegistry(max_descriptors=2)
     a, b = registry.open_session(), registry.open_session()

@@ -21,8 +21,8 @@ from lossd._wire import (
 )
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import wire
+from lossd_server.errors import MalformedMessage, RequestError
 from lossd_server.reduce import Aggregate
-from lossd_server.validate import RequestError
 
 TORCH_BY_NAME = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -341,5 +341,5 @@ def test_inputs_key_must_be_utf8() -> None:
     raw = _entry(_field(1, b"\xff\xfe"))
     with pytest.raises(Exception, match="Error parsing"):
         pb.EvaluateRequest.FromString(raw)
-    with pytest.raises(wire.MalformedMessage, match="inputs: a key is not valid UTF-8"):
+    with pytest.raises(MalformedMessage, match="inputs: a key is not valid UTF-8"):
         wire.ParsedRequest(raw)

@@ -50,8 +50,7 @@ from lossd.kserve.v2 import grpc_service_pb2 as kpb
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import kserve, wire
 from lossd_server.app import LossdServer
-from lossd_server.limits import Refused
-from lossd_server.validate import RequestError
+from lossd_server.errors import MalformedMessage, Refused, RequestError
 
 EXAMPLES = int(os.environ.get("LOSSD_WIRE_FUZZ_EXAMPLES", "2500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
@@ -394,7 +393,7 @@ def lossd_parse(raw: bytes | memoryview, *, entry: bool = False) -> Any:
         if entry:
             return wire.parse_request(raw)  # type: ignore[arg-type]
         return wire.ParsedRequest(raw)  # type: ignore[arg-type]
-    except wire.MalformedMessage as exc:
+    except MalformedMessage as exc:
         assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
         assert str(exc).startswith("request: malformed protobuf: ")
         return None

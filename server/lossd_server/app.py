@@ -1,9 +1,11 @@
 """Server assembly and lifecycle: ``create_server(settings)``, then ``start()``, ``stop()``.
 
-A server is: the loss catalogue (built-ins and plugins), the LossService, the standard gRPC
-health service (NOT_SERVING until the device passed a warm-up evaluation, NOT_SERVING again
-while draining), server reflection, and a Prometheus /metrics endpoint on its own port (and
-address).
+A server is: the loss catalogue (built-ins and plugins), one evaluation service
+(:mod:`lossd_server.service`) under two fronts side by side, the LossService
+(:mod:`lossd_server.servicer`) and the Open Inference Protocol (:mod:`lossd_server.kserve`),
+the standard gRPC health service (NOT_SERVING until the device passed a warm-up
+evaluation, NOT_SERVING again while draining), server reflection, and a Prometheus
+/metrics endpoint on its own port (and address).
 
 Every call passes :class:`gate.Gate`: bearer tokens when configured (health stays open),
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
@@ -40,6 +42,7 @@ from lossd_server.gate import Gate
 from lossd_server.limits import Admission
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
+from lossd_server.service import EvaluationService
 from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
 from lossd_server.shm import DescriptorSocket, SharedMemoryRegistry
@@ -98,6 +101,7 @@ class LossdServer:
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
     gate: Gate | None = None
+    service: EvaluationService | None = None
     servicer: LossServicer | None = None
     health_port: int | None = None
     descriptor_socket: DescriptorSocket | None = None
@@ -111,8 +115,8 @@ class LossdServer:
     @property
     def admission(self) -> Admission:
         """The compute slots and their wait queue (``running``, ``waiting``)."""
-        assert self.servicer is not None
-        return self.servicer.admission
+        assert self.service is not None
+        return self.service.admission
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -229,22 +233,21 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
         registry = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes)
         fd_socket = DescriptorSocket(registry, Path(settings.shm_socket_dir
                                                     or tempfile.gettempdir()))
-    servicer = LossServicer(engine, max_message_bytes=settings.max_message_bytes,
-                            metrics=metrics, slots=settings.concurrency,
-                            max_waiting=settings.max_waiting,
-                            max_streams=settings.stream_limit,
-                            max_elements=settings.max_elements,
+    # One evaluation service under both fronts: one admission queue, one set of metrics.
+    service = EvaluationService(engine, metrics=metrics, slots=settings.concurrency,
+                                max_waiting=settings.max_waiting,
+                                max_streams=settings.stream_limit,
+                                max_elements=settings.max_elements,
+                                batching=BatchingSettings(settings.batch_max_samples,
+                                                          settings.batch_delay_us / 1e6)
+                                if settings.batching == "on" else None,
+                                in_flight=lambda: gate.in_flight)
+    servicer = LossServicer(service, max_message_bytes=settings.max_message_bytes,
                             shared_memory=registry,
-                            descriptor_socket=os.fspath(fd_socket.path) if fd_socket else "",
-                            batching=BatchingSettings(settings.batch_max_samples,
-                                                      settings.batch_delay_us / 1e6)
-                            if settings.batching == "on" else None,
-                            in_flight=lambda: gate.in_flight)
+                            descriptor_socket=os.fspath(fd_socket.path) if fd_socket else "")
     add_to_server(servicer, server)
     ready = threading.Event()
-    services = [LOSS_SERVICE,
-                kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,
-                                     ready=ready.is_set, evaluator=servicer)]
+    services = [LOSS_SERVICE, kserve.add_to_server(server, service, ready=ready.is_set)]
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -262,7 +265,8 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
         health_port = _bind(health_server, settings.host, settings.health_port, None)
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
                         metrics=metrics, health=health_servicer, services=tuple(services),
-                        ready=ready, gate=gate, servicer=servicer, health_port=health_port,
+                        ready=ready, gate=gate, service=service, servicer=servicer,
+                        health_port=health_port,
                         descriptor_socket=fd_socket, _health_server=health_server)
     lossd.set_serving(False)
     return lossd

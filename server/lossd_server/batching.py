@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lossd_server.engine import Batch, Engine, Evaluation, _Checked
-from lossd_server.limits import Refused
+from lossd_server.errors import Refused
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from lossd_server.errors import RegistrationError
+
 Tensor = torch.Tensor
 
 
@@ -79,10 +81,6 @@ class OptionType(enum.Enum):
     BOOL = "bool"
     STR = "str"
     TENSOR = "tensor"
-
-
-class RegistrationError(ValueError):
-    """A loss declaration that cannot be served (bad name, option, input or function)."""
 
 
 def option_type(default: Any) -> OptionType:
@@ -157,7 +155,7 @@ _INPUT_SHORTHANDS = {
 Check = Callable[[Tensor, "Tensor | None", Mapping[str, Tensor], Mapping[str, Any]], None]
 """``check(predictions, targets, inputs, options)``: a loss's own request check on the
 host tensors as decoded (wire dtypes), after the generic ones; raises
-``checks.RequestError`` naming the field."""
+``errors.RequestError`` naming the field."""
 
 
 @dataclass(frozen=True)

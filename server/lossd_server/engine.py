@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from lossd_server import analysis, limits, validate
-from lossd_server.checks import LossFailed, dtype_str, shape_str
+from lossd_server.describe import dtype_str, shape_str
+from lossd_server.errors import LossFailed
 from lossd_server.losses import Loss
 from lossd_server.reduce import Aggregate, per_sample, reduction
 

@@ -23,10 +23,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from lossd_server.limits import LimitMetrics, Refused
+from lossd_server.errors import Refused, RequestError, status_of
+from lossd_server.limits import LimitMetrics
 from lossd_server.metrics import METHODS, Metrics
 from lossd_server.security import TokenStore
-from lossd_server.validate import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _refusal(self, handler: Any, method: str, exc: Refused) -> Any:
         short = method.rsplit("/", 1)[-1]
+        status = status_of(exc)
 
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
             self.limits.count(method, exc)
@@ -110,7 +111,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                         raise exc
                 except Refused:
                     pass
-            context.abort(exc.code, exc.message)
+            context.abort(status.code, status.message)
 
         def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             refuse(request, context)
@@ -182,7 +183,8 @@ def _replace(handler: Any, unary_response: Wrapper, stream_response: Wrapper, *,
         try:
             request = _parse(deserializer, received)
         except RequestError as exc:
-            context.abort(exc.code, str(exc))
+            status = status_of(exc)
+            context.abort(status.code, status.message)
         return behavior(request, context)
 
     wrapped = (stream_response if streaming_out else unary_response)(inner)

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe v2) face of the engine: ``inference.GRPCInferenceService``.
+"""The Open Inference Protocol (KServe v2) front: ``inference.GRPCInferenceService``.
 
 Served beside ``lossd.v1.LossService`` so Triton and KServe clients (``tritonclient.grpc``
 and others) can call lossd unchanged. Each loss of the catalogue is a model of the same
@@ -34,6 +34,10 @@ ModelInfer, per model (loss):
   comma-separated ks), or by listing an output: listing ``CLASS_MEAN`` turns ``per_class``
   on, ``ACCURACY`` ``accuracy``, ``PREDICTED`` ``diagnostics``.
 
+Like the lossd.v1 front beside it (neither imports the other), this module decodes, hands
+the batch to the evaluation service (:mod:`lossd_server.service`: admission, deadlines,
+out-of-memory, metrics under method ``ModelInfer``) and encodes. No math here.
+
 Errors are the native API's: a bad request is INVALID_ARGUMENT with a message that starts
 with the field at fault, named as here (``PREDICTIONS``, ``TARGETS``, ``WEIGHTS``,
 ``CLASS_WEIGHTS``, ``VAR``, ``parameters.<name>``, ``raw_input_contents[<i>]``,
@@ -57,11 +61,11 @@ from lossd._result import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis, limits
-from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.limits import CallState, Refused
+from lossd_server.engine import Batch, Evaluation
+from lossd_server.errors import RequestError, unary_errors
+from lossd_server.limits import CallState
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
-from lossd_server.servicer import LossServicer, unary_errors
-from lossd_server.validate import RequestError
+from lossd_server.service import EvaluationService
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "lossd"
@@ -415,6 +419,14 @@ def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool,
     return chosen
 
 
+def decode(request: pb.ModelInferRequest, *, max_elements: int = 0
+           ) -> tuple[Batch, list[Output]]:
+    """The batch of a ModelInfer request and the outputs it asks for."""
+    batch = decode_request(request, max_elements=max_elements)
+    return batch, requested_outputs(request, weighted=batch.weights is not None,
+                                    analyses=batch.analyses)
+
+
 def encode_response(request: pb.ModelInferRequest, outputs: Sequence[Output],
                     ev: Evaluation) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
@@ -465,22 +477,17 @@ def model_metadata(spec: Loss) -> pb.ModelMetadataResponse:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc,unused-ignore]
-    """Implements ``inference.GRPCInferenceService`` over an :class:`Engine`.
+    """Implements ``inference.GRPCInferenceService`` over an :class:`EvaluationService`.
 
-    ``max_message_bytes`` is the request limit the gRPC server enforces for every service
-    (RESOURCE_EXHAUSTED beyond it). ``ready`` says whether the server is ready (default:
-    always, once serving); ModelReady is ServerReady for every model in the catalogue.
+    ``ready`` says whether the server is ready (default: always, once serving); ModelReady
+    is ServerReady for every model in the catalogue. The request size limit is the gRPC
+    server's, for every service (RESOURCE_EXHAUSTED beyond it).
     """
 
-    def __init__(self, engine: Engine, *, max_message_bytes: int,
-                 ready: Callable[[], bool] | None = None,
-                 evaluator: LossServicer | None = None) -> None:
-        self.engine = engine
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, service: EvaluationService, *,
+                 ready: Callable[[], bool] | None = None) -> None:
+        self.service = service
         self._ready = ready or (lambda: True)
-        # Evaluations go through the native service's admission queue, deadlines,
-        # out-of-memory handling and metrics (method "ModelInfer").
-        self.evaluator = evaluator or LossServicer(engine, max_message_bytes=max_message_bytes)
 
     def ServerLive(self, request: pb.ServerLiveRequest,
                    context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -509,19 +516,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     @unary_errors
     def ModelInfer(self, request: pb.ModelInferRequest,
                    context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        with self.evaluator.metrics.call("ModelInfer") as call:
+        service = self.service
+        with service.call("ModelInfer") as call:
             call.loss = request.model_name
             call.received(request.ByteSize())
+            batch, outputs = service.decode(call, decode, request)
             try:
-                with call.stage("decode"):
-                    batch = decode_request(request, max_elements=self.evaluator.max_elements)
-                    outputs = requested_outputs(request, weighted=batch.weights is not None,
-                                                analyses=batch.analyses)
-            except Refused as exc:
-                self.evaluator.limits.count(call.method, exc)
-                raise
-            try:
-                ev = self.evaluator.compute(call, batch, CallState.of(context))
+                ev = service.evaluate(call, batch, CallState.of(context))
             except RequestError as exc:
                 raise RequestError(_field(LOSSES[batch.loss], exc.field), exc.problem,
                                    exc.code) from None
@@ -533,11 +534,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             return response
 
 
-def add_to_server(server: grpc.Server, engine: Engine, *, max_message_bytes: int,
-                  ready: Callable[[], bool] | None = None,
-                  evaluator: LossServicer | None = None) -> str:
+def add_to_server(server: grpc.Server, service: EvaluationService, *,
+                  ready: Callable[[], bool] | None = None) -> str:
     """Serve ``inference.GRPCInferenceService`` on ``server``; returns the service name."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call,unused-ignore]
-        KServeServicer(engine, max_message_bytes=max_message_bytes, ready=ready,
-                       evaluator=evaluator), server)
+        KServeServicer(service, ready=ready), server)
     return SERVICE_NAME

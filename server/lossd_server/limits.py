@@ -25,7 +25,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -34,34 +34,13 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from lossd_server.errors import Refused, RequestError, retry_after
 from lossd_server.metrics import METHODS, ValueWriter
-from lossd_server.validate import RequestError
 
-RETRY_AFTER = "retry-after-ms"
 OTHER_METHOD = "other"
 REJECT_REASONS = ("queue_full", "too_many_streams", "too_large", "out_of_memory",
                   "unauthenticated", "draining")
 DROP_REASONS = ("cancelled", "deadline_exceeded")
-
-
-class Refused(Exception):
-    """A call the server will not serve: ``code``, ``message`` and trailing metadata.
-
-    ``reason`` is the metrics label (see REJECT_REASONS and DROP_REASONS).
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str,
-                 trailers: Sequence[tuple[str, str]] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.trailers = tuple(trailers)
-
-
-def retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
-    """The ``retry-after-ms`` trailer (whole milliseconds, at least 1)."""
-    return ((RETRY_AFTER, str(max(1, math.ceil(seconds * 1000)))),)
 
 
 # ---------------------------------------------------------------------------------------

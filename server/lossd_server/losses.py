@@ -33,7 +33,8 @@ from lossd_server.catalogue import (
     registering_for,
     render_default,
 )
-from lossd_server.checks import RequestError, first_value, shape_str
+from lossd_server.describe import first_value, shape_str
+from lossd_server.errors import RequestError
 
 __all__ = ["BUILTINS", "CATALOGUE", "IGNORE_INDEX", "LOSSES", "NAN_POLICY", "Input", "Loss",
            "Option", "OptionType", "Targets", "all_options", "render_default",

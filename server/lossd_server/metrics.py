@@ -44,6 +44,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from lossd_server.errors import status_of
 from lossd_server.losses import LOSSES
 
 METHODS = ("Evaluate", "EvaluateStream", "ListLosses", "ModelInfer", "SharedMemorySession")
@@ -535,8 +536,7 @@ class CallRecord:
         if isinstance(exc, GeneratorExit):  # gRPC closed a stream's handler: caller gone
             self.code = grpc.StatusCode.CANCELLED
         elif exc is not None:
-            code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
-            self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+            self.code = status_of(exc).code
         self.duration = time.perf_counter() - self._start
         series = self._series
         series.in_flight.inc(-1)

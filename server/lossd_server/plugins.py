@@ -52,13 +52,12 @@ from lossd_server.catalogue import (
     Input,
     Loss,
     Option,
-    RegistrationError,
     Targets,
     TargetsName,
     register,
     registering_for,
 )
-from lossd_server.checks import RequestError
+from lossd_server.errors import PluginError, RegistrationError, RequestError
 
 __all__ = ["ENTRY_POINT_GROUP", "LOSSES", "Input", "Loss", "Option", "Plugin", "PluginError",
            "RegistrationError", "RequestError", "Targets", "load", "loss", "register"]
@@ -68,10 +67,6 @@ ENTRY_POINT_GROUP = "lossd.losses"
 BUILTINS = _builtins.BUILTINS
 
 FnT = TypeVar("FnT", bound=Callable[..., Any])
-
-
-class PluginError(ValueError):
-    """A plugin that cannot be loaded; the message names the plugin and the problem."""
 
 
 def loss(name: str | None = None, *, options: dict[str, Any], targets: TargetsName | Targets,

@@ -1,78 +1,48 @@
-"""The gRPC face of the engine: decode, delegate, encode. No math here."""
+"""The lossd.v1 front: decode a LossService message, hand it to the evaluation service,
+encode the answer. No math here, and no evaluation pipeline: admission, batching, compute
+and a stream's running state are :mod:`lossd_server.service`'s, for every front alike.
+
+One call reads top to bottom: :meth:`LossServicer.Evaluate` -> :meth:`LossServicer._evaluate`
+(decode here, :meth:`EvaluationService.evaluate`, encode here); errors end the call through
+:func:`errors.abort`, the one mapping from an error to its status.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import torch
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from lossd_server import limits, losses, validate, wire
-from lossd_server.analysis import Analysis
-from lossd_server.batching import Batcher, BatchingSettings
-from lossd_server.checks import LossFailed
-from lossd_server.engine import Batch, Engine, Evaluation
-from lossd_server.limits import Admission, CallState, LimitMetrics, Refused
-from lossd_server.metrics import CallRecord, Metrics
-from lossd_server.reduce import Aggregate
+from lossd_server import limits, losses, wire
+from lossd_server.engine import Batch, Evaluation
+from lossd_server.errors import (
+    Refused,
+    RequestError,
+    log_error,
+    status_of,
+    stream_errors,
+    unary_errors,
+)
+from lossd_server.limits import CallState
+from lossd_server.metrics import CallRecord
+from lossd_server.service import EvaluationService, StreamState
 from lossd_server.shm import SharedMemoryRegistry
-from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES, RequestError
+from lossd_server.validate import FLOAT_DTYPES, INDEX_DTYPES
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _FLOAT_PROTOS = [wire._PROTO_BY_TORCH[d] for d in FLOAT_DTYPES]
 _INDEX_PROTOS = [wire._PROTO_BY_TORCH[d] for d in INDEX_DTYPES]
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, LossFailed):  # logged with its traceback where it happened
-        context.abort(exc.code, str(exc))
-    if isinstance(exc, RequestError):
-        log.info("rejected: %s", exc)
-        context.abort(exc.code, str(exc))
-    if isinstance(exc, Refused):
-        log.info("refused: %s", exc.message, extra={"code": exc.code.name,
-                                                     "reason": exc.reason})
-        if exc.trailers:
-            context.set_trailing_metadata(exc.trailers)
-        context.abort(exc.code, exc.message)
-    log.exception("internal error")
-    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-
-
-def unary_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Map RequestError to its status and anything else to a generic INTERNAL."""
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
-        try:
-            return fn(self, request, context)
-        except Exception as exc:
-            _abort(context, exc)
-            raise  # unreachable: abort raises
-    return wrapper
-
-
-def stream_errors(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
-    """unary_errors for response-streaming methods."""
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
-        try:
-            yield from fn(self, request, context)
-        except Exception as exc:
-            _abort(context, exc)
-    return wrapper
-
-
 def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | None
                    ) -> wire.SharedMemoryView | None:
+    """How the request's tensors in shared memory are viewed (None: it names no session)."""
     if not req.shared_memory_session:
         return None
     if registry is None:
@@ -82,12 +52,12 @@ def _shared_memory(req: pb.EvaluateRequest, registry: SharedMemoryRegistry | Non
                                             field)
 
 
-def decode_request(req: pb.EvaluateRequest,
-                   shared_memory: SharedMemoryRegistry | None = None, *,
+def decode_request(req: pb.EvaluateRequest, view: wire.SharedMemoryView | None = None, *,
                    max_elements: int = 0, pin_memory: bool = False) -> Batch:
     """The request's tensors (views, no copies) and options. Refused (RESOURCE_EXHAUSTED)
     when its shapes claim more than ``max_elements`` elements (0: no limit), before any
-    tensor's bytes are looked at.
+    tensor's bytes are looked at. ``view`` reads the tensors the request places in its
+    shared-memory session (see :meth:`LossServicer.decode`).
 
     Tensors in shared memory can be rewritten by the caller at any moment, so every one
     whose values validation relies on (targets, weights, extra inputs such as lengths) is
@@ -98,7 +68,6 @@ def decode_request(req: pb.EvaluateRequest,
     """
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
-    view = _shared_memory(req, shared_memory)
     if req.HasField("per_sample_output") and view is None:
         raise RequestError("per_sample_output", "needs shared_memory_session")
     claim = limits.ElementBudget(max_elements).claim
@@ -118,14 +87,11 @@ def decode_request(req: pb.EvaluateRequest,
     )
 
 
-def output_view(req: pb.EvaluateRequest, shared_memory: SharedMemoryRegistry | None,
-                samples: int) -> memoryview | None:
+def output_view(req: pb.EvaluateRequest, view: wire.SharedMemoryView, samples: int
+                ) -> memoryview:
     """Where ``req.per_sample_output`` asks the per-sample losses to go, checked to hold
     ``samples`` float32 values; resolved with the inputs, so a session that ends while the
     request computes still gets its answer written (the mapping outlives its views)."""
-    view = _shared_memory(req, shared_memory)
-    if view is None or not req.HasField("per_sample_output"):
-        return None
     out = view(req.per_sample_output, "per_sample_output")
     if len(out) != 4 * samples:
         raise RequestError("per_sample_output", f"{len(out)} bytes; {samples} float32 need "
@@ -154,182 +120,86 @@ def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.Evaluat
 
 
 class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ignore]
-    """Implements lossd.v1.LossService over an :class:`Engine`.
+    """Implements lossd.v1.LossService over an :class:`EvaluationService`.
 
-    ``slots`` evaluations run on the device at once and ``max_waiting`` more may wait for
-    one (the ``queue`` stage); beyond that a call gets RESOURCE_EXHAUSTED with a
-    ``retry-after-ms`` trailer (see :class:`limits.Admission`). Streams are admitted when
-    they start (at most ``max_streams``); their batches wait for a slot and are never
-    refused for contention. A request claiming more than
-    ``max_elements`` elements (0: no limit) is refused before decoding. A call whose caller
-    cancelled or whose deadline passed is dropped before compute and never answered late;
-    an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
+    ``shared_memory``: the registry of shared-memory sessions (None: shared memory is off,
+    SharedMemorySession answers FAILED_PRECONDITION); ``descriptor_socket``: where clients
+    pass their memfds, told to each session.
     """
 
-    def __init__(self, engine: Engine, *, max_message_bytes: int,
-                 metrics: Metrics | None = None, slots: int = 2, max_waiting: int = 16,
-                 max_streams: int = 0, max_elements: int = 0,
-                 batching: BatchingSettings | None = None,
-                 in_flight: Callable[[], int] = lambda: 0,
+    def __init__(self, service: EvaluationService, *, max_message_bytes: int,
                  shared_memory: SharedMemoryRegistry | None = None,
                  descriptor_socket: str = "") -> None:
-        self.engine = engine
+        self.service = service
         self.max_message_bytes = max_message_bytes
-        self.metrics = metrics or Metrics(process=False)
-        # None: shared memory is off (SharedMemorySession answers FAILED_PRECONDITION).
         self.shared_memory = shared_memory
         self.descriptor_socket = descriptor_socket
-        self.limits = LimitMetrics.of(self.metrics.registry)
-        self.admission = Admission(slots, max_waiting, max_streams=max_streams,
-                                   metrics=self.limits)
-        self.max_elements = max_elements
-        self.batcher = None if batching is None else Batcher(
-            engine, max_samples=batching.max_samples, max_delay=batching.max_delay,
-            in_flight=in_flight)
 
-    def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, *,
-                  stream: bool, state: CallState | None = None, admitted: bool = False
+    def decode(self, request: pb.EvaluateRequest, *, max_elements: int = 0
+               ) -> tuple[Batch, memoryview | None]:
+        """The batch of ``request`` and where its per-sample losses go (None: in the
+        response), its shared-memory session looked up once for both."""
+        view = _shared_memory(request, self.shared_memory)
+        batch = decode_request(request, view, max_elements=max_elements,
+                               pin_memory=self.service.pin_memory)
+        if view is None or not request.HasField("per_sample_output"):
+            return batch, None
+        return batch, output_view(request, view, batch.predictions.shape[0]
+                                  if batch.predictions.dim() else 0)
+
+    def _evaluate(self, call: CallRecord, request: pb.EvaluateRequest, state: CallState, *,
+                  stream: bool = False, admitted: bool = False
                   ) -> tuple[Evaluation, pb.EvaluateResponse]:
-        """decode -> queue -> compute -> encode for one message, recorded on ``call``.
+        """decode -> service (queue, compute) -> encode for one message, recorded on ``call``.
 
         ``stream``: a batch of an EvaluateStream (its weights may sum to zero);
         ``admitted``: a batch of an admitted stream (it waits for a slot, never refused).
         """
-        state = state or CallState()
         call.loss = request.loss
         call.received(request.ByteSize())
-        try:
-            with call.stage("decode"):
-                batch = decode_request(request, self.shared_memory,
-                                       max_elements=self.max_elements,
-                                       pin_memory=self.engine.device.type == "cuda")
-                out = output_view(request, self.shared_memory,
-                                  batch.predictions.shape[0] if batch.predictions.dim() else 0)
-        except Refused as exc:
-            self.limits.count(call.method, exc)
-            raise
-        ev = self.compute(call, batch, state, stream=stream, admitted=admitted)
+        batch, out = self.service.decode(call, self.decode, request)
+        ev = self.service.evaluate(call, batch, state, stream=stream, admitted=admitted)
         with call.stage("encode"):
             resp = encode_response(ev, out)
         call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
 
-    def compute(self, call: CallRecord, batch: Batch, state: CallState, *,
-                stream: bool = False, admitted: bool = False) -> Evaluation:
-        """queue -> compute for a decoded batch: admission, deadlines, out-of-memory.
-
-        Every front (this service, the Open Inference Protocol) evaluates through here.
-        ``admitted``: the batch belongs to an admitted stream and waits for its slot.
-        """
-        try:
-            oom = False
-            try:
-                if self.batcher is not None:
-                    with call.stage("compute"):  # a leader's queue stage nests in it
-                        ev = self.batcher.evaluate(
-                            batch, allow_zero_weight_sum=stream,
-                            run=lambda device_call: self._in_slot(call, state, device_call,
-                                                                  admitted=admitted))
-                else:
-                    ev = self._in_slot(call, state, lambda: [self.engine.evaluate(
-                        batch, allow_zero_weight_sum=stream)], compute_stage=True,
-                        admitted=admitted)[0]
-            except Exception as exc:
-                if not limits.is_out_of_memory(exc):
-                    raise
-                oom = True  # handled below, once the exception (and its frames) are gone
-            if oom:
-                samples = batch.predictions.shape[0] if batch.predictions.dim() else 0
-                del batch
-                limits.release_memory(self.engine.device)
-                raise limits.out_of_memory(self.engine.device, samples,
-                                           self.admission.retry_after_seconds())
-            state.check("after compute")
-        except Refused as exc:
-            self.limits.count(call.method, exc)
-            raise
-        return ev
-
-    def _in_slot(self, call: CallRecord, state: CallState,
-                 device_call: Callable[[], list[Evaluation]], *,
-                 compute_stage: bool = False, admitted: bool = False) -> list[Evaluation]:
-        """Run ``device_call`` holding a compute slot (the wait is the ``queue`` stage)."""
-        with call.stage("queue"):
-            state.check("before compute")
-            started = self.admission.acquire(state, admitted=admitted)
-        try:
-            if not compute_stage:
-                return device_call()
-            with call.stage("compute"):
-                return device_call()
-        finally:
-            self.admission.release(started)
-
     @unary_errors
     def Evaluate(self, request: pb.EvaluateRequest,
                  context: grpc.ServicerContext) -> pb.EvaluateResponse:
-        with self.metrics.call("Evaluate") as call:
-            _, resp = self._evaluate(call, request, stream=False, state=CallState.of(context))
+        with self.service.call("Evaluate") as call:
+            _, resp = self._evaluate(call, request, CallState.of(context))
             call.sent(resp.ByteSize())
             return resp
 
     @stream_errors
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateResponse]:
-        with self.metrics.call("EvaluateStream") as call, \
-                self._admitted_stream(call.method):
+        service = self.service
+        with service.call("EvaluateStream") as call, service.stream(call.method):
             state = CallState.of(context)
-            running: Aggregate | None = None
-            batch: Aggregate | None = None  # the batch so far, while messages carry `more`
-            # The same for the analyses asked for (sample positions are theirs to count).
-            running_analysis: Analysis | None = None
-            batch_analysis: Analysis | None = None
-            offset = index = 0
-            first: pb.EvaluateRequest | None = None
+            stream = StreamState()
             for request in self._received(request_iterator, context, call.method):
-                where = f"(batch {index} of the stream)"
-                if first is None:
-                    first = request
-                elif request.loss != first.loss:
-                    raise RequestError("loss", f"{request.loss!r} differs from the stream's "
-                                               f"first batch ({first.loss!r}) {where}")
-                elif request.HasField("weights") != first.HasField("weights"):
-                    raise RequestError("weights", "must be given on every batch of a stream "
-                                                  f"or on none {where}")
-                elif (name := wire.analyses_differ(request, first)) is not None:
-                    raise RequestError(name, "differs from the stream's first batch; every "
-                                             f"batch asks for the same analyses {where}")
-                token = validate.sample_offset.set(offset)
-                try:
-                    ev, resp = self._evaluate(call, request, stream=True, state=state,
+                stream.check(request.loss, request.HasField("weights"),
+                             wire.decode_analyses(request))
+                with stream.evaluating():
+                    ev, resp = self._evaluate(call, request, state, stream=True,
                                               admitted=True)
-                except RequestError as exc:
-                    raise RequestError(exc.field, f"{exc.problem} {where}", exc.code) from None
-                finally:
-                    validate.sample_offset.reset(token)
-                running = ev.aggregate if running is None else running.merge(ev.aggregate)
-                batch = ev.aggregate if batch is None else batch.merge(ev.aggregate)
+                batch, running, batch_analysis, running_analysis = stream.add(
+                    ev, more=request.more)
                 resp.ClearField("aggregates")
                 wire.encode_aggregate(batch, resp.aggregates)
                 wire.encode_aggregate(running, resp.running)
-                if ev.analysis is not None:
-                    running_analysis = (ev.analysis if running_analysis is None
-                                        else running_analysis.merge(ev.analysis))
-                    batch_analysis = (ev.analysis if batch_analysis is None
-                                      else batch_analysis.merge(ev.analysis))
+                if batch_analysis is not None and running_analysis is not None:
                     resp.ClearField("analysis")
                     wire.encode_analysis(batch_analysis, resp.analysis)
                     wire.encode_analysis(running_analysis, resp.running_analysis)
-                if request.more:
-                    offset += ev.per_sample.shape[0]
-                else:
-                    batch, batch_analysis, offset, index = None, None, 0, index + 1
                 call.sent(resp.ByteSize())
                 try:
                     yield resp
                 except GeneratorExit:  # gRPC closed the handler: the caller went away
-                    self.limits.count(call.method, _gone(context))
+                    service.refused(call.method, _gone(context))
                     raise
 
     def _received(self, requests: Iterator[T], context: grpc.ServicerContext,
@@ -345,20 +215,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                         return
                     raise
                 exc = _gone(context)
-                self.limits.count(method, exc)
+                self.service.refused(method, exc)
                 raise exc from None
             yield request
-
-    @contextlib.contextmanager
-    def _admitted_stream(self, method: str) -> Iterator[None]:
-        """The door of a stream: admitted for as long as it is open, or Refused now."""
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(self.admission.stream())
-            except Refused as exc:
-                self.limits.count(method, exc)
-                raise
-            yield
 
     @stream_errors
     def SharedMemorySession(self, request_iterator: Iterator[pb.SharedMemoryRequest],
@@ -374,7 +233,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             raise RequestError("SharedMemorySession", "shared memory is off on this server "
                                                       "(--no-shared-memory)",
                                grpc.StatusCode.FAILED_PRECONDITION)
-        with self._admitted_stream("SharedMemorySession"):
+        with self.service.stream("SharedMemorySession"):
             session = registry.open_session()
             context.add_callback(lambda: registry.close_session(session.id))
             try:
@@ -397,7 +256,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                             raise RequestError("action", "missing: register, unregister or "
                                                          "evaluate")
                     except RequestError as exc:
-                        error, code = str(exc), exc.code.value[0]
+                        status = status_of(exc)
+                        error, code = status.message, status.code_number
                     yield pb.SharedMemoryResponse(regions=sorted(session.regions), error=error,
                                                   code=code)
             finally:
@@ -405,7 +265,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 
     def _evaluate_in_session(self, session: str, request: pb.SharedMemoryRequest,
                              context: grpc.ServicerContext) -> pb.SharedMemoryResponse:
-        """One ``evaluate`` action: the answer, or the error with its code, as a response."""
+        """One ``evaluate`` action: the answer, or the error with its status, as a response."""
         req = request.evaluate
         stream_state = CallState.of(context)
         state = stream_state
@@ -419,32 +279,24 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
 
             state = CallState(is_active=stream_state.is_active, time_remaining=time_remaining)
         try:
-            with self.metrics.call("SharedMemorySession") as call:
+            with self.service.call("SharedMemorySession") as call:
                 if req.shared_memory_session and req.shared_memory_session != session:
                     raise RequestError("shared_memory_session", "not this stream's session "
                                                                 "(leave it empty)")
                 req.shared_memory_session = session
-                _, resp = self._evaluate(call, req, stream=False, state=state, admitted=True)
+                _, resp = self._evaluate(call, req, state, admitted=True)
                 call.sent(resp.ByteSize())
                 return pb.SharedMemoryResponse(evaluation=resp)
-        except RequestError as exc:
-            log.info("rejected: %s", exc)
-            return pb.SharedMemoryResponse(error=str(exc), code=exc.code.value[0])
-        except Refused as exc:
-            log.info("refused: %s", exc.message, extra={"code": exc.code.name,
-                                                         "reason": exc.reason})
-            retry = dict(exc.trailers).get(limits.RETRY_AFTER)
-            return pb.SharedMemoryResponse(error=exc.message, code=exc.code.value[0],
-                                           retry_after_ms=int(retry) if retry else 0)
-        except Exception:
-            log.exception("internal error")
-            return pb.SharedMemoryResponse(error="internal error; see the server log",
-                                           code=grpc.StatusCode.INTERNAL.value[0])
+        except Exception as exc:
+            status = status_of(exc)
+            log_error(exc, status)
+            return pb.SharedMemoryResponse(error=status.message, code=status.code_number,
+                                           retry_after_ms=status.retry_after_ms)
 
     @unary_errors
     def ListLosses(self, request: pb.ListLossesRequest,
                    context: grpc.ServicerContext) -> pb.ListLossesResponse:
-        with self.metrics.call("ListLosses") as call:
+        with self.service.call("ListLosses") as call:
             resp = catalogue_response(self.max_message_bytes)
             call.sent(resp.ByteSize())
             return resp

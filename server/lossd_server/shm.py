@@ -51,7 +51,7 @@ from pathlib import Path
 
 import grpc
 
-from lossd_server.validate import RequestError
+from lossd_server.errors import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,10 @@ from typing import Any
 import torch
 
 from lossd_server import analysis
-from lossd_server.checks import (
-    RequestError,
-    dtype_str,
-    first_value,
-    sample_offset,
-    shape_str,
-)
-from lossd_server.checks import first as _first
-from lossd_server.checks import sample as _sample
+from lossd_server.describe import dtype_str, first_value, sample_offset, shape_str
+from lossd_server.describe import first as _first
+from lossd_server.describe import sample as _sample
+from lossd_server.errors import RequestError
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
 from lossd_server.reduce import REDUCTIONS
 

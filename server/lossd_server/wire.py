@@ -2,7 +2,8 @@
 
 Decoding checks what the message itself claims (a known dtype, non-negative dims, bytes
 matching shape x itemsize) and then views the bytes as a tensor; what the loss needs of
-the tensor is ``validate``'s job.
+the tensor is ``validate``'s job. A message that does not parse, or a field that says what
+cannot be, raises the errors of :mod:`lossd_server.errors` (no validation imported here).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from lossd._wire import WIRE_DTYPES, dtype_name
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import analysis
+from lossd_server.errors import MalformedMessage, RequestError
 from lossd_server.reduce import Aggregate
-from lossd_server.validate import RequestError
 
 TORCH_DTYPES: dict[pb.DType, torch.dtype] = {k: getattr(torch, d.name)
                                              for k, d in WIRE_DTYPES.items()}
@@ -132,9 +133,6 @@ def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:
         out.weight_sum = weight_sum
 
 
-ANALYSIS_FIELDS = ("per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
-
-
 def decode_analyses(req: Any) -> analysis.Request:
     """The analyses an EvaluateRequest asks for."""
     if not (req.per_class or req.accuracy or req.top_k or req.diagnostics or req.hardest
@@ -143,17 +141,6 @@ def decode_analyses(req: Any) -> analysis.Request:
     return analysis.Request(per_class=req.per_class, accuracy=req.accuracy,
                             top_k=tuple(req.top_k), diagnostics=req.diagnostics,
                             hardest=req.hardest, quantiles=tuple(req.quantiles))
-
-
-def analyses_differ(req: Any, first: Any) -> str | None:
-    """The first analysis field in which two requests differ, or None."""
-    for name in ANALYSIS_FIELDS:
-        mine, theirs = getattr(req, name), getattr(first, name)
-        if name in ("top_k", "quantiles"):
-            mine, theirs = list(mine), list(theirs)
-        if mine != theirs:
-            return name
-    return None
 
 
 def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
@@ -235,11 +222,6 @@ _MASK64 = (1 << 64) - 1
 _START_GROUP, _END_GROUP = 3, 4
 _INPUTS_FIELD = 11  # map<string, Tensor> inputs: each entry a message {1: key, 2: value}
 INPUT_PREFIX = "inputs."
-
-
-class MalformedMessage(RequestError):
-    def __init__(self, problem: str) -> None:
-        super().__init__("request", f"malformed protobuf: {problem}")
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:

@@ -1,44 +1,18 @@
-"""What every request check shares: the errors and the helpers that name shapes, dtypes and
-samples in their messages.
+"""How a request check names what it found: shapes, dtypes and sample numbers in its
+messages (the errors themselves are in :mod:`lossd_server.errors`).
 
 The loss catalogue (built-ins and plugins) and :mod:`lossd_server.validate` both build on
-this module, so a loss's own checks live next to the loss without an import cycle.
+this module, so a loss's own checks live next to the loss without an import cycle. No gRPC
+here.
 """
 
 from __future__ import annotations
 
 import contextvars
 
-import grpc
 import torch
 
 Tensor = torch.Tensor
-
-
-class RequestError(Exception):
-    """A bad request: ``field`` names what is wrong, ``problem`` says how."""
-
-    def __init__(self, field: str, problem: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-        self.code = code
-
-
-class LossFailed(Exception):
-    """A loss function (built-in or plugin) raised or returned a bad output: INTERNAL.
-
-    The message names the loss and what went wrong, never the function's own exception
-    text (that goes to the server log with its traceback).
-    """
-
-    code = grpc.StatusCode.INTERNAL
-
-    def __init__(self, loss: str, problem: str) -> None:
-        super().__init__(f"loss {loss!r}: {problem}")
-        self.loss = loss
-        self.problem = problem
 
 
 def shape_str(shape: tuple[int, ...] | torch.Size) -> str:
