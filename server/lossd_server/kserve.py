@@ -62,7 +62,7 @@ from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis, limits
 from lossd_server.engine import Batch, Evaluation
-from lossd_server.errors import RequestError, unary_errors
+from lossd_server.errors import Refused, RequestError, unary_errors
 from lossd_server.limits import CallState
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
 from lossd_server.service import EvaluationService
@@ -520,7 +520,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         with service.call("ModelInfer") as call:
             call.loss = request.model_name
             call.received(request.ByteSize())
-            batch, outputs = service.decode(call, decode, request)
+            try:
+                with call.stage("decode"):
+                    batch, outputs = decode(request, max_elements=service.max_elements)
+            except Refused as exc:  # too large
+                service.refused(call.method, exc)
+                raise
             try:
                 ev = service.evaluate(call, batch, CallState.of(context))
             except RequestError as exc:

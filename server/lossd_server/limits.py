@@ -14,6 +14,8 @@
   become RESOURCE_EXHAUSTED; the device cache is released and the server goes on.
 * :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, and
   the admission queue, registered on the server's metrics registry.
+
+Every refusal is an :class:`~lossd_server.errors.Refused` carrying its status and reason.
 """
 
 from __future__ import annotations

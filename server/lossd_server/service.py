@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
 
 from lossd_server import analysis, limits
 from lossd_server.batching import Batcher, BatchingSettings
@@ -28,8 +27,6 @@ from lossd_server.limits import Admission, CallState, LimitMetrics
 from lossd_server.metrics import CallRecord, Metrics
 from lossd_server.reduce import Aggregate
 
-T = TypeVar("T")
-
 
 class EvaluationService:
     """Evaluates decoded batches on an :class:`Engine` for every front.
@@ -39,7 +36,8 @@ class EvaluationService:
     ``retry-after-ms`` trailer (see :class:`limits.Admission`). Streams are admitted when
     they start (at most ``max_streams``); their batches wait for a slot and are never
     refused for contention. A request claiming more than ``max_elements`` elements (0: no
-    limit) is refused while it is decoded, before its bytes are looked at. A call whose
+    limit) is refused while a front decodes it (``limits.ElementBudget``), before its bytes
+are looked at. A call whose
     caller cancelled or whose deadline passed is dropped before compute and never answered
     late; an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
     With ``batching``, small concurrent calls are evaluated together (:class:`Batcher`).
@@ -65,18 +63,10 @@ class EvaluationService:
             in_flight=in_flight)
 
     def refused(self, method: str, exc: Refused) -> None:
-        """Count a refused or dropped call of ``method`` (by its reason)."""
+        """Count a refused or dropped call of ``method`` (by its reason): a front calls it
+        for what it refuses itself (a request over ``max_elements`` as it decodes, a
+        stream whose caller went away)."""
         self.limits.count(method, exc)
-
-    def decode(self, call: CallRecord, decode: Callable[..., T], *args: Any) -> T:
-        """``decode(*args, max_elements=...)`` as the call's ``decode`` stage: a front's
-        decoder, given the request-size budget; a refusal (too large) is counted."""
-        try:
-            with call.stage("decode"):
-                return decode(*args, max_elements=self.max_elements)
-        except Refused as exc:
-            self.limits.count(call.method, exc)
-            raise
 
     def evaluate(self, call: CallRecord, batch: Batch, state: CallState, *,
                  stream: bool = False, admitted: bool = False) -> Evaluation:

@@ -135,13 +135,13 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         self.shared_memory = shared_memory
         self.descriptor_socket = descriptor_socket
 
-    def decode(self, request: pb.EvaluateRequest, *, max_elements: int = 0
-               ) -> tuple[Batch, memoryview | None]:
+    def decode(self, request: pb.EvaluateRequest) -> tuple[Batch, memoryview | None]:
         """The batch of ``request`` and where its per-sample losses go (None: in the
         response), its shared-memory session looked up once for both."""
         view = _shared_memory(request, self.shared_memory)
-        batch = decode_request(request, view, max_elements=max_elements,
-                               pin_memory=self.service.pin_memory)
+        service = self.service
+        batch = decode_request(request, view, max_elements=service.max_elements,
+                               pin_memory=service.pin_memory)
         if view is None or not request.HasField("per_sample_output"):
             return batch, None
         return batch, output_view(request, view, batch.predictions.shape[0]
@@ -157,8 +157,14 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         """
         call.loss = request.loss
         call.received(request.ByteSize())
-        batch, out = self.service.decode(call, self.decode, request)
-        ev = self.service.evaluate(call, batch, state, stream=stream, admitted=admitted)
+        service = self.service
+        try:
+            with call.stage("decode"):
+                batch, out = self.decode(request)
+        except Refused as exc:  # too large
+            service.refused(call.method, exc)
+            raise
+        ev = service.evaluate(call, batch, state, stream=stream, admitted=admitted)
         with call.stage("encode"):
             resp = encode_response(ev, out)
         call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,

@@ -1,11 +1,11 @@
 """Every check a request passes before any kernel runs.
 
-Each failure raises :class:`RequestError` naming the field and the problem; the servicer
-turns it into INVALID_ARGUMENT (or the status it carries). Nothing here touches a device:
-class indices, labels and lengths are range-checked on the host, because an out-of-range
-index on a GPU raises a device-side assert that poisons the CUDA context for every later
-request. The generic checks come from the loss's declaration (its targets, options and
-extra inputs); a loss's own ``check`` runs last.
+Each failure raises :class:`~lossd_server.errors.RequestError` naming the field and the
+problem; ``errors.status_of`` turns it into INVALID_ARGUMENT (or the status it carries).
+Nothing here touches a device: class indices, labels and lengths are range-checked on the
+host, because an out-of-range index on a GPU raises a device-side assert that poisons the
+CUDA context for every later request. The generic checks come from the loss's declaration
+(its targets, options and extra inputs); a loss's own ``check`` runs last.
 """
 
 from __future__ import annotations
