@@ -167,3 +167,26 @@ def test_stream_state_numbers_samples_and_names_the_batch() -> None:
         assert sample_offset.get() == 3
         raise RequestError("weights", "bad")
     assert sample_offset.get() == 0
+
+
+def _imports(module: Any) -> set[str]:
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            names.add(n.module)
+            names.update(f"{n.module}.{a.name}" for a in n.names)
+    return names
+
+
+def test_fronts_side_by_side_over_one_protocol_free_service() -> None:
+    """The two fronts don't import each other; the service imports no protocol."""
+    from lossd_server import kserve, service, servicer
+
+    assert not any(n.startswith("lossd_server.kserve") for n in _imports(servicer))
+    assert not any(n.startswith("lossd_server.servicer") for n in _imports(kserve))
+    assert not any(n.startswith(("grpc", "lossd.", "lossd_server.servicer",
+                                 "lossd_server.kserve")) for n in _imports(service))
