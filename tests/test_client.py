@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import lossd
 from lossd import LossClient
 from lossd._errors import from_rpc_error
-from lossd._wire import to_tensor
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd.wire import to_tensor
 from lossd_server.app import LossdServer
 
 
@@ -331,7 +331,7 @@ def test_batches_over_split_bytes_go_in_parts_with_the_same_result(
         server: LossdServer, client: LossClient) -> None:
     """A batch that fits one message but exceeds ``split_bytes`` is sent in parts over a
     stream, under the unary deadline, with the one message's result."""
-    from lossd._client import DEFAULT_SPLIT_BYTES, _Requests
+    from lossd.requests import DEFAULT_SPLIT_BYTES, Requests
 
     g = torch.Generator().manual_seed(8)
     x, t = torch.randn(50_000, 10, generator=g), torch.randint(0, 10, (50_000,), generator=g)
@@ -340,12 +340,12 @@ def test_batches_over_split_bytes_go_in_parts_with_the_same_result(
                            timeout=30, stream_timeout=0.001) as parts:
         # stream_timeout would expire at once: the parts keep the unary deadline instead.
         assert_same_result(parts.evaluate(x, t), whole.evaluate(x, t))
-    built = _Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {})
-    assert len(built) == 8 and _Requests(1 << 26, 400_000).one_message(built)
-    assert len(_Requests(1 << 26, DEFAULT_SPLIT_BYTES).build(
+    built = Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {})
+    assert len(built) == 8 and Requests(1 << 26, 400_000).one_message(built)
+    assert len(Requests(1 << 26, DEFAULT_SPLIT_BYTES).build(
         "cross_entropy", x, t, None, None, {})) == 1
     # Gradient requests are never split for split_bytes.
-    assert len(_Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {},
+    assert len(Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {},
                                                  "mean")) == 1
 
 

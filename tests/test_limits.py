@@ -43,9 +43,9 @@ Gate = EngineBlocker
 
 
 def request() -> pb.EvaluateRequest:
-    from lossd._client import _Requests
+    from lossd.requests import Requests
 
-    [req] = _Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
+    [req] = Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
     return pb.EvaluateRequest.FromString(req)
 
 

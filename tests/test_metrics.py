@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lossd
 from lossd import LossClient
-from lossd._client import _Requests
+from lossd.requests import Requests
 from lossd_server.app import LossdServer
 from lossd_server.metrics import DEFAULT_LOSS_BUCKETS, TagPolicy
 from tests.conftest import start_server
@@ -57,7 +57,7 @@ def test_traffic_moves_metrics_by_exactly_what_was_sent(metered: LossdServer) ->
         for n in sizes:
             x = rng.standard_normal((n, 4)).astype(np.float32)
             t = rng.integers(0, 4, n)
-            [req] = _Requests(2**26).build("cross_entropy", x, t, None, "resnet", {})
+            [req] = Requests(2**26).build("cross_entropy", x, t, None, "resnet", {})
             sent_bytes += len(req)
             r = client.evaluate(x, t, tag="resnet")
             per_sample.append(r.per_sample)

@@ -1,8 +1,8 @@
 """``AsyncLossClient``: the asyncio mirror of ``LossClient`` (grpc.aio).
 
-Request building, channel configuration, result decoding and error mapping are the sync
-client's (``_Requests``, ``ChannelSetup``, ``_joined``/``_BatchJoiner``, ``from_rpc_error``);
-only the calls differ.
+Request building and result decoding (:mod:`lossd._requests`), channel configuration
+(:mod:`lossd._channel`) and error mapping (``from_rpc_error``) are shared with
+``LossClient``; only the calls differ.
 """
 
 from __future__ import annotations
@@ -13,21 +13,23 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from lossd._client import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_SPLIT_BYTES,
+from lossd._channel import (
     DEFAULT_TIMEOUT,
     KEEPALIVE_SECONDS,
     RETRY_ATTEMPTS,
-    Batch,
     ChannelSetup,
     PemSource,
-    _BatchJoiner,
-    _joined,
-    _Requests,
-    analysis_fields,
 )
 from lossd._errors import LossdError, from_rpc_error
+from lossd._requests import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_SPLIT_BYTES,
+    Batch,
+    BatchJoiner,
+    Requests,
+    analysis_fields,
+    joined,
+)
 from lossd._result import LossInfo, LossResult
 from lossd.v1 import loss_service_pb2 as pb
 
@@ -58,7 +60,7 @@ class AsyncLossClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts
-        self._requests = _Requests(max_message_bytes, split_bytes)
+        self._requests = Requests(max_message_bytes, split_bytes)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -121,7 +123,7 @@ class AsyncLossClient:
             replies = [reply async for reply in call]
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return _joined(replies, running=False)
+        return joined(replies, running=False)
 
     async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                               tag: str | None = None, timeout: float | None = None,
@@ -131,7 +133,7 @@ class AsyncLossClient:
                               quantiles: bool | Iterable[float] | None = None,
                               **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
-        joiner = _BatchJoiner()
+        joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)

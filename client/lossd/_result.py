@@ -504,12 +504,16 @@ class LossResult:
         return self.aggregates.quantiles
 
     @classmethod
-    def from_proto(cls, r: pb.EvaluateResponse) -> LossResult:
+    def from_proto(cls, r: pb.EvaluateResponse, *, per_sample: np.ndarray | None = None
+                   ) -> LossResult:
+        """The result of a reply; ``per_sample``: the losses when they came another way
+        (shared memory), not in ``r``."""
         analysis = r.analysis if r.HasField("analysis") else None
         running = (Aggregates.from_proto(r.running, r.running_analysis if
                                          r.HasField("running_analysis") else None)
                    if r.HasField("running") else None)
-        per_sample = tensor_to_numpy(r.per_sample).copy()  # writable, owned by the caller
+        if per_sample is None:  # writable, owned by the caller
+            per_sample = tensor_to_numpy(r.per_sample).copy()
         gradient = tensor_to_numpy(r.gradient).copy() if r.HasField("gradient") else None
         predicted = confidence = correct = None
         if r.HasField("diagnostics"):

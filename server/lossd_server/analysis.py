@@ -37,7 +37,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from lossd._result import PerClass
+from lossd import PerClass
 from lossd_server.reduce import GroupedSums
 
 Tensor = torch.Tensor

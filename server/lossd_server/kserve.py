@@ -53,7 +53,7 @@ import grpc
 import numpy as np
 import torch
 
-from lossd._result import PerClass
+from lossd import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis, limits

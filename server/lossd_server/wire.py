@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lossd._wire import WIRE_DTYPES, dtype_name
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire import WIRE_DTYPES, dtype_name
 from lossd_server import analysis
 from lossd_server.reduce import Aggregate
 from lossd_server.validate import RequestError
