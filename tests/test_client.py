@@ -597,6 +597,23 @@ def test_closed_client_fails(server: LossdServer) -> None:
         c.losses()
 
 
+def test_public_modules_for_advanced_use() -> None:
+    """lossd.wire, lossd.requests and lossd.channel publish exactly their ``__all__``: what
+    the server shares with the client, and what callers that make the calls themselves
+    (bench/) need; each name is defined once, in the client's private modules."""
+    import lossd.channel
+    import lossd.requests
+    import lossd.wire
+    from lossd import _channel, _requests, _wire
+
+    for module in (lossd.wire, lossd.requests, lossd.channel):
+        assert module.__doc__
+        assert set(module.__all__) == {n for n in vars(module) if not n.startswith("_")}
+    assert lossd.wire.WIRE_DTYPES is _wire.WIRE_DTYPES
+    assert lossd.requests.Requests is _requests.Requests
+    assert lossd.channel.channel_options is _channel.channel_options
+
+
 def test_public_names() -> None:
     public = {name for name, value in vars(lossd).items()
               if not name.startswith("_") and not isinstance(value, types.ModuleType)}
