@@ -23,13 +23,15 @@ from lossd._wire import as_array, encode_with_tensors, option_value
 from lossd.v1 import loss_service_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The clients' message limit: the server's default ``--max-message-mb`` (64)."""
 DEFAULT_SPLIT_BYTES = 16 * 1024 * 1024
 """Batches with more tensor bytes than this go as several messages over one stream (the
 result is the same): the server then holds one part's buffers at a time, not the whole
 batch's (an extra-large batch's server peak: idle + 4.6 payloads in one 65 MB message,
 1.8 in 16 MiB parts), and the parts pipeline."""
-# Room for the message's own fields (shapes, options, framing) besides the tensor bytes.
 ENVELOPE_BYTES = 64 * 1024
+"""Room kept in a message for its own fields (shapes, options, framing) besides the tensor
+bytes: a batch is split once its tensors need more than the limit less this."""
 
 Batch = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Mapping[str, Any]]
 """A batch of a stream: (predictions, targets), with weights, and with extra inputs (targets
@@ -57,6 +59,7 @@ class Requests:
         self.split_bytes = split_bytes
 
     def options(self, options: dict[str, Any]) -> dict[str, pb.OptionValue]:
+        """The loss options as EvaluateRequest ``options`` (None values left out)."""
         return {k: option_value(k, v) for k, v in options.items() if v is not None}
 
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
@@ -194,6 +197,8 @@ class BatchJoiner:
     def requests(self, builder: Requests, batches: Iterable[Batch], loss: str,
                  tag: str | None, options: dict[str, pb.OptionValue],
                  analyses: Mapping[str, Any] | None = None) -> Iterator[bytes]:
+        """The stream's messages, batch by batch as ``batches`` is consumed (each batch
+        built by ``builder``, split along N where it must be)."""
         for batch in batches:
             preds, targs, *rest = batch
             weights = rest[0] if rest else None
