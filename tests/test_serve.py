@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import lossd
 from lossd import LossClient
 from lossd_server import serve
+from lossd_server.health import SERVICES
 from lossd_server.metrics import FLUSH_SECONDS
 from lossd_server.settings import Settings
-from tests.conftest import ServeProcess, batch, health, held_stream, wait_for
+from tests.conftest import ServeProcess, batch, health, held_stream, start_server, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -86,8 +87,26 @@ def evaluate_on_fresh_channels(address: str, channels: int, calls: int, *,
 def pod() -> Iterator[ServeProcess]:
     """A two-worker server shared by the tests that do not kill or stop it."""
     with ServeProcess("--processes", "2", "--metrics-port", "0", "--max-tags", "2",
-                      "--log-level", "debug") as p:
+                      "--health-port", "0", "--log-level", "debug") as p:
         yield p
+
+
+def test_the_pod_serves_health_on_its_health_port_for_every_service(pod: ServeProcess
+                                                                     ) -> None:
+    """The supervisor's own ``--health-port``: SERVING for the server and both fronts (the
+    services one server reports on), and health checks only."""
+    port = pod.record("lossd serving")["health_port"]
+    assert port
+    for name in ("", *SERVICES):
+        assert health(port, name) == SERVING
+    with LossClient(f"127.0.0.1:{port}", timeout=5) as client, \
+            pytest.raises(lossd.Unimplemented):
+        client.evaluate(*batch(1, n=4)[:2])
+    srv = start_server()
+    try:
+        assert srv.health.names == ("", *SERVICES)
+    finally:
+        srv.stop(0)
 
 
 def test_two_workers_serve_and_metrics_total_every_call_exactly(pod: ServeProcess) -> None:
@@ -149,7 +168,8 @@ def test_streams_and_every_method_work_across_workers(pod: ServeProcess) -> None
 
 
 def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> None:
-    with ServeProcess("--processes", "2", "--metrics-port", "0") as pod:
+    with ServeProcess("--processes", "2", "--metrics-port", "0", "--health-port", "0") as pod:
+        health_port = pod.record("lossd serving")["health_port"]
         sent = evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
         settled(pod, 12)  # what the victim served is in the shared files
         victim = worker_pids(pod)[0]
@@ -159,8 +179,10 @@ def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> N
         assert died["worker"] == 0 and died["how"] == "signal SIGKILL"
         # Health: NOT_SERVING while a worker is missing, SERVING again once it is back.
         wait_for(lambda: health(pod.port) == NOT_SERVING, timeout=10)
+        wait_for(lambda: health(health_port) == NOT_SERVING, timeout=10)
         wait_for(lambda: len(pod.records("worker ready")) == 3, timeout=120)
         wait_for(lambda: health(pod.port) == SERVING, timeout=10)
+        wait_for(lambda: health(health_port) == SERVING, timeout=10)
         assert worker_pids(pod)[0] != victim
         sent += evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
         metrics = settled(pod, 24)

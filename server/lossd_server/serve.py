@@ -23,7 +23,8 @@ processes:
   (``process_*``, ``lossd_worker_up``, ``lossd_worker_restarts_total``) with a ``worker``
   label. The tag bound (``--max-tags``) holds for the pod (``metrics.SharedTags``).
 * **health**: SERVING only while every worker is ready (warmed up, not draining). The
-  supervisor tells each worker the pod's state, and serves ``--health-port`` itself.
+  supervisor tells each worker the pod's state, and serves ``--health-port`` itself
+  (:class:`lossd_server.health.Health`, as one server does).
 * **faults**: a worker that dies is logged and restarted, with a backoff that grows while
   it keeps dying; its callers see UNAVAILABLE for the calls that were on it (clients
   retry) and the port stays reserved. A worker that fails before it first becomes ready
@@ -73,6 +74,7 @@ from lossd_server.settings import Settings
 
 if TYPE_CHECKING:
     from lossd_server.app import LossdServer
+    from lossd_server.health import Health
 
 log = logging.getLogger("lossd")
 
@@ -366,7 +368,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._serving = False
-        self._health: Any = None
+        self._health: Health | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -379,7 +381,7 @@ class Supervisor:
         self.port = reserved.getsockname()[1]
         directory = tempfile.mkdtemp(prefix="lossd-metrics-")
         self.directory = directory
-        http = health_server = None
+        http = None
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -392,7 +394,7 @@ class Supervisor:
             if code is not None:
                 return code
             http = self._serve_metrics()
-            health_server = self._serve_health()
+            self._health = self._serve_health()
             self._update_health()
             log.info("lossd serving", extra={
                 "address": f"{s.host}:{self.port}", "metrics_port": self.metrics_port,
@@ -411,8 +413,8 @@ class Supervisor:
                 if w.proc is not None and w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait()
-            if health_server is not None:
-                health_server.stop(0).wait()
+            if self._health is not None:
+                self._health.stop()
             if http is not None:
                 http.shutdown()
                 http.server_close()
@@ -586,12 +588,7 @@ class Supervisor:
                                       "ready": sum(w.ready for w in self.workers),
                                       "processes": self.processes})
         if self._health is not None:
-            from grpc_health.v1 import health_pb2
-
-            status = (health_pb2.HealthCheckResponse.SERVING if serving
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            for name in self._health_names:
-                self._health.set(name, status)
+            self._health.set_serving(serving)
 
     # -- the supervisor's own endpoints --------------------------------------------------
 
@@ -610,33 +607,17 @@ class Supervisor:
         self.metrics_port = http.server_port
         return http
 
-    def _serve_health(self) -> Any:
+    def _serve_health(self) -> Health | None:
         """``--health-port``: plaintext grpc.health.v1 with the pod's state."""
         s = self.settings
         if s.health_port < 0:
             return None
-        from concurrent import futures
+        from lossd_server.health import SERVICES, Health
 
-        import grpc
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from lossd.kserve.v2 import grpc_service_pb2
-        from lossd.v1 import loss_service_pb2
-
-        self._health_names = ("", loss_service_pb2.DESCRIPTOR.services_by_name[
-            "LossService"].full_name, grpc_service_pb2.DESCRIPTOR.services_by_name[
-            "GRPCInferenceService"].full_name)
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
-                                                        thread_name_prefix="lossd-health"),
-                             options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        address = f"{s.host}:{s.health_port}"
-        self.health_port = server.add_insecure_port(address)
-        if not self.health_port:
-            raise OSError(f"cannot bind {address} (in use?)")
-        server.start()
-        return server
+        health = Health(SERVICES)
+        self.health_port = health.bind(s.host, s.health_port)
+        health.start()
+        return health
 
 
 class _SupervisorCollector:
