@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lossd
 from lossd import LossClient
-from lossd_server import serve
 from lossd_server.health import SERVICES
 from lossd_server.metrics import FLUSH_SECONDS
+from lossd_server.serve import Supervisor, host
 from lossd_server.settings import Settings
 from tests.conftest import ServeProcess, batch, health, held_stream, start_server, wait_for
 
@@ -348,42 +348,42 @@ def test_a_taken_port_fails_loudly() -> None:
 
 
 def test_processes_auto_is_the_cores_on_a_cpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "available_cpus", lambda: 6)
-    monkeypatch.setattr(serve, "visible_gpus", lambda: 0)
-    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 6
-    assert serve.resolve_processes(Settings(processes="3")) == 3
-    assert serve.torch_threads(Settings(), 4) == 1
-    assert serve.torch_threads(Settings(), 2) == 3
-    assert serve.torch_threads(Settings(torch_threads=5), 2) == 5
+    monkeypatch.setattr(host, "available_cpus", lambda: 6)
+    monkeypatch.setattr(host, "visible_gpus", lambda: 0)
+    assert host.resolve_processes(Settings(processes="auto", device="auto")) == 6
+    assert host.resolve_processes(Settings(processes="3")) == 3
+    assert host.torch_threads(Settings(), 4) == 1
+    assert host.torch_threads(Settings(), 2) == 3
+    assert host.torch_threads(Settings(torch_threads=5), 2) == 5
 
 
 def test_processes_auto_is_four_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "visible_gpus", lambda: 2)
-    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 8
-    assert serve.resolve_processes(Settings(processes="auto", device="cuda:1")) == 4
-    assert serve.resolve_processes(Settings(processes="auto", device="cpu")) == \
-        serve.available_cpus()
-    sup = serve.Supervisor(Settings(processes="4", device="cuda"), 4)
+    monkeypatch.setattr(host, "visible_gpus", lambda: 2)
+    assert host.resolve_processes(Settings(processes="auto", device="auto")) == 8
+    assert host.resolve_processes(Settings(processes="auto", device="cuda:1")) == 4
+    assert host.resolve_processes(Settings(processes="auto", device="cpu")) == \
+        host.available_cpus()
+    sup = Supervisor(Settings(processes="4", device="cuda"), 4)
     assert [w.device for w in sup.workers] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
-    sup = serve.Supervisor(Settings(device="cuda:2,cuda:3"), 3)
+    sup = Supervisor(Settings(device="cuda:2,cuda:3"), 3)
     assert [w.device for w in sup.workers] == ["cuda:2", "cuda:3", "cuda:2"]
 
 
 def test_visible_gpus_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2,GPU-1234")
-    assert serve.visible_gpus() == 3
+    assert host.visible_gpus() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,2")  # CUDA stops at an invalid entry
-    assert serve.visible_gpus() == 1
+    assert host.visible_gpus() == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert serve.visible_gpus() == 0
+    assert host.visible_gpus() == 0
 
 
 def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert serve._cgroup_cpu_quota(tmp_path) == 1.5
+    assert host.cgroup_cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert serve._cgroup_cpu_quota(tmp_path) is None
-    assert serve.available_cpus() >= 1
+    assert host.cgroup_cpu_quota(tmp_path) is None
+    assert host.available_cpus() >= 1
 
 
 def test_bad_process_settings_are_refused() -> None:
