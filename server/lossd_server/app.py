@@ -1,9 +1,9 @@
 """Server assembly and lifecycle: ``create_server(settings)``, then ``start()``, ``stop()``.
 
 A server is: the loss catalogue (built-ins and plugins), the LossService, the standard gRPC
-health service (NOT_SERVING until the device passed a warm-up evaluation, NOT_SERVING again
-while draining), server reflection, and a Prometheus /metrics endpoint on its own port (and
-address).
+health service (:class:`lossd_server.health.Health`: NOT_SERVING until the device passed a
+warm-up evaluation, NOT_SERVING again while draining), server reflection, and a Prometheus
+/metrics endpoint on its own port (and address).
 
 Every call passes :class:`gate.Gate`: bearer tokens when configured (health stays open),
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -37,6 +37,7 @@ from lossd_server import metrics as metrics_mod
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
 from lossd_server.gate import Gate
+from lossd_server.health import Health, bind
 from lossd_server.limits import Admission
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
@@ -93,15 +94,13 @@ class LossdServer:
     port: int
     engine: Engine
     metrics: Metrics
-    health: health.HealthServicer
-    services: tuple[str, ...]
+    health: Health
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
     gate: Gate | None = None
     servicer: LossServicer | None = None
     health_port: int | None = None
     descriptor_socket: DescriptorSocket | None = None
-    _health_server: grpc.Server | None = field(default=None, repr=False)
     _metrics_http: Any = field(default=None, repr=False)
 
     @property
@@ -115,10 +114,7 @@ class LossdServer:
         return self.servicer.admission
 
     def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", *self.services):
-            self.health.set(name, status)
+        self.health.set_serving(serving)
         if serving:
             self.ready.set()
         else:
@@ -131,8 +127,7 @@ class LossdServer:
         if self.descriptor_socket is not None:
             self.descriptor_socket.start()
         self.server.start()
-        if self._health_server is not None:
-            self._health_server.start()
+        self.health.start()
         if self.settings.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.resolved_metrics_host,
@@ -172,8 +167,7 @@ class LossdServer:
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()
-        if self._health_server is not None:
-            self._health_server.stop(0).wait()
+        self.health.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -246,24 +240,19 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                 kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,
                                      ready=ready.is_set, evaluator=servicer)]
 
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_service = Health(services)
+    health_service.add_to_server(server)
     if settings.reflection:
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    port = _bind(server, settings.host, settings.port, credentials)
-    health_server, health_port = None, None
-    if settings.health_port >= 0:
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
-                                                               thread_name_prefix="lossd-health"),
-                                    options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = _bind(health_server, settings.host, settings.health_port, None)
+    port = bind(server, settings.host, settings.port, credentials)
+    health_port = (health_service.bind(settings.host, settings.health_port)
+                   if settings.health_port >= 0 else None)
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
-                        metrics=metrics, health=health_servicer, services=tuple(services),
-                        ready=ready, gate=gate, servicer=servicer, health_port=health_port,
-                        descriptor_socket=fd_socket, _health_server=health_server)
+                        metrics=metrics, health=health_service, ready=ready, gate=gate,
+                        servicer=servicer, health_port=health_port,
+                        descriptor_socket=fd_socket)
     lossd.set_serving(False)
     return lossd
 
@@ -301,15 +290,3 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
                     ("grpc.max_connection_age_grace_ms", 3_600_000)]
     return options
 
-
-def _bind(server: grpc.Server, host: str, port: int,
-          credentials: grpc.ServerCredentials | None) -> int:
-    address = f"{host}:{port}"
-    try:
-        bound = (server.add_secure_port(address, credentials) if credentials is not None
-                 else server.add_insecure_port(address))
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot bind {address} (in use?)")
-    return int(bound)
