@@ -84,6 +84,11 @@ def test_top_of_readme_has_the_two_commands() -> None:
     assert "make test" in ci
 
 
+def test_readme_is_a_short_guide() -> None:
+    """The README stays an overview; the user's guide lives in docs/ (issue 22)."""
+    assert len(README.splitlines()) <= 200
+
+
 def test_every_marked_example_is_run() -> None:
     """A block marked "runs as written" on any page is one of EXAMPLES, so none is skipped."""
     marked = sum(len(marked_blocks(p.read_text())) for p in sorted(DOCS.glob("*.md")))
