@@ -37,11 +37,18 @@ LINKED_FILES = ["README.md", "CHANGELOG.md", "bench/results/HISTORY.md",
 
 RUNS_AS_WRITTEN = "runs as written"
 
-# (id, page, a string the block contains): the runnable examples the docs must keep.
-EXAMPLES = [("quick-start", "README.md", "from lossd import LossClient"),
-            ("client", "docs/client.md", "from lossd import InvalidArgument, LossClient"),
-            ("analyses", "docs/analyses.md", "per_class=True, top_k=(1, 5), diagnostics=True"),
-            ("tritonclient", "docs/open-inference.md", "import tritonclient")]
+# (id, page, a string the block contains, a string its output contains): the runnable
+# examples the docs must keep.
+EXAMPLES = [
+    ("quick-start", "README.md", "from lossd import LossClient", "512"),
+    ("client", "docs/client.md", "from lossd import InvalidArgument, LossClient",
+     "INVALID_ARGUMENT: targets: class index"),
+    ("remote-autograd", "docs/client.md", "RemoteLoss(client", " True"),
+    ("asyncio", "docs/client.md", "async with AsyncLossClient", ""),
+    ("shared-memory", "docs/client.md", "client.shared_memory(", "True"),
+    ("analyses", "docs/analyses.md", "per_class=True, top_k=(1, 5), diagnostics=True", ""),
+    ("tritonclient", "docs/open-inference.md", "import tritonclient", ""),
+]
 
 
 def blocks(text: str, lang: str) -> list[str]:
@@ -69,7 +76,7 @@ def runnable_examples() -> dict[str, str]:
     quick_start = blocks(README, "python")[0]
     assert README.index("## Quick start") < README.index(quick_start)
     examples = {"quick-start": quick_start}
-    for name, path, needle in EXAMPLES[1:]:
+    for name, path, needle, _ in EXAMPLES[1:]:
         [example] = [b for b in marked_blocks(page(path)) if needle in b]
         examples[name] = example
     return examples
@@ -102,8 +109,9 @@ def test_quick_start_says_which_python() -> None:
     assert "pip install lossd" not in README
 
 
-@pytest.mark.parametrize("name", [e[0] for e in EXAMPLES])
-def test_example_runs_as_written(name: str) -> None:
+@pytest.mark.parametrize(("name", "expect"), [(e[0], e[3]) for e in EXAMPLES],
+                         ids=[e[0] for e in EXAMPLES])
+def test_example_runs_as_written(name: str, expect: str) -> None:
     example = runnable_examples()[name]
     assert '("127.0.0.1:50051")' in example
     try:
@@ -117,12 +125,14 @@ def test_example_runs_as_written(name: str) -> None:
         srv.stop(0)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+    assert expect in out.stdout, out.stdout
 
 
 def test_plugin_example_is_served_as_written(tmp_path: Path) -> None:
     """The Plugins page's mypkg/losses.py, installed as a module and loaded with --plugin
     (entry points off: the example plugin's charbonnier would take the name), computes the
-    Charbonnier loss; its Dockerfile block is examples/plugin/Dockerfile."""
+    Charbonnier loss; the page's "Test it" block passes against it; its Dockerfile block is
+    examples/plugin/Dockerfile."""
     plugins = page("docs/plugins.md")
     [module] = [b for b in blocks(plugins, "python") if b.startswith("# mypkg/losses.py")]
     (tmp_path / "mypkg").mkdir()
@@ -153,6 +163,11 @@ print("served")
                          timeout=120, env={**os.environ, "PYTHONPATH": path})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "served"
+    # The page's "Test it" block, run as it is against the module.
+    [test_it] = [b for b in blocks(plugins, "python") if "create_server(" in b]
+    out = subprocess.run([sys.executable, "-c", test_it], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
     [dockerfile] = blocks(plugins, "dockerfile")
     example = (ROOT / "examples" / "plugin" / "Dockerfile").read_text()
     assert dockerfile == example
