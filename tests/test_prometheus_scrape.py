@@ -80,7 +80,7 @@ def test_prometheus_scrapes_request_count(tmp_path: Path) -> None:
             assert wait_for(proc, prom_port, promql, lambda v: v == 1) == 1
             send(6)  # after a first scrape, so rate() sees the increase
             assert wait_for(proc, prom_port, promql, lambda v: v == 7) == 7
-        # The README's panel: p95 per-sample loss per model (tag) over 10 minutes.
+        # docs/monitoring.md's query: p95 per-sample loss per model (tag) over 10 minutes.
         p95 = wait_for(proc, prom_port, 'histogram_quantile(0.95, sum by (tag, le) '
                        '(rate(lossd_sample_loss_bucket{tag="resnet"}[10m])))',
                        lambda v: v == v)  # not NaN

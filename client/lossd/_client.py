@@ -60,7 +60,7 @@ class LossClient:
     than a message). A
     per-call ``timeout=`` overrides both; None means no deadline.
 
-    Security (README, "Security"), each also read from the environment when left out:
+    Security (docs/security.md), each also read from the environment when left out:
 
     * ``token`` (``LOSSD_TOKEN``): sent as ``authorization: Bearer <token>`` on every call.
     * ``root_certificates`` (``LOSSD_TLS_CA``): PEM bytes or a file path; turns TLS on.
@@ -70,7 +70,7 @@ class LossClient:
       certificate is given. ``server_name`` (``LOSSD_TLS_SERVER_NAME``) checks the server
       certificate against this name instead of the target's host.
 
-    Resilience (README, "Resilience"): ``retry_attempts`` (5; 1 turns retries off) tries
+    Resilience (docs/resilience.md): ``retry_attempts`` (5; 1 turns retries off) tries
     for UNAVAILABLE with exponential backoff 0.1 s .. 2 s on Evaluate, EvaluateStream
     (before its first answer) and ListLosses; ``keepalive_seconds`` (30; 0 off) pings the
     server so a dead connection is noticed; ``load_balancing`` ("round_robin" or
@@ -151,7 +151,7 @@ class LossClient:
         d(reduction)/d(predictions) as ``result.gradient``, shaped as the predictions
         (bfloat16 comes back as float32 numpy).
 
-        Analyses (README, "Analyses"), in ``result.per_class``, ``result.accuracy``, ...:
+        Analyses (docs/analyses.md), in ``result.per_class``, ``result.accuracy``, ...:
         ``per_class`` (aggregates per target class), ``accuracy`` (top-1), ``top_k`` (a k
         or several: ``result.top_k_accuracy``), ``diagnostics`` (per-sample predicted
         class, confidence, correct, and the calibration with ``result.ece``) need

@@ -329,7 +329,7 @@ class Quantiles(Mapping[float, float]):
 
 @dataclass(frozen=True)
 class Aggregates:
-    """Aggregates over the samples that count (see the README's per-sample rule), and the
+    """Aggregates over the samples that count (docs/losses.md, the per-sample rule), and the
     analyses asked for (None where not).
 
     ``weighted_sum``, ``weighted_mean`` and ``weight_sum`` are None without weights.
@@ -578,8 +578,9 @@ class InputInfo:
 class LossInfo:
     """One catalogue entry, as ``LossClient.losses()`` returns it.
 
-    ``targets``: what the targets are ("values", "classes", "none", ...; see the README's
-    loss table); ``source``: "lossd" for a built-in, else the plugin that registered it.
+    ``targets``: what the targets are ("values", "classes", "none", ...; see the loss
+    table in docs/losses.md); ``source``: "lossd" for a built-in, else the plugin that
+    registered it.
     """
 
     name: str

@@ -60,7 +60,7 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
-    # Security (README, "Security"). Settings hold file paths and variable names, never secrets.
+    # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
                                  "TLS on")
     tls_key: str = _setting("", "PEM private key of --tls-cert", secret=True)
@@ -80,7 +80,7 @@ class Settings:
                                         "large blocks, no trimming, one arena) so each large "
                                         "request reuses pages instead of faulting in fresh "
                                         "ones; RSS then stays at its peak")
-    # Dynamic batching (README, "Performance").
+    # Dynamic batching (docs/performance.md, "Knobs").
     batching: str = _setting("off", "coalesce concurrent small requests with the same loss, "
                                     "options and shapes into one device call (off by default: "
                                     "it measured no faster on CPU or an H100, where Python "
@@ -90,7 +90,7 @@ class Settings:
                                             "requests run alone")
     batch_delay_us: int = _setting(500, "how long the first request of a batch waits for "
                                         "others (only while other calls are in flight)")
-    # Limits and backpressure (README, "Limits and backpressure").
+    # Limits and backpressure (docs/resilience.md, "Limits and backpressure").
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
                                           "together); more gets RESOURCE_EXHAUSTED (0: no "
@@ -111,7 +111,7 @@ class Settings:
                                                 "process (0: no cap; with 4 processes on a "
                                                 "GPU at most ~0.2 each); evaluations beyond "
                                                 "it get RESOURCE_EXHAUSTED")
-    # Shared memory (README, "Asyncio, shared memory").
+    # Shared memory (docs/client.md and docs/security.md, "Shared memory").
     shared_memory: bool = _setting(True, "serve SharedMemorySession: co-located callers pass "
                                          "sealed memfds over a Unix-domain socket in "
                                          "--shm-socket-dir")
@@ -127,7 +127,7 @@ class Settings:
                                                     "accepted from clients (lossd clients ping "
                                                     "every 30 s); faster pingers are "
                                                     "disconnected")
-    # Plugins (README, "Plugins").
+    # Plugins (docs/plugins.md).
     plugins: tuple[str, ...] = _setting((), "a module (or module:function) whose import "
                                             "registers losses with lossd_server.plugins."
                                             "register; repeatable (the variable: comma-"
