@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterable
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -142,3 +143,52 @@ def test_extra_inputs_and_no_targets(front: Callable[..., SyncFront], client: Lo
                for i in range(0, 3000, 1000)]
     results = front().evaluate_stream(batches, loss="triplet_margin_loss")
     assert results[-1].running == whole.aggregates
+
+
+class ShardMissing(KeyError):
+    """The caller's own error, raised by its batch generator."""
+
+
+def test_caller_generator_error_reaches_the_caller_unchanged(
+        front: Callable[..., SyncFront], server: LossdServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22: not ``UNKNOWN: Exception iterating requests!``, but the caller's exception
+    itself (its type, message and chain), the stream cancelled, nothing left running on the
+    server, and nothing in gRPC's log."""
+    x, t, _ = data()
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield x, t
+        try:
+            {}["shard-7"]
+        except KeyError as root:
+            raise ShardMissing("shard-7 not in the index") from root
+
+    with pytest.raises(ShardMissing) as info:
+        front(retry_attempts=1).evaluate_stream(batches())
+    exc = info.value
+    assert type(exc) is ShardMissing and exc.args == ("shard-7 not in the index",)
+    assert isinstance(exc.__cause__, KeyError) and exc.__cause__.args == ("shard-7",)
+    assert "batches" in [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    assert not [r for r in caplog.records if "iterating requests" in r.getMessage()]
+    assert server.gate.wait_idle(10)
+    r = front().evaluate_stream([(x, t)])
+    assert r[0].count == 64
+
+
+@pytest.mark.parametrize(("item", "what"), [
+    (np.zeros((4, 3), np.float32), "batch 1 is a ndarray of shape (4, 3)"),
+    (torch.zeros(4, 3), "batch 1 is a Tensor of shape (4, 3)"),
+    ((np.zeros((4, 3), np.float32),), "batch 1 is a tuple of 1 items"),
+    ({"predictions": np.zeros(4)}, "batch 1 is a dict"),
+])
+def test_stream_item_that_is_not_a_batch_is_a_type_error(front: Callable[..., SyncFront],
+                                                         server: LossdServer, item: Any,
+                                                         what: str) -> None:
+    x, t, _ = data()
+    with pytest.raises(TypeError) as info:
+        front(retry_attempts=1).evaluate_stream([(x, t), item])
+    assert str(info.value).startswith(
+        f"evaluate_stream: {what}; each batch is a (predictions, targets), (predictions, "
+        "targets, weights) or (predictions, targets, weights, inputs) tuple")
+    assert server.gate.wait_idle(10)

@@ -7,6 +7,7 @@ Request building and result decoding (:mod:`lossd._requests`), channel configura
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from lossd._requests import (
     Batch,
     BatchJoiner,
     Requests,
+    StreamGuard,
     analysis_fields,
     joined,
 )
@@ -137,16 +139,25 @@ class AsyncLossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
-        requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options), analyses)
-        call = self._evaluate_stream(requests, metadata=self._metadata,
+        guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
+                                            self._requests.options(options), analyses))
+        call = self._evaluate_stream(guard, metadata=self._metadata,
                                      timeout=_or(timeout, self.stream_timeout))
+        guard.attach(call.cancel)
         try:
             async for reply in call:
+                if guard.error is not None:
+                    break
                 if (result := joiner.received(reply)) is not None:
                     yield result
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            if guard.error is None:
+                raise self._error(exc) from exc
+        except asyncio.CancelledError:
+            # grpc.aio reports the call cancelled here (the guard's doing) as CancelledError.
+            if guard.error is None:
+                raise
+        guard.raise_error()
 
     async def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """As :meth:`LossClient.losses`."""

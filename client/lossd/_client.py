@@ -28,6 +28,7 @@ from lossd._requests import (
     Batch,
     BatchJoiner,
     Requests,
+    StreamGuard,
     analysis_fields,
     joined,
 )
@@ -184,7 +185,9 @@ class LossClient:
         """Evaluate many batches over one stream; yields one result per batch.
 
         Each batch is ``(predictions, targets)``, ``(predictions, targets, weights)`` or
-        ``(predictions, targets, weights, inputs)`` (targets and weights may be None).
+        ``(predictions, targets, weights, inputs)`` (targets and weights may be None); any
+        other item is a TypeError. An exception raised by ``batches`` itself (the caller's
+        generator) reaches the caller unchanged, the stream cancelled.
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)
@@ -195,14 +198,20 @@ class LossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
-        requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options), analyses)
+        guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
+                                            self._requests.options(options), analyses))
+        call = self._evaluate_stream(guard, timeout=self._stream_timeout(timeout))
+        guard.attach(call.cancel)
         try:
-            for reply in self._evaluate_stream(requests, timeout=self._stream_timeout(timeout)):
+            for reply in call:
+                if guard.error is not None:
+                    break
                 if (result := joiner.received(reply)) is not None:
                     yield result
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            if guard.error is None:
+                raise self._error(exc) from exc
+        guard.raise_error()
 
     def shared_memory(self, size: int, *, name: str = "lossd",
                       socket_dir: str | os.PathLike[str] | None = None) -> SharedMemory:
