@@ -20,6 +20,7 @@ from lossd._channel import (
     RETRY_ATTEMPTS,
     ChannelSetup,
     PemSource,
+    dial,
 )
 from lossd._errors import LossdError, from_rpc_error
 from lossd._requests import (
@@ -63,6 +64,7 @@ class AsyncLossClient:
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts
         self._requests = Requests(max_message_bytes, split_bytes)
+        address, tls = dial(target, tls)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -70,10 +72,10 @@ class AsyncLossClient:
             retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
             load_balancing=load_balancing, env=env)
         self._metadata = setup.metadata
-        self._channel = (grpc.aio.secure_channel(target, setup.credentials,
+        self._channel = (grpc.aio.secure_channel(address, setup.credentials,
                                                  options=setup.options)
                          if setup.credentials is not None
-                         else grpc.aio.insecure_channel(target, options=setup.options))
+                         else grpc.aio.insecure_channel(address, options=setup.options))
         self._evaluate = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,
             response_deserializer=pb.EvaluateResponse.FromString)
