@@ -593,3 +593,36 @@ def test_too_large_request_client(small_server: LossdServer) -> None:
         r = c.evaluate(x, t, loss="l1_loss")
         assert r.count == 300_000 and r.per_sample.shape == (300_000,)
         assert np.array_equal(r.per_sample, F.l1_loss(x, t, reduction="none").numpy())
+
+
+@pytest.mark.parametrize(("model", "parameters", "field", "problem"), [
+    ("CrossEntropyLoss", {}, "model_name",
+     "unknown model 'CrossEntropyLoss'; did you mean 'cross_entropy'? the models are"),
+    ("cross_entropy", {"label_smothing": 0.1}, "parameters.label_smothing",
+     "unknown parameter for model cross_entropy; did you mean 'label_smoothing'?; accepted: "),
+    ("cross_entropy", {"reduction": "mean"}, "parameters.reduction",
+     "unknown parameter for model cross_entropy; lossd takes no reduction: every result "
+     "carries every reduction"),
+])
+def test_kserve_errors_point_at_the_fix_too(server: LossdServer, model: str,
+                                            parameters: dict[str, Any], field: str,
+                                            problem: str) -> None:
+    """The hints live in the server's validation, so the Open Inference front has them."""
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+    from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
+
+    req = kpb.ModelInferRequest(model_name=model)
+    for (name, value), tensor in zip((("PREDICTIONS", X), ("TARGETS", T)),
+                                     (req.inputs.add(), req.inputs.add()), strict=True):
+        tensor.name, tensor.shape[:] = name, list(value.shape)
+        tensor.datatype = "FP32" if value.is_floating_point() else "INT64"
+        req.raw_input_contents.append(value.numpy().tobytes())
+    for name, value in parameters.items():
+        if isinstance(value, float):
+            req.parameters[name].double_param = value
+        else:
+            req.parameters[name].string_param = value
+    with (grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+          pytest.raises(grpc.RpcError) as info):
+        kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
+    assert info.value.details().startswith(f"{field}: {problem}"), info.value.details()

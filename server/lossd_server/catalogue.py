@@ -497,20 +497,28 @@ REDUCTION_OPTIONS = frozenset({"reduction", "size_average", "reduce"})
 """torch's reduction arguments: lossd takes none, it returns every reduction."""
 
 
-def unknown_option(loss: Loss, name: str, accepted: Iterable[str]) -> str:
-    """The problem text for an option ``loss`` does not take: torch's ``weight`` and
-    ``reduction`` explained, else a "did you mean" among ``accepted``, then the accepted
-    names."""
-    accepted = list(accepted)
-    listed = f"accepted: {', '.join(accepted) or 'none'}"
+def option_hint(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """What to do instead of option ``name``, which ``loss`` does not take: torch's
+    ``weight`` and ``reduction`` explained, else a "did you mean" among ``accepted``, else
+    "" (the KServe front words its own message around it)."""
     if name in REDUCTION_OPTIONS:
         return (f"lossd takes no {name}: every result carries every reduction (per_sample, "
                 "sum, mean, and weighted_sum / weighted_mean with weights=), so there is "
-                f"nothing to choose; {listed}")
+                "nothing to choose")
     if name == "weight":
         where = ("lossd calls torch's weight class_weights" if "class_weights" in accepted
                  else f"{loss.name} takes no class weights")
-        return f"{where}; per-sample weights go in weights=; {listed}"
-    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown option for {loss.name}{hint}; {listed}"
+        return f"{where}; per-sample weights go in weights="
+    close = difflib.get_close_matches(name, list(accepted), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_option(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """The problem text for an option ``loss`` does not take: :func:`option_hint`, then the
+    accepted names."""
+    accepted = list(accepted)
+    listed = f"accepted: {', '.join(accepted) or 'none'}"
+    hint = option_hint(loss, name, accepted)
+    if name in REDUCTION_OPTIONS or name == "weight":
+        return f"{hint}; {listed}"
+    return f"unknown option for {loss.name}{'; ' + hint if hint else ''}; {listed}"
