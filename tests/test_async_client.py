@@ -150,16 +150,19 @@ class ShardMissing(KeyError):
     """The caller's own error, raised by its batch generator."""
 
 
+@pytest.mark.parametrize("sent", [0, 1, 3])
 def test_caller_generator_error_reaches_the_caller_unchanged(
         front: Callable[..., SyncFront], server: LossdServer,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, sent: int) -> None:
     """Issue 22: not ``UNKNOWN: Exception iterating requests!``, but the caller's exception
     itself (its type, message and chain), the stream cancelled, nothing left running on the
-    server, and nothing in gRPC's log."""
+    server, and nothing in gRPC's log; whether the generator fails at once or after
+    ``sent`` batches."""
     x, t, _ = data()
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        yield x, t
+        for _ in range(sent):
+            yield x, t
         try:
             {}["shard-7"]
         except KeyError as root:
