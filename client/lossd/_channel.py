@@ -1,5 +1,6 @@
-"""Channel set-up both clients build their channel from: options (message limit,
-keepalive, retries, load balancing), TLS credentials and the bearer-token metadata.
+"""Channel set-up both clients build their channel from: the address to dial (:func:`dial`:
+lossd's default port, URL schemes), options (message limit, keepalive, retries, load
+balancing), TLS credentials and the bearer-token metadata.
 
 No calls are made here. ``lossd.channel`` publishes the names for callers that open
 their own channel with the clients' configuration (bench/).

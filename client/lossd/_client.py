@@ -98,7 +98,7 @@ class LossClient:
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts if channel is None else 1
         self._requests = Requests(max_message_bytes, split_bytes)
-        address, tls = dial(target, tls)
+        address, tls = dial(target, tls) if channel is None else (target, tls)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
