@@ -626,3 +626,37 @@ def test_public_names() -> None:
             "SharedMemory", "AsyncLossClient", *ERRORS} <= set(lossd.__all__)
     assert re.fullmatch(r"\d+\.\d+\.\d+", lossd.__version__)
     assert dataclasses.is_dataclass(lossd.Aggregates)
+
+
+def test_address_forms_dial_what_they_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: no port dials 50051 (not gRPC's 443); http:// and grpc:// are plaintext,
+    https:// and grpcs:// TLS (443 by default)."""
+    dialled: list[tuple[str, bool]] = []
+
+    def insecure(target: str, options: Any = None) -> grpc.Channel:
+        dialled.append((target, False))
+        return real_insecure("127.0.0.1:1", options=options)
+
+    def secure(target: str, credentials: Any, options: Any = None) -> grpc.Channel:
+        dialled.append((target, credentials is not None))
+        return real_insecure("127.0.0.1:1", options=options)
+
+    real_insecure = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", insecure)
+    monkeypatch.setattr(grpc, "secure_channel", secure)
+    forms = {"127.0.0.1": ("127.0.0.1:50051", False),
+             "lossd-0.lossd": ("lossd-0.lossd:50051", False),
+             "[::1]": ("[::1]:50051", False),
+             "127.0.0.1:7000": ("127.0.0.1:7000", False),
+             "http://127.0.0.1:7000": ("127.0.0.1:7000", False),
+             "grpc://lossd": ("lossd:50051", False),
+             "https://lossd.example.com": ("lossd.example.com:443", True),
+             "grpcs://lossd.example.com:8443/": ("lossd.example.com:8443", True),
+             "dns:///lossd-headless": ("dns:///lossd-headless:50051", False),
+             "ipv4:10.0.0.1:50051,10.0.0.2:50051": ("ipv4:10.0.0.1:50051,10.0.0.2:50051",
+                                                   False)}
+    for target in forms:
+        LossClient(target, env={}).close()
+    assert dict(zip(forms, dialled, strict=True)) == forms
+    with pytest.raises(ValueError, match="means TLS, but tls=False"):
+        LossClient("https://lossd.example.com", tls=False, env={})

@@ -14,6 +14,7 @@ from loss_reference import Case, expected
 import lossd
 from lossd import LossClient
 from lossd.torch import RemoteLoss
+from lossd_server.app import LossdServer
 from lossd_server.losses import sigmoid_focal_loss
 
 N, C = 6, 5
@@ -95,6 +96,26 @@ def test_remote_loss_backward_fills_grad(client: LossClient) -> None:
     (local * 2).backward()
     torch.testing.assert_close(loss.detach(), local.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(remote_x.grad, local_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_remote_loss_takes_an_address(client: LossClient, server: LossdServer) -> None:
+    """Issue 22: ``RemoteLoss("host:port", ...)`` (it raised AttributeError); a client is
+    still taken, and anything else is named."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, C, generator=g)
+    t = torch.randint(0, C, (N,), generator=g)
+    by_address = RemoteLoss(f"127.0.0.1:{server.port}", "cross_entropy", label_smoothing=0.1)
+    assert isinstance(by_address.client, LossClient)
+    by_client = RemoteLoss(client, "cross_entropy", label_smoothing=0.1)
+    grads = []
+    for remote in (by_address, by_client):
+        leaf = x.clone().requires_grad_(True)
+        remote(leaf, t).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    by_address.client.close()
+    with pytest.raises(TypeError, match="client: a LossClient or the server's address"):
+        RemoteLoss(50051)  # type: ignore[arg-type]
 
 
 def test_remote_loss_bfloat16_gradient_in_predictions_dtype(client: LossClient) -> None:

@@ -7,6 +7,7 @@ Request building and result decoding (:mod:`lossd._requests`), channel configura
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from lossd._channel import (
     RETRY_ATTEMPTS,
     ChannelSetup,
     PemSource,
+    dial,
 )
 from lossd._errors import LossdError, from_rpc_error
 from lossd._requests import (
@@ -27,6 +29,7 @@ from lossd._requests import (
     Batch,
     BatchJoiner,
     Requests,
+    StreamGuard,
     analysis_fields,
     joined,
 )
@@ -61,6 +64,7 @@ class AsyncLossClient:
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts
         self._requests = Requests(max_message_bytes, split_bytes)
+        address, tls = dial(target, tls)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -68,10 +72,10 @@ class AsyncLossClient:
             retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
             load_balancing=load_balancing, env=env)
         self._metadata = setup.metadata
-        self._channel = (grpc.aio.secure_channel(target, setup.credentials,
+        self._channel = (grpc.aio.secure_channel(address, setup.credentials,
                                                  options=setup.options)
                          if setup.credentials is not None
-                         else grpc.aio.insecure_channel(target, options=setup.options))
+                         else grpc.aio.insecure_channel(address, options=setup.options))
         self._evaluate = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,
             response_deserializer=pb.EvaluateResponse.FromString)
@@ -137,16 +141,25 @@ class AsyncLossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
-        requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options), analyses)
-        call = self._evaluate_stream(requests, metadata=self._metadata,
+        guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
+                                            self._requests.options(options), analyses))
+        call = self._evaluate_stream(guard, metadata=self._metadata,
                                      timeout=_or(timeout, self.stream_timeout))
+        guard.attach(call.cancel)
         try:
             async for reply in call:
+                if guard.error is not None:
+                    break
                 if (result := joiner.received(reply)) is not None:
                     yield result
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            if guard.error is None:
+                raise self._error(exc) from exc
+        except asyncio.CancelledError:
+            # grpc.aio reports the call cancelled here (the guard's doing) as CancelledError.
+            if guard.error is None:
+                raise
+        guard.raise_error()
 
     async def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """As :meth:`LossClient.losses`."""

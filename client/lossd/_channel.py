@@ -1,5 +1,6 @@
-"""Channel set-up both clients build their channel from: options (message limit,
-keepalive, retries, load balancing), TLS credentials and the bearer-token metadata.
+"""Channel set-up both clients build their channel from: the address to dial (:func:`dial`:
+lossd's default port, URL schemes), options (message limit, keepalive, retries, load
+balancing), TLS credentials and the bearer-token metadata.
 
 No calls are made here. ``lossd.channel`` publishes the names for callers that open
 their own channel with the clients' configuration (bench/).
@@ -89,6 +90,73 @@ def channel_options(max_message_bytes: int, *, keepalive_seconds: float = KEEPAL
     return options
 
 
+DEFAULT_PORT = 50051
+"""lossd's gRPC port (``lossd serve --port``): an address without a port dials it (gRPC's
+own default would be 443)."""
+TLS_PORT = 443
+"""The port of an ``https://`` or ``grpcs://`` address without one (an ingress, a load
+balancer)."""
+_SCHEMES = {"http": False, "grpc": False, "https": True, "grpcs": True}
+"""URL schemes accepted in an address, and whether each means TLS."""
+_GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+"""gRPC's own target schemes: passed to gRPC as they are (dns: gets the default port)."""
+
+
+def _with_port(host: str, port: int) -> str:
+    """``host`` with ``:port`` added when it has none (IPv6 literals bracketed)."""
+    if host.startswith("["):
+        return host if not host.endswith("]") else f"{host}:{port}"
+    if host.count(":") > 1:  # a bare IPv6 literal, no room for a port
+        return f"[{host}]:{port}"
+    name, colon, given = host.partition(":")
+    return host if colon and given else f"{name}:{port}"
+
+
+def dial(target: str, tls: bool | None = None) -> tuple[str, bool | None]:
+    """The gRPC target to dial for the clients' ``target``, and ``tls`` with what the
+    address's scheme says (None: as the certificates say).
+
+    ``host`` or ``host:port`` (the port defaults to 50051, lossd's); ``http://`` and
+    ``grpc://host[:port]`` are plaintext, ``https://`` and ``grpcs://host[:port]`` TLS
+    (port 443 by default); gRPC's own targets (``dns:///host:port``, ``ipv4:...``,
+    ``unix:path``) pass unchanged. A scheme that contradicts ``tls`` is a ValueError, and
+    so is any other scheme.
+
+    >>> dial("127.0.0.1")
+    ('127.0.0.1:50051', None)
+    >>> dial("http://lossd:50051/")
+    ('lossd:50051', False)
+    >>> dial("https://lossd.example.com")
+    ('lossd.example.com:443', True)
+    """
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        prefix = target.partition(":")[0].lower()
+        if prefix == "dns":  # dns:host[:port]
+            return f"dns:{_with_port(target[4:], DEFAULT_PORT)}", tls
+        if prefix in _GRPC_SCHEMES:
+            return target, tls
+        return _with_port(target, DEFAULT_PORT), tls
+    scheme = scheme.lower()
+    if scheme == "dns":  # dns://authority/host[:port]
+        authority, _, host = rest.partition("/")
+        return f"dns://{authority}/{_with_port(host, DEFAULT_PORT)}", tls
+    if scheme in _GRPC_SCHEMES:
+        return target, tls
+    if scheme not in _SCHEMES:
+        raise ValueError(f"address {target!r}: unknown scheme {scheme}://; give host:port "
+                         "(plaintext), http://host:port, https://host[:port] (TLS) or a gRPC "
+                         "target (dns:///host:port, ipv4:host:port, unix:path)")
+    host, _, path = rest.partition("/")
+    if path or not host:
+        raise ValueError(f"address {target!r}: a gRPC address is host:port, no path")
+    means = _SCHEMES[scheme]
+    if tls is not None and tls != means:
+        raise ValueError(f"address {target!r} means {'TLS' if means else 'plaintext'}, but "
+                         f"tls={tls}")
+    return _with_port(host, TLS_PORT if means else DEFAULT_PORT), means
+
+
 PemSource = str | os.PathLike[str] | bytes | None
 
 
@@ -127,7 +195,8 @@ def channel_credentials(*, root_certificates: PemSource = None,
         raise ValueError("certificate_chain and private_key go together (mutual TLS)")
     if tls is False:
         if ca or chain:
-            raise ValueError("tls=False with TLS certificates given")
+            raise ValueError("tls=False (or an http:// address) with TLS certificates "
+                             "given")
         return None
     if tls is None and ca is None and chain is None:
         return None

@@ -20,6 +20,7 @@ from lossd._channel import (
     ChannelSetup,
     MetadataInterceptor,
     PemSource,
+    dial,
 )
 from lossd._errors import LossdError, from_rpc_error
 from lossd._requests import (
@@ -28,6 +29,7 @@ from lossd._requests import (
     Batch,
     BatchJoiner,
     Requests,
+    StreamGuard,
     analysis_fields,
     joined,
 )
@@ -46,9 +48,11 @@ class LossClient:
             r = client.evaluate(logits, targets, loss="cross_entropy", label_smoothing=0.1)
             r.per_sample, r.mean
 
-    ``target`` is any gRPC target: "host:port",
+    ``target`` is the server's address: "host" or "host:port" (the port defaults to 50051,
+    lossd's), "http://host:port" or "grpc://host:port" (plaintext), "https://host[:port]" or
+    "grpcs://host[:port]" (TLS, as ``tls=True``; port 443 by default), or any gRPC target:
     "dns:///lossd-headless.<ns>.svc.cluster.local:50051" (every resolved address is used,
-    round robin), "ipv4:10.0.0.1:50051,10.0.0.2:50051", ...
+    round robin), "ipv4:10.0.0.1:50051,10.0.0.2:50051", ... Other schemes are a ValueError.
     ``max_message_bytes`` must not exceed the server's ``--max-message-mb``; larger batches
     are split along N and reassembled, and so are batches over ``split_bytes`` (16 MiB; None
     turns it off): the server then holds one part at a time (a 65 MB batch's server peak
@@ -94,6 +98,7 @@ class LossClient:
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts if channel is None else 1
         self._requests = Requests(max_message_bytes, split_bytes)
+        address, tls = dial(target, tls) if channel is None else (target, tls)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -101,9 +106,9 @@ class LossClient:
             retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
             load_balancing=load_balancing, env=env)
         if channel is None:
-            channel = (grpc.secure_channel(target, setup.credentials, options=setup.options)
+            channel = (grpc.secure_channel(address, setup.credentials, options=setup.options)
                        if setup.credentials is not None
-                       else grpc.insecure_channel(target, options=setup.options))
+                       else grpc.insecure_channel(address, options=setup.options))
         self._raw_channel = channel
         self._channel = (grpc.intercept_channel(channel, MetadataInterceptor(setup.metadata))
                          if setup.metadata else channel)
@@ -184,7 +189,9 @@ class LossClient:
         """Evaluate many batches over one stream; yields one result per batch.
 
         Each batch is ``(predictions, targets)``, ``(predictions, targets, weights)`` or
-        ``(predictions, targets, weights, inputs)`` (targets and weights may be None).
+        ``(predictions, targets, weights, inputs)`` (targets and weights may be None); any
+        other item is a TypeError. An exception raised by ``batches`` itself (the caller's
+        generator) reaches the caller unchanged, the stream cancelled.
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)
@@ -195,14 +202,20 @@ class LossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
-        requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options), analyses)
+        guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
+                                            self._requests.options(options), analyses))
+        call = self._evaluate_stream(guard, timeout=self._stream_timeout(timeout))
+        guard.attach(call.cancel)
         try:
-            for reply in self._evaluate_stream(requests, timeout=self._stream_timeout(timeout)):
+            for reply in call:
+                if guard.error is not None:
+                    break
                 if (result := joiner.received(reply)) is not None:
                     yield result
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            if guard.error is None:
+                raise self._error(exc) from exc
+        guard.raise_error()
 
     def shared_memory(self, size: int, *, name: str = "lossd",
                       socket_dir: str | os.PathLike[str] | None = None) -> SharedMemory:

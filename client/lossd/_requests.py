@@ -12,7 +12,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,89 @@ def joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
         predicted=cat("predicted"), confidence=cat("confidence"), correct=cat("correct"))
 
 
+BATCH_FORMS = ("a (predictions, targets), (predictions, targets, weights) or (predictions, "
+               "targets, weights, inputs) tuple (targets and weights may be None, inputs is "
+               "a dict)")
+"""What a stream item must be, as the TypeError for one that is not says it."""
+
+
+def batch_parts(batch: Any, index: int = 0) -> tuple[Any, Any, Any, Mapping[str, Any] | None]:
+    """(predictions, targets, weights, inputs) of a stream's batch number ``index``.
+
+    A tuple or list of 2 to 4 items; anything else (a bare array, whose rows would
+    otherwise unpack as predictions and targets) is a TypeError saying what a batch is.
+
+    >>> batch_parts(("x", "t"))
+    ('x', 't', None, None)
+    """
+    if not isinstance(batch, tuple | list) or not 2 <= len(batch) <= 4:
+        what = type(batch).__name__
+        if isinstance(batch, tuple | list):
+            what = f"{what} of {len(batch)} items"
+        elif (shape := getattr(batch, "shape", None)) is not None:
+            what = f"{what} of shape {tuple(shape)}"
+        raise TypeError(f"evaluate_stream: batch {index} is a {what}; each batch is "
+                        f"{BATCH_FORMS}: yield (predictions, targets), not predictions alone")
+    preds, targs, *rest = batch
+    weights = rest[0] if rest else None
+    inputs = rest[1] if len(rest) > 1 else None
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise TypeError(f"evaluate_stream: batch {index}'s inputs are a "
+                        f"{type(inputs).__name__}; each batch is {BATCH_FORMS}")
+    return preds, targs, weights, inputs
+
+
+class StreamGuard:
+    """An ``evaluate_stream`` call's request stream, guarded for the caller's sake.
+
+    An exception raised while the stream is produced (by the caller's own batch generator,
+    or for an item that is not a batch) would otherwise reach gRPC, which ends the call as
+    ``UNKNOWN: Exception iterating requests!`` and shows the real error only in its log.
+    Here it is kept in :attr:`error`, the call is cancelled (the server stops at once) and
+    the stream ends; the client then raises the error itself, unchanged
+    (:meth:`raise_error`). gRPC may draw on the stream from its own thread, hence the lock.
+    """
+
+    def __init__(self, requests: Iterator[bytes]) -> None:
+        self._requests = requests
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], object] | None = None
+        self.error: Exception | None = None
+
+    def __iter__(self) -> StreamGuard:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._requests)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            with self._lock:
+                self.error = exc
+                cancel = self._cancel
+            if cancel is not None:
+                cancel()
+            raise StopIteration from None
+
+    def attach(self, cancel: Callable[[], object]) -> None:
+        """The call's ``cancel``, called on an error (at once for one already kept: gRPC
+        starts drawing on the stream as soon as the call exists)."""
+        with self._lock:
+            self._cancel = cancel
+            failed = self.error is not None
+        if failed:
+            cancel()
+
+    def raise_error(self) -> None:
+        """Raise the kept exception, if any; call it outside an ``except`` block, so that
+        the exception keeps its own chain."""
+        if self.error is not None:
+            raise self.error
+
+
 class BatchJoiner:
     """Turns batches into stream messages and the replies back into one result per batch
     (a batch split along N goes as several messages and is answered by as many)."""
@@ -199,10 +283,8 @@ class BatchJoiner:
                  analyses: Mapping[str, Any] | None = None) -> Iterator[bytes]:
         """The stream's messages, batch by batch as ``batches`` is consumed (each batch
         built by ``builder``, split along N where it must be)."""
-        for batch in batches:
-            preds, targs, *rest = batch
-            weights = rest[0] if rest else None
-            inputs = rest[1] if len(rest) > 1 else None
+        for index, batch in enumerate(batches):
+            preds, targs, weights, inputs = batch_parts(batch, index)
             built = builder.build(loss, preds, targs, weights, tag, options,
                                   analyses=analyses, inputs=inputs)
             self._chunks.append(len(built))

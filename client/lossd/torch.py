@@ -3,10 +3,9 @@
 Needs torch (``import lossd`` does not). One round trip per forward returns the loss and
 its gradient with respect to the predictions; ``backward()`` then needs no call::
 
-    from lossd import LossClient
     from lossd.torch import RemoteLoss
 
-    remote = RemoteLoss(LossClient("127.0.0.1:50051"), "cross_entropy", label_smoothing=0.1)
+    remote = RemoteLoss("127.0.0.1:50051", "cross_entropy", label_smoothing=0.1)
     loss = remote(logits, targets)   # value and gradient from the server
     loss.backward()                  # logits.grad is the server's gradient
 
@@ -49,17 +48,24 @@ class _Remote(torch.autograd.Function):
 class RemoteLoss(torch.nn.Module):
     """A ``torch.nn.Module`` whose loss and gradient are computed by a lossd server.
 
+    ``client``: a :class:`~lossd.LossClient`, or the server's address as ``LossClient``
+    takes it ("host:port"), for which a ``LossClient`` with default settings is made.
     ``reduction``: "mean" (over samples that count, see the per-sample rule), "sum",
     "weighted_mean" or "weighted_sum" (these two need ``weights`` in ``forward``).
     ``options`` are the loss's options, as for ``LossClient.evaluate``.
     """
 
-    def __init__(self, client: LossClient, loss: str = "cross_entropy", *,
+    def __init__(self, client: LossClient | str, loss: str = "cross_entropy", *,
                  reduction: str = "mean", tag: str | None = None,
                  timeout: float | None = None, **options: Any) -> None:
         super().__init__()
         if reduction not in _VALUE:
             raise ValueError(f"reduction={reduction!r}: one of {', '.join(_VALUE)}")
+        if isinstance(client, str):
+            client = LossClient(client)
+        elif not callable(getattr(client, "evaluate", None)):
+            raise TypeError(f"client: a LossClient or the server's address ('host:port'), "
+                            f"not a {type(client).__name__}")
         self.client = client
         self.loss = loss
         self.reduction = reduction

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import enum
 import inspect
 import math
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -436,3 +437,88 @@ def _check_signature(loss: str, fn: Callable[..., Tensor], kind: Targets,
         raise RegistrationError(
             f"loss {loss!r}: its function {getattr(fn, '__name__', fn)!r}{signature} cannot "
             f"be called as fn({args}{', ' if names else ''}{names}): {exc}") from None
+
+
+# -- names that point at the fix ----------------------------------------------------------
+# A caller arriving from torch writes torch's spellings; these turn them into lossd's.
+
+_TORCH_PREFIXES = ("torch.nn.functional.", "torch.nn.modules.loss.", "torch.nn.", "nn.functional.",
+                   "functional.", "torchvision.ops.", "nn.", "F.")
+_ABBREVIATIONS = {"bce": "binarycrossentropy", "bcewithlogits": "binarycrossentropywithlogits"}
+"""torch's class names that are not its function names run together (BCELoss)."""
+
+
+def _squashed(name: str) -> str:
+    """``CrossEntropyLoss``, ``nn.CrossEntropyLoss()``, ``F.cross_entropy`` and
+    ``cross_entropy`` all become ``crossentropy``: the spelling torch's class and function
+    names share."""
+    name = name.strip().removesuffix("()")
+    for prefix in _TORCH_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    flat = name.replace("_", "").replace("-", "").lower()
+    if flat.endswith("loss") and flat != "loss":
+        flat = flat[:-len("loss")]
+    return _ABBREVIATIONS.get(flat, flat)
+
+
+def suggest_loss(name: str, names: Iterable[str] | None = None) -> str | None:
+    """The loss ``name`` most likely meant: torch's class or function spelling of a loss
+    (``CrossEntropyLoss``, ``nn.functional.cross_entropy`` -> ``cross_entropy``), else the
+    closest name by :mod:`difflib` (a typo), else None. ``names``: the losses to pick from
+    (default: every registered loss).
+
+    >>> suggest_loss("nn.CrossEntropyLoss", ["cross_entropy", "mse_loss"])
+    'cross_entropy'
+    >>> suggest_loss("mse_los", ["cross_entropy", "mse_loss"])
+    'mse_loss'
+    """
+    known = list(LOSSES if names is None else names)
+    by_squashed = {_squashed(n): n for n in known}
+    if (exact := by_squashed.get(_squashed(name))) is not None:
+        return exact
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(_squashed(name), list(by_squashed), n=1, cutoff=0.75)
+    return by_squashed[close[0]] if close else None
+
+
+def unknown_loss(name: str, names: Iterable[str] | None = None) -> str:
+    """The problem text for an unknown loss: a "did you mean", then every loss's name."""
+    known = sorted(LOSSES if names is None else names)
+    guess = suggest_loss(name, known)
+    hint = f"did you mean {guess!r}? " if guess is not None else ""
+    return f"unknown loss {name!r}; {hint}one of {', '.join(known)}"
+
+
+REDUCTION_OPTIONS = frozenset({"reduction", "size_average", "reduce"})
+"""torch's reduction arguments: lossd takes none, it returns every reduction."""
+
+
+def option_hint(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """What to do instead of option ``name``, which ``loss`` does not take: torch's
+    ``weight`` and ``reduction`` explained, else a "did you mean" among ``accepted``, else
+    "" (the KServe front words its own message around it)."""
+    if name in REDUCTION_OPTIONS:
+        return (f"lossd takes no {name}: every result carries every reduction (per_sample, "
+                "sum, mean, and weighted_sum / weighted_mean with weights=), so there is "
+                "nothing to choose")
+    if name == "weight":
+        where = ("lossd calls torch's weight class_weights" if "class_weights" in accepted
+                 else f"{loss.name} takes no class weights")
+        return f"{where}; per-sample weights go in weights="
+    close = difflib.get_close_matches(name, list(accepted), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_option(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """The problem text for an option ``loss`` does not take: :func:`option_hint`, then the
+    accepted names."""
+    accepted = list(accepted)
+    listed = f"accepted: {', '.join(accepted) or 'none'}"
+    hint = option_hint(loss, name, accepted)
+    if name in REDUCTION_OPTIONS or name == "weight":
+        return f"{hint}; {listed}"
+    return f"unknown option for {loss.name}{'; ' + hint if hint else ''}; {listed}"

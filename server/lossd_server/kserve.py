@@ -57,6 +57,7 @@ from lossd import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis, limits
+from lossd_server.catalogue import option_hint, suggest_loss
 from lossd_server.engine import Batch, Engine, Evaluation
 from lossd_server.limits import CallState, Refused
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
@@ -236,8 +237,10 @@ def _field(spec: Loss, field: str) -> str:
 
 def _model(name: str, version: str) -> Loss:
     if name not in LOSSES:
-        raise RequestError("model_name", f"unknown model {name!r}; the models are the losses: "
-                                         f"{', '.join(sorted(LOSSES))}",
+        guess = suggest_loss(name)
+        hint = f"did you mean {guess!r}? " if guess is not None else ""
+        raise RequestError("model_name", f"unknown model {name!r}; {hint}the models are the "
+                                         f"losses: {', '.join(sorted(LOSSES))}",
                            grpc.StatusCode.NOT_FOUND)
     if version not in ("", MODEL_VERSION):
         raise RequestError("model_version", f"{name} has no version {version!r}; its only "
@@ -338,8 +341,10 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
             asked[name] = _analysis_parameter(name, decode_parameter(name, p))
             continue
         if name not in scalar_options:
+            hint = option_hint(spec, name, [o.name for o in all_options(spec)])
             raise RequestError(f"parameters.{name}", f"unknown parameter for model "
-                                                     f"{spec.name}; accepted: "
+                                                     f"{spec.name}; {hint + '; ' if hint else ''}"
+                                                     "accepted: "
                                                      f"{', '.join(scalar_options)} and "
                                                      f"{', '.join(ANALYSIS_PARAMETERS)}")
         options[name] = decode_parameter(name, p)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lossd_server import analysis
+from lossd_server.catalogue import unknown_loss, unknown_option
 from lossd_server.checks import (
     RequestError,
     dtype_str,
@@ -44,7 +45,7 @@ def loss(name: str) -> Loss:
     if not name:
         raise RequestError("loss", f"missing; one of {', '.join(sorted(LOSSES))}")
     if name not in LOSSES:
-        raise RequestError("loss", f"unknown loss {name!r}; one of {', '.join(sorted(LOSSES))}")
+        raise RequestError("loss", unknown_loss(name))
     return LOSSES[name]
 
 
@@ -96,9 +97,7 @@ def options(spec: Loss, raw: Mapping[str, Any]) -> dict[str, Any]:
         return dict(defaults)
     for name in raw:
         if name not in known:
-            raise RequestError(f"options.{name}",
-                               f"unknown option for {spec.name}; accepted: "
-                               f"{', '.join(known) or 'none'}")
+            raise RequestError(f"options.{name}", unknown_option(spec, name, known))
     return {name: (_typed(o, raw[name]) if name in raw else o.default)
             for name, o in known.items()}
 
@@ -151,7 +150,7 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
         raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
                                       f"{spec.name}; send float values")
     if not integer and not kind.floating:
-        what = "class indices" if spec.class_targets else "labels"
+        what = "class indices of shape (N, ...)" if spec.class_targets else "labels"
         raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
                                       f"{spec.name}; send int64 or int32 {what}")
     if integer:
@@ -166,6 +165,8 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
     want = (predictions.shape[0],) if kind is Targets.SAMPLE_VALUES else tuple(
         predictions.shape)
     if tuple(targets.shape) != want:
+        if kind is Targets.CLASS_INDEX_OR_PROBS:
+            raise RequestError("targets", _indices_or_probabilities(spec, predictions, targets))
         per_sample = (f"; one value per sample, {shape_str(want)}"
                       if kind is Targets.SAMPLE_VALUES else "")
         raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
@@ -173,6 +174,21 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
     if kind is Targets.CLASS_INDEX_OR_PROBS and opts.get("ignore_index", -100) != -100:
         raise RequestError("options.ignore_index", "not supported with probability targets")
     return None
+
+
+def _indices_or_probabilities(spec: Loss, predictions: Tensor, targets: Tensor) -> str:
+    """The problem with float targets of a loss taking class indices or probabilities whose
+    shape is not the predictions': shaped as class indices, the dtype is the mistake."""
+    indices = (predictions.shape[0], *predictions.shape[2:])
+    takes = (f"{spec.name} takes class indices (int64/int32) of shape (N, ...), here "
+             f"{shape_str(indices)}, or class probabilities shaped like the predictions, "
+             f"here {shape_str(predictions.shape)}")
+    if tuple(targets.shape) == indices:
+        return (f"dtype {dtype_str(targets.dtype)} with the shape of class indices, "
+                f"{shape_str(targets.shape)}: {takes}; send the class indices as int64 "
+                "(targets.long())")
+    return (f"shape {shape_str(targets.shape)} does not match predictions "
+            f"{shape_str(predictions.shape)}; {takes}")
 
 
 def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
