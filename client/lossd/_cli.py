@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from lossd import _eval
+from lossd import __version__, _eval
 from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError, Unavailable
 
@@ -119,7 +119,9 @@ def _add_installed_commands(sub: Any) -> None:
 
 def _unavailable(name: str, exc: ImportError | None) -> int:
     why = f" ({exc})" if exc is not None else ""
-    print(f"lossd {name}: the server is not installed{why}; pip install 'lossd[server]'",
+    print(f"lossd {name}: the server is not installed{why}; in a lossd checkout: pip install "
+          f"'.[server]' (or the wheel of make dist: pip install "
+          f"'dist/lossd-{__version__}-py3-none-any.whl[server]'); see docs/install.md",
           file=sys.stderr)
     return 2
 

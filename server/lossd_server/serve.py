@@ -67,6 +67,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
+import lossd
 from lossd_server import logs
 from lossd_server import settings as settings_mod
 from lossd_server.settings import Settings
@@ -114,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     if importlib.util.find_spec("torch") is None:
-        print("lossd serve: torch is not installed; pip install 'lossd[server]'",
-              file=sys.stderr)
+        print("lossd serve: torch is not installed; in a lossd checkout: pip install "
+              "'.[server]' (or the wheel of make dist: pip install "
+              f"'dist/lossd-{lossd.__version__}-py3-none-any.whl[server]'); see "
+              "docs/install.md", file=sys.stderr)
         return EXIT_CONFIG
     try:
         settings = settings_mod.from_args(args)
