@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -54,50 +55,78 @@ def wait_serving(proc: subprocess.Popen[str], port: int, timeout: float = 120) -
     pytest.fail("lossd serve not SERVING in time")
 
 
-def test_wheel_installs_client_then_server_and_runs_the_quick_start(tmp_path: Path) -> None:
-    built = run(sys.executable, "-m", "build", "--outdir", tmp_path / "dist", ROOT, cwd=tmp_path)
+@dataclass(frozen=True)
+class Venv:
+    """A fresh virtualenv in ``root`` with ``make dist``'s output in ``root/dist``."""
+
+    root: Path
+    wheel: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "venv" / "bin" / "python"
+
+    @property
+    def lossd(self) -> Path:
+        return self.root / "venv" / "bin" / "lossd"
+
+    def pip_install(self, *args: str | Path) -> None:
+        proc = run(self.python, "-m", "pip", "install", "--quiet",
+                   "--disable-pip-version-check", *args, cwd=self.root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
+    """``make dist``'s command into ``dist/``, then a fresh virtualenv with the wheel: the
+    client alone (its dependencies only)."""
+    root = tmp_path_factory.mktemp("dist")
+    built = run(sys.executable, "-m", "build", "--outdir", root / "dist", ROOT, cwd=root)
     assert built.returncode == 0, (built.stdout[-3000:] + built.stderr[-3000:]
                                    + "\n(python -m build: the dev extra, scripts/bootstrap.sh dev)")
-    [wheel] = (tmp_path / "dist").glob("lossd-*.whl")
-    assert len(list((tmp_path / "dist").glob("lossd-*.tar.gz"))) == 1
+    [wheel] = (root / "dist").glob("lossd-*.whl")
+    assert len(list((root / "dist").glob("lossd-*.tar.gz"))) == 1
+    assert run(sys.executable, "-m", "venv", root / "venv", cwd=root).returncode == 0
+    env = Venv(root, wheel)
+    env.pip_install(wheel)
+    return env
 
-    venv = tmp_path / "venv"
-    python, lossd = venv / "bin" / "python", venv / "bin" / "lossd"
-    assert run(sys.executable, "-m", "venv", venv, cwd=tmp_path).returncode == 0
-    pip = (python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
 
-    # The client alone: no torch, and lossd imported from the virtualenv.
-    proc = run(*pip, wheel, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run(python, "-c", "import lossd, lossd.v1; print(lossd.__file__)", cwd=tmp_path)
+def test_the_client_alone_needs_no_torch(venv: Venv) -> None:
+    proc = run(venv.python, "-c", "import lossd, lossd.v1; print(lossd.__file__)",
+               cwd=venv.root)
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).is_relative_to(venv), proc.stdout
-    proc = run(python, "-c", "import torch", cwd=tmp_path)
+    assert Path(proc.stdout.strip()).is_relative_to(venv.root / "venv"), proc.stdout
+    proc = run(venv.python, "-c", "import torch", cwd=venv.root)
     assert "No module named 'torch'" in proc.stderr, proc.stderr
-    # `lossd serve` names the command that installs the server; that command is run next.
-    proc = run(lossd, "serve", cwd=tmp_path)
+
+
+def test_the_hinted_server_install_serves_the_quick_start(venv: Venv) -> None:
+    """``lossd serve`` without the server names the command that installs it; that command
+    (with the pinned torch) makes ``lossd serve`` work, and the Quick start runs."""
+    proc = run(venv.lossd, "serve", cwd=venv.root)
     assert proc.returncode == 2, proc.stderr
     hint = re.search(r"pip install '(dist/lossd-[^']+\.whl\[server\])'", proc.stderr)
     assert hint is not None, proc.stderr
-    assert (tmp_path / hint.group(1).removesuffix("[server]")) == wheel
+    assert venv.root / hint.group(1).removesuffix("[server]") == venv.wheel
+    venv.pip_install(hint.group(1), TORCH_SPEC)
 
-    proc = run(*pip, hint.group(1), TORCH_SPEC, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(LOSSD_DEVICE="cpu", LOSSD_METRICS_PORT="-1", LOSSD_PROCESSES="1")
-    server = subprocess.Popen([lossd, "serve", "--host", "127.0.0.1", "--port",
-                               str(QUICK_START_PORT)], cwd=tmp_path, env=env,
-                              stderr=subprocess.PIPE, text=True)
+    log_path = venv.root / "serve.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen([venv.lossd, "serve", "--host", "127.0.0.1", "--port",
+                                   str(QUICK_START_PORT)], cwd=venv.root, env=env,
+                                  stderr=log_file, text=True)
     try:
         try:
             wait_serving(server, QUICK_START_PORT)
         except AssertionError:
-            assert server.stderr is not None
-            log = server.stderr.read()
+            log = log_path.read_text()
             if "Address already in use" in log or "Failed to bind" in log:
                 pytest.skip("port 50051 is taken on this machine; the Quick start uses it")
             raise AssertionError(log) from None
-        proc = run(python, "-c", quick_start(), cwd=tmp_path, timeout=120)
+        proc = run(venv.python, "-c", quick_start(), cwd=venv.root, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip()
     finally:
