@@ -115,4 +115,4 @@ def test_client_without_torch_pandas_matplotlib(server: LossdServer, tmp_path: P
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "client-only ok" in proc.stdout
-    assert "--report needs matplotlib: pip install 'lossd[report]'" in proc.stderr
+    assert "--report needs matplotlib: pip install 'matplotlib>=3.8'" in proc.stderr

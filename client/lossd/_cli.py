@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from lossd import _eval
+from lossd import __version__, _eval
 from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError, Unavailable
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", metavar="REPORT.html",
                     help="write a self-contained HTML report: loss histogram, per-class "
                          "breakdown, accuracy and calibration, quantiles, hardest samples "
-                         "(needs lossd[report])")
+                         "(needs matplotlib: pip install 'matplotlib>=3.8'; see docs/install.md)")
     ev.add_argument("--timeout", type=float, default=None, help="deadline for the whole run, s")
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
@@ -119,7 +119,9 @@ def _add_installed_commands(sub: Any) -> None:
 
 def _unavailable(name: str, exc: ImportError | None) -> int:
     why = f" ({exc})" if exc is not None else ""
-    print(f"lossd {name}: the server is not installed{why}; pip install 'lossd[server]'",
+    print(f"lossd {name}: the server is not installed{why}; in a lossd checkout: pip install "
+          f"'.[server]' (or the wheel of make dist: pip install "
+          f"'dist/lossd-{__version__}-py3-none-any.whl[server]'); see docs/install.md",
           file=sys.stderr)
     return 2
 

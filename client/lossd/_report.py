@@ -7,7 +7,7 @@ and mean loss side by side (accuracy beside them) and the classes with the highe
 loss; accuracy and calibration (reliability diagram) where targets are classes; quantiles;
 the hardest samples.
 
-Plots need matplotlib: ``pip install 'lossd[report]'``.
+Plots need matplotlib (lossd's ``report`` extra): ``pip install 'matplotlib>=3.8'``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("--report needs matplotlib: pip install 'lossd[report]'") from None
+        raise ReportError("--report needs matplotlib: pip install 'matplotlib>=3.8' (lossd's "
+                          "report extra; see docs/install.md)") from None
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 

@@ -257,8 +257,7 @@ class Registry(Mapping[str, Loss]):
         with self._lock:
             taken = self._losses.get(loss.name)
             if taken is not None:
-                raise RegistrationError(f"loss {loss.name!r} is already registered (by "
-                                        f"{taken.source or 'an unnamed source'})")
+                raise RegistrationError(_clash(taken, loss))
             self._losses = {**self._losses, loss.name: loss}
 
     def remove(self, name: str) -> None:
@@ -277,6 +276,16 @@ class Registry(Mapping[str, Loss]):
 
     def __len__(self) -> int:
         return len(self._losses)
+
+
+def _clash(taken: Loss, loss: Loss) -> str:
+    """Why ``loss`` cannot have its name: who has it, who wants it, and the way out."""
+    first = f"loss {loss.name!r} is already registered (by {taken.source or 'an unnamed source'})"
+    if taken.source == BUILTIN_SOURCE:
+        return f"{first}: a built-in's name; give the new loss another name"
+    return (f"{first} and {loss.source or 'an unnamed source'} registers it again: rename "
+            "one of the two, or serve one only: `lossd serve --no-entry-points --plugin "
+            "MODULE` loads just the modules named, no installed entry point")
 
 
 LOSSES = Registry()

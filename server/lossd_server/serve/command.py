@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import lossd
 from lossd_server import logs
 from lossd_server import settings as settings_mod
 from lossd_server.serve import worker
@@ -37,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "worker", False):
         worker.main()
     if importlib.util.find_spec("torch") is None:
-        print("lossd serve: torch is not installed; pip install 'lossd[server]'",
-              file=sys.stderr)
+        print("lossd serve: torch is not installed; in a lossd checkout: pip install "
+              "'.[server]' (or the wheel of make dist: pip install "
+              f"'dist/lossd-{lossd.__version__}-py3-none-any.whl[server]'); see "
+              "docs/install.md", file=sys.stderr)
         return EXIT_CONFIG
     try:
         settings = settings_mod.from_args(args)

@@ -1,0 +1,134 @@
+"""The distribution as a user installs it (docs/install.md): the sdist and wheel that
+``make dist`` builds, the wheel installed into a fresh virtualenv that sees neither this
+checkout nor .venv (no ``--system-site-packages``, no ``PYTHONPATH``). First the client
+alone, which must work without torch; then, by the command the CLI's hint names, the
+``server`` extra, and the README's Quick start runs as written against ``lossd serve``
+started from that virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import ROOT, health
+from grpc_health.v1 import health_pb2
+
+# The torch of the server step: the pinned CPU build, as scripts/bootstrap.sh installs on a
+# machine without a driver (and with the same override).
+TORCH_SPEC = os.environ.get("LOSSD_TORCH_SPEC", "torch==2.13.0")
+QUICK_START_PORT = 50051
+
+
+def quick_start() -> str:
+    """The README's first Python block: the Quick start."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, flags=re.S)
+    assert block is not None
+    return block.group(1)
+
+
+def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """A command in an environment without this process's PYTHONPATH (the checkout)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_serving(proc: subprocess.Popen[str], port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"lossd serve exited {proc.returncode}"
+        try:
+            if health(port, "") == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.25)
+    pytest.fail("lossd serve not SERVING in time")
+
+
+@dataclass(frozen=True)
+class Venv:
+    """A fresh virtualenv in ``root`` with ``make dist``'s output in ``root/dist``."""
+
+    root: Path
+    wheel: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "venv" / "bin" / "python"
+
+    @property
+    def lossd(self) -> Path:
+        return self.root / "venv" / "bin" / "lossd"
+
+    def pip_install(self, *args: str | Path) -> None:
+        proc = run(self.python, "-m", "pip", "install", "--quiet",
+                   "--disable-pip-version-check", *args, cwd=self.root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
+    """``make dist``'s command into ``dist/``, then a fresh virtualenv with the wheel: the
+    client alone (its dependencies only)."""
+    root = tmp_path_factory.mktemp("dist")
+    built = run(sys.executable, "-m", "build", "--outdir", root / "dist", ROOT, cwd=root)
+    assert built.returncode == 0, (built.stdout[-3000:] + built.stderr[-3000:]
+                                   + "\n(python -m build: the dev extra, scripts/bootstrap.sh dev)")
+    [wheel] = (root / "dist").glob("lossd-*.whl")
+    assert len(list((root / "dist").glob("lossd-*.tar.gz"))) == 1
+    assert run(sys.executable, "-m", "venv", root / "venv", cwd=root).returncode == 0
+    env = Venv(root, wheel)
+    env.pip_install(wheel)
+    return env
+
+
+def test_the_client_alone_needs_no_torch(venv: Venv) -> None:
+    proc = run(venv.python, "-c", "import lossd, lossd.v1; print(lossd.__file__)",
+               cwd=venv.root)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).is_relative_to(venv.root / "venv"), proc.stdout
+    proc = run(venv.python, "-c", "import torch", cwd=venv.root)
+    assert "No module named 'torch'" in proc.stderr, proc.stderr
+
+
+def test_the_hinted_server_install_serves_the_quick_start(venv: Venv) -> None:
+    """``lossd serve`` without the server names the command that installs it; that command
+    (with the pinned torch) makes ``lossd serve`` work, and the Quick start runs."""
+    proc = run(venv.lossd, "serve", cwd=venv.root)
+    assert proc.returncode == 2, proc.stderr
+    hint = re.search(r"pip install '(dist/lossd-[^']+\.whl\[server\])'", proc.stderr)
+    assert hint is not None, proc.stderr
+    assert venv.root / hint.group(1).removesuffix("[server]") == venv.wheel
+    venv.pip_install(hint.group(1), TORCH_SPEC)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(LOSSD_DEVICE="cpu", LOSSD_METRICS_PORT="-1", LOSSD_PROCESSES="1")
+    log_path = venv.root / "serve.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen([venv.lossd, "serve", "--host", "127.0.0.1", "--port",
+                                   str(QUICK_START_PORT)], cwd=venv.root, env=env,
+                                  stderr=log_file, text=True)
+    try:
+        try:
+            wait_serving(server, QUICK_START_PORT)
+        except AssertionError:
+            log = log_path.read_text()
+            if "Address already in use" in log or "Failed to bind" in log:
+                pytest.skip("port 50051 is taken on this machine; the Quick start uses it")
+            raise AssertionError(log) from None
+        proc = run(venv.python, "-c", quick_start(), cwd=venv.root, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip()
+    finally:
+        server.terminate()
+        server.wait(60)
