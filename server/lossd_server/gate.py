@@ -73,9 +73,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         return self._in_flight
 
     def drain(self) -> None:
-        """Refuse new calls (UNAVAILABLE) from now on."""
+        """Refuse new calls (UNAVAILABLE) from now on, and end those whose request message
+        has not arrived yet."""
         self._draining.set()
         self.limits.draining.set(1)
+        self.waits.drain()
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call is in flight or ``timeout`` passed; True when idle."""
@@ -180,22 +182,23 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _receiving(self, handler: Any, method: str, unary_response: Wrapper,
                    stream_response: Wrapper) -> Any:
-        """``handler`` as a request-streaming handler whose behavior (wrapped by
-        ``unary_response`` or ``stream_response``) reads its messages through
+        """``handler`` as a request-streaming handler that reads its messages through
         :attr:`waits` and parses them (a message that does not parse ends
-        INVALID_ARGUMENT)."""
+        INVALID_ARGUMENT), then runs its behavior wrapped by ``unary_response`` or
+        ``stream_response``: a unary request's call starts (is counted in flight) once its
+        message arrived, so an unsent call never holds a drain up."""
         deserializer = handler.request_deserializer
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
         kind = ("stream" if streaming_in else "unary") + "_" + ("stream" if streaming_out
                                                                 else "unary")
-        behavior = getattr(handler, kind)
+        run = (stream_response if streaming_out else unary_response)(getattr(handler, kind))
         waits, label = self.waits, LimitMetrics.method_label(method)
 
-        def inner(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
             wait = waits.call(label, context.peer(), _ender(context))
             if streaming_in:  # a stream that fails to parse midway raises in the servicer
-                return behavior((_parse(deserializer, raw)
-                                 for raw in _messages(wait, received)), context)
+                return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
+                           context)
             try:
                 raw = waits.receive_first(wait, lambda: next(received))
             except StopIteration:  # as grpcio answers a unary call without its message
@@ -207,11 +210,10 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                 request = _parse(deserializer, raw)
             except RequestError as exc:
                 context.abort(exc.code, str(exc))
-            return behavior(request, context)
+            return run(request, context)
 
-        wrapped = (stream_response if streaming_out else unary_response)(inner)
         new_kind = "stream_" + ("stream" if streaming_out else "unary")
-        return handler._replace(**{kind: None, new_kind: wrapped, "request_streaming": True,
+        return handler._replace(**{kind: None, new_kind: receive, "request_streaming": True,
                                    "request_deserializer": None})
 
 

@@ -51,7 +51,7 @@ REJECT_REASONS = ("queue_full", "too_many_streams", "too_large", "out_of_memory"
                   "unauthenticated", "draining")
 DROP_REASONS = ("cancelled", "deadline_exceeded")
 # Why the server ended a call waiting for its caller's message (MessageWaits).
-WAIT_REASONS = ("message_timeout", "evicted", "idle_stream")
+WAIT_REASONS = ("message_timeout", "evicted", "idle_stream", "draining")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,7 +113,8 @@ class LimitMetrics:
             "caller's message, by method and reason (message_timeout: a unary request not "
             "sent within --message-timeout-seconds; evicted: the longest wait, past "
             "--max-receiving; idle_stream: a stream idle --stream-idle-seconds whose "
-            "admission another stream needed).", ("method", "reason"), registry=registry)
+            "admission another stream needed; draining: a unary request still unsent when "
+            "the server began to drain).", ("method", "reason"), registry=registry)
         self.receiving = Gauge("lossd_receiving_calls", "Unary calls waiting for their request "
                                "message (sampled every 0.25 s).", registry=registry,
                                multiprocess_mode="livesum")
@@ -305,6 +306,18 @@ class MessageWaits:
             if wait.ended is None:
                 raise  # the caller went away: gRPC's own error
         raise wait.ended from None
+
+    def drain(self) -> None:
+        """End every unary call still waiting for its request (UNAVAILABLE: the caller
+        retries elsewhere), so that unsent calls do not hold a drain for its grace period.
+        Streams are left to finish."""
+        with self._lock:
+            waiting = list(self._unary)
+            self._unary.clear()
+        for w in waiting:
+            self._end(w, grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down) and "
+                      "the request message had not arrived; retry on another replica",
+                      "draining")
 
     def _victim(self) -> Wait:
         """The longest wait of the host holding most waits (called under the lock)."""

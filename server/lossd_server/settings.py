@@ -103,7 +103,8 @@ class Settings:
                                    "a stream is admitted or refused (RESOURCE_EXHAUSTED, "
                                    "'retry-after-ms') when it starts, and its batches then wait "
                                    "for a compute slot, never refused for contention (0: "
-                                   "--workers - --concurrency - --max-waiting - 2, at least 32)")
+                                   "--workers - --concurrency - --max-waiting - "
+                                   "--max-receiving - 2, at least 32)")
     max_receiving: int = _setting(32, "unary calls that may wait at once for their request "
                                       "message (each holds a thread); one more ends the "
                                       "longest wait of the caller holding most with "
@@ -166,7 +167,7 @@ class Settings:
     def stream_limit(self) -> int:
         """--max-streams, or its default: what --workers leaves, at least 32."""
         return self.max_streams or max(32, self.workers - self.concurrency - self.max_waiting
-                                       - 2)
+                                       - self.max_receiving - 2)
 
     @property
     def threads(self) -> int:
