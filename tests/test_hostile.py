@@ -235,3 +235,45 @@ def test_an_unsent_call_does_not_hold_a_drain_up() -> None:
         started = time.monotonic()
         srv.stop(10.0)
         assert time.monotonic() - started < 5.0
+
+
+def test_a_full_wait_list_ends_the_longest_wait_of_the_host_holding_most() -> None:
+    """Unit level (every loopback caller is one host): the host with most unsent calls
+    loses its longest wait, not the older wait of a host with fewer."""
+    from lossd_server.limits import MessageWaits, Refused
+
+    waits = MessageWaits(max_receiving=3, timeout=60)
+    ended: dict[str, grpc.StatusCode] = {}
+    arrived = {name: threading.Event() for name in ("honest", "h1", "h2", "new")}
+    threads = []
+
+    def hold(name: str, peer: str, waiting: int) -> None:
+        """A call from ``peer`` whose message arrives when ``arrived[name]`` is set (or the
+        call is ended); returns once ``waiting`` calls wait."""
+        def end(code: grpc.StatusCode, _message: str) -> None:
+            ended[name] = code
+            arrived[name].set()
+
+        def run() -> None:
+            wait = waits.call("Evaluate", peer, end)
+            with contextlib.suppress(Refused):
+                waits.receive_first(wait, arrived[name].wait)
+
+        threads.append(threading.Thread(target=run, daemon=True))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while waits.receiving != waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    hold("honest", "ipv4:10.0.0.1:1000", 1)  # the oldest wait
+    hold("h1", "ipv4:10.0.0.2:2000", 2)
+    hold("h2", "ipv4:10.0.0.2:2001", 3)
+    hold("new", "ipv4:10.0.0.3:3000", 3)  # one too many: 10.0.0.2 holds most
+    assert arrived["h1"].wait(5)
+    assert ended == {"h1": grpc.StatusCode.RESOURCE_EXHAUSTED}
+    for event in arrived.values():
+        event.set()
+    for thread in threads:
+        thread.join(5)
+    assert waits.receiving == 0
