@@ -169,6 +169,8 @@ class LossdServer:
         """Close the port, cancelling the calls still running after ``grace`` seconds, and
         the server's other endpoints. :meth:`stop` drains first; this does not."""
         self.server.stop(grace).wait()
+        if self.gate is not None:
+            self.gate.waits.close()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()
