@@ -277,3 +277,18 @@ def test_a_full_wait_list_ends_the_longest_wait_of_the_host_holding_most() -> No
     for thread in threads:
         thread.join(5)
     assert waits.receiving == 0
+
+
+def test_a_shared_memory_session_closed_for_idleness_is_reopened_by_the_client() -> None:
+    srv = start_server(max_streams=1, stream_idle_seconds=0.5)
+    try:
+        address = f"127.0.0.1:{srv.port}"
+        with LossClient(address, timeout=BOUND) as client, \
+                client.shared_memory(1 << 16) as shm:
+            first = shm.evaluate(LOGITS, LABELS)
+            time.sleep(1.0)  # idle past --stream-idle-seconds, holding the only admission
+            assert admitted_stream_within(address, BOUND) < BOUND  # takes its place
+            again = shm.evaluate(LOGITS, LABELS)  # on a new session
+            np.testing.assert_array_equal(first.per_sample, again.per_sample)
+    finally:
+        srv.stop(0)
