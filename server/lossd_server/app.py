@@ -38,7 +38,7 @@ from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
 from lossd_server.gate import Gate
 from lossd_server.health import Health, bind
-from lossd_server.limits import Admission
+from lossd_server.limits import Admission, LimitMetrics, MessageWaits
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
 from lossd_server.servicer import LossServicer, add_to_server
@@ -164,6 +164,8 @@ class LossdServer:
         """Close the port, cancelling the calls still running after ``grace`` seconds, and
         the server's other endpoints. :meth:`stop` drains first; this does not."""
         self.server.stop(grace).wait()
+        if self.gate is not None:
+            self.gate.waits.close()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()
@@ -211,7 +213,11 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
             settings.cuda_memory_fraction,
             torch.cuda.current_device() if index is None else index)
     credentials = server_credentials(settings)
-    gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings))
+    gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings),
+                waits=MessageWaits(max_receiving=settings.max_receiving,
+                                   timeout=settings.message_timeout_seconds,
+                                   stream_idle=settings.stream_idle_seconds,
+                                   metrics=LimitMetrics.of(metrics.registry)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
                                                     thread_name_prefix="lossd",
                                                     initializer=_serving_thread),

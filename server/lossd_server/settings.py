@@ -46,8 +46,9 @@ class Settings:
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
     workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
-                               "--max-waiting + --max-streams + 2 when lower, so waiting "
-                               "evaluations and open streams never starve health checks)")
+                               "--max-waiting + --max-streams + --max-receiving + 2 when "
+                               "lower, so waiting evaluations, open streams and unsent "
+                               "requests never starve health checks)")
     concurrency: int = _setting(2, "evaluations running on the device at once; further calls "
                                    "wait (the 'queue' stage)")
     grace_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight calls may "
@@ -102,7 +103,20 @@ class Settings:
                                    "a stream is admitted or refused (RESOURCE_EXHAUSTED, "
                                    "'retry-after-ms') when it starts, and its batches then wait "
                                    "for a compute slot, never refused for contention (0: "
-                                   "--workers - --concurrency - --max-waiting - 2, at least 32)")
+                                   "--workers - --concurrency - --max-waiting - "
+                                   "--max-receiving - 2, at least 32)")
+    max_receiving: int = _setting(32, "unary calls that may wait at once for their request "
+                                      "message (each holds a thread); one more ends the "
+                                      "longest wait of the caller holding most with "
+                                      "RESOURCE_EXHAUSTED")
+    message_timeout_seconds: float = _setting(30.0, "how long a unary call's request message "
+                                                    "may take to arrive; then the call ends "
+                                                    "UNAVAILABLE")
+    stream_idle_seconds: float = _setting(10.0, "a stream that sent no message for this long "
+                                                "gives its admission up (ends UNAVAILABLE) "
+                                                "when --max-streams are open and another "
+                                                "stream arrives; with room left it stays "
+                                                "open")
     max_rpcs: int = _setting(0, "calls in progress at once, including calls waiting for a "
                                 "worker thread; beyond it gRPC answers RESOURCE_EXHAUSTED at "
                                 "once (0: twice the worker threads)")
@@ -153,13 +167,14 @@ class Settings:
     def stream_limit(self) -> int:
         """--max-streams, or its default: what --workers leaves, at least 32."""
         return self.max_streams or max(32, self.workers - self.concurrency - self.max_waiting
-                                       - 2)
+                                       - self.max_receiving - 2)
 
     @property
     def threads(self) -> int:
-        """Threads of the call pool: --workers, or enough for every admitted evaluation and
-        stream with two to spare (health checks, ListLosses)."""
-        return max(self.workers, self.concurrency + self.max_waiting + self.stream_limit + 2)
+        """Threads of the call pool: --workers, or enough for every admitted evaluation,
+        stream and unsent request with two to spare (health checks, ListLosses)."""
+        return max(self.workers, self.concurrency + self.max_waiting + self.stream_limit
+                   + self.max_receiving + 2)
 
     @property
     def shm_max_bytes(self) -> int:
@@ -193,6 +208,11 @@ class Settings:
         for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.max_receiving < 1:
+            raise ValueError("--max-receiving must be at least 1")
+        for name in ("message_timeout_seconds", "stream_idle_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.shm_max_mb <= 0:
             raise ValueError("--shm-max-mb must be positive")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
