@@ -9,13 +9,15 @@ fixed sets, ``loss`` is a catalogue name, ``invalid`` (a name the catalogue lack
 ``tag`` goes through :class:`TagPolicy`, ``code`` is a gRPC status name, ``worker`` a worker
 process index.
 
-Series appear when they first happen, so an idle pod's scrape stays small (a few hundred
+Series appear when they first happen, so an idle pod's scrape stays small (under 200
 lines, whatever the catalogue holds) and grows only with the methods, losses and tags in
-use. Two exceptions, for what reads them: ``lossd_requests_in_flight`` starts at 0 for every
-method (an autoscaler reads it from idle pods too), and when a method first ends a call for
-a loss, its ``lossd_requests_total`` series for every code in ``KNOWN_CODES`` start at 0, so
-the first error of each kind shows in ``rate()`` (a counter born at 1 would hide it); and
-when a method first times a stage, all its ``STAGES`` start at 0 alike.
+use. The exceptions start at 0 for what reads them:
+
+* ``lossd_requests_in_flight`` for every method: an autoscaler (and the dashboard's job
+  list) reads it from idle pods too;
+* when a method first ends a call for a loss, its ``lossd_requests_total`` for every code
+  in ``KNOWN_CODES``, so the first error of each kind shows in ``rate()`` (a counter born
+  at 1 would hide it); when a method first times a stage, its every stage alike.
 
 Per call, labelled children are looked up once and kept (``labels()`` costs a few
 microseconds each, a dozen times a call), and a call is tracked by a plain object rather
