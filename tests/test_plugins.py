@@ -631,9 +631,13 @@ def test_plugin_losses_are_metric_labels(example_plugin: Path) -> None:
         assert metric_value(port, "lossd_samples_total", loss="charbonnier") == 4
         assert metric_value(port, "lossd_requests_total", method="Evaluate", loss="invalid",
                             code="INVALID_ARGUMENT") == 1
-        # Plugin losses start at zero like the built-ins.
-        assert metric_value(port, "lossd_requests_total", method="Evaluate",
-                            loss="knowledge_distillation", code="OK") == 0
+        # A plugin loss in use starts its other codes at zero like a built-in; one nobody
+        # used has no series, like a built-in.
+        assert metric_value(port, "lossd_requests_total", method="Evaluate", loss="charbonnier",
+                            code="INTERNAL") == 0
+        with pytest.raises(KeyError):
+            metric_value(port, "lossd_requests_total", method="Evaluate",
+                         loss="knowledge_distillation", code="OK")
     finally:
         srv.stop(0)
 

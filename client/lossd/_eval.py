@@ -202,6 +202,7 @@ def write_losses(path: Path, losses: np.ndarray) -> None:
 
 
 REPORT_HARDEST = 20
+"""Hardest samples a report lists when ``--top`` does not say: a screenful of table."""
 
 
 def run(*, target: str, loss: str, predictions: str, targets: str | None, weights: str | None,
@@ -212,7 +213,8 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     """The body of ``lossd eval``; returns the exit code.
 
     ``top``: the server keeps the K hardest samples of the stream (nothing is collected
-    here for it). ``report``: write an HTML report there (needs matplotlib); it asks the
+    here for it); they are printed, and a report lists the same K (``REPORT_HARDEST`` when
+    ``top`` is 0). ``report``: write an HTML report there (needs matplotlib); it asks the
     server for the quantiles, the hardest samples and, for class-index targets, the
     per-class breakdown, accuracy (top-1 and top-5) and calibration. ``inputs``: the loss's
     extra tensors, ``name=FILE`` each; ``targets`` None for a loss without targets.
@@ -248,7 +250,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     if top:
         analyses["hardest"] = top
     if report:
-        analyses.update(hardest=max(top, REPORT_HARDEST), quantiles=True)
+        analyses.update(hardest=top or REPORT_HARDEST, quantiles=True)
         if class_targets(pred, targ):
             classes = pred.shape[1]
             analyses.update(per_class=True, diagnostics=True,
@@ -278,8 +280,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     losses = np.concatenate(per_sample) if per_sample else np.zeros(0, np.float32)
     print(format_aggregates(loss, running), file=stdout)
     if top > 0 and running.hardest is not None:
-        hardest = Hardest(running.hardest.samples[:top])
-        print("\n" + format_hardest(hardest), file=stdout)
+        print("\n" + format_hardest(running.hardest), file=stdout)
     if out:
         try:
             write_losses(Path(out), losses)

@@ -274,21 +274,54 @@ def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
     return value
 
 
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "network": ("host", "port", "metrics_host", "metrics_port", "health_port", "reflection",
+                "keepalive_seconds", "min_client_ping_seconds",
+                "max_connection_age_seconds", "shared_memory", "shm_socket_dir"),
+    "processes": ("processes", "torch_threads", "workers", "concurrency", "grace_seconds",
+                  "malloc_reuse"),
+    "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
+               "shm_max_mb"),
+    "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
+                 "auth_tokens_env"),
+    "device": ("device", "cuda_memory_fraction", "batching", "batch_max_samples",
+               "batch_delay_us"),
+    "observability": ("log_level", "log_format", "loss_buckets", "tags", "max_tags"),
+    "plugins": ("plugins", "entry_points"),
+}
+"""The sections of ``lossd serve --help``, each setting in one (tests check that every
+setting is in exactly one); a setting left out lands in a last "other" section."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults shown are the environment-resolved ones."""
-    for f in dataclasses.fields(Settings):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        env = Settings.env_name(f.name)
-        help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
-        if isinstance(f.default, tuple):
-            parser.add_argument(flag, dest=f.name, action="append", default=None,
-                                metavar=f.metadata.get("metavar"), help=help_text)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
-                                choices=f.metadata.get("choices"), help=help_text)
+    """One flag per setting, in the sections of ``HELP_GROUPS``; the default each help
+    shows is the built-in one, which a ``LOSSD_*`` variable overrides. The usage line
+    says ``[options]``: forty flags spelled out there would repeat the sections."""
+    parser.usage = "%(prog)s [options]"
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    grouped = {name for names in HELP_GROUPS.values() for name in names}
+    sections = [*HELP_GROUPS.items(),
+                ("other", tuple(name for name in fields if name not in grouped))]
+    for title, names in sections:
+        if names:
+            group = parser.add_argument_group(title)
+            for name in names:
+                _add_argument(group, fields[name])
+
+
+def _add_argument(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    env = Settings.env_name(f.name)
+    help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
+    if isinstance(f.default, tuple):
+        group.add_argument(flag, dest=f.name, action="append", default=None,
+                           metavar=f.metadata.get("metavar"), help=help_text)
+    elif isinstance(f.default, bool):
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+    else:
+        group.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                           choices=f.metadata.get("choices"), help=help_text)
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
