@@ -281,6 +281,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "processes": ("processes", "torch_threads", "workers", "concurrency", "grace_seconds",
                   "malloc_reuse"),
     "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
+               "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
                "shm_max_mb"),
     "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
                  "auth_tokens_env"),
