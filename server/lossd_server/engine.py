@@ -469,7 +469,6 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     class_index = c.class_targets is not None
     targets = (c.batch.targets.numpy() if class_index and c.batch.targets is not None
                else None)
-    n_classes = int(c.batch.predictions.shape[1]) if class_index else 0
     predicted = confidence = hit = None
     top_k_hits: tuple[np.ndarray, ...] = ()
     if outputs:
@@ -478,7 +477,7 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     return analysis.BatchData(
         losses=losses, keep=_keep(losses.shape[0], ignored, omitted), targets=targets,
         valid=valid, elementwise=elementwise, weights=None, predicted=predicted,
-        confidence=confidence, hit=hit, top_k_hits=top_k_hits, n_classes=n_classes)
+        confidence=confidence, hit=hit, top_k_hits=top_k_hits)
 
 
 def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
@@ -490,7 +489,7 @@ def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
         losses=d.losses[part], keep=d.keep[part], targets=cut(d.targets), valid=cut(d.valid),
         elementwise=cut(d.elementwise), weights=weights, predicted=cut(d.predicted),
         confidence=cut(d.confidence), hit=cut(d.hit),
-        top_k_hits=tuple(h[part] for h in d.top_k_hits), n_classes=d.n_classes)
+        top_k_hits=tuple(h[part] for h in d.top_k_hits))
 
 
 def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
