@@ -158,6 +158,8 @@ def _parse(deserializer: Callable[[bytes], Any] | None, raw: Any) -> Any:
         return raw
     try:
         return deserializer(raw)
+    except Refused:  # a limit the deserializer enforces (its own status and words)
+        raise
     except Exception as exc:
         raise RequestError("request", f"not a valid message ({type(exc).__name__}); "
                                       f"{len(raw)} bytes did not parse") from None
@@ -181,7 +183,7 @@ def _replace(handler: Any, unary_response: Wrapper, stream_response: Wrapper, *,
             return behavior((_parse(deserializer, raw) for raw in received), context)
         try:
             request = _parse(deserializer, received)
-        except RequestError as exc:
+        except (RequestError, Refused) as exc:
             context.abort(exc.code, str(exc))
         return behavior(request, context)
 

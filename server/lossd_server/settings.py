@@ -60,6 +60,9 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
+    max_tag_length: int = _setting(64, "longest tag kept in loss metrics; a longer one, or one "
+                                       "with a character outside letters, digits and "
+                                       "_.:/@+=-, counts as 'invalid'")
     # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
                                  "TLS on")
@@ -95,6 +98,9 @@ class Settings:
                                           "(predictions, targets, weights and tensor options "
                                           "together); more gets RESOURCE_EXHAUSTED (0: no "
                                           "limit)")
+    max_map_entries: int = _setting(64, "most entries in a request's inputs or options map; "
+                                        "the entry past it is refused (RESOURCE_EXHAUSTED) "
+                                        "as the message is parsed (0: no limit)")
     max_waiting: int = _setting(16, "evaluations that may wait for one of the --concurrency "
                                     "slots; beyond it calls get RESOURCE_EXHAUSTED with a "
                                     "'retry-after-ms' trailer")
@@ -190,7 +196,8 @@ class Settings:
         for name in ("concurrency", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
-        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams"):
+        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams",
+                     "max_map_entries", "max_tag_length"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if self.shm_max_mb <= 0:

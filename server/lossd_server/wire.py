@@ -12,12 +12,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire import WIRE_DTYPES, dtype_name
 from lossd_server import analysis
+from lossd_server.limits import Refused
 from lossd_server.reduce import Aggregate
 from lossd_server.validate import RequestError
 
@@ -234,7 +236,22 @@ _MAX_DEPTH = 100  # upb's default limit of nested messages and groups
 _MASK64 = (1 << 64) - 1
 _START_GROUP, _END_GROUP = 3, 4
 _INPUTS_FIELD = 11  # map<string, Tensor> inputs: each entry a message {1: key, 2: value}
+_OPTIONS_FIELD = 5  # map<string, OptionValue> options (left to protobuf, but counted)
+_MAPS = {_INPUTS_FIELD: "inputs", _OPTIONS_FIELD: "options"}
 INPUT_PREFIX = "inputs."
+
+MAX_MAP_ENTRIES = 64
+"""Default of ``--max-map-entries``: entries a request's ``inputs`` or ``options`` map may
+hold. No loss takes more than a handful of either, and each entry costs the parser
+(protobuf's or this one) far more than its two bytes on the wire: 8 MiB of empty entries
+cost seconds of CPU and hundreds of MiB before the first would be refused by name."""
+
+
+def too_many_entries(field: str, max_entries: int) -> Refused:
+    """The refusal of a request whose ``field`` map holds more than ``max_entries``."""
+    return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"{field}: more than {max_entries} entries (--max-map-entries); a request "
+                   f"names each of its {field} once", reason="too_large")
 
 
 class MalformedMessage(RequestError):
@@ -379,14 +396,26 @@ def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView
     return (key, value) if clean else None
 
 
-def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
+def parse_evaluate_request(raw: bytes, max_map_entries: int = 0
+                           ) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
     """The request's small fields (parsed by protobuf; tensor fields left empty) and its
     tensors as zero-copy views: predictions, targets, weights, and each of the ``inputs``
-    map as ``inputs.<name>``."""
+    map as ``inputs.<name>``.
+
+    ``max_map_entries`` (0: no limit): the ``inputs`` or ``options`` entry past it is
+    :class:`Refused` as it is met, before the rest of the message is walked.
+    """
     buf = memoryview(raw)
     tensors: dict[str, TensorView] = {}
-    rest: list[memoryview] = []
+    # The other fields' byte ranges, adjacent ones joined: their count stays that of the
+    # tensor fields between them, however many small fields the message holds.
+    rest: list[list[int]] = []
+    entries = dict.fromkeys(_MAPS, 0)
     for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
+        if number in _MAPS and wire_type == 2:
+            entries[number] += 1
+            if max_map_entries and entries[number] > max_map_entries:
+                raise too_many_entries(_MAPS[number], max_map_entries)
         if number in _TENSOR_FIELDS and wire_type == 2:
             tensors.setdefault(_TENSOR_FIELDS[number], TensorView()).merge(
                 buf, value_start, value_end)
@@ -394,10 +423,12 @@ def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, Te
             entry = _input_entry(buf, value_start, value_end)
             if entry is not None:
                 tensors[INPUT_PREFIX + entry[0]] = entry[1]  # a later entry replaces
+        elif rest and rest[-1][1] == field_start:
+            rest[-1][1] = value_end
         else:  # (a tensor field of another wire type is an unknown field to protobuf too)
-            rest.append(buf[field_start:value_end])
+            rest.append([field_start, value_end])
     try:
-        request = pb.EvaluateRequest.FromString(b"".join(rest))
+        request = pb.EvaluateRequest.FromString(b"".join(buf[a:b] for a, b in rest))
     except Exception as exc:  # protobuf's DecodeError
         raise MalformedMessage(str(exc) or type(exc).__name__) from None
     return request, tensors
@@ -408,15 +439,26 @@ SMALL_MESSAGE_BYTES = 32 * 1024
 costs less than walking the fields in Python."""
 
 
-def parse_request(raw: bytes) -> pb.EvaluateRequest | ParsedRequest:
+def parse_request(raw: bytes, max_map_entries: int = MAX_MAP_ENTRIES
+                  ) -> pb.EvaluateRequest | ParsedRequest:
     """The deserializer of Evaluate and EvaluateStream: protobuf's message for a small
-    request, a zero-copy :class:`ParsedRequest` for a larger one (both read alike)."""
+    request, a zero-copy :class:`ParsedRequest` for a larger one (both read alike).
+
+    Either way a request with more than ``max_map_entries`` (0: no limit) ``inputs`` or
+    ``options`` entries is :class:`Refused` (RESOURCE_EXHAUSTED naming the map and the
+    limit); a large one as soon as the parser meets the entry past the limit.
+    """
     if len(raw) > SMALL_MESSAGE_BYTES:
-        return ParsedRequest(raw)
+        return ParsedRequest(raw, max_map_entries)
     try:
-        return pb.EvaluateRequest.FromString(raw)
+        request = pb.EvaluateRequest.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError
         raise MalformedMessage(str(exc) or type(exc).__name__) from None
+    if max_map_entries:  # (SMALL_MESSAGE_BYTES bounds what protobuf built here)
+        for name in _MAPS.values():
+            if len(getattr(request, name)) > max_map_entries:
+                raise too_many_entries(name, max_map_entries)
+    return request
 
 
 class ParsedRequest:
@@ -429,8 +471,8 @@ class ParsedRequest:
 
     _TENSORS = frozenset(_TENSOR_FIELDS.values())
 
-    def __init__(self, raw: bytes) -> None:
-        self.message, self.tensors = parse_evaluate_request(raw)
+    def __init__(self, raw: bytes, max_map_entries: int = 0) -> None:
+        self.message, self.tensors = parse_evaluate_request(raw, max_map_entries)
         self.size = len(raw)
         self.inputs = {name.removeprefix(INPUT_PREFIX): view
                        for name, view in self.tensors.items() if name.startswith(INPUT_PREFIX)}
