@@ -203,7 +203,9 @@ class ClassStats:
         classes = np.union1d(self.classes, other.classes)
 
         def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return _spread(a, self.classes, classes) + _spread(b, other.classes, classes)
+            total: np.ndarray = (_spread(a, self.classes, classes)
+                                 + _spread(b, other.classes, classes))
+            return total
         return ClassStats(
             classes=classes, count=add(self.count, other.count),
             sums=self.sums.merge(other.sums),

@@ -198,7 +198,7 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     taken port fails loudly.
     """
     load_plugins(settings)
-    engine = Engine(resolve_device(settings.device))
+    engine = Engine(resolve_device(settings.device), max_elements=settings.max_elements)
     if metrics is None:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
                           tags=TagPolicy(allow=settings.tags.split(","),

@@ -168,8 +168,11 @@ class Engine:
     back with one synchronisation per batch.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, max_elements: int = 0) -> None:
         self.device = device
+        # --max-elements (0: no limit) for a batch's tensors plus its loss's working
+        # memory (Loss.working_elements), checked before the loss runs.
+        self.max_elements = max_elements
         self._cuda = device.type == "cuda"
 
     def check(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> _Checked:
@@ -183,8 +186,29 @@ class Engine:
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
                               class_index=class_targets is not None)
+        if self.max_elements and spec.working_elements is not None:
+            self._claim_working_memory(spec, batch, opts)
         nan_policy = opts.pop("nan_policy")
         return _Checked(batch, spec, opts, class_targets, nan_policy)
+
+    def _claim_working_memory(self, spec: Loss, batch: Batch, opts: Mapping[str, Any]) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, ``too_large``) a batch whose tensors and the loss's
+        working memory for them pass ``max_elements``: what the loss allocates, not only
+        what the caller sent. A samplewise loss runs in chunks of samples (``chunks``), so
+        its largest chunk's share counts; a gradient doubles it (autograd keeps the
+        forward's tables and allocates the backward's)."""
+        assert spec.working_elements is not None
+        work = spec.working_elements(batch.predictions, batch.targets, batch.inputs, opts)
+        n = batch.predictions.shape[0] if batch.predictions.dim() else 0
+        if batch.gradient:
+            work *= 2
+        elif spec.samplewise and n:
+            rows = max(len(range(*part.indices(n))) for part in chunks(batch.predictions))
+            work = work * rows // n
+        held = sum(t.numel() for t in (batch.predictions, batch.targets, batch.weights,
+                                       *batch.inputs.values(), *opts.values())
+                   if isinstance(t, Tensor))
+        limits.claim_working_memory(spec.name, held, work, self.max_elements)
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
