@@ -145,29 +145,73 @@ def _argmax(x: Tensor) -> Tensor:
     return torch.argmax(x, dim=1)
 
 
+_BLOCK_ELEMENTS = 1 << 20
+"""The ranking works on at most about this many logits at a time (columns for the k
+largest, rows for exact ties): its temporaries stay a few MiB whatever C is declared.
+torch's CPU topk alone takes 16 bytes per logit it sees, 8x a row of float16."""
+
+
+def _top_values(x: Tensor, k: int) -> Tensor:
+    """``torch.topk(x, k, dim=1).values`` (NaN first, then descending): of each block of
+    columns first, then of those candidates; the same values, since the k largest of a row
+    are among the k largest of its blocks."""
+    c = x.shape[1]
+    width = max(k, _BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
+    if c <= width:
+        return torch.topk(x, k, dim=1, largest=True, sorted=True).values
+    tops = [torch.topk(x[:, i:i + width], min(k, c - i), dim=1, largest=True,
+                       sorted=True).values for i in range(0, c, width)]
+    return torch.topk(torch.cat(tops, dim=1), k, dim=1, largest=True, sorted=True).values
+
+
+def _ranked_ahead(x: Tensor, t: Tensor, xt: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+    """For the positions ``rows``: how many classes rank ahead of the target (a larger
+    logit, an equal one of a smaller index, or NaN), a block of rows at a time."""
+    c = x.shape[1]
+    by_class = x.movedim(1, -1)
+    step = max(1, _BLOCK_ELEMENTS // max(1, c))
+    counts = []
+    for start in range(0, rows[0].shape[0], step):
+        if step == 1:  # a wide row: viewed, not copied, and no (C,) index tensor
+            at = tuple(int(r[start]) for r in rows)
+            row, target, logit = by_class[at], int(t[at]), xt[at]
+            # (a NaN logit is never larger, and a tied target logit is not NaN)
+            n = ((row > logit).count_nonzero() + torch.isnan(row).count_nonzero()
+                 + (row[:target] == logit).count_nonzero())
+            counts.append(n.reshape(1))
+            continue
+        block = tuple(r[start:start + step] for r in rows)
+        xr = by_class[block]  # (B, C)
+        xtr = xt[block].unsqueeze(1)
+        j = torch.arange(c, device=x.device)
+        counts.append(((xr > xtr) | torch.isnan(xr)
+                       | ((xr == xtr) & (j < t[block].unsqueeze(1)))).count_nonzero(dim=1))
+    return torch.cat(counts)
+
+
 def _top_k_hits(x: Tensor, t: Tensor, xt: Tensor, ks: Sequence[int]) -> list[Tensor]:
     """For each k: fewer than k classes rank ahead of the target (see the module doc).
 
-    The k-th largest logit decides every row but those where it equals the target's logit;
-    those few rows are ranked exactly.
+    The k-th largest logit decides every position but those where it equals the target's
+    logit; those few are ranked exactly, once for every k.
     """
-    kmax = max(ks)
-    top = torch.topk(x, kmax, dim=1, largest=True, sorted=True).values  # NaN sorts first
+    top = _top_values(x, max(ks))  # NaN sorts first
     xt_ = xt.squeeze(1)
+    kths = [top.select(1, k - 1) for k in ks]
+    ties = [xt_ == kth for kth in kths]
+    tied = ties[0].clone()
+    for tie in ties[1:]:
+        tied |= tie
+    rows: tuple[Tensor, ...] | None = None
+    ahead = None
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)
+        ahead = _ranked_ahead(x, t, xt_, rows)
     out = []
-    for k in ks:
-        kth = top.select(1, k - 1)
+    for k, kth, tie in zip(ks, kths, ties, strict=True):
         hit = xt_ > kth
-        tie = xt_ == kth
-        if bool(tie.any()):
-            rows = tie.nonzero(as_tuple=True)
-            xr = x.movedim(1, -1)[rows]  # (R, C)
-            tr = t[rows]
-            xtr = xt_[rows].unsqueeze(1)
-            j = torch.arange(x.shape[1], device=x.device)
-            ahead = (xr > xtr) | torch.isnan(xr) | ((xr == xtr) & (j < tr.unsqueeze(1)))
-            hit = hit.clone()
-            hit[rows] = ahead.sum(dim=1) < k
+        if rows is not None and ahead is not None:
+            hit[rows] = torch.where(tie[rows], ahead < k, hit[rows])
         out.append(hit)
     return out
 
