@@ -247,6 +247,33 @@ hold. No loss takes more than a handful of either, and each entry costs the pars
 cost seconds of CPU and hundreds of MiB before the first would be refused by name."""
 
 
+WALK_BASE, WALK_PER_ENTRY = 1024, 32
+"""With ``--max-map-entries`` N, the zero-copy parser walks at most WALK_BASE + WALK_PER_ENTRY
+x N fields and packed shape values (at every depth) of a request: a request of lossd's holds
+a few dozen, plus a few per map entry, and each costs the Python walk microseconds, so 8 MiB
+of two-byte fields (unknown ones, a group of them, a shape of 8M dimensions) would cost
+seconds of CPU."""
+
+
+class _Budget:
+    """How many more fields and packed values the parser may walk."""
+
+    __slots__ = ("left", "limit", "max_entries")
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.limit = self.left = WALK_BASE + WALK_PER_ENTRY * max_entries
+
+    def spend(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"request: more than {self.limit} fields and shape values "
+                          f"({WALK_BASE} and {WALK_PER_ENTRY} per entry of "
+                          f"--max-map-entries {self.max_entries}); a request holds a few "
+                          "dozen", reason="too_large")
+
+
 def too_many_entries(field: str, max_entries: int) -> Refused:
     """The refusal of a request whose ``field`` map holds more than ``max_entries``."""
     return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -284,9 +311,9 @@ def _tag(buf: memoryview, pos: int, end: int) -> tuple[int, int, int]:
 
 
 def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
-               depth: int) -> tuple[int, int]:
+               depth: int, budget: _Budget | None = None) -> tuple[int, int]:
     """(value start, value end) of a field whose tag ends at ``pos``; ``depth``: the
-    levels of messages and groups around it."""
+    levels of messages and groups around it; ``budget`` pays for a group's fields."""
     if wire_type == 0:
         return pos, _varint(buf, pos, end)[1]
     if wire_type == 1:
@@ -304,11 +331,14 @@ def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
             if inner >= end:
                 raise MalformedMessage(f"group {number} not closed")
             inner_number, inner_type, inner = _tag(buf, inner, end)
+            if budget is not None:
+                budget.spend()
             if inner_type == _END_GROUP:
                 if inner_number != number:
                     raise MalformedMessage(f"group {number} closed as {inner_number}")
                 return pos, inner
-            inner = _value_end(buf, inner_number, inner_type, inner, end, depth + 1)[1]
+            inner = _value_end(buf, inner_number, inner_type, inner, end, depth + 1,
+                               budget)[1]
     elif wire_type == _END_GROUP:
         raise MalformedMessage(f"end of group {number} outside a group")
     else:
@@ -318,15 +348,17 @@ def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
     return pos, value_end
 
 
-def _fields(buf: memoryview, start: int, end: int, depth: int = 0
-            ) -> Iterator[tuple[int, int, int, int, int]]:
+def _fields(buf: memoryview, start: int, end: int, depth: int = 0,
+            budget: _Budget | None = None) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, value end) of each field of the
-    message in ``buf[start:end]``, nested ``depth`` levels deep."""
+    message in ``buf[start:end]``, nested ``depth`` levels deep; each paid from ``budget``."""
     pos = start
     while pos < end:
         field_start = pos
         number, wire_type, pos = _tag(buf, pos, end)
-        value_start, pos = _value_end(buf, number, wire_type, pos, end, depth)
+        if budget is not None:
+            budget.spend()
+        value_start, pos = _value_end(buf, number, wire_type, pos, end, depth, budget)
         yield number, wire_type, field_start, value_start, pos
 
 
@@ -347,10 +379,13 @@ class TensorView:
     def HasField(self, name: str) -> bool:
         return name == "shared_memory" and self._has_shared_memory
 
-    def merge(self, buf: memoryview, start: int, end: int, depth: int = 1) -> None:
+    def merge(self, buf: memoryview, start: int, end: int, depth: int = 1,
+              budget: _Budget | None = None) -> None:
         """Merge one occurrence of the message, as protobuf does for repeated occurrences
-        (``depth``: its nesting level, 1 for a field of the request)."""
-        for number, wire_type, _, value_start, value_end in _fields(buf, start, end, depth):
+        (``depth``: its nesting level, 1 for a field of the request; ``budget`` pays for
+        its fields and shape values)."""
+        for number, wire_type, _, value_start, value_end in _fields(buf, start, end, depth,
+                                                                    budget):
             if number == 1 and wire_type == 0:
                 self.dtype = _varint(buf, value_start, value_end)[0] & 0xFFFFFFFF
                 if self.dtype >= 1 << 31:
@@ -358,6 +393,8 @@ class TensorView:
             elif number == 2 and wire_type == 2:  # packed
                 pos = value_start
                 while pos < value_end:
+                    if budget is not None:
+                        budget.spend()
                     value, pos = _varint(buf, pos, value_end)
                     self.shape.append(_int64(value))
             elif number == 2 and wire_type == 0:
@@ -365,7 +402,7 @@ class TensorView:
             elif number == 3 and wire_type == 2:
                 self.data = buf[value_start:value_end]
             elif number == 4 and wire_type == 2:
-                for _ in _fields(buf, value_start, value_end, depth + 1):
+                for _ in _fields(buf, value_start, value_end, depth + 1, budget):
                     pass  # nesting checked at its true depth; protobuf parses the values
                 try:
                     self.shared_memory.MergeFromString(bytes(buf[value_start:value_end]))
@@ -375,7 +412,8 @@ class TensorView:
             # Anything else, a known field with another wire type included, is unknown.
 
 
-def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView] | None:
+def _input_entry(buf: memoryview, start: int, end: int, budget: _Budget | None = None
+                 ) -> tuple[str, TensorView] | None:
     """One entry of the ``inputs`` map (a message {1: key, 2: Tensor value}), or None for an
     entry protobuf leaves out of the map: one holding any other field, or a field of the
     wrong wire type (protobuf keeps such an entry as an unknown field). As in protobuf, the
@@ -383,14 +421,14 @@ def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView
     key = ""
     value = TensorView()
     clean = True
-    for number, wire_type, _, value_start, value_end in _fields(buf, start, end, 1):
+    for number, wire_type, _, value_start, value_end in _fields(buf, start, end, 1, budget):
         if number == 1 and wire_type == 2:
             try:
                 key = str(buf[value_start:value_end], "utf-8")
             except UnicodeDecodeError:
                 raise MalformedMessage("inputs: a key is not valid UTF-8") from None
         elif number == 2 and wire_type == 2:
-            value.merge(buf, value_start, value_end, 2)
+            value.merge(buf, value_start, value_end, 2, budget)
         else:
             clean = False
     return (key, value) if clean else None
@@ -403,24 +441,27 @@ def parse_evaluate_request(raw: bytes, max_map_entries: int = 0
     map as ``inputs.<name>``.
 
     ``max_map_entries`` (0: no limit): the ``inputs`` or ``options`` entry past it is
-    :class:`Refused` as it is met, before the rest of the message is walked.
+    :class:`Refused` as it is met, before the rest of the message is walked, and so is the
+    field or shape value past the walk's budget (``WALK_BASE``).
     """
+    budget = _Budget(max_map_entries) if max_map_entries else None
     buf = memoryview(raw)
     tensors: dict[str, TensorView] = {}
     # The other fields' byte ranges, adjacent ones joined: their count stays that of the
     # tensor fields between them, however many small fields the message holds.
     rest: list[list[int]] = []
     entries = dict.fromkeys(_MAPS, 0)
-    for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
+    for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf), 0,
+                                                                          budget):
         if number in _MAPS and wire_type == 2:
             entries[number] += 1
             if max_map_entries and entries[number] > max_map_entries:
                 raise too_many_entries(_MAPS[number], max_map_entries)
         if number in _TENSOR_FIELDS and wire_type == 2:
             tensors.setdefault(_TENSOR_FIELDS[number], TensorView()).merge(
-                buf, value_start, value_end)
+                buf, value_start, value_end, 1, budget)
         elif number == _INPUTS_FIELD and wire_type == 2:
-            entry = _input_entry(buf, value_start, value_end)
+            entry = _input_entry(buf, value_start, value_end, budget)
             if entry is not None:
                 tensors[INPUT_PREFIX + entry[0]] = entry[1]  # a later entry replaces
         elif rest and rest[-1][1] == field_start:
