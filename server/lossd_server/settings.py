@@ -96,8 +96,9 @@ class Settings:
     # Limits and backpressure (docs/resilience.md, "Limits and backpressure").
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
-                                          "together); more gets RESOURCE_EXHAUSTED (0: no "
-                                          "limit)")
+                                          "together), its loss's working memory included "
+                                          "(ctc_loss: N x T x (2S+1)); more gets "
+                                          "RESOURCE_EXHAUSTED (0: no limit)")
     max_map_entries: int = _setting(64, "most entries in a request's inputs or options map; "
                                         "the entry past it is refused (RESOURCE_EXHAUSTED) "
                                         "as the message is parsed (0: no limit)")
