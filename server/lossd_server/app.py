@@ -200,11 +200,12 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     taken port fails loudly.
     """
     load_plugins(settings)
-    engine = Engine(resolve_device(settings.device))
+    engine = Engine(resolve_device(settings.device), max_elements=settings.max_elements)
     if metrics is None:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
                           tags=TagPolicy(allow=settings.tags.split(","),
-                                         max_tags=settings.max_tags))
+                                         max_tags=settings.max_tags,
+                                         max_tag_length=settings.max_tag_length))
     metrics.set_device(engine.device)
     settings.check()
     if settings.cuda_memory_fraction and engine.device.type == "cuda":
@@ -240,7 +241,7 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                                                       settings.batch_delay_us / 1e6)
                             if settings.batching == "on" else None,
                             in_flight=lambda: gate.in_flight)
-    add_to_server(servicer, server)
+    add_to_server(servicer, server, max_map_entries=settings.max_map_entries)
     ready = threading.Event()
     services = [LOSS_SERVICE,
                 kserve.add_to_server(server, engine, max_message_bytes=settings.max_message_bytes,

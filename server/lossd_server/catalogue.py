@@ -160,6 +160,13 @@ Check = Callable[[Tensor, "Tensor | None", Mapping[str, Tensor], Mapping[str, An
 host tensors as decoded (wire dtypes), after the generic ones; raises
 ``checks.RequestError`` naming the field."""
 
+WorkingElements = Callable[[Tensor, "Tensor | None", Mapping[str, Tensor], Mapping[str, Any]],
+                           int]
+"""``working_elements(predictions, targets, inputs, options)``: how many elements (of the
+compute dtype) the loss's function allocates for a validated request beyond its inputs and
+output, at most; the server counts them against ``--max-elements`` before the function
+runs. Only from shapes and options: it must cost nothing."""
+
 
 @dataclass(frozen=True)
 class Loss:
@@ -177,6 +184,9 @@ class Loss:
     options: tuple[Option, ...] = ()
     inputs: tuple[Input, ...] = ()
     check: Check | None = None
+    working_elements: WorkingElements | None = None
+    """Its working memory beyond its inputs (see :data:`WorkingElements`); None: about
+    their size, which the element budget counts already."""
     sum_class_dim: bool = False
     samplewise: bool = True
     """A sample's loss depends on its own rows only (every built-in), so the engine may
@@ -318,6 +328,7 @@ def register(name: str, fn: Callable[..., Tensor], *,
              description: str = "",
              inputs: Mapping[str, Input | Literal["values", "float", "int"]] | None = None,
              check: Check | None = None,
+             working_elements: WorkingElements | None = None,
              sum_class_dim: bool = False,
              samplewise: bool = True,
              min_prediction_dims: int = 1,
@@ -343,7 +354,10 @@ def register(name: str, fn: Callable[..., Tensor], *,
     ``"values"`` (floats shaped as the predictions), ``"float"`` or ``"int"`` (N first).
 
     ``check(predictions, targets, inputs, options)``: the loss's own request check, after
-    the generic ones; raise ``RequestError(field, problem)``. ``sum_class_dim``: sum dim 1
+    the generic ones; raise ``RequestError(field, problem)``. ``working_elements(predictions,
+    targets, inputs, options)``: for a loss whose function allocates far more than its
+    inputs (ctc_loss: N x T x (2S + 1)), how many elements, from the shapes; the request is
+    refused beyond ``--max-elements`` before the function runs. ``sum_class_dim``: sum dim 1
     before averaging (kl_div). ``samplewise=False`` for a loss whose samples depend on each
     other (a contrastive loss over the batch): it is then never evaluated in chunks of
     samples (large batches are, for memory), and a batch split over several messages is
@@ -377,7 +391,8 @@ def register(name: str, fn: Callable[..., Tensor], *,
         target_shapes = ((kind.description,) if kind is not Targets.SAME_SHAPE
                          else ("same as predictions",))
     loss = Loss(name=name, description=description, fn=fn, targets=kind, options=opts,
-                inputs=extra, check=check, sum_class_dim=sum_class_dim,
+                inputs=extra, check=check, working_elements=working_elements,
+                sum_class_dim=sum_class_dim,
                 samplewise=samplewise,
                 min_prediction_dims=min_prediction_dims,
                 max_prediction_dims=max_prediction_dims,

@@ -168,8 +168,11 @@ class Engine:
     back with one synchronisation per batch.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, max_elements: int = 0) -> None:
         self.device = device
+        # --max-elements (0: no limit) for a batch's tensors plus its loss's working
+        # memory (Loss.working_elements), checked before the loss runs.
+        self.max_elements = max_elements
         self._cuda = device.type == "cuda"
 
     def check(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> _Checked:
@@ -183,8 +186,29 @@ class Engine:
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
                               class_index=class_targets is not None)
+        if self.max_elements and spec.working_elements is not None:
+            self._claim_working_memory(spec, batch, opts)
         nan_policy = opts.pop("nan_policy")
         return _Checked(batch, spec, opts, class_targets, nan_policy)
+
+    def _claim_working_memory(self, spec: Loss, batch: Batch, opts: Mapping[str, Any]) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, ``too_large``) a batch whose tensors and the loss's
+        working memory for them pass ``max_elements``: what the loss allocates, not only
+        what the caller sent. A samplewise loss runs in chunks of samples (``chunks``), so
+        its largest chunk's share counts; a gradient doubles it (autograd keeps the
+        forward's tables and allocates the backward's)."""
+        assert spec.working_elements is not None
+        work = spec.working_elements(batch.predictions, batch.targets, batch.inputs, opts)
+        n = batch.predictions.shape[0] if batch.predictions.dim() else 0
+        if batch.gradient:
+            work *= 2
+        elif spec.samplewise and n:
+            rows = max(len(range(*part.indices(n))) for part in chunks(batch.predictions))
+            work = work * rows // n
+        held = sum(t.numel() for t in (batch.predictions, batch.targets, batch.weights,
+                                       *batch.inputs.values(), *opts.values())
+                   if isinstance(t, Tensor))
+        limits.claim_working_memory(spec.name, held, work, self.max_elements)
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
@@ -469,7 +493,6 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     class_index = c.class_targets is not None
     targets = (c.batch.targets.numpy() if class_index and c.batch.targets is not None
                else None)
-    n_classes = int(c.batch.predictions.shape[1]) if class_index else 0
     predicted = confidence = hit = None
     top_k_hits: tuple[np.ndarray, ...] = ()
     if outputs:
@@ -478,7 +501,7 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     return analysis.BatchData(
         losses=losses, keep=_keep(losses.shape[0], ignored, omitted), targets=targets,
         valid=valid, elementwise=elementwise, weights=None, predicted=predicted,
-        confidence=confidence, hit=hit, top_k_hits=top_k_hits, n_classes=n_classes)
+        confidence=confidence, hit=hit, top_k_hits=top_k_hits)
 
 
 def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
@@ -490,7 +513,7 @@ def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
         losses=d.losses[part], keep=d.keep[part], targets=cut(d.targets), valid=cut(d.valid),
         elementwise=cut(d.elementwise), weights=weights, predicted=cut(d.predicted),
         confidence=cut(d.confidence), hit=cut(d.hit),
-        top_k_hits=tuple(h[part] for h in d.top_k_hits), n_classes=d.n_classes)
+        top_k_hits=tuple(h[part] for h in d.top_k_hits))
 
 
 def _evaluation(c: _Computed, weights: Tensor | None, part: slice,

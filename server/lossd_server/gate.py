@@ -210,6 +210,8 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                 request = _parse(deserializer, raw)
             except RequestError as exc:
                 context.abort(exc.code, str(exc))
+            except Refused as exc:  # a limit the deserializer enforces: its own status
+                context.abort(exc.code, exc.message)
             return run(request, context)
 
         new_kind = "stream_" + ("stream" if streaming_out else "unary")
@@ -251,6 +253,8 @@ def _parse(deserializer: Callable[[bytes], Any] | None, raw: Any) -> Any:
         return raw
     try:
         return deserializer(raw)
+    except Refused:  # a limit the deserializer enforces (its own status and words)
+        raise
     except Exception as exc:
         raise RequestError("request", f"not a valid message ({type(exc).__name__}); "
                                       f"{len(raw)} bytes did not parse") from None

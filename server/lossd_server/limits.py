@@ -9,7 +9,9 @@
   waiting evaluation whose caller cancelled or whose deadline passed leaves the queue
   without computing.
 * :class:`ElementBudget`: the elements a request claims (its shapes), checked against
-  ``--max-elements`` as each tensor is decoded, before its bytes are looked at.
+  ``--max-elements`` as each tensor is decoded, before its bytes are looked at;
+  :func:`claim_working_memory`: the same budget for them plus what the loss allocates
+  (``Loss.working_elements``), checked before the loss runs.
 * :func:`is_out_of_memory` / :func:`release_memory`: CUDA OOM and host allocation failures
   become RESOURCE_EXHAUSTED; the device cache is released and the server goes on.
 * :class:`MessageWaits`: what a caller's unsent messages may hold. A pool thread waits
@@ -17,7 +19,7 @@
   more ends the longest wait of the caller holding most), each at most ``timeout``
   seconds. A stream idle (waiting for its next message) ``stream_idle`` seconds gives its
   admission up when another stream needs it. So unsent calls and idle streams can never
-  hold every thread or every stream admission (docs/limits-hostile.md).
+  hold every thread or every stream admission (docs/limits.md).
 * :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, the
   admission queue and the ended message waits, registered on the server's metrics registry.
 """
@@ -630,6 +632,18 @@ class ElementBudget:
                           f"{name}.shape: {dims} brings the request to {self.total} "
                           f"elements; this server takes at most {max_elements} per message "
                           "(--max-elements); split the batch", reason="too_large")
+
+
+def claim_working_memory(loss: str, held: int, working: int, max_elements: int) -> None:
+    """Refuse (RESOURCE_EXHAUSTED, ``too_large``) a request whose ``held`` tensor elements
+    and the ``working`` elements its loss allocates for them pass ``max_elements`` (0: no
+    limit): the element budget of what the request costs, not only of what it sends."""
+    if max_elements and held + working > max_elements:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"predictions.shape: {loss} needs {working} working elements for this "
+                      f"request besides its {held}; this server takes at most {max_elements} "
+                      "per message (--max-elements); send fewer or shorter sequences",
+                      reason="too_large")
 
 
 # ---------------------------------------------------------------------------------------

@@ -222,6 +222,16 @@ def _ctc_check(predictions: Tensor, targets: Tensor | None, inputs: Mapping[str,
                                       "sequence holds labels other than blank")
 
 
+def _ctc_working_elements(predictions: Tensor, targets: Tensor | None,
+                          inputs: Mapping[str, Tensor], options: Mapping[str, Any]) -> int:
+    """torch's alpha table (and, for a gradient, beta): N x T x (2S + 1) floats, where S is
+    the targets' length; quadratic in what the request sends (a 144 kB request made it
+    544 MiB)."""
+    assert targets is not None
+    n, steps, _ = predictions.shape
+    return int(n * steps * (2 * targets.shape[1] + 1))
+
+
 _DISTANCES: Mapping[str, Callable[[Tensor, Tensor], Tensor] | None] = {
     "pairwise_distance": None,  # torch's default: torch.pairwise_distance
     "cosine_distance": lambda a, b: 1.0 - F.cosine_similarity(a, b),
@@ -324,6 +334,7 @@ def _register_builtins() -> tuple[Loss, ...]:
                           "eps": Option(1e-6, "variances are clamped to at least this",
                                         check=_at_least(0.0))}),
         register("ctc_loss", _ctc, targets=Targets.LABEL_SEQUENCES, check=_ctc_check,
+                 working_elements=_ctc_working_elements,
                  description="Connectionist temporal classification of log-probabilities "
                              "(N, T, C), batch first, against label sequences; per sample "
                              "torch's reduction='none' value.",

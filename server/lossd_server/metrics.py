@@ -40,6 +40,7 @@ import bisect
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -66,6 +67,14 @@ NO_LOSS = ""
 label, so ``sum by (loss)`` shows such calls apart from every loss."""
 OTHER_TAG = "other"
 NO_TAG = "none"
+INVALID_TAG = "invalid"
+MAX_TAG_LENGTH = 64
+"""Default of ``--max-tag-length``. A tag is a label value written into every series of
+its loss (a few dozen lines of each scrape, and the multiprocess files): six 2 MiB tags
+made a 240 MB scrape."""
+_TAG = re.compile(r"[A-Za-z0-9_.:/@+=-]+")
+"""The characters a tag may hold: no whitespace, quotes or control characters, which would
+need escaping in the exposition format and could forge lines in logs."""
 # Codes a request commonly ends with; each starts at 0 for a method and loss in use.
 KNOWN_CODES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "INTERNAL")
@@ -88,19 +97,25 @@ def multiprocess() -> bool:
 class TagPolicy:
     """Bounds the ``tag`` label: an allow-list, or the first ``max_tags`` distinct tags.
 
-    Anything else is counted as ``other``; an empty tag is ``none``. With worker processes,
-    ``shared`` (a :class:`SharedTags`) makes the first ``max_tags`` the pod's, not each
-    worker's.
+    Anything else is counted as ``other``; an empty tag is ``none``. A tag longer than
+    ``max_tag_length`` characters or with a character outside letters, digits and
+    ``_.:/@+=-`` is counted as ``invalid`` (the call is served; its metrics degrade, they
+    never grow with the tag). With worker processes, ``shared`` (a :class:`SharedTags`)
+    makes the first ``max_tags`` the pod's, not each worker's.
 
     >>> p = TagPolicy(max_tags=1)
     >>> p.resolve("resnet"), p.resolve("vit"), p.resolve("resnet"), p.resolve("")
     ('resnet', 'other', 'resnet', 'none')
+    >>> p.resolve("x" * 65), p.resolve("two words")
+    ('invalid', 'invalid')
     """
 
     def __init__(self, *, allow: Iterable[str] = (), max_tags: int = 32,
-                 shared: SharedTags | None = None) -> None:
+                 shared: SharedTags | None = None,
+                 max_tag_length: int = MAX_TAG_LENGTH) -> None:
         self.allow = frozenset(t for t in allow if t)
         self.max_tags = max_tags
+        self.max_tag_length = max_tag_length
         self.shared = shared
         self._seen: set[str] = set()
         self._lock = threading.Lock()
@@ -108,6 +123,8 @@ class TagPolicy:
     def resolve(self, tag: str) -> str:
         if not tag:
             return NO_TAG
+        if len(tag) > self.max_tag_length or not _TAG.fullmatch(tag):
+            return INVALID_TAG
         if self.allow:
             return tag if tag in self.allow else OTHER_TAG
         if tag in self._seen:  # set membership is atomic; the lock guards admission only

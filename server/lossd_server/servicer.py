@@ -460,17 +460,28 @@ def _gone(context: grpc.ServicerContext) -> Refused:
                    reason="cancelled")
 
 
-def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: LossServicer, server: grpc.Server, *,
+                  max_map_entries: int = wire.MAX_MAP_ENTRIES) -> None:
     """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does,
     except that Evaluate and EvaluateStream parse their requests with
     :func:`wire.parse_request`, which views the tensors of a large request in the received
-    bytes instead of copying them out."""
+    bytes instead of copying them out, and refuses (counted) a request with more than
+    ``max_map_entries`` inputs or options before it parses the rest."""
+    def parse(method: str) -> Callable[[bytes], Any]:
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return wire.parse_request(raw, max_map_entries)
+            except Refused as exc:
+                servicer.limits.count(method, exc)
+                raise
+        return deserialize
+
     handlers = {
         "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, request_deserializer=wire.parse_request,
+            servicer.Evaluate, request_deserializer=parse("Evaluate"),
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, request_deserializer=wire.parse_request,
+            servicer.EvaluateStream, request_deserializer=parse("EvaluateStream"),
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
             servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,

@@ -61,6 +61,9 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
+    max_tag_length: int = _setting(64, "longest tag kept in loss metrics; a longer one, or one "
+                                       "with a character outside letters, digits and "
+                                       "_.:/@+=-, counts as 'invalid'")
     # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
                                  "TLS on")
@@ -94,8 +97,12 @@ class Settings:
     # Limits and backpressure (docs/resilience.md, "Limits and backpressure").
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
-                                          "together); more gets RESOURCE_EXHAUSTED (0: no "
-                                          "limit)")
+                                          "together), its loss's working memory included "
+                                          "(ctc_loss: N x T x (2S+1)); more gets "
+                                          "RESOURCE_EXHAUSTED (0: no limit)")
+    max_map_entries: int = _setting(64, "most entries in a request's inputs or options map; "
+                                        "the entry past it is refused (RESOURCE_EXHAUSTED) "
+                                        "as the message is parsed (0: no limit)")
     max_waiting: int = _setting(16, "evaluations that may wait for one of the --concurrency "
                                     "slots; beyond it calls get RESOURCE_EXHAUSTED with a "
                                     "'retry-after-ms' trailer")
@@ -205,7 +212,8 @@ class Settings:
         for name in ("concurrency", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
-        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams"):
+        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams",
+                     "max_map_entries", "max_tag_length"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if self.max_receiving < 1:
@@ -282,12 +290,13 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                   "malloc_reuse"),
     "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
                "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
-               "shm_max_mb"),
+               "max_map_entries", "shm_max_mb"),
     "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
                  "auth_tokens_env"),
     "device": ("device", "cuda_memory_fraction", "batching", "batch_max_samples",
                "batch_delay_us"),
-    "observability": ("log_level", "log_format", "loss_buckets", "tags", "max_tags"),
+    "observability": ("log_level", "log_format", "loss_buckets", "tags", "max_tags",
+                      "max_tag_length"),
     "plugins": ("plugins", "entry_points"),
 }
 """The sections of ``lossd serve --help``, each setting in one (tests check that every

@@ -75,6 +75,7 @@ def serve() -> int:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
                           tags=TagPolicy(allow=settings.tags.split(","),
                                          max_tags=settings.max_tags,
+                                         max_tag_length=settings.max_tag_length,
                                          shared=SharedTags(os.path.join(
                                              os.environ[MULTIPROC_ENV], "tags"))),
                           process=False, worker=str(index))
