@@ -39,10 +39,7 @@ def fenced(text: str, lang: str) -> list[str]:
 
 def quick_start() -> str:
     """The README's first Python block: the Quick start."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(.*?)```", readme, flags=re.S)
-    assert block is not None
-    return block.group(1)
+    return fenced((ROOT / "README.md").read_text(), "python")[0]
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
