@@ -54,6 +54,7 @@ def flip_labels(labels: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive (features, labels) slices of ``size`` samples."""
     for i in range(0, len(x), size):
         yield x[i:i + size], y[i:i + size]
 
@@ -94,6 +95,7 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 # The training set's per-sample losses: the hardest are left out next epoch.
+                # K is the number of flipped labels, so "caught" reads as a share of them.
                 train = client.evaluate(model(x_train), y_train, loss="cross_entropy",
                                         hardest=len(flipped), tag="train_loop")
                 assert train.hardest is not None
