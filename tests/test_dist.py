@@ -3,13 +3,15 @@
 checkout nor .venv (no ``--system-site-packages``, no ``PYTHONPATH``). First the client
 alone, which must work without torch; then, by the command the CLI's hint names, the
 ``server`` extra, and the README's Quick start runs as written against ``lossd serve``
-started from that virtualenv.
+started from that virtualenv. Last, docs/plugins.md's walkthrough in that virtualenv, as
+in the ``.venv/`` of ``make serve``: its package written out, installed and served.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import ROOT, health
 from grpc_health.v1 import health_pb2
+
+from lossd import LossClient
 
 # The torch of the server step: the pinned CPU build, as scripts/bootstrap.sh installs on a
 # machine without a driver (and with the same override).
@@ -27,12 +32,14 @@ TORCH_SPEC = os.environ.get("LOSSD_TORCH_SPEC", "torch==2.13.0")
 QUICK_START_PORT = 50051
 
 
+def fenced(text: str, lang: str) -> list[str]:
+    """The fenced blocks of one language in a Markdown text, in order."""
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
 def quick_start() -> str:
     """The README's first Python block: the Quick start."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(.*?)```", readme, flags=re.S)
-    assert block is not None
-    return block.group(1)
+    return fenced((ROOT / "README.md").read_text(), "python")[0]
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -40,6 +47,13 @@ def run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_serving(proc: subprocess.Popen[str], port: int, timeout: float = 120) -> None:
@@ -132,3 +146,86 @@ def test_the_hinted_server_install_serves_the_quick_start(venv: Venv) -> None:
     finally:
         server.terminate()
         server.wait(60)
+
+
+@dataclass(frozen=True)
+class Walkthrough:
+    """docs/plugins.md's "Write one" and "Install it": the project layout (a text block),
+    the package's files (the blocks headed by a ``# path`` comment) and the commands."""
+
+    files: dict[str, str]
+    install: str
+    serve: str
+
+    @classmethod
+    def of_page(cls) -> Walkthrough:
+        page = (ROOT / "docs" / "plugins.md").read_text()
+        write = page[page.index("## Write one"):page.index("## When it goes wrong")]
+        install = page[page.index("## Install it"):page.index("## Ship it")]
+        [layout] = fenced(write, "text")
+        # "my-losses/", then "└── mypkg/", then its files: the tree's names, by indentation.
+        names = re.findall(r"^([│ ├└─]*)([\w.-]+/?)", layout, flags=re.M)
+        project = names[0][1].rstrip("/")
+        paths, parents = [], [project]
+        for prefix, name in names[1:]:
+            depth = len(prefix) // 4          # "├── " per level
+            del parents[depth:]
+            if name.endswith("/"):
+                parents.append(name.rstrip("/"))
+            else:
+                paths.append("/".join([*parents[1:], name]))
+        blocks = fenced(write, "python") + fenced(install, "toml")
+        files = {}
+        for path in paths:
+            [body] = [b for b in blocks if b.startswith(f"# {path}\n")] or [""]
+            assert body or path.endswith("__init__.py"), f"no block for {path}"
+            files[f"{project}/{path}"] = body
+        [commands] = fenced(install, "bash")
+        install_line, serve_line = [line.split("#")[0].strip()
+                                    for line in commands.splitlines() if line.strip()]
+        return cls(files, install_line, serve_line)
+
+
+def test_plugin_walkthrough_serves_the_new_loss(venv: Venv, tmp_path: Path) -> None:
+    """docs/plugins.md followed verbatim in an environment like ``make serve``'s (the
+    wheel with its server extra, no example plugin): the package written as its layout
+    says, installed by its command, and the server its next command starts (with a free
+    port) serves ``charbonnier`` from the entry point, equal to a local computation."""
+    venv.pip_install(f"{venv.wheel}[server]", TORCH_SPEC)   # as the hinted install left it
+    page = Walkthrough.of_page()
+    assert set(page.files) == {"my-losses/pyproject.toml", "my-losses/mypkg/__init__.py",
+                               "my-losses/mypkg/losses.py"}, page.files
+    checkout = tmp_path / "checkout"          # the page's commands run in the checkout
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(venv.root / "venv")
+    for path, body in page.files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body)
+    installed = run("bash", "-c", page.install, cwd=checkout, timeout=600)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+
+    assert page.serve == ".venv/bin/lossd serve"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Not flags: the test machine's share (CPU, one process, no metrics port to clash).
+    env.update(LOSSD_DEVICE="cpu", LOSSD_METRICS_PORT="-1", LOSSD_PROCESSES="1")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen([*page.serve.split(), "--port", str(port)], cwd=checkout,
+                                  env=env, stderr=log_file, text=True)
+    try:
+        try:
+            wait_serving(server, port)
+        except AssertionError:
+            raise AssertionError(log_path.read_text()) from None
+        x = np.array([[0.0, 3.0], [1.0, -1.0], [2.5, 0.5]], np.float32)
+        t = np.array([[0.0, -1.0], [1.0, 1.0], [0.0, 0.0]], np.float32)
+        with LossClient(f"127.0.0.1:{port}") as client:
+            info = {i.name: i for i in client.losses()}["charbonnier"]
+            r = client.evaluate(x, t, loss="charbonnier", eps=0.1)
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert info.source.startswith("mypkg.losses (entry point 'mypkg'"), info.source
+    np.testing.assert_allclose(r.per_sample, np.sqrt((x - t) ** 2 + 0.01).mean(axis=1),
+                               rtol=1e-6)
