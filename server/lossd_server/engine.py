@@ -197,7 +197,8 @@ class Engine:
         class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights,
                                        opts, batch.inputs,
                                        allow_zero_weight_sum=allow_zero_weight_sum)
-        validate.gradient(batch.gradient, weighted=batch.weights is not None)
+        if batch.gradient is not None:
+            validate.gradient(batch.gradient, weighted=batch.weights is not None)
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
                               class_index=class_targets is not None)
@@ -261,7 +262,7 @@ class Engine:
     def _run(self, c: Checked) -> _Computed:
         """One device call for a checked batch, in stages: stage its tensors on the device,
         compute the per-sample values (in chunks; timed on CUDA), apply the NaN policy,
-        take the gradient, and bring the results to the host with one synchronisation."""
+        take the gradient, and bring the results to the host (``_results``)."""
         staged = self._stage(c)
         wants_gradient = bool(c.batch.gradient)
         events = None
@@ -279,11 +280,7 @@ class Engine:
                 events[1].record()
             omitted = _nan_policy(chunk, c.nan_policy)
             gradient = self._gradient(c, staged, chunk, omitted) if wants_gradient else None
-            host = self._to_host(_device_results(c, chunk, omitted, gradient))
-        device_seconds = None
-        if events is not None:
-            device_seconds = events[0].elapsed_time(events[1]) / 1000.0
-        return _host_results(c, host, device_seconds)
+            return self._results(c, chunk, omitted, gradient, events)
 
     def _stage(self, c: Checked) -> _Staged:
         """The batch's tensors and tensor options on the device, in the dtypes the loss
@@ -438,6 +435,36 @@ class Engine:
                                         "traceback is in the server log)") from exc
         return grad.to(batch.predictions.dtype)
 
+    def _results(self, c: Checked, chunk: _Chunk, omitted: Tensor | None,
+                 gradient: Tensor | None,
+                 events: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> _Computed:
+        """The batch's results on the host, with one synchronisation: per-sample losses, the
+        ignored and omitted masks, the gradient, what the analyses read (valid positions for
+        per-class breakdowns, elementwise values, class outputs) where they are wanted, and
+        the device time between ``events`` (CUDA)."""
+        outputs = chunk.outputs
+        host = self._to_host([
+            chunk.losses.detach() if gradient is not None else chunk.losses,
+            chunk.all_ignored, omitted, gradient,
+            None if chunk.valid is None or not c.batch.analyses.classes else chunk.valid,
+            chunk.values,
+            *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
+              if outputs is not None else ())])
+        device_seconds = None
+        if events is not None:
+            device_seconds = events[0].elapsed_time(events[1]) / 1000.0
+        h_losses, h_ignored, h_omitted, h_gradient, *h_extra = host
+        assert h_losses is not None
+        np_losses = h_losses.numpy()
+        np_ignored = None if h_ignored is None else h_ignored.numpy()
+        np_omitted = None if h_omitted is None else h_omitted.numpy()
+        data = None
+        if c.batch.analyses.any:
+            data = _batch_data(c, np_losses, np_ignored, np_omitted,
+                               [None if t is None else t.numpy() for t in h_extra])
+        return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
+                         device_seconds=device_seconds, gradient=h_gradient, analysis=data)
+
     def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Copy device results to the host with one synchronisation."""
         if not self._cuda:
@@ -479,36 +506,6 @@ def _nan_policy(chunk: _Chunk, policy: str) -> Tensor | None:
         validate.no_nonfinite(chunk.finite)
         return None
     return ~chunk.finite if policy == "omit" else None
-
-
-def _device_results(c: Checked, chunk: _Chunk, omitted: Tensor | None,
-                    gradient: Tensor | None) -> list[Tensor | None]:
-    """What goes to the host, in ``_host_results``' order: losses, ignored and omitted
-    masks, gradient, then what the analyses read (valid positions for per-class
-    breakdowns, elementwise values, class outputs)."""
-    outputs = chunk.outputs
-    return [chunk.losses.detach() if gradient is not None else chunk.losses,
-            chunk.all_ignored, omitted, gradient,
-            None if chunk.valid is None or not c.batch.analyses.classes else chunk.valid,
-            chunk.values,
-            *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
-              if outputs is not None else ())]
-
-
-def _host_results(c: Checked, host: list[Tensor | None], device_seconds: float | None
-                  ) -> _Computed:
-    """``_device_results`` on the host as numpy, with the analyses' data where wanted."""
-    h_losses, h_ignored, h_omitted, h_gradient, *h_extra = host
-    assert h_losses is not None
-    np_losses = h_losses.numpy()
-    np_ignored = None if h_ignored is None else h_ignored.numpy()
-    np_omitted = None if h_omitted is None else h_omitted.numpy()
-    data = None
-    if c.batch.analyses.any:
-        data = _batch_data(c, np_losses, np_ignored, np_omitted,
-                           [None if t is None else t.numpy() for t in h_extra])
-    return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
-                     device_seconds=device_seconds, gradient=h_gradient, analysis=data)
 
 
 def _keep(n: int, ignored: np.ndarray | None, omitted: np.ndarray | None) -> np.ndarray:
