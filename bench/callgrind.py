@@ -4,19 +4,19 @@
     python -m bench.callgrind --server lossd --save    # writes callgrind.json
 
 Wall-clock timings on a shared 2-core VM move by more than a refactor's effect; the
-instructions a call costs the server move by ~0.3% between runs. Each server (``lossd
-serve --processes 1`` or ``bench.floor_server``'s sync floor, the transport floor) runs as
-one process under
-``valgrind --tool=callgrind`` with a fixed hash seed; this process is its client and makes
-the ``small`` workload's Evaluate calls (N=32, C=10, float32 cross_entropy; ``bench.run``'s
-calls: ``lossd.LossClient`` for lossd, the floor's prebuilt request bytes for the floor),
-one at a time. After ``--warmup`` calls it zeroes the counters (``callgrind_control``),
-makes K1 calls and dumps, makes K2 calls and dumps: instructions per call = (I(K2) -
-I(K1)) / (K2 - K1), every thread of the server counted; what a segment costs besides its
-calls (the dump, idle wake-ups) cancels in the difference. Prints one JSON line; ``--save``
-also writes it to ``callgrind.json`` under ``--out`` (default
-``bench/results/<machine>/``). Under valgrind torch takes its AVX2 kernels (valgrind has
-no AVX-512), and a call runs ~50x slower: about 2 minutes of start-up and calls per server.
+instructions a call costs the server move by ~0.3% between runs. Each server (``lossd serve
+--processes 1`` or ``bench.floor_server``'s sync floor, the transport floor) runs as one
+process under ``valgrind --tool=callgrind`` with a fixed hash seed; this process is its
+client and makes the ``small`` workload's Evaluate calls (N=32, C=10, float32
+cross_entropy; ``bench.run``'s calls: ``lossd.LossClient`` for lossd, the floor's prebuilt
+request bytes for the floor), one at a time. After ``--warmup`` calls it zeroes the
+counters (``callgrind_control``), makes K1 calls and dumps, makes K2 calls and dumps:
+instructions per call = (I(K2) - I(K1)) / (K2 - K1), every thread of the server counted;
+what a segment costs besides its calls (the dump, idle wake-ups) cancels in the difference.
+Prints one JSON line; ``--save`` also writes it to ``callgrind.json`` under ``--out``
+(default ``bench/results/<machine>/``). Under valgrind torch takes its AVX2 kernels
+(valgrind has no AVX-512), and a call runs ~50x slower: about 2 minutes of start-up and
+calls per server.
 """
 
 from __future__ import annotations
