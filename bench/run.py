@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,8 @@ class Server:
 
     def __init__(self, kind: str, device: str, workers: int | None, log: Path,
                  extra: list[str] | None = None, env: dict[str, str] | None = None, *,
-                 processes: str = "1") -> None:
+                 processes: str = "1", wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command the server runs under (e.g. valgrind and its flags)."""
         self.kind = kind
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -315,8 +316,8 @@ class Server:
         cmd += extra or []
         self._log = log.open("ab")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**_subprocess_env(), **(env or {})},
-                                     stdout=self._log,
+        self.proc = subprocess.Popen([*wrapper, *cmd], cwd=ROOT,
+                                     env={**_subprocess_env(), **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lossd_server.engine import Batch, Engine, Evaluation, _Checked
+from lossd_server.engine import Batch, Checked, Engine, Evaluation
 from lossd_server.limits import Refused
 
 
@@ -33,7 +33,7 @@ class BatchingSettings:
 Runner = Callable[[Callable[[], list[Evaluation]]], list[Evaluation]]
 
 
-def coalesce_key(c: _Checked) -> Hashable | None:
+def coalesce_key(c: Checked) -> Hashable | None:
     """What must match for two checked batches to share a device call (None: never)."""
     b = c.batch
     if b.gradient is not None or c.nan_policy == "raise":
@@ -51,7 +51,7 @@ def coalesce_key(c: _Checked) -> Hashable | None:
 
 @dataclass
 class _Group:
-    members: list[_Checked] = field(default_factory=list)
+    members: list[Checked] = field(default_factory=list)
     results: list[Evaluation] | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)

@@ -203,7 +203,7 @@ class Loss:
     """Targets are (or, for ``classes_or_probabilities``, may be) class indices, one per
     position (N, d1, ...) for the class dimension 1 of the predictions: per-class breakdowns
     and accuracy apply. Whether a request's targets are indices is its dtype's say
-    (``engine._Checked.class_index``)."""
+    (``engine.Checked.class_targets``)."""
     engine_ignore_index: bool = field(init=False, repr=False)
     """The engine applies ``ignore_index`` itself (the loss takes class indices but has no
     ``ignore_index`` option of its own): ignored positions reach the function as class 0
