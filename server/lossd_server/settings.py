@@ -140,6 +140,15 @@ class Settings:
                                                         "this long, so clients re-resolve DNS "
                                                         "and spread over new replicas (0: "
                                                         "never)")
+    # Stuck work (docs/limits-stuck.md).
+    stall_seconds: float = _setting(10.0, "a compute slot held this long is stuck work: "
+                                          "health turns NOT_SERVING (a worker process is "
+                                          "replaced) and lossd_compute_stalls_total counts "
+                                          "it (0: no watchdog)")
+    heartbeat_seconds: float = _setting(10.0, "a worker process whose heartbeat is this "
+                                              "late is frozen: lossd_worker_up 0, killed and "
+                                              "restarted (with --processes > 1; 0: not "
+                                              "watched)")
 
     @property
     def max_message_bytes(self) -> int:
@@ -195,6 +204,9 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if self.shm_max_mb <= 0:
             raise ValueError("--shm-max-mb must be positive")
+        for name in ("stall_seconds", "heartbeat_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
             raise ValueError("--cuda-memory-fraction must be within [0, 1]")
         if self.processes != "auto" and not (self.processes.isdigit()
