@@ -163,6 +163,7 @@ class LossdServer:
 
     def drain(self) -> None:
         """Health NOT_SERVING and new calls refused with UNAVAILABLE; in-flight ones go on."""
+        self._serving = False  # for good: a stall that ends now turns nothing back on
         self.ready.clear()
         if self.gate is not None:
             self.gate.drain()

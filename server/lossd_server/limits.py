@@ -7,7 +7,8 @@
   when it starts; each batch of an admitted stream then waits for a slot and is never
   refused for contention. Nothing queues without bound: a stream has at most one batch waiting. A
   waiting evaluation whose caller cancelled or whose deadline passed leaves the queue
-  without computing.
+  without computing. It records when each slot was taken (``longest_hold``): a slot held
+  too long is stuck work, which :mod:`lossd_server.watchdog` reports.
 * :class:`ElementBudget`: the elements a request claims (its shapes), checked against
   ``--max-elements`` as each tensor is decoded, before its bytes are looked at.
 * :func:`is_out_of_memory` / :func:`release_memory`: CUDA OOM and host allocation failures

@@ -141,7 +141,7 @@ class Settings:
                                                         "and spread over new replicas (0: "
                                                         "never)")
     # Stuck work (docs/limits-stuck.md).
-    stall_seconds: float = _setting(10.0, "a compute slot held this long is stuck work: "
+    stall_seconds: float = _setting(8.0, "a compute slot held this long is stuck work: "
                                           "health turns NOT_SERVING (a worker process is "
                                           "replaced) and lossd_compute_stalls_total counts "
                                           "it (0: no watchdog)")
