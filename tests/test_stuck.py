@@ -56,7 +56,7 @@ def serving(port: int) -> bool:
     """Whether health says SERVING (False too while the kernel still hands connections to
     a worker being replaced, which resets them)."""
     try:
-        return health(port) == SERVING
+        return bool(health(port) == SERVING)
     except grpc.RpcError:
         return False
 
@@ -240,3 +240,29 @@ def test_a_pod_directory_left_behind_is_swept_at_the_next_start(tmp_path: Path) 
     finally:
         del os.environ["TMPDIR"]
         tempfile.tempdir = None
+
+
+def test_the_watchdog_reports_a_slot_held_past_its_bound_once_and_its_recovery() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.limits import Admission
+    from lossd_server.watchdog import StallMetrics, Watchdog
+
+    admission = Admission(slots=2, max_waiting=0)
+    changes: list[bool] = []
+    registry = CollectorRegistry()
+    dog = Watchdog(admission, 0.5, changes.append, StallMetrics(registry))
+    assert admission.longest_hold() == 0.0 and not dog.check()
+    first = admission.acquire()
+    time.sleep(0.6)
+    second = admission.acquire()
+    assert admission.longest_hold() > 0.5
+    assert dog.check() and dog.check()  # stalled, reported once
+    admission.release(first)  # the one held long: the other was just taken
+    assert admission.longest_hold() < 0.5
+    assert not dog.check()
+    admission.release(second)
+    assert admission.longest_hold() == 0.0
+    assert changes == [True, False]
+    assert registry.get_sample_value("lossd_compute_stalls_total") == 1
+    assert registry.get_sample_value("lossd_compute_stalled") == 0
