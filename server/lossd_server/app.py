@@ -9,8 +9,9 @@ Every call passes :class:`gate.Gate`: bearer tokens when configured (health stay
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
 ``security.server_credentials``; limits from ``limits``. ``stop(grace)`` drains: health
 NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within ``grace``, then the
-port closes. Processes, signals and the ``lossd serve`` command are
-:mod:`lossd_server.serve`'s.
+port closes. A compute slot held past ``--stall-seconds`` (stuck work,
+:mod:`lossd_server.watchdog`) turns health NOT_SERVING until it comes back. Processes,
+signals and the ``lossd serve`` command are :mod:`lossd_server.serve`'s.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ from lossd_server.security import TokenStore, server_credentials
 from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
 from lossd_server.shm import DescriptorSocket, SharedMemoryRegistry
+from lossd_server.watchdog import StallMetrics, Watchdog
 
 log = logging.getLogger("lossd")
 LOSS_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -101,7 +104,12 @@ class LossdServer:
     servicer: LossServicer | None = None
     health_port: int | None = None
     descriptor_socket: DescriptorSocket | None = None
+    watchdog: Watchdog | None = None
+    stall_listeners: list[Callable[[bool], None]] = field(default_factory=list)
+    """Called with True when compute stalls, False when it recovers (a worker process
+    tells its supervisor)."""
     _metrics_http: Any = field(default=None, repr=False)
+    _serving: bool = field(default=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -113,12 +121,25 @@ class LossdServer:
         assert self.servicer is not None
         return self.servicer.admission
 
+    @property
+    def stalled(self) -> bool:
+        """Whether a compute slot is held past ``--stall-seconds`` now."""
+        return self.watchdog is not None and self.watchdog.stalled
+
     def set_serving(self, serving: bool) -> None:
+        """Serve (health SERVING, ready) or not; a stall keeps it NOT_SERVING meanwhile."""
+        self._serving = serving
+        serving = serving and not self.stalled
         self.health.set_serving(serving)
         if serving:
             self.ready.set()
         else:
             self.ready.clear()
+
+    def _on_stall(self, stalled: bool) -> None:
+        self.set_serving(self._serving)
+        for listener in self.stall_listeners:
+            listener(stalled)
 
     def start(self, *, serving: bool = True) -> LossdServer:
         """Start serving; health turns SERVING once a warm-up evaluation passed (with
@@ -134,12 +155,15 @@ class LossdServer:
                 registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         warm_up(self.engine)
+        if self.watchdog is not None:
+            self.watchdog.start()
         if serving:
             self.set_serving(True)
         return self
 
     def drain(self) -> None:
         """Health NOT_SERVING and new calls refused with UNAVAILABLE; in-flight ones go on."""
+        self._serving = False  # for good: a stall that ends now turns nothing back on
         self.ready.clear()
         if self.gate is not None:
             self.gate.drain()
@@ -166,6 +190,8 @@ class LossdServer:
         self.server.stop(grace).wait()
         if self.gate is not None:
             self.gate.waits.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()
@@ -260,6 +286,9 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                         metrics=metrics, health=health_service, ready=ready, gate=gate,
                         servicer=servicer, health_port=health_port,
                         descriptor_socket=fd_socket)
+    if settings.stall_seconds > 0:
+        lossd.watchdog = Watchdog(servicer.admission, settings.stall_seconds, lossd._on_stall,
+                                  StallMetrics(metrics.registry))
     lossd.set_serving(False)
     return lossd
 

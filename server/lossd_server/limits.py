@@ -7,7 +7,8 @@
   when it starts; each batch of an admitted stream then waits for a slot and is never
   refused for contention. Nothing queues without bound: a stream has at most one batch waiting. A
   waiting evaluation whose caller cancelled or whose deadline passed leaves the queue
-  without computing.
+  without computing. It records when each slot was taken (``longest_hold``): a slot held
+  too long is stuck work, which :mod:`lossd_server.watchdog` reports.
 * :class:`ElementBudget`: the elements a request claims (its shapes), checked against
   ``--max-elements`` as each tensor is decoded, before its bytes are looked at;
   :func:`claim_working_memory`: the same budget for them plus what the loss allocates
@@ -437,6 +438,9 @@ class Admission:
         self._queue: collections.deque[_Waiter] = collections.deque()
         self._streams = 0
         self._door = threading.Condition(self._lock)  # notified when a stream ends
+        # When each slot now held was taken (perf_counter -> how many at that instant), for
+        # the watchdog: a slot held past a bound is stuck work (lossd_server.watchdog).
+        self._held: collections.Counter[float] = collections.Counter()
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
         self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
@@ -452,6 +456,12 @@ class Admission:
     @property
     def streams(self) -> int:
         return self._streams
+
+    def longest_hold(self) -> float:
+        """Seconds the longest-held slot has been held by now (0 while none is)."""
+        with self._lock:
+            oldest = min(self._held, default=None)
+        return 0.0 if oldest is None else time.perf_counter() - oldest
 
     def retry_after_seconds(self) -> float:
         """About when a slot frees for one more caller: the queue ahead, per slot."""
@@ -470,11 +480,14 @@ class Admission:
         """Take a slot (waiting in line for one); returns when it was taken, for
         :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
         self._acquire(call or CallState(), admitted)
-        return time.perf_counter()
+        acquired = time.perf_counter()
+        with self._lock:
+            self._held[acquired] += 1
+        return acquired
 
     def release(self, acquired: float) -> None:
         """Give back a slot taken by :meth:`acquire` at ``acquired``."""
-        self._release(time.perf_counter() - acquired)
+        self._release(acquired, time.perf_counter() - acquired)
 
     def _busy(self) -> Refused:
         hint = self.retry_after_seconds()
@@ -511,8 +524,11 @@ class Admission:
                     self._gauges()
                     raise
 
-    def _release(self, held: float) -> None:
+    def _release(self, acquired: float, held: float) -> None:
         with self._lock:
+            self._held[acquired] -= 1
+            if self._held[acquired] <= 0:
+                del self._held[acquired]
             self._hold = 0.8 * self._hold + 0.2 * held
             if self._queue:
                 waiter = self._queue.popleft()  # the slot passes straight to it

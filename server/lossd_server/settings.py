@@ -161,6 +161,15 @@ class Settings:
                                                         "this long, so clients re-resolve DNS "
                                                         "and spread over new replicas (0: "
                                                         "never)")
+    # Stuck work (docs/limits.md).
+    stall_seconds: float = _setting(8.0, "a compute slot held this long is stuck work: "
+                                          "health turns NOT_SERVING (a worker process is "
+                                          "replaced) and lossd_compute_stalls_total counts "
+                                          "it (0: no watchdog)")
+    heartbeat_seconds: float = _setting(10.0, "a worker process whose heartbeat is this "
+                                              "late is frozen: lossd_worker_up 0, killed and "
+                                              "restarted (with --processes > 1; 0: not "
+                                              "watched)")
 
     @property
     def max_message_bytes(self) -> int:
@@ -223,6 +232,9 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.shm_max_mb <= 0:
             raise ValueError("--shm-max-mb must be positive")
+        for name in ("stall_seconds", "heartbeat_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
             raise ValueError("--cuda-memory-fraction must be within [0, 1]")
         if self.processes != "auto" and not (self.processes.isdigit()
@@ -290,7 +302,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                   "malloc_reuse"),
     "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
                "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
-               "max_map_entries", "shm_max_mb"),
+               "max_map_entries", "shm_max_mb", "stall_seconds", "heartbeat_seconds"),
     "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
                  "auth_tokens_env"),
     "device": ("device", "cuda_memory_fraction", "batching", "batch_max_samples",

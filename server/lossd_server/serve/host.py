@@ -3,14 +3,25 @@ threads, and the set-up every serving process does before its server starts.
 
 Probing never initialises CUDA (the supervisor never touches a device): it reads the CPU
 affinity, the cgroup CPU quota, ``CUDA_VISIBLE_DEVICES`` and the driver's device list.
+
+A pod's processes share one metrics directory; whoever is last out of it removes it, even
+when the supervisor was killed outright (:func:`make_pod_directory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import logging
 import math
 import os
+import shutil
+import signal
+import sys
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from lossd_server.settings import Settings
 
@@ -117,3 +128,80 @@ def prepare_process(settings: Settings, processes: int) -> None:
     import torch
 
     torch.set_num_threads(torch_threads(settings, processes))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once with ``code``, once every log line is out: no interpreter
+    teardown, which joins every non-daemon thread (one stuck in a loss would never end it)
+    and spends seconds garbage-collecting torch."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux), so a
+    worker never outlives a supervisor killed outright. Returns whether it applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+POD_DIRECTORY_PREFIX = "lossd-metrics-"
+_OWNERS = ".owners"
+"""A pod directory's lock file: each process of the pod holds a shared ``flock`` on it for
+its life, so an exclusive lock succeeds only when none is left (the kernel drops the locks
+of a killed process)."""
+
+
+def make_pod_directory() -> tuple[str, int]:
+    """A new pod directory in the temp directory, after removing those no live pod holds
+    (left by pods killed before their last process was out); returns it and the held lock
+    (see :func:`leave_pod_directory`)."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            if name.startswith(POD_DIRECTORY_PREFIX):
+                _remove_if_unheld(os.path.join(root, name))
+    directory = tempfile.mkdtemp(prefix=POD_DIRECTORY_PREFIX)
+    # Locked before it has its name: a sweeping pod never sees it unheld.
+    fd = os.open(os.path.join(directory, _OWNERS + ".new"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.rename(os.path.join(directory, _OWNERS + ".new"), os.path.join(directory, _OWNERS))
+    return directory, fd
+
+
+def join_pod_directory(directory: str) -> int:
+    """Hold ``directory`` (a worker's share of its pod's); returns the lock to leave with."""
+    fd = os.open(os.path.join(directory, _OWNERS), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def leave_pod_directory(directory: str, fd: int) -> bool:
+    """Let go of ``directory``; the last process out removes it. Returns whether this one
+    did."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return _remove_if_unheld(directory)
+
+
+def _remove_if_unheld(directory: str) -> bool:
+    try:
+        fd = os.open(os.path.join(directory, _OWNERS), os.O_RDWR)
+    except OSError:  # not a pod directory (yet), or removed already
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(fd)
+    return True

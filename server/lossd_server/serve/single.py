@@ -1,6 +1,8 @@
 """``lossd serve --processes 1``: the server in this process.
 
-Build, start, wait for SIGTERM or SIGINT, drain within ``--grace-seconds``, exit 0.
+Build, start, wait for SIGTERM or SIGINT, drain within ``--grace-seconds``, exit 0. A call
+still computing then (stuck work: Python cannot interrupt it) does not keep the process:
+it exits 1 at once, without the interpreter's teardown, which would wait for that thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from lossd_server.serve.host import prepare_process
+from lossd_server.serve.host import exit_now, prepare_process
 from lossd_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,6 +37,12 @@ def serve_single(settings: Settings) -> int:
     in_flight = server.gate.in_flight if server.gate is not None else 0
     log.info("drain started", extra={"in_flight": in_flight, "signal": signum})
     server.stop(settings.grace_seconds)
+    stuck = server.admission.running
+    if stuck:
+        log.error("lossd stopped with calls still computing; exiting without them",
+                  extra={"running": stuck, "held_seconds": round(
+                      server.admission.longest_hold(), 1)})
+        exit_now(1)
     log.info("lossd stopped")
     return 0
 

@@ -21,6 +21,12 @@ rely on holds across processes:
   it keeps dying; its callers see UNAVAILABLE for the calls that were on it (clients
   retry) and the port stays reserved. A worker that fails before it first becomes ready
   is a configuration error: everything stops and ``lossd serve`` exits 2.
+* **stuck and frozen workers**: a worker whose heartbeat is ``--heartbeat-seconds`` late
+  (stopped, wedged) or whose compute watchdog reports stuck work (``--stall-seconds``) is
+  marked down (``lossd_worker_up`` 0, pod health NOT_SERVING), killed, and restarted as a
+  dead one is (``lossd_worker_replaced_total`` counts them, by reason).
+* **a killed supervisor**: the kernel sends each worker SIGTERM (they drain and exit), and
+  the last process out of the metrics directory removes it (``host.make_pod_directory``).
 * **drain**: SIGTERM or SIGINT drains every worker within ``--grace-seconds``: each
   refuses new calls with UNAVAILABLE and lets its calls in flight finish, and every
   listener stays open until the whole pod is idle (a worker that closed early would have
@@ -49,8 +55,14 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from lossd_server.serve.host import EXIT_CONFIG, device_list, torch_threads
-from lossd_server.serve.worker import ENV_INDEX, ENV_STATUS_FD, MULTIPROC_ENV
+from lossd_server.serve.host import (
+    EXIT_CONFIG,
+    device_list,
+    leave_pod_directory,
+    make_pod_directory,
+    torch_threads,
+)
+from lossd_server.serve.worker import ENV_INDEX, ENV_PARENT, ENV_STATUS_FD, MULTIPROC_ENV
 from lossd_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -107,6 +119,8 @@ class _Worker:
     restart_at: float | None = None
     told: bool | None = None  # the serving state last sent to it
     idle: bool = False  # draining, done waiting for its calls (finished, or grace over)
+    beat: float = 0.0  # when it last reported anything (its heartbeat)
+    replaced: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> times
 
     @property
     def pid(self) -> int | None:
@@ -143,7 +157,7 @@ class Supervisor:
         tokens = TokenStore.from_settings(s)  # a bad token file fails here, before workers
         reserved = reserve_port(s.host, s.port)
         self.port = reserved.getsockname()[1]
-        directory = tempfile.mkdtemp(prefix="lossd-metrics-")
+        directory, held = make_pod_directory()
         self.directory = directory
         http = None
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -183,7 +197,8 @@ class Supervisor:
                 http.shutdown()
                 http.server_close()
             reserved.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            leave_pod_directory(directory, held)
+            shutil.rmtree(directory, ignore_errors=True)  # even if a worker still holds it
             log.info("lossd stopped")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -206,14 +221,27 @@ class Supervisor:
         return None
 
     def _supervise(self) -> None:
-        """Restart workers that die, keep health current, until a signal."""
+        """Restart workers that die, replace frozen ones, keep health current, until a
+        signal."""
+        late = self.settings.heartbeat_seconds
         while self._stop is None:
             self._poll(0.2)
             now = time.monotonic()
             for w in self.workers:
                 if w.proc is None and w.restart_at is not None and now >= w.restart_at:
                     self._spawn(w)
+                elif late and w.ready and now - w.beat > late:
+                    self._replace(w, "frozen", silent_seconds=round(now - w.beat, 1))
             self._update_health()
+
+    def _replace(self, w: _Worker, reason: str, **fields: Any) -> None:
+        """Mark ``w`` down and kill it; :meth:`_exited` restarts it as a dead one."""
+        log.error("worker replaced", extra={"worker": w.index, "pid": w.pid,
+                                            "reason": reason, **fields})
+        w.ready = False
+        w.replaced[reason] = w.replaced.get(reason, 0) + 1
+        if w.proc is not None:
+            w.proc.kill()  # SIGKILL ends a stopped process too
 
     def _drain(self) -> int:
         """Drain every worker; 0 when all finished within the grace period."""
@@ -248,7 +276,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         read, write = os.pipe()
-        env = {**os.environ, **self.settings.to_env(),
+        env = {**os.environ, **self.settings.to_env(), ENV_PARENT: str(os.getpid()),
                "LOSSD_PORT": str(self.port), "LOSSD_METRICS_PORT": "-1",
                "LOSSD_HEALTH_PORT": "-1", "LOSSD_PROCESSES": "1", "LOSSD_DEVICE": w.device,
                "LOSSD_TORCH_THREADS": str(self.threads), MULTIPROC_ENV: self.directory,
@@ -287,10 +315,14 @@ class Supervisor:
             return
         w.buffer += chunk
         *lines, w.buffer = w.buffer.split(b"\n")
+        if lines:
+            w.beat = time.monotonic()
         for line in lines:
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if event.get("event") == "ready":
+                if event.get("event") == "stalled" and w.ready and self._stop is None:
+                    self._replace(w, "stalled")
+                elif event.get("event") == "ready":
                     w.ready = w.ever_ready = True
                     log.info("worker ready", extra={"worker": w.index, "pid": w.pid,
                                                     "device": event.get("device")})
@@ -400,11 +432,18 @@ class _SupervisorCollector:
                                "else 0.", labels=("worker",))
         restarts = CounterMetricFamily("lossd_worker_restarts", "Times the worker process "
                                        "was restarted after it died.", labels=("worker",))
+        replaced = CounterMetricFamily("lossd_worker_replaced", "Times the worker process "
+                                       "was killed to be replaced, by reason: frozen (its "
+                                       "heartbeat late), stalled (stuck work).",
+                                       labels=("worker", "reason"))
         for w in workers:
             up.add_metric([str(w.index)], 1.0 if w.ready else 0.0)
             restarts.add_metric([str(w.index)], float(w.restarts))
+            for reason in ("frozen", "stalled"):
+                replaced.add_metric([str(w.index), reason], float(w.replaced.get(reason, 0)))
         yield up
         yield restarts
+        yield replaced
         families: dict[str, Metric] = {}
         processes: list[tuple[str, int | str]] = [("supervisor", "self")]
         processes += [(str(w.index), w.pid) for w in workers if w.pid is not None]

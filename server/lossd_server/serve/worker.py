@@ -8,11 +8,17 @@ The supervisor starts it as ``python -m lossd_server.serve --worker`` with the s
   ``drain`` (refuse new calls, let those in flight finish), ``close`` (the whole pod is
   idle: close the listener). End of file, the supervisor gone, drains and closes too.
 * the pipe named by ``LOSSD_WORKER_STATUS_FD`` carries JSON lines back:
-  ``{"event": "ready", ...}`` once warmed up, ``{"event": "idle"}`` once drained.
+  ``{"event": "ready", ...}`` once warmed up, ``{"event": "idle"}`` once drained,
+  ``{"event": "beat"}`` every ``HEARTBEAT_FRACTION`` of ``--heartbeat-seconds`` (a worker
+  silent for longer is frozen, and its supervisor replaces it), and ``{"event":
+  "stalled"}`` when its compute watchdog sees stuck work (its supervisor replaces it too).
 
-Its metrics live in files under ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor's directory),
-its tag bound is the pod's (``metrics.SharedTags``). A configuration error exits 2 before
-it reports ready; SIGTERM on its own drains and closes it on its own.
+Its metrics live in files under ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor's directory,
+which the last process out removes), written so that a full filesystem drops metrics and
+kills nothing (:mod:`lossd_server.metric_files`); its tag bound is the pod's
+(``metrics.SharedTags``). A configuration error exits 2 before it reports ready; SIGTERM on
+its own drains and closes it on its own, and the kernel sends it SIGTERM when its
+supervisor dies.
 """
 
 from __future__ import annotations
@@ -26,34 +32,56 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lossd_server import logs
-from lossd_server.serve.host import EXIT_CONFIG, prepare_process
+from lossd_server.serve.host import (
+    EXIT_CONFIG,
+    die_with_parent,
+    exit_now,
+    join_pod_directory,
+    leave_pod_directory,
+    prepare_process,
+)
 from lossd_server.settings import Settings
 
 log = logging.getLogger("lossd")
 
 ENV_INDEX = "LOSSD_WORKER_INDEX"
 ENV_STATUS_FD = "LOSSD_WORKER_STATUS_FD"
+ENV_PARENT = "LOSSD_WORKER_PARENT"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+HEARTBEAT_FRACTION = 0.25
+"""A worker beats four times per ``--heartbeat-seconds``: one late beat is no alarm."""
 
 
 def main() -> NoReturn:
-    """The worker process's whole life: serve, then exit with :func:`serve`'s code."""
+    """The worker process's whole life: serve, then exit with :func:`serve`'s code (at
+    once: a thread stuck in a loss must not keep the process)."""
+    die_with_parent()
+    if str(os.getppid()) != os.environ.get(ENV_PARENT):  # it died before the line above
+        exit_now(0)
+    directory = os.environ[MULTIPROC_ENV]
+    try:
+        held = join_pod_directory(directory)
+    except OSError as exc:
+        print(f"lossd: worker: metrics directory {directory}: {exc.strerror}",
+              file=sys.stderr)
+        exit_now(EXIT_CONFIG)
     code = serve()
-    # Skip the interpreter's teardown: garbage-collecting torch takes seconds, and the
-    # server has stopped and every log line is out.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave_pod_directory(directory, held)
+    exit_now(code)
 
 
 def serve() -> int:
     """Serve on the shared port, as the supervisor says, until it says close."""
     index = int(os.environ[ENV_INDEX])
     status = os.fdopen(int(os.environ[ENV_STATUS_FD]), "w", buffering=1)
+    status_lock = threading.Lock()
+
+    def report(event: str, **fields: Any) -> None:
+        with status_lock, contextlib.suppress(OSError):  # the supervisor may be gone
+            status.write(json.dumps({"event": event, **fields}) + "\n")
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format, worker=index)
     # Ctrl-C reaches the whole process group; the supervisor drains its workers in order.
@@ -68,8 +96,19 @@ def serve() -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         prepare_process(settings, 1)
+        from prometheus_client import Counter
+
+        from lossd_server import metric_files
         from lossd_server.app import create_server, load_plugins
-        from lossd_server.metrics import Metrics, SharedTags, TagPolicy, parse_buckets
+        from lossd_server.metrics import (
+            Metrics,
+            SharedTags,
+            TagPolicy,
+            ValueWriter,
+            parse_buckets,
+        )
+
+        metric_files.install()  # before the first metric value is created
 
         load_plugins(settings)  # before the metrics, so plugin losses start at zero too
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
@@ -79,13 +118,25 @@ def serve() -> int:
                                          shared=SharedTags(os.path.join(
                                              os.environ[MULTIPROC_ENV], "tags"))),
                           process=False, worker=str(index))
+        metric_files.count_drops(ValueWriter(Counter(
+            "lossd_metric_series_dropped", "Metric series a worker process could not "
+            "store: their file could not grow (the metrics filesystem is full).",
+            registry=metrics.registry)))
         server = create_server(settings, metrics=metrics, reuse_port=True)
+        server.stall_listeners.append(lambda stalled: report("stalled") if stalled else None)
         server.start(serving=False)
     except (ValueError, OSError) as exc:
         print(f"lossd: worker {index}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    status.write(json.dumps({"event": "ready", "pid": os.getpid(),
-                             "device": str(server.engine.device)}) + "\n")
+    report("ready", pid=os.getpid(), device=str(server.engine.device))
+
+    def beat() -> None:
+        interval = settings.heartbeat_seconds * HEARTBEAT_FRACTION
+        while not close.wait(interval):
+            report("beat")
+
+    if settings.heartbeat_seconds > 0:
+        threading.Thread(target=beat, name="lossd-heartbeat", daemon=True).start()
 
     def control() -> None:
         for line in sys.stdin.buffer:
@@ -110,8 +161,7 @@ def serve() -> int:
     server.drain_and_wait(settings.grace_seconds)
     # The listener stays open until the whole pod is idle: a connection the kernel hands
     # to this worker meanwhile gets a clean UNAVAILABLE ("draining"), not a reset.
-    with contextlib.suppress(OSError):  # the supervisor may be gone
-        status.write(json.dumps({"event": "idle"}) + "\n")
+    report("idle")
     close.wait(max(0.0, deadline - time.monotonic()))
     server.close(max(0.0, deadline - time.monotonic()))
     return 0
