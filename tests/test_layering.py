@@ -213,7 +213,6 @@ def test_a_the_client_imports_nothing_from_the_server() -> None:
            client_imports_server(IMPORTS))
 
 
-@UNTIL_MERGE
 def test_b_no_private_name_is_imported_across_packages() -> None:
     _holds("(b) no private module or name (a leading _) is imported across lossd, "
            "lossd_server and bench", private_across(IMPORTS, tuple(PACKAGES)))
