@@ -240,8 +240,9 @@ class LossClient:
 
         Example::
 
-            r = client.evaluate_all(loader, per_class=True, hardest=10,
-                                    class_names=dataset.classes)
+            with torch.no_grad():
+                r = client.evaluate_all(((model(x), y) for x, y in loader), per_class=True,
+                                        hardest=10, class_names=dataset.classes)
             r.mean, r.accuracy, r.per_class.to_pandas(), r.hardest.to_pandas()
         """
         running = None

@@ -81,13 +81,13 @@ class RemoteLoss(torch.nn.Module):
 
     Gradients of ``reduction="none"``: row i of the server's d(sum of l)/d(predictions)
     times ``grad_output[i]``. Bit for bit local torch's (the same loss through
-    ``reduction='none'``, its per-sample value as the server forms it, then the same
-    weighting) where each ``grad_output[i]`` is a power of two (``l.sum()``, ``l.mean()``
-    over a power-of-two N, 0/1/2/... weights); otherwise torch scales inside the loss's
-    backward and lossd after it, so they differ by rounding only: each element of row i
-    within ``4 * eps * |grad_output[i]| * max(1, max|d l_i / d x_i|)`` (eps of the
-    predictions' dtype, float32: 1.2e-7; measured at most 2.1 eps over 100 random
-    weightings of cross_entropy with label smoothing, mse, l1 and smooth_l1,
+    ``reduction='none'`` on the server's kind of device, its per-sample value as the server
+    forms it, then the same weighting) where each ``grad_output[i]`` is a power of two
+    (``l.sum()``, ``l.mean()`` over a power-of-two N, 0/1/2/... weights); otherwise torch
+    scales inside the loss's backward and lossd after it, so they differ by rounding only:
+    each element of row i within ``4 * eps * |grad_output[i]| * max(1, max|d l_i / d x_i|)``
+    (eps of the predictions' dtype, float32: 1.2e-7; measured at most 2.1 eps over 100
+    random weightings of cross_entropy with label smoothing, mse, l1 and smooth_l1,
     tests/test_remote_autograd.py).
 
     ``samplewise`` (``reduction="none"`` only): whether sample i's loss depends on row i of
