@@ -8,7 +8,7 @@ Request building and result decoding (:mod:`lossd._requests`), channel configura
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -23,6 +23,7 @@ from lossd._channel import (
     dial,
 )
 from lossd._errors import LossdError, from_rpc_error
+from lossd._ready import FALL_BACK, HEALTH_CHECK, HEALTH_REQUEST, RAISE, ReadyWait
 from lossd._requests import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SPLIT_BYTES,
@@ -33,7 +34,7 @@ from lossd._requests import (
     analysis_fields,
     joined,
 )
-from lossd._result import LossInfo, LossResult
+from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd.v1 import loss_service_pb2 as pb
 
 
@@ -86,6 +87,8 @@ class AsyncLossClient:
             "/lossd.v1.LossService/ListLosses",
             request_serializer=pb.ListLossesRequest.SerializeToString,
             response_deserializer=pb.ListLossesResponse.FromString)
+        self._health = self._channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                                 response_deserializer=None)
 
     async def __aenter__(self) -> AsyncLossClient:
         return self
@@ -107,8 +110,10 @@ class AsyncLossClient:
                        per_class: bool = False, accuracy: bool = False,
                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                        hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                       class_names: Sequence[str] | None = None,
                        **options: Any) -> LossResult:
         """As :meth:`LossClient.evaluate`."""
+        names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
@@ -119,7 +124,7 @@ class AsyncLossClient:
             if len(reqs) == 1:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
                                              metadata=self._metadata)
-                return LossResult.from_proto(reply)
+                return LossResult.from_proto(reply).with_class_names(names)
             deadline = _or(timeout, self.timeout if self._requests.one_message(reqs)
                            else self.stream_timeout)
             call = self._evaluate_stream(iter(reqs), metadata=self._metadata,
@@ -127,7 +132,7 @@ class AsyncLossClient:
             replies = [reply async for reply in call]
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return joined(replies, running=False)
+        return joined(replies, running=False).with_class_names(names)
 
     async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                               tag: str | None = None, timeout: float | None = None,
@@ -135,8 +140,10 @@ class AsyncLossClient:
                               top_k: int | Iterable[int] | None = None,
                               diagnostics: bool = False, hardest: int = 0,
                               quantiles: bool | Iterable[float] | None = None,
+                              class_names: Sequence[str] | None = None,
                               **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
+        names = class_names_of(class_names)
         joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
@@ -151,7 +158,7 @@ class AsyncLossClient:
                 if guard.error is not None:
                     break
                 if (result := joiner.received(reply)) is not None:
-                    yield result
+                    yield result.with_class_names(names)
         except grpc.RpcError as exc:
             if guard.error is None:
                 raise self._error(exc) from exc
@@ -160,6 +167,42 @@ class AsyncLossClient:
             if guard.error is None:
                 raise
         guard.raise_error()
+
+    async def evaluate_all(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+                           tag: str | None = None, timeout: float | None = None,
+                           per_class: bool = False, accuracy: bool = False,
+                           top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                           hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                           class_names: Sequence[str] | None = None,
+                           **options: Any) -> Aggregates:
+        """As :meth:`LossClient.evaluate_all`."""
+        running = None
+        async for result in self.evaluate_stream(
+                batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
+                accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
+                quantiles=quantiles, class_names=class_names, **options):
+            running = result.running
+        if running is None:
+            raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
+        return running
+
+    async def wait_for_ready(self, timeout: float | None = None) -> None:
+        """As :meth:`LossClient.wait_for_ready`."""
+        wait = ReadyWait(self.target, _or(timeout, self.timeout))
+        while True:
+            try:
+                reply = await self._health(HEALTH_REQUEST, timeout=wait.left(),
+                                           metadata=self._metadata, wait_for_ready=True)
+                if wait.answered(reply):
+                    return
+            except grpc.RpcError as exc:
+                step = wait.failed(exc)
+                if step == FALL_BACK:
+                    await self.losses(timeout=wait.left())
+                    return
+                if step == RAISE:
+                    raise self._error(exc) from exc
+            await asyncio.sleep(wait.pause())
 
     async def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """As :meth:`LossClient.losses`."""

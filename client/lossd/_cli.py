@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "breakdown, accuracy and calibration, quantiles, the hardest samples "
                          "(--top of them); needs matplotlib: pip install 'matplotlib>=3.8' (see "
                          "docs/install.md)")
+    ev.add_argument("--class-names", metavar="A,B,C|FILE",
+                    help="name the classes (index -> name) in the per-class table and the "
+                         "hardest samples: a comma list, or a text file of one name a line")
     ev.add_argument("--timeout", type=float, default=None,
                     help="deadline for the whole run, s (default: none)")
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -201,7 +204,8 @@ def _run(argv: Sequence[str] | None) -> int:
                      targets=args.targets, weights=args.weights, inputs=args.input,
                      batch_size=args.batch_size,
                      out=args.out, top=args.top, tag=args.tag, options=args.option,
-                     timeout=args.timeout, progress=args.progress, report=args.report)
+                     timeout=args.timeout, progress=args.progress, report=args.report,
+                     class_names=args.class_names)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ makes the calls and translates their errors.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from lossd._channel import (
     dial,
 )
 from lossd._errors import LossdError, from_rpc_error
+from lossd._ready import FALL_BACK, HEALTH_CHECK, HEALTH_REQUEST, RAISE, ReadyWait
 from lossd._requests import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SPLIT_BYTES,
@@ -33,7 +35,7 @@ from lossd._requests import (
     analysis_fields,
     joined,
 )
-from lossd._result import LossInfo, LossResult
+from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd._shm import ClientLink, SharedMemory
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -120,6 +122,8 @@ class LossClient:
         self._evaluate_stream = self._channel.stream_stream(
             "/lossd.v1.LossService/EvaluateStream", request_serializer=None,
             response_deserializer=pb.EvaluateResponse.FromString)
+        self._health = self._channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                                 response_deserializer=None)
 
     def __enter__(self) -> LossClient:
         return self
@@ -141,7 +145,7 @@ class LossClient:
                  accuracy: bool = False, top_k: int | Iterable[int] | None = None,
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
-                 **options: Any) -> LossResult:
+                 class_names: Sequence[str] | None = None, **options: Any) -> LossResult:
         """Per-sample losses and aggregates of one batch, and the analyses asked for.
 
         ``options`` are the loss's options by their torch.nn.functional names
@@ -161,8 +165,11 @@ class LossClient:
         or several: ``result.top_k_accuracy``), ``diagnostics`` (per-sample predicted
         class, confidence, correct, and the calibration with ``result.ece``) need
         class-index targets; ``hardest`` (K: the K largest losses) and ``quantiles`` (True
-        for 0.5, 0.9, 0.99, or the levels) work for every loss.
+        for 0.5, 0.9, 0.99, or the levels) work for every loss. ``class_names`` (class index
+        -> name) name the classes of ``per_class`` and ``hardest`` (``to_pandas()``,
+        ``to_dict()``, ``target_name``); the server never sees them.
         """
+        names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
@@ -172,19 +179,20 @@ class LossClient:
         try:
             if len(reqs) == 1:
                 return LossResult.from_proto(self._evaluate(
-                    reqs[0], timeout=self._timeout(timeout)))
+                    reqs[0], timeout=self._timeout(timeout))).with_class_names(names)
             deadline = (self._timeout(timeout) if self._requests.one_message(reqs)
                         else self._stream_timeout(timeout))
             replies = list(self._evaluate_stream(iter(reqs), timeout=deadline))
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return joined(replies, running=False)
+        return joined(replies, running=False).with_class_names(names)
 
     def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                         tag: str | None = None, timeout: float | None = None,
                         per_class: bool = False, accuracy: bool = False,
                         top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                         hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                        class_names: Sequence[str] | None = None,
                         **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
@@ -197,7 +205,9 @@ class LossClient:
         The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)
         and over the stream so far (``result.running.per_class``,
         ``result.running.hardest``: indices count from the stream's first sample, ...).
+        ``class_names`` as in :meth:`evaluate`.
         """
+        names = class_names_of(class_names)
         joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
@@ -211,11 +221,64 @@ class LossClient:
                 if guard.error is not None:
                     break
                 if (result := joiner.received(reply)) is not None:
-                    yield result
+                    yield result.with_class_names(names)
         except grpc.RpcError as exc:
             if guard.error is None:
                 raise self._error(exc) from exc
         guard.raise_error()
+
+    def evaluate_all(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+                     tag: str | None = None, timeout: float | None = None,
+                     per_class: bool = False, accuracy: bool = False,
+                     top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                     hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                     class_names: Sequence[str] | None = None,
+                     **options: Any) -> Aggregates:
+        """The aggregates and analyses over every batch of a stream, without iterating it:
+        :meth:`evaluate_stream`'s last ``result.running`` (the per-batch results are not
+        kept). The same arguments; no batches at all is a ValueError (nothing to report).
+
+        Example::
+
+            with torch.no_grad():
+                r = client.evaluate_all(((model(x), y) for x, y in loader), per_class=True,
+                                        hardest=10, class_names=dataset.classes)
+            r.mean, r.accuracy, r.per_class.to_pandas(), r.hardest.to_pandas()
+        """
+        running = None
+        for result in self.evaluate_stream(
+                batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
+                accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
+                quantiles=quantiles, class_names=class_names, **options):
+            running = result.running
+        if running is None:
+            raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
+        return running
+
+    def wait_for_ready(self, timeout: float | None = None) -> None:
+        """Wait until the server is ready: the channel connects and the server's health
+        answers SERVING (``lossd serve`` does once its warm-up passed), or, where it has no
+        health service, it answers ListLosses. For a job started beside its server.
+
+        ``timeout``: seconds (None: the client's ``timeout``; both None: no limit). Raises
+        :class:`lossd.DeadlineExceeded` (saying what the server last answered) when it
+        passes, and the typed error of any other failure (e.g. Unauthenticated).
+        """
+        wait = ReadyWait(self.target, self._timeout(timeout))
+        while True:
+            try:
+                reply = self._health(HEALTH_REQUEST, timeout=wait.left(),
+                                     wait_for_ready=True)
+                if wait.answered(reply):
+                    return
+            except grpc.RpcError as exc:
+                step = wait.failed(exc)
+                if step == FALL_BACK:
+                    self.losses(timeout=wait.left())
+                    return
+                if step == RAISE:
+                    raise self._error(exc) from exc
+            time.sleep(wait.pause())
 
     def shared_memory(self, size: int, *, name: str = "lossd",
                       socket_dir: str | os.PathLike[str] | None = None) -> SharedMemory:
