@@ -8,6 +8,7 @@ Every test goes through a real server; raw protobuf where the client would refus
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -388,3 +389,18 @@ def test_eval_of_an_empty_file_exits_2_with_a_message(
     assert code == 2
     err = capsys.readouterr().err
     assert "no samples" in err and "Traceback" not in err
+
+
+def test_a_traceback_forges_no_record_either() -> None:
+    """A loss function's exception text (which may carry the caller's words) is part of its
+    traceback: in the text format every traceback line is indented under its record."""
+    from lossd_server.logs import TextFormatter
+
+    try:
+        raise ValueError(f"bad value\n{FORGED}")
+    except ValueError:
+        record = logging.LogRecord("lossd.engine", logging.ERROR, __file__, 1,
+                                   "loss function raised", None, sys.exc_info())
+    lines = TextFormatter().format(record).splitlines()
+    assert lines[0].endswith("loss function raised")
+    assert all(line.startswith("  ") for line in lines[1:]) and len(lines) > 2

@@ -64,8 +64,8 @@ def plain(name: str) -> str:
 def field(prefix: str, name: str) -> str:
     """The field of a message that names an entry of a map: ``prefix.`` and :func:`plain`.
 
-    >>> field("options", "eps"), field("inputs", "a\nb")
-    ('options.eps', "inputs.'a\\nb'")
+    >>> field("options", "eps"), field("inputs", "a\\nb")
+    ('options.eps', "inputs.'a\\\\nb'")
     """
     return f"{prefix}.{plain(name)}"
 
