@@ -237,6 +237,17 @@ def test_float_options_beyond_float32(client: LossClient, loss: str, options: di
     assert "float32's range" in info.value.message
 
 
+def test_kserve_options_beyond_their_type(kserve: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    x, t = X.numpy(), np.array([0, 1, 2, 0])
+    for loss, name, kind, value in (("cross_entropy", "ignore_index", "uint64_param", 2**64 - 1),
+                                    ("multi_margin_loss", "margin", "double_param", 1e308)):
+        req = infer(loss, {"PREDICTIONS": x, "TARGETS": t})
+        setattr(req.parameters[name], kind, value)
+        code, details = refused(kserve.ModelInfer, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith(f"parameters.{name}: {value} is beyond"), details
+
+
 def test_a_gradient_options_make_undefined(client: LossClient) -> None:
     a = torch.randn(4, 3)
     with pytest.raises(lossd.InvalidArgument) as info:

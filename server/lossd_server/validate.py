@@ -65,8 +65,10 @@ def _typed(opt: Option, value: Any) -> Any:
         if abs(value) > MAX_FLOAT_OPTION:
             raise RequestError(field, f"{value} is beyond float32's range (magnitude at most "
                                       f"{MAX_FLOAT_OPTION:.7g})")
-    elif ((t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool))
-          or (t is OptionType.BOOL and isinstance(value, bool))
+    elif t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:  # (KServe's uint64_param reaches 2**64 - 1)
+            raise RequestError(field, f"{value} is beyond int64's range")
+    elif ((t is OptionType.BOOL and isinstance(value, bool))
           or (t is OptionType.STR and isinstance(value, str))):
         pass
     elif t is OptionType.TENSOR and isinstance(value, Tensor):
