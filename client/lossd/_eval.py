@@ -249,6 +249,10 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
         w = load_array(weights) if weights else None
         extra = {name: load_array(path) for name, path in map(parse_input, inputs)}
         names = parse_class_names(class_names) if class_names else None
+        shape = tuple(getattr(pred, "shape", ()))
+        if not shape or shape[0] == 0:
+            raise InputError(f"{predictions}: no samples (shape {shape}); predictions need "
+                             "a batch dimension with at least one sample")
         n = len(pred)
         named = [("targets", targ), ("weights", w),
                  *((f"input {name}", arr) for name, arr in extra.items())]

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+from lossd_server.logs import MAX_NAME, shown
+
 Tensor = torch.Tensor
 
 
@@ -197,6 +199,8 @@ class Loss:
     prediction_shapes: tuple[str, ...] = ("(N)", "(N, d1, ...)")
     target_shapes: tuple[str, ...] = ("same as predictions",)
     source: str = ""
+    thread_safe: bool = False
+    """``fn`` may run in several threads at once; else calls take turns (``lock``)."""
     option_by_name: Mapping[str, Option] = field(init=False, repr=False)
     input_by_name: Mapping[str, Input] = field(init=False, repr=False)
     class_targets: bool = field(init=False, repr=False)
@@ -211,6 +215,11 @@ class Loss:
     takes_targets: bool = field(init=False, repr=False)
     accepted_options: tuple[Option, ...] = field(init=False, repr=False)
     """Its own options, then the engine-level ones (:func:`all_options`)."""
+    builtin: bool = field(init=False, repr=False)
+    """One of lossd's own losses (``source`` is :data:`BUILTIN_SOURCE`): trusted never to
+    write into its arguments, so the engine hands it the request's tensors themselves."""
+    lock: threading.Lock | None = field(init=False, repr=False, compare=False)
+    """Held around each call of ``fn`` unless ``thread_safe``."""
 
     def __post_init__(self) -> None:
         # Derived once: requests read these on every call.
@@ -225,6 +234,8 @@ class Loss:
             "engine_ignore_index": engine_ignore_index,
             "takes_targets": self.targets is not Targets.NONE,
             "accepted_options": (*self.options, *engine, NAN_POLICY),
+            "builtin": self.source == BUILTIN_SOURCE,
+            "lock": None if self.thread_safe else threading.Lock(),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -334,13 +345,23 @@ def register(name: str, fn: Callable[..., Tensor], *,
              min_prediction_dims: int = 1,
              max_prediction_dims: int | None = None,
              prediction_shapes: tuple[str, ...] | None = None,
-             target_shapes: tuple[str, ...] | None = None) -> Loss:
+             target_shapes: tuple[str, ...] | None = None,
+             thread_safe: bool = False) -> Loss:
     """Serve ``fn`` as the loss ``name``, with everything a built-in gets.
 
     ``fn(input, target, *, **inputs, **options)`` (no ``target`` when ``targets="none"``)
     returns torch's ``reduction='none'`` output: shape (N, ...), whose per-sample value is
     the mean over each sample's valid positions, or (N,). It must be differentiable
     with respect to ``input`` for gradients, and must not modify its arguments in place.
+    A plugin's ``fn`` gets its own copies of the tensors (a write into them, even through
+    ``.data`` or ``.numpy()``, reaches neither the caller's memory nor the analyses).
+
+    ``thread_safe``: the server calls losses from many threads at once (one per device
+    slot, ``--slots``). By default a registered ``fn`` is called by one thread at a time (a
+    lock per loss), so a function with state (a cache, a counter, a library that is not
+    thread-safe) is correct as written; pass ``thread_safe=True`` for a function that may
+    run concurrently (a pure torch function is) to let the slots compute it side by side.
+    The lock covers the call, not the backward pass of a gradient.
 
     ``options``: keyword option -> its default, whose type is the option's type (float,
     int, bool, str; None: an optional tensor), or an :class:`Option` with a description,
@@ -397,7 +418,8 @@ def register(name: str, fn: Callable[..., Tensor], *,
                 min_prediction_dims=min_prediction_dims,
                 max_prediction_dims=max_prediction_dims,
                 prediction_shapes=tuple(prediction_shapes), target_shapes=tuple(target_shapes),
-                source=_source.get() or getattr(fn, "__module__", "") or "")
+                source=_source.get() or getattr(fn, "__module__", "") or "",
+                thread_safe=thread_safe)
     LOSSES.add(loss)
     return loss
 
@@ -499,6 +521,8 @@ def suggest_loss(name: str, names: Iterable[str] | None = None) -> str | None:
     'mse_loss'
     """
     known = list(LOSSES if names is None else names)
+    if len(name) > MAX_NAME:  # no loss name is that long: nothing to compare (or to pay for)
+        return None
     by_squashed = {_squashed(n): n for n in known}
     if (exact := by_squashed.get(_squashed(name))) is not None:
         return exact
@@ -514,7 +538,7 @@ def unknown_loss(name: str, names: Iterable[str] | None = None) -> str:
     known = sorted(LOSSES if names is None else names)
     guess = suggest_loss(name, known)
     hint = f"did you mean {guess!r}? " if guess is not None else ""
-    return f"unknown loss {name!r}; {hint}one of {', '.join(known)}"
+    return f"unknown loss {shown(name)}; {hint}one of {', '.join(known)}"
 
 
 REDUCTION_OPTIONS = frozenset({"reduction", "size_average", "reduce"})
@@ -533,6 +557,8 @@ def option_hint(loss: Loss, name: str, accepted: Iterable[str]) -> str:
         where = ("lossd calls torch's weight class_weights" if "class_weights" in accepted
                  else f"{loss.name} takes no class weights")
         return f"{where}; per-sample weights go in weights="
+    if len(name) > MAX_NAME:
+        return ""
     close = difflib.get_close_matches(name, list(accepted), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else ""
 

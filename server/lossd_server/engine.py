@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lossd_server import analysis, limits, validate
-from lossd_server.checks import LossFailed, dtype_str, shape_str
+from lossd_server.checks import LossFailed, RequestError, dtype_str, shape_str
 from lossd_server.losses import Loss
 from lossd_server.reduce import Aggregate, per_sample, reduction
 
@@ -358,12 +358,14 @@ class Engine:
             valid = target != ignore_index
             if spec.engine_ignore_index:
                 target = target.masked_fill(~valid, 0)
-        values = self._call(spec, pred, target, inputs, opts, gradient=gradient, valid=valid)
+        # Read before the loss runs: what the analyses see is the request's, whatever fn does.
+        outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
+                   if wanted.predictions and class_index and target is not None else None)
+        values = self._call(spec, pred, target, inputs, opts, gradient=gradient, valid=valid,
+                            request=c.batch)
         if valid is not None and spec.engine_ignore_index:
             values = values.masked_fill(~valid, 0)
         losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
-        outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
-                   if wanted.predictions and class_index and target is not None else None)
         dense_classes = (wanted.per_class and class_index and target is not None
                          and target.dim() > 1)
         if dense_classes and target is not None and values.shape != target.shape:
@@ -375,16 +377,27 @@ class Engine:
 
     def _call(self, spec: Loss, pred: Tensor, target: Tensor | None,
               inputs: Mapping[str, Tensor], opts: Mapping[str, Any], *, gradient: bool,
-              valid: Tensor | None) -> Tensor:
+              valid: Tensor | None, request: Batch) -> Tensor:
         """``spec.fn`` on the device tensors, every loss alike (built-in or plugin): an
         exception or a bad output becomes :class:`LossFailed` naming the loss and the
-        problem, with the traceback in the log; running out of memory stays itself."""
-        args = (pred,) if target is None else (pred, target)
+        problem, with the traceback in the log; running out of memory stays itself. A plugin
+        gets tensors it may write into (:class:`_Private`; ``request`` is the batch whose
+        memory they may share), and one call at a time unless it is ``thread_safe``."""
+        args: tuple[Tensor, ...] = (pred,) if target is None else (pred, target)
+        if not spec.builtin:  # a plugin's arguments are its own (plugins.py)
+            own = _Private(request)
+            args = tuple(map(own, args))
+            inputs = {name: own(t) for name, t in inputs.items()}
+            opts = {name: (own(v) if isinstance(v, Tensor) else v) for name, v in opts.items()}
         arguments = [*args, *inputs.values(), *(v for v in opts.values()
                                                 if isinstance(v, Tensor))]
         versions = [t._version for t in arguments]
         try:
-            out = spec.fn(*args, **inputs, **opts)
+            if spec.lock is None:
+                out = spec.fn(*args, **inputs, **opts)
+            else:
+                with spec.lock:  # not thread_safe: one call at a time (catalogue.register)
+                    out = spec.fn(*args, **inputs, **opts)
         except Exception as exc:
             if limits.is_out_of_memory(exc):
                 raise
@@ -437,7 +450,10 @@ class Engine:
                   ) -> Tensor:
         """d(the batch's ``gradient`` reduction)/d(predictions), in the predictions' wire
         dtype; ignored and omitted samples are left out of the reduction, weights count.
-        Autograd failing becomes :class:`LossFailed`; running out of memory stays itself."""
+        Autograd failing becomes :class:`LossFailed`; running out of memory stays itself. A
+        value that autograd finds does not reach the predictions (torch's norm of order 0,
+        triplet_margin_loss's ``p=0``, has no gradient) is the request's options at fault:
+        INVALID_ARGUMENT on ``gradient``."""
         batch, spec = c.batch, c.spec
         assert batch.gradient is not None
         keep = torch.ones_like(chunk.losses, dtype=torch.bool)
@@ -449,7 +465,7 @@ class Engine:
                                                                chunk.losses.dtype)
         value = reduction(batch.gradient, chunk.losses, keep, w)
         try:
-            (grad,) = torch.autograd.grad(value, s.pred)
+            (grad,) = torch.autograd.grad(value, s.pred, allow_unused=True)
         except Exception as exc:
             if limits.is_out_of_memory(exc):
                 raise
@@ -457,6 +473,15 @@ class Engine:
             raise LossFailed(spec.name, f"its output could not be differentiated with respect "
                                         f"to the predictions ({type(exc).__name__}; the "
                                         "traceback is in the server log)") from exc
+        if grad is None:
+            options = c.options
+            chosen = ", ".join(f"{o.name}={options[o.name]!r}" for o in spec.options
+                               if o.name in options and not isinstance(options[o.name], Tensor)
+                               and options[o.name] != o.default)
+            raise RequestError("gradient", f"{spec.name} "
+                               f"{'with ' + chosen + ' ' if chosen else ''}has no gradient with "
+                               "respect to the predictions (its value does not depend on them "
+                               "differentiably); leave the gradient out or change the options")
         return grad.to(batch.predictions.dtype)
 
     def _results(self, c: Checked, chunk: _Chunk, omitted: Tensor | None,
@@ -530,6 +555,24 @@ def _nan_policy(chunk: _Chunk, policy: str) -> Tensor | None:
         validate.no_nonfinite(chunk.finite)
         return None
     return ~chunk.finite if policy == "omit" else None
+
+
+class _Private:
+    """Hands a plugin a tensor it may write into: a copy where the tensor shares memory with
+    the request (its bytes, a shared-memory region, the host tensors the analyses read),
+    the tensor itself where the engine made it for this call (a dtype conversion, a copy
+    on the device). On CUDA, and for converted dtypes, that is no copy at all."""
+
+    def __init__(self, request: Batch) -> None:
+        tensors = [request.predictions, request.targets, *request.inputs.values(),
+                   *(v for v in request.options.values() if isinstance(v, Tensor))]
+        self.shared = {t.untyped_storage().data_ptr() for t in tensors
+                       if t is not None and t.device.type == "cpu"}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.shared:
+            return t.clone()
+        return t
 
 
 def _keep(n: int, ignored: np.ndarray | None, omitted: np.ndarray | None) -> np.ndarray:

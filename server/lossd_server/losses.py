@@ -12,12 +12,14 @@ first, on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lossd_server import catalogue
 from lossd_server.catalogue import (
     BUILTIN_SOURCE,
     IGNORE_INDEX,
@@ -29,7 +31,6 @@ from lossd_server.catalogue import (
     OptionType,
     Targets,
     all_options,
-    register,
     registering_for,
     render_default,
 )
@@ -38,6 +39,9 @@ from lossd_server.checks import RequestError, first_value, shape_str
 __all__ = ["BUILTINS", "CATALOGUE", "IGNORE_INDEX", "LOSSES", "NAN_POLICY", "Input", "Loss",
            "Option", "OptionType", "Targets", "all_options", "render_default",
            "sigmoid_focal_loss"]
+
+register = functools.partial(catalogue.register, thread_safe=True)
+"""The built-ins are pure torch functions: safe to call from many threads at once."""
 
 Tensor = torch.Tensor
 

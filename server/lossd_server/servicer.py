@@ -92,9 +92,11 @@ def decode_request(req: pb.EvaluateRequest,
     Tensors in shared memory can be rewritten by the caller at any moment, so every one
     whose values validation relies on (targets, weights, extra inputs such as lengths) is
     copied out of the region
-    here, before validation; predictions are viewed in place (zero copy: no value of a
-    float tensor can make a kernel misbehave), except with ``pin_memory`` (CUDA), where
-    they are copied once into pinned memory for the device copy, as the engine would.
+    here, before validation; predictions are viewed in place (zero copy), except for a loss
+    with its own check, which may refuse prediction values (binary_cross_entropy's outside
+    [0, 1], which its kernel refuses too: the values checked must be the values computed),
+    and with ``pin_memory`` (CUDA), where they are copied once into pinned memory for the
+    device copy, as the engine would.
     """
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
@@ -102,10 +104,12 @@ def decode_request(req: pb.EvaluateRequest,
     if req.HasField("per_sample_output") and view is None:
         raise RequestError("per_sample_output", "needs shared_memory_session")
     claim = limits.ElementBudget(max_elements).claim
+    spec = losses.LOSSES.get(req.loss)
+    checked = spec is not None and spec.check is not None
     return Batch(
         loss=req.loss,
         predictions=wire.decode_tensor(req.predictions, "predictions", view, claim,
-                                       private=pin_memory, pin_memory=pin_memory),
+                                       private=pin_memory or checked, pin_memory=pin_memory),
         targets=(wire.decode_tensor(req.targets, "targets", view, claim, private=True)
                  if req.HasField("targets") else None),
         weights=(wire.decode_tensor(req.weights, "weights", view, claim, private=True)

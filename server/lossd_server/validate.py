@@ -28,6 +28,7 @@ from lossd_server.checks import (
 )
 from lossd_server.checks import first as _first
 from lossd_server.checks import sample as _sample
+from lossd_server.logs import field as _field
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
 from lossd_server.reduce import REDUCTIONS
 
@@ -38,6 +39,11 @@ __all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "RequestError", "batch", "dtype_str",
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+MAX_FLOAT_OPTION = float(torch.finfo(torch.float32).max)
+"""The largest magnitude of a float option, whatever the request's dtype: options meet
+float32 tensors in torch's kernels (which refuse a scalar they cannot convert) and Python
+arithmetic in plugins (``eps ** 2`` overflows past 1e154); no loss means anything by a
+value beyond float32's range."""
 
 
 def loss(name: str) -> Loss:
@@ -56,8 +62,13 @@ def _typed(opt: Option, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise RequestError(field, f"must be finite, got {value}")
-    elif ((t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool))
-          or (t is OptionType.BOOL and isinstance(value, bool))
+        if abs(value) > MAX_FLOAT_OPTION:
+            raise RequestError(field, f"{value} is beyond float32's range (magnitude at most "
+                                      f"{MAX_FLOAT_OPTION:.7g})")
+    elif t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:  # (KServe's uint64_param reaches 2**64 - 1)
+            raise RequestError(field, f"{value} is beyond int64's range")
+    elif ((t is OptionType.BOOL and isinstance(value, bool))
           or (t is OptionType.STR and isinstance(value, str))):
         pass
     elif t is OptionType.TENSOR and isinstance(value, Tensor):
@@ -97,7 +108,7 @@ def options(spec: Loss, raw: Mapping[str, Any]) -> dict[str, Any]:
         return dict(defaults)
     for name in raw:
         if name not in known:
-            raise RequestError(f"options.{name}", unknown_option(spec, name, known))
+            raise RequestError(_field("options", name), unknown_option(spec, name, known))
     return {name: (_typed(o, raw[name]) if name in raw else o.default)
             for name, o in known.items()}
 
@@ -193,6 +204,10 @@ def _indices_or_probabilities(spec: Loss, predictions: Tensor, targets: Tensor) 
 
 def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
                    opts: Mapping[str, Any]) -> ClassTargets:
+    if predictions.dim() < 2:  # (a plugin may declare one dim; class indices need two)
+        raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no class "
+                                          f"dimension; {spec.name} with class-index targets "
+                                          "takes (N, C) or (N, C, d1, ...)")
     want = (predictions.shape[0], *predictions.shape[2:])
     if tuple(targets.shape) != want:
         raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
@@ -260,8 +275,8 @@ def _inputs(spec: Loss, predictions: Tensor, inputs: Mapping[str, Tensor]) -> No
     for name in inputs:
         if name not in spec.input_by_name:
             accepted = ", ".join(spec.input_by_name) or "none"
-            raise RequestError(f"inputs.{name}", f"unknown input for {spec.name}; accepted: "
-                                                 f"{accepted}")
+            raise RequestError(_field("inputs", name),
+                               f"unknown input for {spec.name}; accepted: {accepted}")
     n = predictions.shape[0]
     for declared in spec.inputs:
         field = f"inputs.{declared.name}"

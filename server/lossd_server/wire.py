@@ -20,6 +20,8 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire import WIRE_DTYPES, dtype_name
 from lossd_server import analysis
 from lossd_server.limits import Refused
+from lossd_server.logs import MAX_NAME, plain
+from lossd_server.logs import field as name_field
 from lossd_server.reduce import Aggregate
 from lossd_server.validate import RequestError
 
@@ -31,6 +33,10 @@ _PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+
+MAX_DIMS = 64
+"""The most dimensions a tensor may have: numpy's limit (``numpy.lib.array_utils``'s
+``MAXDIMS`` since numpy 2), through which decoding views the bytes; no loss takes more."""
 
 SharedMemoryView = Callable[[pb.SharedMemoryRef, str], memoryview]
 Claim = Callable[[str, tuple[int, ...]], None]
@@ -52,13 +58,20 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
     ``shared_memory`` resolves a SharedMemoryRef of the request's session; ``claim`` sees
     the shape first. ``private``: bytes in shared memory are copied out (into pinned
     memory with ``pin_memory``), so the caller cannot change them after validation.
+    ``field`` may hold a caller's name (``inputs.<name>``): it is shown as ``logs.field``
+    shows names.
     """
+    if len(field) > MAX_NAME or not field.isprintable():
+        prefix, dot, name = field.partition(".")
+        field = name_field(prefix, name) if dot else plain(field)
     decoded = _DECODE.get(t.dtype)
     if decoded is None:
         raise RequestError(f"{field}.dtype", f"{dtype_name(t.dtype)} not accepted; use one of "
                                              f"{', '.join(d.name for d in WIRE_DTYPES.values())}")
     dtype, view_as, itemsize = decoded
     shape = tuple(t.shape)
+    if len(shape) > MAX_DIMS:
+        raise RequestError(f"{field}.shape", f"{len(shape)} dimensions; at most {MAX_DIMS}")
     if shape and min(shape) < 0:
         raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
     if claim is not None:
@@ -87,11 +100,13 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
 
 
 def decode_option(name: str, v: pb.OptionValue, claim: Claim | None = None) -> Any:
+    """An option's value: a Python scalar or a host tensor (the caller's ``name`` appears in
+    messages as ``logs.field`` shows it)."""
     kind = v.WhichOneof("kind")
     if kind is None:
-        raise RequestError(f"options.{name}", "no value set")
+        raise RequestError(name_field("options", name), "no value set")
     if kind == "tensor_value":
-        return decode_tensor(v.tensor_value, f"options.{name}", claim=claim)
+        return decode_tensor(v.tensor_value, name_field("options", name), claim=claim)
     return getattr(v, kind)
 
 
