@@ -6,7 +6,7 @@
 # Both install the project from its own pyproject.toml (`pip install "<src>[server]"`);
 # nothing is installed by hand. The server runs as UID/GID 10001, needs no writable path
 # other than /tmp (a volume here, an emptyDir in k8s/), and is configured through LOSSD_*
-# variables (see `lossd serve --help`). See the README, "Deploy".
+# variables (see `lossd serve --help`). See docs/deploy.md.
 
 # Base images are written out in the FROM lines (not build args) so that scanners and
 # update bots see the exact tags: python:3.11-slim-bookworm for the CPU image, the official
@@ -72,7 +72,7 @@ ENV PATH=/opt/lossd/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     TRITON_CACHE_DIR=/tmp/triton
 COPY docker/healthcheck.py /usr/local/lib/lossd/healthcheck.py
-# Plugins (README, "Plugins"): an image FROM this one installs one with a plain
+# Plugins (docs/plugins.md, "Ship it"): an image FROM this one installs one with a plain
 # `pip install` as the lossd user. PIP_PREFIX sends it to /opt/lossd-plugins (owned by that
 # user; pip leaves torch and lossd where they are), which Python finds, entry points and
 # all, through a .pth file. Run with a read-only root, as k8s/ does, and nothing changes it.

@@ -111,8 +111,8 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
                ) -> dict[str, Any]:
     import torch
 
-    from lossd._client import DEFAULT_MAX_MESSAGE_BYTES, _Requests, analysis_fields
-    from lossd._result import LossResult
+    from lossd import LossResult
+    from lossd.requests import DEFAULT_MAX_MESSAGE_BYTES, Requests, analysis_fields
     from lossd.v1 import loss_service_pb2 as pb
     from lossd_server import wire
     from lossd_server.engine import Engine
@@ -125,7 +125,7 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
     handler = LossServicer(EvaluationService(Engine(torch.device(device)),
                                              metrics=Metrics(process=False)),
                            max_message_bytes=2**31)
-    builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)
+    builder = Requests(DEFAULT_MAX_MESSAGE_BYTES)
     requests: dict[str, bytes] = {}
     for name, w in ws.items():
         pred, targ, weights = bench_run.DATA[w.name].torch()

@@ -11,7 +11,7 @@ Three independent readings, each divided by the payload (predictions + targets b
   including copies freed before the step ended;
 * ``retained``: RSS growth after the step: what the finished request holds.
 
-Steps: ``build`` is ``lossd._client._Requests.build`` (array or tensor -> request, the
+Steps: ``build`` is ``lossd.requests.Requests.build`` (array or tensor -> request, the
 conversion the issue's target is about); ``serialize`` is what grpcio still has to do with
 it (``SerializeToString`` of a message; nothing when build already returns bytes);
 ``floor`` is the benchmark's one-copy request encoder (``bench.workloads.request_bytes``)
@@ -80,7 +80,7 @@ def measure(kind: str, n: int, classes: int) -> dict[str, Any]:
     import torch  # noqa: F401  (loaded before the baseline is read)
 
     from bench.workloads import Workload, arrays_for_wire, make_data, request_bytes, wire_bytes
-    from lossd._client import DEFAULT_MAX_MESSAGE_BYTES, _Requests
+    from lossd.requests import DEFAULT_MAX_MESSAGE_BYTES, Requests
 
     dtype = "bfloat16" if kind.endswith("bfloat16") else "float32"
     w = Workload("copies", "", n, classes, dtype=dtype)
@@ -89,7 +89,7 @@ def measure(kind: str, n: int, classes: int) -> dict[str, Any]:
     if kind.startswith("numpy"):
         pred, targ = data.predictions, data.targets
     payload = w.payload_bytes
-    builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)
+    builder = Requests(DEFAULT_MAX_MESSAGE_BYTES)
     # Warm the code paths on a tiny batch so only the payload's cost is measured.
     wire_bytes(builder.build("cross_entropy", pred[:2], targ[:2], None, None, {})[0])
     reqs, build = _measure(lambda: builder.build("cross_entropy", pred, targ, None, None, {}),

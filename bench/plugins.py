@@ -59,8 +59,8 @@ def one_path(client: LossClient, reps: dict[str, int]) -> dict[str, Any]:
 
 
 def zero_copy_inputs(reps: int) -> dict[str, Any]:
-    from lossd._wire import encode_with_tensors
     from lossd.v1 import loss_service_pb2 as pb
+    from lossd.wire import encode_with_tensors
     from lossd_server import servicer, wire
 
     rng = np.random.default_rng(1)

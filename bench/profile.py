@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import run as br
     from bench.workloads import WORKLOADS, arrays_for_wire, make_data, request_bytes
-    from lossd._client import _channel_options
+    from lossd.channel import channel_options
     from lossd.v1 import loss_service_pb2 as pb
 
     w = WORKLOADS[a.workload]
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.evaluate(pred, targ, loss=w.loss, weights=wts, **w.options)
         else:
             body = request_bytes(w, *arrays_for_wire(*data.torch()))
-            ch = grpc.insecure_channel(server.address, options=_channel_options(64 << 20))
+            ch = grpc.insecure_channel(server.address, options=channel_options(64 << 20))
             unary = ch.unary_unary("/lossd.v1.LossService/Evaluate",
                                    response_deserializer=pb.EvaluateResponse.FromString)
 

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,8 @@ class Server:
 
     def __init__(self, kind: str, device: str, workers: int | None, log: Path,
                  extra: list[str] | None = None, env: dict[str, str] | None = None, *,
-                 processes: str = "1") -> None:
+                 processes: str = "1", wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command the server runs under (e.g. valgrind and its flags)."""
         self.kind = kind
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -315,8 +316,8 @@ class Server:
         cmd += extra or []
         self._log = log.open("ab")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**_subprocess_env(), **(env or {})},
-                                     stdout=self._log,
+        self.proc = subprocess.Popen([*wrapper, *cmd], cwd=ROOT,
+                                     env={**_subprocess_env(), **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
@@ -386,7 +387,8 @@ def _make_call(kind: str, w: Workload, address: str
     """A function making one call and returning N, and a closer."""
     import grpc
 
-    from lossd._client import _ENVELOPE_BYTES, _channel_options
+    from lossd.channel import channel_options
+    from lossd.requests import ENVELOPE_BYTES
 
     pred, targ, weights = DATA[w.name].torch()
     if kind == "lossd":
@@ -406,15 +408,15 @@ def _make_call(kind: str, w: Workload, address: str
     from bench.workloads import arrays_for_wire, request_bytes
     from lossd.v1 import loss_service_pb2 as pb
 
-    channel = grpc.insecure_channel(address, options=_channel_options(MAX_MESSAGE_BYTES))
+    channel = grpc.insecure_channel(address, options=channel_options(MAX_MESSAGE_BYTES))
     unary = channel.unary_unary("/lossd.v1.LossService/Evaluate",
                                 response_deserializer=pb.EvaluateResponse.FromString)
     stream = channel.stream_stream("/lossd.v1.LossService/EvaluateStream",
                                    response_deserializer=pb.EvaluateResponse.FromString)
     arrays = arrays_for_wire(pred, targ, weights)
     rows = w.n
-    if w.payload_bytes + _ENVELOPE_BYTES > MAX_MESSAGE_BYTES:  # split as LossClient does
-        rows = max(1, (MAX_MESSAGE_BYTES - _ENVELOPE_BYTES) // math.ceil(w.payload_bytes / w.n))
+    if w.payload_bytes + ENVELOPE_BYTES > MAX_MESSAGE_BYTES:  # split as LossClient does
+        rows = max(1, (MAX_MESSAGE_BYTES - ENVELOPE_BYTES) // math.ceil(w.payload_bytes / w.n))
 
     def floor_call() -> int:
         if rows >= w.n:
@@ -436,12 +438,12 @@ def _kserve_call(w: Workload, address: str, pred: Any, targ: Any
     MLServer peer (``bench.mlserver``); the request is built per call, as the others are."""
     import grpc
 
-    from lossd._client import _channel_options
+    from lossd.channel import channel_options
     from lossd.kserve.v2 import grpc_service_pb2 as kpb
 
     if w.seq or w.weighted or w.dtype != "float32" or w.options:
         raise ValueError(f"the kserve client measures plain fp32 workloads, not {w.name}")
-    channel = grpc.insecure_channel(address, options=_channel_options(MAX_MESSAGE_BYTES))
+    channel = grpc.insecure_channel(address, options=channel_options(MAX_MESSAGE_BYTES))
     infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
                                 request_serializer=kpb.ModelInferRequest.SerializeToString,
                                 response_deserializer=kpb.ModelInferResponse.FromString)

@@ -348,13 +348,13 @@ def _call(kind: str, rng: np.random.Generator, client: Any, splitter: Any,
     if kind == "cancel":
         import grpc
 
-        import lossd
+        from lossd.channel import from_rpc_error
 
         call = stubs["native"].EvaluateStream(iter([_request(case)] * 5), timeout=CALL_TIMEOUT)
         try:
             first = next(call)
         except grpc.RpcError as exc:
-            raise lossd._errors.from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from exc
         call.cancel()  # the caller goes away mid-stream
         got = np.frombuffer(first.per_sample.data, "<f4")
         return ("OK", "") if _close(got, case["want"]) else ("WRONG", "cancel")

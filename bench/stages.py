@@ -3,7 +3,7 @@
 The stages are lossd's own functions, called in the order a call runs them, once per
 repetition (so every repetition allocates afresh, as a real call does):
 
-client:  ``build`` (``_Requests.build``: tensors -> request),
+client:  ``build`` (``Requests.build``: tensors -> request),
          ``serialize`` (``SerializeToString``, what grpcio does before sending; nothing
          when build already returns bytes);
 server:  ``parse`` (the server's request deserializer: ``wire.ParsedRequest`` where it
@@ -53,8 +53,8 @@ def breakdown(w: Workload, data: Data, device: str = "cpu", reps: int = 5) -> di
     """Median milliseconds per stage over ``reps`` repetitions (first one discarded)."""
     import torch
 
-    from lossd._client import DEFAULT_MAX_MESSAGE_BYTES, _Requests
-    from lossd._result import LossResult
+    from lossd import LossResult
+    from lossd.requests import DEFAULT_MAX_MESSAGE_BYTES, Requests
     from lossd.v1 import loss_service_pb2 as pb
     from lossd_server import servicer, validate
     from lossd_server import wire as server_wire
@@ -73,7 +73,7 @@ def breakdown(w: Workload, data: Data, device: str = "cpu", reps: int = 5) -> di
             EvaluationService(engine, metrics=Metrics(process=False)), max_message_bytes=2**31)
     except Exception:  # an older or newer servicer signature: skip that stage
         handler = None
-    builder = _Requests(DEFAULT_MAX_MESSAGE_BYTES)
+    builder = Requests(DEFAULT_MAX_MESSAGE_BYTES)
     pred, targ, weights = data.torch()
     wire_arrays = arrays_for_wire(pred, targ, weights)
     def sync() -> None:

@@ -40,7 +40,7 @@ from bench.run import (
     _wait_ready,
 )
 from bench.workloads import WORKLOADS, Workload, arrays_for_wire, make_data, request_bytes
-from lossd._client import _channel_options
+from lossd.channel import channel_options
 from lossd.v1 import loss_service_pb2 as pb
 
 EVAL = "/lossd.v1.LossService/Evaluate"
@@ -75,7 +75,7 @@ def _med(xs: list[float]) -> float:
 
 def _channel(address: str, extra: list[tuple[str, int]] | None = None,
              local: bool = False) -> grpc.Channel:
-    opts: list[tuple[str, Any]] = [*_channel_options(MAX_MESSAGE_BYTES), *(extra or [])]
+    opts: list[tuple[str, Any]] = [*channel_options(MAX_MESSAGE_BYTES), *(extra or [])]
     if local:  # a subchannel (TCP connection) of its own
         opts.append(("grpc.use_local_subchannel_pool", 1))
     return grpc.insecure_channel(address, options=opts)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lossd._wire import encode_with_tensors
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire import encode_with_tensors
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def request_bytes(w: Workload, predictions: Any, targets: Any, weights: Any) -> 
 
     The same bytes as LossClient's (checked in tests/test_bench.py): the small fields
     serialised by protobuf, the tensors appended from the arrays by
-    ``lossd._wire.encode_with_tensors`` (one ``bytes.join``), the least a Python gRPC client
+    ``lossd.wire.encode_with_tensors`` (one ``bytes.join``), the least a Python gRPC client
     can copy.
     """
     options = {name: pb.OptionValue(int_value=int(value)) for name, value in w.options.items()}
@@ -171,7 +171,7 @@ def request_bytes(w: Workload, predictions: Any, targets: Any, weights: Any) -> 
 
 
 def wire_bytes(request: Any) -> bytes:
-    """A request as ``_Requests.build`` returns it (a message, or already bytes) -> bytes."""
+    """A request as ``Requests.build`` returns it (a message, or already bytes) -> bytes."""
     if isinstance(request, bytes | bytearray | memoryview):
         return bytes(request) if not isinstance(request, bytes) else request
     return bytes(request.SerializeToString())

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the tests use: prometheus (the server and promtool) for the scrape tests,
 # chromium and chromium-driver (a real headless browser renders `lossd eval --report` pages).
-# Installed only where missing, and only where apt-get can run (root, or sudo without a
-# password); elsewhere the tests that need them say what to install.
+# Called by `scripts/bootstrap.sh test` (make test), never for `make serve`. Installed only
+# where missing, and only where apt-get can run (root, or sudo without a password);
+# elsewhere the tests that need them say what to install.
 set -euo pipefail
 
 missing=()

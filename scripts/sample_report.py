@@ -1,5 +1,5 @@
-"""Make the README's sample report: a real server, an imbalanced synthetic evaluation set,
-``lossd eval --report``, and a headless-Chromium screenshot of the page.
+"""Make docs/command-line.md's sample report: a real server, an imbalanced synthetic
+evaluation set, ``lossd eval --report``, and a headless-Chromium screenshot of the page.
 
     .venv/bin/python scripts/sample_report.py            # writes docs/report.png
     .venv/bin/python scripts/sample_report.py --html /tmp/report.html   # keep the page too

@@ -1,15 +1,19 @@
-"""Fixtures: real lossd servers on free loopback ports, and clients to them."""
+"""Fixtures: real lossd servers on free loopback ports, and clients to them; the example
+plugin (examples/plugin), installed for the tests that need it and nowhere else."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import grpc
@@ -19,10 +23,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd import LossClient
+from lossd_server import plugins
 from lossd_server.app import LossdServer, create_server
+from lossd_server.catalogue import LOSSES
 from lossd_server.settings import Settings
 
 HAS_CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PLUGIN = ROOT / "examples" / "plugin"
 
 
 def metric_value(port: int, name: str, **labels: str) -> float:
@@ -223,6 +231,60 @@ def gpu_server() -> Iterator[LossdServer]:
 def gpu_client(gpu_server: LossdServer) -> Iterator[LossClient]:
     with LossClient(f"127.0.0.1:{gpu_server.port}", timeout=120) as c:
         yield c
+
+
+@contextlib.contextmanager
+def restored_registry() -> Iterator[None]:
+    """Whatever is registered or loaded inside is gone afterwards: losses, loaded plugins
+    and the plugin modules imported (``testplugin_*``, the example plugin). The registry is
+    per process, so this keeps one test's plugins out of every later server."""
+    losses = dict(LOSSES._losses)
+    loaded = dict(plugins._loaded)
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        LOSSES._losses = losses
+        plugins._loaded.clear()
+        plugins._loaded.update(loaded)
+        for name in set(sys.modules) - modules:
+            if name.startswith(("testplugin_", "lossd_example_plugin")):
+                del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def example_plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example plugin pip-installed into a directory of its own, once per session: on
+    ``PYTHONPATH`` (or ``sys.path``) its entry point is found as an installed package's is.
+    It is never installed into .venv, whose ``lossd serve`` must serve only what the user
+    installs (a user's own ``charbonnier`` would clash with it). Installed from a copy, so
+    that the build leaves nothing in the checkout."""
+    work = tmp_path_factory.mktemp("example-plugin")
+    source, target = work / "src", work / "site"
+    shutil.copytree(EXAMPLE_PLUGIN, source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target),
+         str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target
+
+
+@pytest.fixture(scope="module")
+def example_plugin(example_plugin_dir: Path) -> Iterator[Path]:
+    """The example plugin loaded into this process for one test module, as a server loads
+    an installed plugin (its entry point, with ``example_plugin_dir`` on ``sys.path``):
+    every server of the process serves its losses until the module ends, then the process
+    forgets it. Yields the directory, for the ``PYTHONPATH`` of ``lossd serve``."""
+    with restored_registry():
+        sys.path.insert(0, str(example_plugin_dir))
+        try:
+            plugins.load([], entry_points=True)
+        finally:
+            sys.path.remove(str(example_plugin_dir))
+        assert {"charbonnier", "knowledge_distillation"} <= set(LOSSES)
+        yield example_plugin_dir
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,9 +9,10 @@ the two cannot share a process. So this module is not collected by the suite's p
 (whose conftest imports the server); ``tests/test_kserve.py`` runs it in a pytest process
 of its own, and the server here is ``lossd serve`` in a subprocess. This process imports
 tritonclient and ``lossd.LossClient`` (``lossd.v1`` only), never ``lossd.kserve`` or
-``lossd_server``. Standalone::
+``lossd_server``. Standalone, with the example plugin installed into DIR
+(``pip install --no-deps --target DIR examples/plugin``)::
 
-    .venv/bin/python -m pytest --noconftest tests/kserve_tritonclient.py
+    PYTHONPATH=DIR .venv/bin/python -m pytest --noconftest tests/kserve_tritonclient.py
 """
 
 from __future__ import annotations

@@ -329,9 +329,9 @@ def test_analysis_bounds(client: LossClient, kw: dict[str, Any], message: str) -
 
 
 def test_stream_must_ask_the_same_analyses(server: LossdServer) -> None:
-    from lossd._client import _Requests
+    from lossd.requests import Requests
 
-    builder = _Requests(1 << 20)
+    builder = Requests(1 << 20)
     x, t = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
     first = builder.build("cross_entropy", x, t, None, None, {}, analyses={"hardest": 2})[0]
     second = builder.build("cross_entropy", x, t, None, None, {}, analyses={"hardest": 3})[0]

@@ -24,7 +24,7 @@ from bench.workloads import (  # noqa: E402
     request_bytes,
     wire_bytes,
 )
-from lossd._client import _Requests  # noqa: E402
+from lossd.requests import Requests  # noqa: E402
 from lossd.v1 import loss_service_pb2 as pb  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def test_floor_sends_the_message_lossd_sends(name: str) -> None:
     w = WORKLOADS[name]
     w = replace(w, n=min(w.n, 5), classes=min(w.classes, 7), seq=min(w.seq, 6))
     pred, targ, weights = make_data(w).torch()
-    builder = _Requests(64 * 2**20)
+    builder = Requests(64 * 2**20)
     reqs = builder.build(w.loss, pred, targ, weights, None, builder.options(w.options))
     assert len(reqs) == 1
     lossd_bytes = wire_bytes(reqs[0])

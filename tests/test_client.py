@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import lossd
 from lossd import LossClient
 from lossd._errors import from_rpc_error
-from lossd._wire import to_tensor
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd.wire import to_tensor
 from lossd_server.app import LossdServer
 
 
@@ -331,7 +331,7 @@ def test_batches_over_split_bytes_go_in_parts_with_the_same_result(
         server: LossdServer, client: LossClient) -> None:
     """A batch that fits one message but exceeds ``split_bytes`` is sent in parts over a
     stream, under the unary deadline, with the one message's result."""
-    from lossd._client import DEFAULT_SPLIT_BYTES, _Requests
+    from lossd.requests import DEFAULT_SPLIT_BYTES, Requests
 
     g = torch.Generator().manual_seed(8)
     x, t = torch.randn(50_000, 10, generator=g), torch.randint(0, 10, (50_000,), generator=g)
@@ -340,12 +340,12 @@ def test_batches_over_split_bytes_go_in_parts_with_the_same_result(
                            timeout=30, stream_timeout=0.001) as parts:
         # stream_timeout would expire at once: the parts keep the unary deadline instead.
         assert_same_result(parts.evaluate(x, t), whole.evaluate(x, t))
-    built = _Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {})
-    assert len(built) == 8 and _Requests(1 << 26, 400_000).one_message(built)
-    assert len(_Requests(1 << 26, DEFAULT_SPLIT_BYTES).build(
+    built = Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {})
+    assert len(built) == 8 and Requests(1 << 26, 400_000).one_message(built)
+    assert len(Requests(1 << 26, DEFAULT_SPLIT_BYTES).build(
         "cross_entropy", x, t, None, None, {})) == 1
     # Gradient requests are never split for split_bytes.
-    assert len(_Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {},
+    assert len(Requests(1 << 26, 400_000).build("cross_entropy", x, t, None, None, {},
                                                  "mean")) == 1
 
 
@@ -597,6 +597,23 @@ def test_closed_client_fails(server: LossdServer) -> None:
         c.losses()
 
 
+def test_public_modules_for_advanced_use() -> None:
+    """lossd.wire, lossd.requests and lossd.channel publish exactly their ``__all__``: what
+    the server shares with the client, and what callers that make the calls themselves
+    (bench/) need; each name is defined once, in the client's private modules."""
+    import lossd.channel
+    import lossd.requests
+    import lossd.wire
+    from lossd import _channel, _requests, _wire
+
+    for module in (lossd.wire, lossd.requests, lossd.channel):
+        assert module.__doc__
+        assert set(module.__all__) == {n for n in vars(module) if not n.startswith("_")}
+    assert lossd.wire.WIRE_DTYPES is _wire.WIRE_DTYPES
+    assert lossd.requests.Requests is _requests.Requests
+    assert lossd.channel.channel_options is _channel.channel_options
+
+
 def test_public_names() -> None:
     public = {name for name, value in vars(lossd).items()
               if not name.startswith("_") and not isinstance(value, types.ModuleType)}
@@ -609,3 +626,37 @@ def test_public_names() -> None:
             "SharedMemory", "AsyncLossClient", *ERRORS} <= set(lossd.__all__)
     assert re.fullmatch(r"\d+\.\d+\.\d+", lossd.__version__)
     assert dataclasses.is_dataclass(lossd.Aggregates)
+
+
+def test_address_forms_dial_what_they_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: no port dials 50051 (not gRPC's 443); http:// and grpc:// are plaintext,
+    https:// and grpcs:// TLS (443 by default)."""
+    dialled: list[tuple[str, bool]] = []
+
+    def insecure(target: str, options: Any = None) -> grpc.Channel:
+        dialled.append((target, False))
+        return real_insecure("127.0.0.1:1", options=options)
+
+    def secure(target: str, credentials: Any, options: Any = None) -> grpc.Channel:
+        dialled.append((target, credentials is not None))
+        return real_insecure("127.0.0.1:1", options=options)
+
+    real_insecure = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", insecure)
+    monkeypatch.setattr(grpc, "secure_channel", secure)
+    forms = {"127.0.0.1": ("127.0.0.1:50051", False),
+             "lossd-0.lossd": ("lossd-0.lossd:50051", False),
+             "[::1]": ("[::1]:50051", False),
+             "127.0.0.1:7000": ("127.0.0.1:7000", False),
+             "http://127.0.0.1:7000": ("127.0.0.1:7000", False),
+             "grpc://lossd": ("lossd:50051", False),
+             "https://lossd.example.com": ("lossd.example.com:443", True),
+             "grpcs://lossd.example.com:8443/": ("lossd.example.com:8443", True),
+             "dns:///lossd-headless": ("dns:///lossd-headless:50051", False),
+             "ipv4:10.0.0.1:50051,10.0.0.2:50051": ("ipv4:10.0.0.1:50051,10.0.0.2:50051",
+                                                   False)}
+    for target in forms:
+        LossClient(target, env={}).close()
+    assert dict(zip(forms, dialled, strict=True)) == forms
+    with pytest.raises(ValueError, match="means TLS, but tls=False"):
+        LossClient("https://lossd.example.com", tls=False, env={})

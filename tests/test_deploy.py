@@ -781,7 +781,7 @@ def _has_cuda() -> bool:
 
 
 def test_plugin_dockerfile_is_from_lossd_plus_pip_install() -> None:
-    """examples/plugin/Dockerfile is the two lines the README promises, and lints clean."""
+    """examples/plugin/Dockerfile is the two lines docs/plugins.md promises, and lints clean."""
     lines = [ln for ln in (ROOT / "examples" / "plugin" / "Dockerfile").read_text().splitlines()
              if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(lines) == 2, lines

@@ -91,7 +91,7 @@ def test_bad_input_of_the_new_losses_never_reaches_a_cuda_kernel(
     _assert_cuda_serves(gpu_client)
 
 
-def test_plugin_on_cuda(gpu_client: LossClient) -> None:
+def test_plugin_on_cuda(gpu_client: LossClient, example_plugin: Path) -> None:
     """The example plugin (loaded through its entry point) computes on the device, with
     its gradient; the result equals torch's on CUDA."""
     g = torch.Generator().manual_seed(4)

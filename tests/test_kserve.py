@@ -10,6 +10,7 @@ beside LossService in-process with lossd's own generated stub.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,10 +31,12 @@ CASES = Path(__file__).with_name("kserve_tritonclient.py")
 
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
                     reason="tritonclient[grpc] not installed (dev extra)")
-def test_tritonclient_in_a_process_of_its_own() -> None:
+def test_tritonclient_in_a_process_of_its_own(example_plugin_dir: Path) -> None:
+    # Its `lossd serve` serves the example plugin too, installed on PYTHONPATH.
+    path = [str(example_plugin_dir), *filter(None, [os.environ.get("PYTHONPATH")])]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(CASES), "--noconftest", "-p", "no:cacheprovider",
-         "-q", "-rfEs"],
+         "-q", "-rfEs"], env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     report = proc.stdout[-12000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, report

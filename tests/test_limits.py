@@ -44,9 +44,9 @@ Gate = EngineBlocker
 
 
 def request() -> pb.EvaluateRequest:
-    from lossd._client import _Requests
+    from lossd.requests import Requests
 
-    [req] = _Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
+    [req] = Requests(2**26).build("cross_entropy", LOGITS, LABELS, None, None, {})
     return pb.EvaluateRequest.FromString(req)
 
 
@@ -549,10 +549,13 @@ def test_limit_settings_are_checked() -> None:
         Settings(concurrency=0).check()
     with pytest.raises(ValueError, match="--max-streams"):
         Settings(max_streams=-1).check()
-    # Threads for every running and waiting evaluation, every open stream, and two spare.
+    # Threads for every running and waiting evaluation, every open stream, every call
+    # waiting for its request message (--max-receiving 32), and two spare.
     assert Settings(workers=8, concurrency=2, max_waiting=16).stream_limit == 32
-    assert Settings(workers=8, concurrency=2, max_waiting=16).threads == 2 + 16 + 32 + 2
-    assert Settings(workers=64).stream_limit == 64 - 2 - 16 - 2
-    assert Settings(workers=64).threads == 64
-    assert Settings(max_streams=4).threads == 2 + 16 + 4 + 2
-    assert Settings(workers=8, max_rpcs=0).rpc_limit == 2 * 52
+    assert Settings(workers=8, concurrency=2, max_waiting=16).threads == 2 + 16 + 32 + 32 + 2
+    assert Settings(workers=128).stream_limit == 128 - 2 - 16 - 32 - 2
+    assert Settings(workers=128).threads == 128
+    assert Settings(workers=64).stream_limit == 32  # at least 32
+    assert Settings(workers=64).threads == 2 + 16 + 32 + 32 + 2
+    assert Settings(max_streams=4).threads == 2 + 16 + 4 + 32 + 2
+    assert Settings(workers=8, max_rpcs=0).rpc_limit == 2 * 84

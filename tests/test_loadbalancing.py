@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lossd import LossClient
-from lossd._client import KEEPALIVE_SECONDS, _channel_options, service_config
+from lossd.channel import KEEPALIVE_SECONDS, channel_options, service_config
 from lossd_server.app import LossdServer, server_options
 from lossd_server.settings import Settings
 from tests.conftest import metric_value, start_server
@@ -121,7 +121,7 @@ def test_a_dns_target_resolves_and_serves() -> None:
 
 
 def test_client_and_server_keepalive_settings_agree() -> None:
-    client = dict(_channel_options(1 << 20))
+    client = dict(channel_options(1 << 20))
     server = dict(server_options(Settings()))
     # The client pings no more often than the server accepts (else GOAWAY too_many_pings).
     assert client["grpc.keepalive_time_ms"] == KEEPALIVE_SECONDS * 1000
@@ -138,6 +138,6 @@ def test_client_and_server_keepalive_settings_agree() -> None:
                                                      "ListLosses"}
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "grpc.max_connection_age_ms" in server
-    no_retries = dict(_channel_options(1 << 20, retry_attempts=1))
+    no_retries = dict(channel_options(1 << 20, retry_attempts=1))
     assert no_retries["grpc.enable_retries"] == 0
     assert "methodConfig" not in json.loads(no_retries["grpc.service_config"])

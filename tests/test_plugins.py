@@ -3,11 +3,12 @@ failures, and a plugin loss served with everything a built-in gets, through real
 
 Plugin modules are written to a temporary directory put on ``sys.path`` (in-process) or on
 ``PYTHONPATH`` (``lossd serve`` in a subprocess), as a user's package would be installed.
+The example plugin (examples/plugin) is pip-installed into a directory of its own
+(conftest's ``example_plugin_dir``), never into .venv.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import metric_value, start_server
+from conftest import metric_value, restored_registry, start_server
 
 import lossd
 from lossd import LossClient
@@ -35,23 +36,6 @@ from lossd_server.errors import RegistrationError
 from lossd_server.settings import Settings, add_arguments, from_args
 
 Tensor = torch.Tensor
-
-
-@contextlib.contextmanager
-def restored_registry() -> Iterator[None]:
-    """Whatever a test registers or loads is gone afterwards (the registry is per process)."""
-    losses = dict(LOSSES._losses)
-    loaded = dict(plugins._loaded)
-    modules = set(sys.modules)
-    try:
-        yield
-    finally:
-        LOSSES._losses = losses
-        plugins._loaded.clear()
-        plugins._loaded.update(loaded)
-        for name in set(sys.modules) - modules:
-            if name.startswith("testplugin_"):
-                del sys.modules[name]
 
 
 @pytest.fixture
@@ -167,19 +151,26 @@ def test_load_modules_once_and_by_function(registry: None, tmp_path: Path,
     assert plugins.load(["testplugin_mod", "testplugin_hook:setup"], entry_points=False) == []
 
 
-def test_entry_points_load_the_installed_example() -> None:
-    """The example plugin (examples/plugin, installed by scripts/bootstrap.sh) is found
-    through its entry point, in a fresh process; without entry points it is not."""
+def with_pythonpath(*directories: Path) -> dict[str, str]:
+    """This process's environment with ``directories`` first on ``PYTHONPATH``."""
+    path = [*map(str, directories), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def test_entry_points_load_the_installed_example(example_plugin_dir: Path) -> None:
+    """The example plugin, pip-installed into a directory on PYTHONPATH, is found through
+    its entry point, in a fresh process; without entry points it is not."""
     code = ("import sys\n"
             "from lossd_server import plugins\n"
             "for p in plugins.load([], entry_points=sys.argv[1] == 'on'):\n"
             "    print(p.target, '|', p.origin, '|', ','.join(p.losses))\n")
+    env = with_pythonpath(example_plugin_dir)
     on = subprocess.run([sys.executable, "-c", code, "on"], capture_output=True, text=True,
-                        timeout=60, check=True).stdout
+                        timeout=60, check=True, env=env).stdout
     assert ("lossd_example_plugin.losses | entry point 'example' of lossd-example-plugin "
             "0.1.0 | charbonnier,knowledge_distillation") in on.splitlines()
     off = subprocess.run([sys.executable, "-c", code, "off"], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+                         timeout=60, check=True, env=env).stdout
     assert off == ""
 
 
@@ -246,6 +237,57 @@ def test_lossd_serve_refuses_to_start(tmp_path: Path, source: str, args: list[st
     proc = _serve(tmp_path, "--processes", "1", *args, env=env)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
+
+
+CLASH_FIX = ("rename one of the two, or serve one only: `lossd serve --no-entry-points "
+             "--plugin MODULE` loads just the modules named, no installed entry point")
+
+
+def test_a_name_clash_names_both_plugins_and_the_fix(registry: None, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_module(tmp_path, "testplugin_one", """
+        from lossd_server.plugins import register
+        register("testplugin_same", lambda x, t: (x - t).abs(), options={}, targets="values")
+    """)
+    (tmp_path / "testplugin_two.py").write_text(
+        (tmp_path / "testplugin_one.py").read_text())
+    plugins.load(["testplugin_one"], entry_points=False)
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.load(["testplugin_two"], entry_points=False)
+    assert str(info.value) == (
+        "plugin 'testplugin_two' (--plugin): loss 'testplugin_same' is already registered (by "
+        "testplugin_one (--plugin)) and testplugin_two (--plugin) registers it again: "
+        + CLASH_FIX)
+    with pytest.raises(RegistrationError) as err:
+        register("mse_loss", identity, options={}, targets="values")
+    assert str(err.value) == ("loss 'mse_loss' is already registered (by lossd): a built-in's "
+                              "name; give the new loss another name")
+
+
+def test_the_readme_plugin_beside_the_example_names_both(tmp_path: Path,
+                                                         example_plugin_dir: Path) -> None:
+    """The Plugins walkthrough's package (a loss named charbonnier, an entry point) installed
+    next to the example plugin: ``lossd serve`` exits 2 naming both packages and the fix."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    write_module(tmp_path / "mypkg", "losses", """
+        import torch
+        from lossd_server.plugins import register
+        register("charbonnier", lambda x, t, *, eps: torch.sqrt((x - t) ** 2 + eps ** 2),
+                 options={"eps": 1e-3}, targets="values")
+    """)
+    dist_info = tmp_path / "mypkg-0.1.dist-info"  # what pip installs for the package
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[lossd.losses]\nmypkg = mypkg.losses\n")
+    proc = _serve(tmp_path, "--processes", "1",
+                  env=with_pythonpath(tmp_path, example_plugin_dir))
+    assert proc.returncode == 2, proc.stderr
+    assert ("lossd: plugin 'mypkg.losses' (entry point 'mypkg' of mypkg 0.1): loss "
+            "'charbonnier' is already registered (by lossd_example_plugin.losses (entry point "
+            "'example' of lossd-example-plugin 0.1.0)) and mypkg.losses (entry point 'mypkg' of "
+            "mypkg 0.1) registers it again: " + CLASH_FIX) in proc.stderr, proc.stderr
 
 
 def test_worker_processes_refuse_to_start_too(tmp_path: Path) -> None:
@@ -464,6 +506,20 @@ def test_options_are_type_checked_before_the_plugin_runs(faulty: LossClient) -> 
 # A plugin loss gets everything a built-in gets (the example plugin, via its entry point)
 
 
+@pytest.fixture(scope="module")
+def plugin_server(example_plugin: Path) -> Iterator[LossdServer]:
+    """A server serving the example plugin, loaded through its entry point."""
+    srv = start_server()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def plugin_client(plugin_server: LossdServer) -> Iterator[LossClient]:
+    with LossClient(f"127.0.0.1:{plugin_server.port}", timeout=60) as c:
+        yield c
+
+
 def distillation(x: Tensor, t: Tensor, teacher: Tensor, temperature: float = 2.0,
                  alpha: float = 0.5) -> Tensor:
     """Per-position reference, written out with torch.nn.functional."""
@@ -479,41 +535,43 @@ def batch(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x, t, teacher, torch.rand(n, generator=g)
 
 
-def test_the_session_server_serves_the_installed_plugin(client: LossClient) -> None:
-    infos = {i.name: i for i in client.losses()}
+def test_a_server_serves_the_installed_plugin(plugin_client: LossClient) -> None:
+    infos = {i.name: i for i in plugin_client.losses()}
     assert infos["charbonnier"].source != "lossd"
     assert infos["cross_entropy"].source == "lossd"
     x, t, teacher, w = batch(50, 0)
-    r = client.evaluate(x, t, loss="knowledge_distillation", inputs={"teacher": teacher},
-                        weights=w)
+    r = plugin_client.evaluate(x, t, loss="knowledge_distillation",
+                               inputs={"teacher": teacher}, weights=w)
     want = distillation(x, t, teacher)
     torch.testing.assert_close(torch.from_numpy(r.per_sample), want, rtol=1e-5, atol=1e-6)
     assert r.count == 50 and r.weight_sum == pytest.approx(float(w.double().sum()))
 
 
-def test_plugin_streams_splits_and_nan_policy(server: LossdServer, client: LossClient) -> None:
+def test_plugin_streams_splits_and_nan_policy(plugin_server: LossdServer,
+                                              plugin_client: LossClient) -> None:
     x, t, teacher, w = batch(3000, 1)
     x[7, 2] = float("nan")
     inputs = {"teacher": teacher}
-    unary = client.evaluate(x, t, loss="knowledge_distillation", inputs=inputs, weights=w,
-                            nan_policy="omit")
+    unary = plugin_client.evaluate(x, t, loss="knowledge_distillation", inputs=inputs,
+                                   weights=w, nan_policy="omit")
     assert unary.omitted == 1 and unary.count == 2999 and np.isnan(unary.per_sample[7])
-    with LossClient(f"127.0.0.1:{server.port}", max_message_bytes=100_000) as small:
+    with LossClient(f"127.0.0.1:{plugin_server.port}", max_message_bytes=100_000) as small:
         split = small.evaluate(x, t, loss="knowledge_distillation", inputs=inputs, weights=w,
                                nan_policy="omit")
     assert np.array_equal(split.per_sample, unary.per_sample, equal_nan=True)
     assert split.aggregates == unary.aggregates
     parts = [(x[i:i + 700], t[i:i + 700], w[i:i + 700], {"teacher": teacher[i:i + 700]})
              for i in range(0, 3000, 700)]
-    results = list(client.evaluate_stream(parts, loss="knowledge_distillation",
-                                          nan_policy="omit"))
+    results = list(plugin_client.evaluate_stream(parts, loss="knowledge_distillation",
+                                                 nan_policy="omit"))
     assert len(results) == 5 and results[-1].running == unary.aggregates
 
 
-def test_plugin_gradient_equals_local_autograd(client: LossClient) -> None:
+def test_plugin_gradient_equals_local_autograd(plugin_client: LossClient) -> None:
     x, t, teacher, w = batch(9, 2)
-    r = client.evaluate(x, t, loss="knowledge_distillation", inputs={"teacher": teacher},
-                        weights=w, gradient="weighted_mean", temperature=3.0)
+    r = plugin_client.evaluate(x, t, loss="knowledge_distillation",
+                               inputs={"teacher": teacher}, weights=w,
+                               gradient="weighted_mean", temperature=3.0)
     leaf = x.clone().requires_grad_(True)
     per = distillation(leaf, t, teacher, temperature=3.0)
     ((w * per).sum() / w.sum()).backward()
@@ -521,21 +579,21 @@ def test_plugin_gradient_equals_local_autograd(client: LossClient) -> None:
     torch.testing.assert_close(torch.from_numpy(r.gradient), leaf.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_plugin_through_shared_memory(client: LossClient) -> None:
+def test_plugin_through_shared_memory(plugin_client: LossClient) -> None:
     x, t, teacher, w = batch(200, 3)
-    socket = client.evaluate(x, t, loss="knowledge_distillation", inputs={"teacher": teacher},
-                             weights=w)
-    with client.shared_memory(1 << 20) as shm:
+    socket = plugin_client.evaluate(x, t, loss="knowledge_distillation",
+                                    inputs={"teacher": teacher}, weights=w)
+    with plugin_client.shared_memory(1 << 20) as shm:
         shared = shm.evaluate(x, t, loss="knowledge_distillation", inputs={"teacher": teacher},
                               weights=w)
     assert np.array_equal(shared.per_sample, socket.per_sample)
     assert shared.aggregates == socket.aggregates
 
 
-def test_plugin_and_extra_inputs_on_the_open_inference_protocol(server: LossdServer,
-                                                                client: LossClient) -> None:
+def test_plugin_and_extra_inputs_on_the_open_inference_protocol(
+        plugin_server: LossdServer, plugin_client: LossClient) -> None:
     x, t, teacher, _ = batch(5, 4)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{plugin_server.port}") as channel:
         stub = kpb_grpc.GRPCInferenceServiceStub(channel)
         meta = stub.ModelMetadata(kpb.ModelMetadataRequest(name="knowledge_distillation"),
                                   timeout=30)
@@ -549,8 +607,8 @@ def test_plugin_and_extra_inputs_on_the_open_inference_protocol(server: LossdSer
             req.raw_input_contents.append(arr.numpy().tobytes())
         req.parameters["alpha"].double_param = 0.25
         resp = stub.ModelInfer(req, timeout=30)
-        native = client.evaluate(x, t, loss="knowledge_distillation",
-                                 inputs={"teacher": teacher}, alpha=0.25)
+        native = plugin_client.evaluate(x, t, loss="knowledge_distillation",
+                                        inputs={"teacher": teacher}, alpha=0.25)
         assert resp.outputs[0].name == "PER_SAMPLE"
         assert resp.raw_output_contents[0] == native.per_sample.tobytes()
         del req.inputs[2], req.raw_input_contents[2]
@@ -560,7 +618,7 @@ def test_plugin_and_extra_inputs_on_the_open_inference_protocol(server: LossdSer
         assert err.value.details().startswith("TEACHER: missing"), err.value.details()
 
 
-def test_plugin_losses_are_metric_labels() -> None:
+def test_plugin_losses_are_metric_labels(example_plugin: Path) -> None:
     srv = start_server(metrics_port=0)
     try:
         with LossClient(f"127.0.0.1:{srv.port}") as c:
@@ -574,19 +632,23 @@ def test_plugin_losses_are_metric_labels() -> None:
         assert metric_value(port, "lossd_samples_total", loss="charbonnier") == 4
         assert metric_value(port, "lossd_requests_total", method="Evaluate", loss="invalid",
                             code="INVALID_ARGUMENT") == 1
-        # Plugin losses start at zero like the built-ins.
-        assert metric_value(port, "lossd_requests_total", method="Evaluate",
-                            loss="knowledge_distillation", code="OK") == 0
+        # A plugin loss in use starts its other codes at zero like a built-in; one nobody
+        # used has no series, like a built-in.
+        assert metric_value(port, "lossd_requests_total", method="Evaluate", loss="charbonnier",
+                            code="INTERNAL") == 0
+        with pytest.raises(KeyError):
+            metric_value(port, "lossd_requests_total", method="Evaluate",
+                         loss="knowledge_distillation", code="OK")
     finally:
         srv.stop(0)
 
 
-def test_lossd_losses_lists_plugins_inputs_and_targets(server: LossdServer,
-                                                        capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_lossd_losses_lists_plugins_inputs_and_targets(plugin_server: LossdServer,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
     from lossd._cli import main
 
-    assert main(["losses", "--target", f"127.0.0.1:{server.port}"]) == 0
+    assert main(["losses", "--target", f"127.0.0.1:{plugin_server.port}"]) == 0
     out = capsys.readouterr().out
     assert "knowledge_distillation: Knowledge distillation" in out and "[plugin: " in out
     assert "    input teacher: same as predictions (float)" in out
@@ -599,36 +661,36 @@ def test_lossd_losses_lists_plugins_inputs_and_targets(server: LossdServer,
 # The analyses (per class, accuracy, hardest) on the new losses and on a plugin
 
 
-def test_analyses_follow_the_kind_of_targets(client: LossClient) -> None:
+def test_analyses_follow_the_kind_of_targets(plugin_client: LossClient) -> None:
     """Class-index analyses apply to every loss with class-index targets (a plugin's and
     multi_margin_loss, whose ignore_index is lossd's), not to label sequences; hardest and
     quantiles apply to every loss, one without targets too."""
     x, t, teacher, _ = batch(40, 6)
     t[::4] = -100
-    r = client.evaluate(x, t, loss="multi_margin_loss", per_class=True, accuracy=True)
+    r = plugin_client.evaluate(x, t, loss="multi_margin_loss", per_class=True, accuracy=True)
     kept = t != -100
     assert r.ignored == 10 and r.per_class is not None
     assert sorted(r.per_class) == sorted(set(t[kept].tolist()))
     assert sum(r.per_class[c].count for c in r.per_class) == 30
     hits = (x.argmax(1) == t)[kept].double().mean().item()
     assert r.accuracy == pytest.approx(hits)
-    kd = client.evaluate(x, t.clamp(min=0), loss="knowledge_distillation",
-                         inputs={"teacher": teacher}, per_class=True, hardest=3)
+    kd = plugin_client.evaluate(x, t.clamp(min=0), loss="knowledge_distillation",
+                                inputs={"teacher": teacher}, per_class=True, hardest=3)
     assert kd.per_class is not None and kd.hardest is not None
     assert [s.loss for s in kd.hardest.samples] == sorted(kd.per_sample.tolist(),
                                                           reverse=True)[:3]
-    anchors = client.evaluate(x, loss="triplet_margin_loss", hardest=2, quantiles=True,
-                              inputs={"positive": teacher, "negative": x.flip(0)})
+    anchors = plugin_client.evaluate(x, loss="triplet_margin_loss", hardest=2, quantiles=True,
+                                     inputs={"positive": teacher, "negative": x.flip(0)})
     assert anchors.hardest is not None and len(anchors.hardest.samples) == 2
     with pytest.raises(lossd.InvalidArgument) as info:
-        client.evaluate(x, loss="triplet_margin_loss", accuracy=True,
-                        inputs={"positive": teacher, "negative": x})
+        plugin_client.evaluate(x, loss="triplet_margin_loss", accuracy=True,
+                               inputs={"positive": teacher, "negative": x})
     assert info.value.message.startswith("accuracy: needs class-index targets; "
                                          "triplet_margin_loss takes none")
     log_probs = torch.randn(2, 5, 4).log_softmax(2)
     with pytest.raises(lossd.InvalidArgument) as info:
-        client.evaluate(log_probs, torch.tensor([[1, 2], [3, 1]]), loss="ctc_loss",
-                        per_class=True, inputs={"input_lengths": [5, 5],
-                                                "target_lengths": [2, 2]})
+        plugin_client.evaluate(log_probs, torch.tensor([[1, 2], [3, 1]]), loss="ctc_loss",
+                               per_class=True, inputs={"input_lengths": [5, 5],
+                                                       "target_lengths": [2, 2]})
     assert info.value.message.startswith("per_class: needs class-index targets; ctc_loss "
                                          "takes label sequences")

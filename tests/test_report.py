@@ -74,9 +74,41 @@ def test_report_is_self_contained(server: LossdServer, tmp_path: Path,
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 200
     for section in ("Summary", "Loss distribution", "Per class", "Accuracy and calibration",
-                    "Hardest samples (20)"):
+                    "Hardest samples (5)"):  # as many as --top printed
         assert f"<h2>{section}</h2>" in html
     assert "accuracy (top-1)" in html and "top-5 accuracy" in html and "ECE (15 bins)" in html
+
+
+NAMES = [f"class-{chr(ord('a') + i)}<{i}>" for i in range(12)]
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["list", "file"])
+def test_class_names_label_the_report_and_the_hardest(
+        server: LossdServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        as_file: bool) -> None:
+    """Issue 21: ``--class-names a,b,c`` (or a file, one name a line) names the classes in
+    the report's per-class table and hardest samples, and in the printed hardest table."""
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES) + "\n")
+    page = _report(server, tmp_path, "--top", "5", "--class-names",
+                   str(names) if as_file else ",".join(NAMES))
+    html = page.read_text()
+    table = html[html.index("<h2>Per class</h2>"):html.index("<h2>Accuracy and calibration")]
+    cells = re.findall(r'<td class="k">([^<]*)</td>', table)
+    assert cells and all(c.replace("&lt;", "<").replace("&gt;", ">") in NAMES for c in cells)
+    hardest = html[html.index("<h2>Hardest samples (5)</h2>"):]
+    assert sum(hardest.count(f"<td>{n.replace('<', '&lt;').replace('>', '&gt;')}</td>")
+               for n in NAMES) >= 5  # targets (and predictions) by name
+    printed = capsys.readouterr().out
+    assert any(n in printed for n in NAMES)
+
+
+def test_class_names_flag_errors_are_usage_errors(server: LossdServer, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    xp, tp, _ = _files(tmp_path)
+    assert main(["eval", "--target", f"127.0.0.1:{server.port}", str(xp), str(tp),
+                 "--class-names", "a,b,a"]) == 2
+    assert "--class-names: 'a' given twice" in capsys.readouterr().err
 
 
 def test_report_for_values_has_no_class_sections(server: LossdServer, tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from lossd import Hardest, LossClient, PerClass, Quantiles
 from lossd_server.app import LossdServer
@@ -19,13 +21,13 @@ from lossd_server.app import LossdServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _result(client: LossClient):  # type: ignore[no-untyped-def]
+def _result(client: LossClient, **kwargs: Any):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(11)
     x = rng.standard_normal((80, 5)).astype(np.float32)
     t = rng.integers(0, 5, 80)
     w = rng.random(80).astype(np.float32)
     return client.evaluate(x, t, weights=w, per_class=True, accuracy=True, top_k=(1, 2),
-                           diagnostics=True, hardest=4, quantiles=True), t
+                           diagnostics=True, hardest=4, quantiles=True, **kwargs), t
 
 
 def test_to_dict_is_json_and_complete(client: LossClient) -> None:
@@ -73,6 +75,51 @@ def test_types_read_like_their_contents(client: LossClient) -> None:
     assert math.isfinite(r.quantiles[0.5])
 
 
+NAMES = ("cat", "dog", "bird", "fish", "frog")
+
+
+def test_class_names_label_the_tables(client: LossClient) -> None:
+    """Issue 21: ``class_names=`` name the classes of per_class (``to_pandas``, ``to_dict``,
+    lookup by name) and hardest (``target_name``, ``predicted_name``); the numbers stay."""
+    r, t = _result(client)
+    named, _ = _result(client, class_names=list(NAMES))
+    assert named.per_sample.tolist() == r.per_sample.tolist()
+    pc = named.per_class
+    assert pc is not None and pc.class_names == NAMES
+    assert pc.labels == [NAMES[c] for c in pc.classes]
+    table = pc.to_pandas()
+    assert table.index.name == "class" and list(table.index) == pc.labels
+    assert list(table["class_index"]) == pc.classes.tolist()
+    c = int(t[0])
+    assert table.loc[NAMES[c], "count"] == int((t == c).sum())
+    assert pc[NAMES[c]] == pc[c]
+    assert named.aggregates.to_dict()["per_class"][NAMES[c]] == r.per_class.to_dict()[c]
+    assert named.hardest is not None
+    for h, plain in zip(named.hardest, r.hardest, strict=True):
+        assert (h.index, h.target, h.predicted) == (plain.index, plain.target, plain.predicted)
+        assert h.target_name == NAMES[h.target] and h.predicted_name == NAMES[h.predicted]
+        assert h.to_dict() == {**plain.to_dict(), "target_name": h.target_name,
+                               "predicted_name": h.predicted_name}
+    assert list(named.hardest.to_pandas()["target_name"]) == [h.target_name
+                                                               for h in named.hardest]
+    assert "target_name" not in r.hardest.to_pandas().columns
+    json.dumps(named.to_dict())
+
+
+def test_class_names_checked_and_short_lists_shown(client: LossClient) -> None:
+    r, _ = _result(client)
+    short = r.with_class_names(["cat", "dog"])
+    assert short.per_class is not None
+    assert short.per_class.labels == ["cat", "dog", "2", "3", "4"][:len(short.per_class)]
+    assert r.with_class_names(None) is r
+    with pytest.raises(TypeError, match="class_names: a sequence of names"):
+        r.with_class_names("cat,dog")
+    with pytest.raises(ValueError, match="'cat' given twice"):
+        r.with_class_names(["cat", "cat"])
+    with pytest.raises(KeyError):
+        r.per_class["cat"]  # type: ignore[index]
+
+
 CLIENT_ONLY = """
 import builtins, sys
 real = builtins.__import__
@@ -115,4 +162,4 @@ def test_client_without_torch_pandas_matplotlib(server: LossdServer, tmp_path: P
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "client-only ok" in proc.stdout
-    assert "--report needs matplotlib: pip install 'lossd[report]'" in proc.stderr
+    assert "--report needs matplotlib: pip install 'matplotlib>=3.8'" in proc.stderr

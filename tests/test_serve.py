@@ -27,10 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import lossd
 from lossd import LossClient
-from lossd_server import serve
+from lossd_server.health import SERVICES
 from lossd_server.metrics import FLUSH_SECONDS
+from lossd_server.serve import Supervisor, host
 from lossd_server.settings import Settings
-from tests.conftest import ServeProcess, batch, health, held_stream, wait_for
+from tests.conftest import ServeProcess, batch, health, held_stream, start_server, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -86,8 +87,26 @@ def evaluate_on_fresh_channels(address: str, channels: int, calls: int, *,
 def pod() -> Iterator[ServeProcess]:
     """A two-worker server shared by the tests that do not kill or stop it."""
     with ServeProcess("--processes", "2", "--metrics-port", "0", "--max-tags", "2",
-                      "--log-level", "debug") as p:
+                      "--health-port", "0", "--log-level", "debug") as p:
         yield p
+
+
+def test_the_pod_serves_health_on_its_health_port_for_every_service(pod: ServeProcess
+                                                                     ) -> None:
+    """The supervisor's own ``--health-port``: SERVING for the server and both fronts (the
+    services one server reports on), and health checks only."""
+    port = pod.record("lossd serving")["health_port"]
+    assert port
+    for name in ("", *SERVICES):
+        assert health(port, name) == SERVING
+    with LossClient(f"127.0.0.1:{port}", timeout=5) as client, \
+            pytest.raises(lossd.Unimplemented):
+        client.evaluate(*batch(1, n=4)[:2])
+    srv = start_server()
+    try:
+        assert srv.health.names == ("", *SERVICES)
+    finally:
+        srv.stop(0)
 
 
 def test_two_workers_serve_and_metrics_total_every_call_exactly(pod: ServeProcess) -> None:
@@ -149,7 +168,8 @@ def test_streams_and_every_method_work_across_workers(pod: ServeProcess) -> None
 
 
 def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> None:
-    with ServeProcess("--processes", "2", "--metrics-port", "0") as pod:
+    with ServeProcess("--processes", "2", "--metrics-port", "0", "--health-port", "0") as pod:
+        health_port = pod.record("lossd serving")["health_port"]
         sent = evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
         settled(pod, 12)  # what the victim served is in the shared files
         victim = worker_pids(pod)[0]
@@ -159,8 +179,10 @@ def test_a_killed_worker_is_restarted_health_follows_and_no_count_is_lost() -> N
         assert died["worker"] == 0 and died["how"] == "signal SIGKILL"
         # Health: NOT_SERVING while a worker is missing, SERVING again once it is back.
         wait_for(lambda: health(pod.port) == NOT_SERVING, timeout=10)
+        wait_for(lambda: health(health_port) == NOT_SERVING, timeout=10)
         wait_for(lambda: len(pod.records("worker ready")) == 3, timeout=120)
         wait_for(lambda: health(pod.port) == SERVING, timeout=10)
+        wait_for(lambda: health(health_port) == SERVING, timeout=10)
         assert worker_pids(pod)[0] != victim
         sent += evaluate_on_fresh_channels(pod.address, channels=6, calls=2)
         metrics = settled(pod, 24)
@@ -326,42 +348,42 @@ def test_a_taken_port_fails_loudly() -> None:
 
 
 def test_processes_auto_is_the_cores_on_a_cpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "available_cpus", lambda: 6)
-    monkeypatch.setattr(serve, "visible_gpus", lambda: 0)
-    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 6
-    assert serve.resolve_processes(Settings(processes="3")) == 3
-    assert serve.torch_threads(Settings(), 4) == 1
-    assert serve.torch_threads(Settings(), 2) == 3
-    assert serve.torch_threads(Settings(torch_threads=5), 2) == 5
+    monkeypatch.setattr(host, "available_cpus", lambda: 6)
+    monkeypatch.setattr(host, "visible_gpus", lambda: 0)
+    assert host.resolve_processes(Settings(processes="auto", device="auto")) == 6
+    assert host.resolve_processes(Settings(processes="3")) == 3
+    assert host.torch_threads(Settings(), 4) == 1
+    assert host.torch_threads(Settings(), 2) == 3
+    assert host.torch_threads(Settings(torch_threads=5), 2) == 5
 
 
 def test_processes_auto_is_four_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "visible_gpus", lambda: 2)
-    assert serve.resolve_processes(Settings(processes="auto", device="auto")) == 8
-    assert serve.resolve_processes(Settings(processes="auto", device="cuda:1")) == 4
-    assert serve.resolve_processes(Settings(processes="auto", device="cpu")) == \
-        serve.available_cpus()
-    sup = serve.Supervisor(Settings(processes="4", device="cuda"), 4)
+    monkeypatch.setattr(host, "visible_gpus", lambda: 2)
+    assert host.resolve_processes(Settings(processes="auto", device="auto")) == 8
+    assert host.resolve_processes(Settings(processes="auto", device="cuda:1")) == 4
+    assert host.resolve_processes(Settings(processes="auto", device="cpu")) == \
+        host.available_cpus()
+    sup = Supervisor(Settings(processes="4", device="cuda"), 4)
     assert [w.device for w in sup.workers] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
-    sup = serve.Supervisor(Settings(device="cuda:2,cuda:3"), 3)
+    sup = Supervisor(Settings(device="cuda:2,cuda:3"), 3)
     assert [w.device for w in sup.workers] == ["cuda:2", "cuda:3", "cuda:2"]
 
 
 def test_visible_gpus_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2,GPU-1234")
-    assert serve.visible_gpus() == 3
+    assert host.visible_gpus() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,-1,2")  # CUDA stops at an invalid entry
-    assert serve.visible_gpus() == 1
+    assert host.visible_gpus() == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert serve.visible_gpus() == 0
+    assert host.visible_gpus() == 0
 
 
 def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert serve._cgroup_cpu_quota(tmp_path) == 1.5
+    assert host.cgroup_cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert serve._cgroup_cpu_quota(tmp_path) is None
-    assert serve.available_cpus() >= 1
+    assert host.cgroup_cpu_quota(tmp_path) is None
+    assert host.available_cpus() >= 1
 
 
 def test_bad_process_settings_are_refused() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import inspect
 import json
 import mmap
 import os
@@ -149,6 +150,36 @@ def test_shared_memory_equals_socket(client: LossClient) -> None:
             assert a.aggregates == b.aggregates
         bf = torch.from_numpy(x).bfloat16()
         assert np.array_equal(shm.evaluate(bf, t).per_sample, client.evaluate(bf, t).per_sample)
+
+
+def test_shared_memory_takes_every_option_evaluate_takes(client: LossClient) -> None:
+    """Analyses, the gradient, extra inputs and the tag go through shared memory as over
+    the socket (the server answers them on the session's stream), with the same result."""
+    def keywords(method: Callable[..., Any]) -> dict[str, Any]:
+        return {name: (p.kind, p.default) for name, p in
+                inspect.signature(method).parameters.items()}
+
+    with client.shared_memory(1 << 20) as shm:
+        assert keywords(shm.evaluate) == keywords(client.evaluate)
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((64, 5)).astype(np.float32)
+        t = rng.integers(0, 5, 64)
+        w = rng.random(64).astype(np.float32)
+        for kw in ({"per_class": True, "accuracy": True, "top_k": (1, 3)},
+                   {"diagnostics": True, "hardest": 4, "quantiles": True, "weights": w},
+                   {"gradient": "weighted_mean", "weights": w, "tag": "shm"}):
+            a, b = shm.evaluate(x, t, **kw), client.evaluate(x, t, **kw)
+            assert np.array_equal(a.per_sample, b.per_sample)
+            assert json.dumps(a.to_dict()) == json.dumps(b.to_dict()), kw  # NaN bins too
+        assert a.gradient is not None and a.gradient.shape == x.shape
+        assert a.per_class is None and b.per_class is None  # not asked on the last call
+        var = rng.random((64, 5)).astype(np.float32) + 0.1
+        a = shm.evaluate(x, x + 1, loss="gaussian_nll_loss", inputs={"var": var},
+                         hardest=2)
+        b = client.evaluate(x, x + 1, loss="gaussian_nll_loss", inputs={"var": var},
+                            hardest=2)
+        assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
+        assert a.hardest is not None and len(a.hardest) == 2
 
 
 def test_the_region_is_a_sealed_memfd_with_no_name_in_dev_shm(client: LossClient) -> None:

@@ -291,6 +291,55 @@ def test_rejected(client: LossClient, loss: str, x: Any, t: Any, kwargs: dict[st
     assert_invalid(client, lambda: client.evaluate(x, t, loss=loss, **kwargs), field, problem)
 
 
+INDICES_OR_PROBABILITIES = ("class indices (int64/int32) of shape (N, ...), here (4), or class "
+                            "probabilities shaped like the predictions, here (4, 3)")
+# Issue 22: each message names the fix, not only the fault.
+POINTING_CASES: list[tuple[str, str, Any, Any, dict[str, Any], str, str]] = [
+    ("float-indices-ce", "cross_entropy", X, T.float(), {}, "targets",
+     f"dtype float32 with the shape of class indices, (4): cross_entropy takes "
+     f"{INDICES_OR_PROBABILITIES}; send the class indices as int64 (targets.long())"),
+    ("float-other-shape-ce", "cross_entropy", X, torch.rand(4, 4), {}, "targets",
+     f"shape (4, 4) does not match predictions (4, 3); cross_entropy takes "
+     f"{INDICES_OR_PROBABILITIES}"),
+    ("float-targets-nll-shape", "nll_loss", F.log_softmax(X, 1), T.float(), {}, "targets",
+     "send int64 or int32 class indices of shape (N, ...)"),
+    ("typo-loss", "cross_entopy", X, T, {}, "loss",
+     "unknown loss 'cross_entopy'; did you mean 'cross_entropy'? one of "),
+    ("torch-class-name", "CrossEntropyLoss", X, T, {}, "loss",
+     "unknown loss 'CrossEntropyLoss'; did you mean 'cross_entropy'?"),
+    ("torch-module-path", "nn.CrossEntropyLoss", X, T, {}, "loss", "did you mean 'cross_entropy'?"),
+    ("torch-functional", "F.cross_entropy", X, T, {}, "loss", "did you mean 'cross_entropy'?"),
+    ("torch-functional-full", "torch.nn.functional.mse_loss", REG_X, REG_T, {}, "loss",
+     "did you mean 'mse_loss'?"),
+    ("torch-bce-class", "BCEWithLogitsLoss", REG_X, (REG_T > 0).float(), {}, "loss",
+     "did you mean 'binary_cross_entropy_with_logits'?"),
+    ("torch-nll-class", "NLLLoss", F.log_softmax(X, 1), T, {}, "loss",
+     "did you mean 'nll_loss'?"),
+    ("option-typo", "cross_entropy", X, T, {"label_smothing": 0.1}, "options.label_smothing",
+     "unknown option for cross_entropy; did you mean 'label_smoothing'?; accepted: "),
+    ("torch-weight", "cross_entropy", X, T, {"weight": [1.0, 2.0, 3.0]}, "options.weight",
+     "lossd calls torch's weight class_weights; per-sample weights go in weights="),
+    ("torch-weight-mse", "mse_loss", REG_X, REG_T, {"weight": [1.0, 2.0, 3.0]},
+     "options.weight", "mse_loss takes no class weights; per-sample weights go in weights="),
+    ("torch-reduction", "cross_entropy", X, T, {"reduction": "mean"}, "options.reduction",
+     "lossd takes no reduction: every result carries every reduction (per_sample, sum, "
+     "mean, and weighted_sum / weighted_mean with weights=), so there is nothing to choose"),
+]
+
+
+@pytest.mark.parametrize(("loss", "x", "t", "kwargs", "field", "problem"),
+                         [c[1:] for c in POINTING_CASES], ids=[c[0] for c in POINTING_CASES])
+def test_errors_point_at_the_fix(client: LossClient, loss: str, x: Any, t: Any,
+                                 kwargs: dict[str, Any], field: str, problem: str) -> None:
+    assert_invalid(client, lambda: client.evaluate(x, t, loss=loss, **kwargs), field, problem)
+
+
+def test_no_suggestion_for_a_name_like_no_loss(client: LossClient) -> None:
+    exc = assert_invalid(client, lambda: client.evaluate(X, T, loss="zzzz"), "loss",
+                         "unknown loss 'zzzz'; one of ")
+    assert "did you mean" not in exc.message
+
+
 @pytest.mark.parametrize("nan_policy", ["propagate", "omit", "raise"])
 def test_binary_cross_entropy_nan_predictions_follow_nan_policy(client: LossClient,
                                                                 nan_policy: str) -> None:
@@ -544,3 +593,36 @@ def test_too_large_request_client(small_server: LossdServer) -> None:
         r = c.evaluate(x, t, loss="l1_loss")
         assert r.count == 300_000 and r.per_sample.shape == (300_000,)
         assert np.array_equal(r.per_sample, F.l1_loss(x, t, reduction="none").numpy())
+
+
+@pytest.mark.parametrize(("model", "parameters", "field", "problem"), [
+    ("CrossEntropyLoss", {}, "model_name",
+     "unknown model 'CrossEntropyLoss'; did you mean 'cross_entropy'? the models are"),
+    ("cross_entropy", {"label_smothing": 0.1}, "parameters.label_smothing",
+     "unknown parameter for model cross_entropy; did you mean 'label_smoothing'?; accepted: "),
+    ("cross_entropy", {"reduction": "mean"}, "parameters.reduction",
+     "unknown parameter for model cross_entropy; lossd takes no reduction: every result "
+     "carries every reduction"),
+])
+def test_kserve_errors_point_at_the_fix_too(server: LossdServer, model: str,
+                                            parameters: dict[str, Any], field: str,
+                                            problem: str) -> None:
+    """The hints live in the server's validation, so the Open Inference front has them."""
+    from lossd.kserve.v2 import grpc_service_pb2 as kpb
+    from lossd.kserve.v2 import grpc_service_pb2_grpc as kpb_grpc
+
+    req = kpb.ModelInferRequest(model_name=model)
+    for (name, value), tensor in zip((("PREDICTIONS", X), ("TARGETS", T)),
+                                     (req.inputs.add(), req.inputs.add()), strict=True):
+        tensor.name, tensor.shape[:] = name, list(value.shape)
+        tensor.datatype = "FP32" if value.is_floating_point() else "INT64"
+        req.raw_input_contents.append(value.numpy().tobytes())
+    for name, value in parameters.items():
+        if isinstance(value, float):
+            req.parameters[name].double_param = value
+        else:
+            req.parameters[name].string_param = value
+    with (grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+          pytest.raises(grpc.RpcError) as info):
+        kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
+    assert info.value.details().startswith(f"{field}: {problem}"), info.value.details()

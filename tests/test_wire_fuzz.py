@@ -20,7 +20,7 @@ the bytes inside a larger buffer is the same). A sample of the cases also goes t
 a real server: a message protobuf rejects is answered INVALID_ARGUMENT, never INTERNAL.
 
 ``LOSSD_WIRE_FUZZ_EXAMPLES`` (default 2500 per test) sets the number of cases; the long
-run (README, "Development"):
+run (docs/development.md, "Fuzzing"):
 
     LOSSD_WIRE_FUZZ_EXAMPLES=200000 .venv/bin/python -m pytest tests/test_wire_fuzz.py \\
         -p no:cacheprovider --hypothesis-show-statistics

@@ -1,34 +1,40 @@
 """``AsyncLossClient``: the asyncio mirror of ``LossClient`` (grpc.aio).
 
-Request building, channel configuration, result decoding and error mapping are the sync
-client's (``_Requests``, ``ChannelSetup``, ``_joined``/``_BatchJoiner``, ``from_rpc_error``);
-only the calls differ.
+Request building and result decoding (:mod:`lossd._requests`), channel configuration
+(:mod:`lossd._channel`) and error mapping (``from_rpc_error``) are shared with
+``LossClient``; only the calls differ.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from lossd._client import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_SPLIT_BYTES,
+from lossd._channel import (
     DEFAULT_TIMEOUT,
     KEEPALIVE_SECONDS,
     RETRY_ATTEMPTS,
-    Batch,
     ChannelSetup,
     PemSource,
-    _BatchJoiner,
-    _joined,
-    _Requests,
-    analysis_fields,
+    dial,
 )
 from lossd._errors import LossdError, from_rpc_error
-from lossd._result import LossInfo, LossResult
+from lossd._ready import FALL_BACK, HEALTH_CHECK, HEALTH_REQUEST, RAISE, ReadyWait
+from lossd._requests import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_SPLIT_BYTES,
+    Batch,
+    BatchJoiner,
+    Requests,
+    StreamGuard,
+    analysis_fields,
+    joined,
+)
+from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd.v1 import loss_service_pb2 as pb
 
 
@@ -58,7 +64,8 @@ class AsyncLossClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retry_attempts = retry_attempts
-        self._requests = _Requests(max_message_bytes, split_bytes)
+        self._requests = Requests(max_message_bytes, split_bytes)
+        address, tls = dial(target, tls)
         setup = ChannelSetup.of(
             max_message_bytes=max_message_bytes, token=token,
             root_certificates=root_certificates, certificate_chain=certificate_chain,
@@ -66,10 +73,10 @@ class AsyncLossClient:
             retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
             load_balancing=load_balancing, env=env)
         self._metadata = setup.metadata
-        self._channel = (grpc.aio.secure_channel(target, setup.credentials,
+        self._channel = (grpc.aio.secure_channel(address, setup.credentials,
                                                  options=setup.options)
                          if setup.credentials is not None
-                         else grpc.aio.insecure_channel(target, options=setup.options))
+                         else grpc.aio.insecure_channel(address, options=setup.options))
         self._evaluate = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,
             response_deserializer=pb.EvaluateResponse.FromString)
@@ -80,6 +87,8 @@ class AsyncLossClient:
             "/lossd.v1.LossService/ListLosses",
             request_serializer=pb.ListLossesRequest.SerializeToString,
             response_deserializer=pb.ListLossesResponse.FromString)
+        self._health = self._channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                                 response_deserializer=None)
 
     async def __aenter__(self) -> AsyncLossClient:
         return self
@@ -101,8 +110,10 @@ class AsyncLossClient:
                        per_class: bool = False, accuracy: bool = False,
                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                        hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                       class_names: Sequence[str] | None = None,
                        **options: Any) -> LossResult:
         """As :meth:`LossClient.evaluate`."""
+        names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
@@ -113,7 +124,7 @@ class AsyncLossClient:
             if len(reqs) == 1:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
                                              metadata=self._metadata)
-                return LossResult.from_proto(reply)
+                return LossResult.from_proto(reply).with_class_names(names)
             deadline = _or(timeout, self.timeout if self._requests.one_message(reqs)
                            else self.stream_timeout)
             call = self._evaluate_stream(iter(reqs), metadata=self._metadata,
@@ -121,7 +132,7 @@ class AsyncLossClient:
             replies = [reply async for reply in call]
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return _joined(replies, running=False)
+        return joined(replies, running=False).with_class_names(names)
 
     async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
                               tag: str | None = None, timeout: float | None = None,
@@ -129,22 +140,69 @@ class AsyncLossClient:
                               top_k: int | Iterable[int] | None = None,
                               diagnostics: bool = False, hardest: int = 0,
                               quantiles: bool | Iterable[float] | None = None,
+                              class_names: Sequence[str] | None = None,
                               **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
-        joiner = _BatchJoiner()
+        names = class_names_of(class_names)
+        joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
-        requests = joiner.requests(self._requests, batches, loss, tag,
-                                   self._requests.options(options), analyses)
-        call = self._evaluate_stream(requests, metadata=self._metadata,
+        guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
+                                            self._requests.options(options), analyses))
+        call = self._evaluate_stream(guard, metadata=self._metadata,
                                      timeout=_or(timeout, self.stream_timeout))
+        guard.attach(call.cancel)
         try:
             async for reply in call:
+                if guard.error is not None:
+                    break
                 if (result := joiner.received(reply)) is not None:
-                    yield result
+                    yield result.with_class_names(names)
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            if guard.error is None:
+                raise self._error(exc) from exc
+        except asyncio.CancelledError:
+            # grpc.aio reports the call cancelled here (the guard's doing) as CancelledError.
+            if guard.error is None:
+                raise
+        guard.raise_error()
+
+    async def evaluate_all(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+                           tag: str | None = None, timeout: float | None = None,
+                           per_class: bool = False, accuracy: bool = False,
+                           top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
+                           hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                           class_names: Sequence[str] | None = None,
+                           **options: Any) -> Aggregates:
+        """As :meth:`LossClient.evaluate_all`."""
+        running = None
+        async for result in self.evaluate_stream(
+                batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
+                accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
+                quantiles=quantiles, class_names=class_names, **options):
+            running = result.running
+        if running is None:
+            raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
+        return running
+
+    async def wait_for_ready(self, timeout: float | None = None) -> None:
+        """As :meth:`LossClient.wait_for_ready`."""
+        wait = ReadyWait(self.target, _or(timeout, self.timeout))
+        while True:
+            try:
+                reply = await self._health(HEALTH_REQUEST, timeout=wait.left(),
+                                           metadata=self._metadata, wait_for_ready=True)
+                if wait.answered(reply):
+                    return
+            except grpc.RpcError as exc:
+                step = wait.failed(exc)
+                if step == FALL_BACK:
+                    await self.losses(timeout=wait.left())
+                    return
+                if step == RAISE:
+                    raise self._error(exc) from exc
+            await asyncio.sleep(wait.pause())
 
     async def losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """As :meth:`LossClient.losses`."""

@@ -12,7 +12,8 @@
     ├── FailedPrecondition      the server is not set up for the call (e.g. shared memory
     │                           off, or its descriptor socket not reachable from here)
     ├── Unavailable             server unreachable or draining; raised once the client's
-    │                           retries (UNAVAILABLE only, with backoff) ran out
+    │                           retries (UNAVAILABLE only, with backoff) ran out; an address
+    │                           that answers in HTTP/1 (a metrics port) is named as such
     ├── DeadlineExceeded        the call's timeout passed
     ├── Cancelled
     ├── Unimplemented
@@ -29,6 +30,8 @@ Catch the root to handle them all, or a leaf for one case::
 from __future__ import annotations
 
 import grpc
+
+from lossd._channel import DEFAULT_PORT
 
 
 class LossdError(Exception):
@@ -103,6 +106,22 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
 
 RETRY_AFTER = "retry-after-ms"  # the server's hint, in trailing metadata
 
+HTTP1_ANSWERS = ("Trying to connect an http1.x server", "Failed parsing HTTP/2",
+                 "Expected SETTINGS frame as the first frame")
+"""gRPC's words when the address answers in HTTP/1 (its framing error on the first bytes)."""
+METRICS_PORT = 9464
+"""``lossd serve --metrics-port``'s default: the HTTP/1 server a caller most likely hit."""
+
+
+def _likely_cause(details: str) -> str:
+    """``details`` with the mistake it most likely reveals named first."""
+    if any(marker in details for marker in HTTP1_ANSWERS):
+        return (f"this looks like an HTTP server, not lossd's gRPC port: e.g. lossd's metrics "
+                f"port ({METRICS_PORT} by default); the gRPC port is {DEFAULT_PORT} unless "
+                "`lossd serve --port` says otherwise (its 'lossd serving' log line names the "
+                f"address). gRPC said: {details}")
+    return details
+
 
 def _trailer(exc: grpc.RpcError, key: str) -> str | None:
     try:
@@ -133,7 +152,7 @@ def from_rpc_error(exc: grpc.RpcError, *, retry_attempts: int = 1) -> LossdError
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _BY_CODE.get(code, LossdError)
     retry_ms = _number(_trailer(exc, RETRY_AFTER))
-    message = details or code.name
+    message = _likely_cause(details) if details else code.name
     attempts = 1
     if code == grpc.StatusCode.UNAVAILABLE and retry_attempts > 1:
         attempts = retry_attempts

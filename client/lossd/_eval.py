@@ -20,7 +20,7 @@ import numpy as np
 from lossd import _report
 from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError, Unavailable
-from lossd._result import Aggregates, Hardest
+from lossd._result import Aggregates, Hardest, class_names_of
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -135,6 +135,25 @@ def _batches(predictions: Any, targets: Any, weights: Any, inputs: dict[str, Any
                {name: arr[part] for name, arr in inputs.items()})
 
 
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``--class-names``: a text file of one name a line (blank lines left out), or else a
+    comma list."""
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        names = [name.strip() for name in text.split(",")]
+    names = [name for name in names if name]
+    if not names:
+        raise InputError(f"--class-names {text!r}: no names")
+    try:
+        checked = class_names_of(names)
+    except ValueError as exc:
+        raise InputError(f"--{exc}".replace("class_names", "class-names", 1)) from None
+    assert checked is not None
+    return checked
+
+
 def parse_input(text: str) -> tuple[str, str]:
     """``name=FILE`` of ``--input``."""
     name, sep, path = text.partition("=")
@@ -167,14 +186,14 @@ def format_aggregates(loss: str, a: Aggregates) -> str:
 
 def format_hardest(h: Hardest) -> str:
     """The hardest samples as a table: index (position in the files), loss and, where
-    known, target, predicted class and confidence."""
+    known, target, predicted class (by name where class names are given) and confidence."""
     columns = ["index", "loss"] + [c for c in ("target", "predicted", "confidence")
                                    if any(getattr(s, c) is not None for s in h)]
     lines = [f"top {len(h)} hardest samples", "  ".join(f"{c:>10}" for c in columns)]
     for s in h:
         cells = [f"{s.index:>10}", f"{s.loss:>10.6g}"]
         for c in columns[2:]:
-            v = getattr(s, c)
+            v = getattr(s, f"{c}_name", None) or getattr(s, c)
             cells.append(f"{'-':>10}" if v is None else f"{v:>10.6g}" if isinstance(v, float)
                          else f"{v:>10}")
         lines.append("  ".join(cells))
@@ -202,20 +221,24 @@ def write_losses(path: Path, losses: np.ndarray) -> None:
 
 
 REPORT_HARDEST = 20
+"""Hardest samples a report lists when ``--top`` does not say: a screenful of table."""
 
 
 def run(*, target: str, loss: str, predictions: str, targets: str | None, weights: str | None,
         batch_size: int, out: str | None, top: int, tag: str | None, options: Sequence[str],
         timeout: float | None, progress: bool | None, report: str | None = None,
-        inputs: Sequence[str] = (), stdout: TextIO | None = None,
-        stderr: TextIO | None = None) -> int:
+        inputs: Sequence[str] = (), class_names: str | None = None,
+        stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """The body of ``lossd eval``; returns the exit code.
 
     ``top``: the server keeps the K hardest samples of the stream (nothing is collected
-    here for it). ``report``: write an HTML report there (needs matplotlib); it asks the
+    here for it); they are printed, and a report lists the same K (``REPORT_HARDEST`` when
+    ``top`` is 0). ``report``: write an HTML report there (needs matplotlib); it asks the
     server for the quantiles, the hardest samples and, for class-index targets, the
     per-class breakdown, accuracy (top-1 and top-5) and calibration. ``inputs``: the loss's
     extra tensors, ``name=FILE`` each; ``targets`` None for a loss without targets.
+    ``class_names``: ``--class-names`` (a comma list or a file), naming the classes in the
+    hardest samples and the report.
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -225,6 +248,11 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
         targ = load_array(targets) if targets else None
         w = load_array(weights) if weights else None
         extra = {name: load_array(path) for name, path in map(parse_input, inputs)}
+        names = parse_class_names(class_names) if class_names else None
+        shape = tuple(getattr(pred, "shape", ()))
+        if not shape or shape[0] == 0:
+            raise InputError(f"{predictions}: no samples (shape {shape}); predictions need "
+                             "a batch dimension with at least one sample")
         n = len(pred)
         named = [("targets", targ), ("weights", w),
                  *((f"input {name}", arr) for name, arr in extra.items())]
@@ -248,7 +276,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     if top:
         analyses["hardest"] = top
     if report:
-        analyses.update(hardest=max(top, REPORT_HARDEST), quantiles=True)
+        analyses.update(hardest=top or REPORT_HARDEST, quantiles=True)
         if class_targets(pred, targ):
             classes = pred.shape[1]
             analyses.update(per_class=True, diagnostics=True,
@@ -260,7 +288,8 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     try:
         with LossClient(target, timeout=timeout) as client:
             for result in client.evaluate_stream(_batches(pred, targ, w, extra, batch_size),
-                                                 loss=loss, tag=tag, **analyses, **opts):
+                                                 loss=loss, tag=tag, class_names=names,
+                                                 **analyses, **opts):
                 if keep:
                     per_sample.append(result.per_sample)
                 running = result.running
@@ -278,8 +307,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     losses = np.concatenate(per_sample) if per_sample else np.zeros(0, np.float32)
     print(format_aggregates(loss, running), file=stdout)
     if top > 0 and running.hardest is not None:
-        hardest = Hardest(running.hardest.samples[:top])
-        print("\n" + format_hardest(hardest), file=stdout)
+        print("\n" + format_hardest(running.hardest), file=stdout)
     if out:
         try:
             write_losses(Path(out), losses)

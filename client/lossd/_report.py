@@ -7,7 +7,7 @@ and mean loss side by side (accuracy beside them) and the classes with the highe
 loss; accuracy and calibration (reliability diagram) where targets are classes; quantiles;
 the hardest samples.
 
-Plots need matplotlib: ``pip install 'lossd[report]'``.
+Plots need matplotlib (lossd's ``report`` extra): ``pip install 'matplotlib>=3.8'``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("--report needs matplotlib: pip install 'lossd[report]'") from None
+        raise ReportError("--report needs matplotlib: pip install 'matplotlib>=3.8' (lossd's "
+                          "report extra; see docs/install.md)") from None
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
@@ -132,7 +133,8 @@ def per_class_plot(figure: Any, a: Aggregates, max_classes: int = 60) -> tuple[s
     panels = 3 if pc.accuracy is not None else 2
     fig = figure(figsize=(11, 3.8))
     axes = fig.subplots(1, panels, sharey=True)
-    labels = [str(c) for c in pc.classes[shown]]
+    names = pc.labels
+    labels = [str(names[i]) for i in shown]
     y = np.arange(len(shown))
     axes[0].barh(y, pc.count[shown], color="#4c72b0")
     axes[0].set_xlabel("samples")
@@ -245,8 +247,9 @@ def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray,
         if pc.accuracy is not None:
             header.append("accuracy")
         crows = []
+        names = pc.labels
         for i in worst:
-            row: list[Any] = [int(pc.classes[i]), int(pc.count[i]),
+            row: list[Any] = [names[i], int(pc.count[i]),
                               f"{pc.count[i] / max(1, int(pc.count.sum())):.2%}",
                               float(pc.mean[i])]
             if pc.accuracy is not None:
@@ -270,7 +273,8 @@ def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray,
         header = ["index", "loss"]
         extra = [name for name in ("target", "predicted", "confidence")
                  if any(getattr(s, name) is not None for s in h)]
-        hrows = [[s.index, s.loss, *[getattr(s, name) for name in extra]] for s in h]
+        hrows = [[s.index, s.loss, *[getattr(s, f"{name}_name", None) or getattr(s, name)
+                                     for name in extra]] for s in h]
         parts += [f"<h2>Hardest samples ({len(h)})</h2>",
                   '<p class="note">The samples with the largest loss over the whole stream '
                   "(index: position from the first sample), exact.</p>",

@@ -2,11 +2,13 @@
 
 Every result type has ``to_dict()`` (plain Python values, JSON-ready: NaN stays a float
 NaN) and, where it is a table, ``to_pandas()`` (needs pandas, which lossd does not
-require).
+require). Class names (``class_names=`` of the clients) are a label on top of the class
+indices the server sends: ``with_class_names`` adds them, nothing else changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,33 @@ def _pandas() -> Any:
     except ImportError:
         raise ImportError("to_pandas() needs pandas: pip install pandas") from None
     return pandas
+
+
+ClassNames = tuple[str, ...]
+"""Class index -> name: ``names[c]`` names class c."""
+
+
+def class_names_of(names: Any) -> ClassNames | None:
+    """``class_names=`` as a tuple of str (None stays None): a sequence of strings (a list,
+    a tuple, a numpy array), not one string."""
+    if names is None:
+        return None
+    if isinstance(names, str | bytes) or not isinstance(names, Sequence | np.ndarray):
+        raise TypeError(f"class_names: a sequence of names (class index -> name), not a "
+                        f"{type(names).__name__}")
+    out = tuple(str(n) for n in names)
+    if len(set(out)) != len(out):
+        twice = sorted({n for n in out if out.count(n) > 1})
+        raise ValueError(f"class_names: {', '.join(map(repr, twice))} given twice")
+    return out
+
+
+def class_label(c: int, names: ClassNames | None) -> str | int:
+    """Class ``c`` by its name, or its index where no names are given; a class beyond the
+    names (a mismatch worth seeing, not hiding) is its index as a string."""
+    if names is None:
+        return c
+    return names[c] if 0 <= c < len(names) else str(c)
 
 
 def _plain(value: Any) -> Any:
@@ -79,6 +108,9 @@ class PerClass(Mapping[int, ClassAggregates]):
     The same values as parallel numpy arrays: ``classes``, ``count``, ``sum``, ``mean``
     (and ``weighted_sum``, ``weighted_mean``, ``weight_sum``, ``correct``, ``accuracy``
     when asked for; ``top_k_correct``/``top_k_accuracy`` shaped (len(top_k), classes)).
+
+    ``class_names`` (index -> name, or None): ``labels``, ``to_dict()`` and ``to_pandas()``
+    then name the classes, and a class may be looked up by name (``per_class["cat"]``).
     """
 
     classes: np.ndarray
@@ -93,10 +125,20 @@ class PerClass(Mapping[int, ClassAggregates]):
     top_k: tuple[int, ...] = ()
     top_k_correct: np.ndarray | None = None
     top_k_accuracy: np.ndarray | None = None
+    class_names: ClassNames | None = None
     _position: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._position.update({c: i for i, c in enumerate(self.classes.tolist())})
+
+    def with_class_names(self, names: Any) -> PerClass:
+        """The same table, its classes named by ``names`` (index -> name)."""
+        return dataclasses.replace(self, class_names=class_names_of(names), _position={})
+
+    @property
+    def labels(self) -> list[str | int]:
+        """The classes present, by name where ``class_names`` are given, else by index."""
+        return [class_label(c, self.class_names) for c in self.classes.tolist()]
 
     @classmethod
     def from_proto(cls, p: pb.PerClass, top_k: Sequence[int]) -> PerClass:
@@ -124,7 +166,11 @@ class PerClass(Mapping[int, ClassAggregates]):
                    top_k_correct=table(p.top_k_correct, np.int64),
                    top_k_accuracy=table(p.top_k_accuracy, np.float64))
 
-    def __getitem__(self, target_class: int) -> ClassAggregates:
+    def __getitem__(self, target_class: int | str) -> ClassAggregates:
+        if isinstance(target_class, str):
+            if self.class_names is None or target_class not in self.class_names:
+                raise KeyError(target_class)
+            target_class = self.class_names.index(target_class)
         i = self._position[int(target_class)]
 
         def at(a: np.ndarray | None) -> Any:
@@ -156,14 +202,18 @@ class PerClass(Mapping[int, ClassAggregates]):
                 out[f"top_{k}_accuracy"] = self.top_k_accuracy[j]
         return out
 
-    def to_dict(self) -> dict[int, dict[str, Any]]:
-        """Class -> its aggregates as a plain dict."""
-        return {c: self[c].to_dict() for c in self}
+    def to_dict(self) -> dict[str | int, dict[str, Any]]:
+        """Class (its name where given, else its index) -> its aggregates as a plain dict."""
+        return {label: self[c].to_dict() for label, c in zip(self.labels, self, strict=True)}
 
     def to_pandas(self) -> pandas.DataFrame:
-        """One row per class present, indexed by ``class``."""
+        """One row per class present, indexed by ``class`` (its name where given, with the
+        index in a ``class_index`` column, else its index)."""
         pd = _pandas()
-        return pd.DataFrame(self.columns(), index=pd.Index(self.classes, name="class"))
+        columns = self.columns()
+        if self.class_names is not None:
+            columns = {"class_index": self.classes, **columns}
+        return pd.DataFrame(columns, index=pd.Index(self.labels, name="class"))
 
 
 @dataclass(frozen=True)
@@ -217,25 +267,46 @@ class Calibration:
 @dataclass(frozen=True)
 class HardSample:
     """One of the hardest samples: its position, loss and, for (N,) class-index targets,
-    its target class (and with ``diagnostics`` its predicted class and confidence)."""
+    its target class (and with ``diagnostics`` its predicted class and confidence).
+    ``target_name``/``predicted_name``: those classes by name, where class names are given.
+    """
 
     index: int
     loss: float
     target: int | None = None
     predicted: int | None = None
     confidence: float | None = None
+    target_name: str | None = None
+    predicted_name: str | None = None
+
+    def named(self, names: ClassNames | None) -> HardSample:
+        """This sample with its classes named by ``names`` (None: unnamed)."""
+        def name(c: int | None) -> str | None:
+            return None if c is None or names is None else str(class_label(c, names))
+
+        return dataclasses.replace(self, target_name=name(self.target),
+                                   predicted_name=name(self.predicted))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The fields; the ``*_name`` ones only where class names are given."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__
+                if not (k.endswith("_name") and getattr(self, k) is None)}
 
 
 @dataclass(frozen=True)
 class Hardest(Sequence[HardSample]):
     """The K samples with the largest loss, largest first (NaN above every number, equal
     losses by index). Indices are positions in the batch (``r.hardest``) or in the stream
-    from its first sample (``r.running.hardest``)."""
+    from its first sample (``r.running.hardest``). With ``class_names`` each sample's
+    target and predicted class are named too (``target_name``, ``predicted_name``)."""
 
     samples: tuple[HardSample, ...] = ()
+    class_names: ClassNames | None = None
+
+    def with_class_names(self, names: Any) -> Hardest:
+        """The same samples, their classes named by ``names`` (index -> name)."""
+        checked = class_names_of(names)
+        return Hardest(tuple(h.named(checked) for h in self.samples), checked)
 
     @classmethod
     def from_proto(cls, items: Sequence[pb.HardSample]) -> Hardest:
@@ -271,10 +342,13 @@ class Hardest(Sequence[HardSample]):
         return [h.to_dict() for h in self.samples]
 
     def to_pandas(self) -> pandas.DataFrame:
-        """One row per sample, hardest first: index, loss, target, predicted, confidence."""
+        """One row per sample, hardest first: index, loss, target, predicted, confidence
+        (and target_name, predicted_name where class names are given)."""
         pd = _pandas()
-        return pd.DataFrame([h.to_dict() for h in self.samples],
-                            columns=["index", "loss", "target", "predicted", "confidence"])
+        columns = ["index", "loss", "target", "predicted", "confidence"]
+        if self.class_names is not None:
+            columns += ["target_name", "predicted_name"]
+        return pd.DataFrame([h.to_dict() for h in self.samples], columns=columns)
 
 
 @dataclass(frozen=True)
@@ -329,7 +403,7 @@ class Quantiles(Mapping[float, float]):
 
 @dataclass(frozen=True)
 class Aggregates:
-    """Aggregates over the samples that count (see the README's per-sample rule), and the
+    """Aggregates over the samples that count (docs/losses.md, the per-sample rule), and the
     analyses asked for (None where not).
 
     ``weighted_sum``, ``weighted_mean`` and ``weight_sum`` are None without weights.
@@ -388,6 +462,16 @@ class Aggregates:
             omitted=a.omitted,
             **extra,
         )
+
+    def with_class_names(self, names: Any) -> Aggregates:
+        """The same aggregates, the classes of ``per_class`` and ``hardest`` named by
+        ``names`` (index -> name; None: as they are)."""
+        if names is None:
+            return self
+        return dataclasses.replace(
+            self,
+            per_class=None if self.per_class is None else self.per_class.with_class_names(names),
+            hardest=None if self.hardest is None else self.hardest.with_class_names(names))
 
     @property
     def ece(self) -> float | None:
@@ -504,12 +588,16 @@ class LossResult:
         return self.aggregates.quantiles
 
     @classmethod
-    def from_proto(cls, r: pb.EvaluateResponse) -> LossResult:
+    def from_proto(cls, r: pb.EvaluateResponse, *, per_sample: np.ndarray | None = None
+                   ) -> LossResult:
+        """The result of a reply; ``per_sample``: the losses when they came another way
+        (shared memory), not in ``r``."""
         analysis = r.analysis if r.HasField("analysis") else None
         running = (Aggregates.from_proto(r.running, r.running_analysis if
                                          r.HasField("running_analysis") else None)
                    if r.HasField("running") else None)
-        per_sample = tensor_to_numpy(r.per_sample).copy()  # writable, owned by the caller
+        if per_sample is None:  # writable, owned by the caller
+            per_sample = tensor_to_numpy(r.per_sample).copy()
         gradient = tensor_to_numpy(r.gradient).copy() if r.HasField("gradient") else None
         predicted = confidence = correct = None
         if r.HasField("diagnostics"):
@@ -520,6 +608,15 @@ class LossResult:
         return cls(per_sample=per_sample, aggregates=Aggregates.from_proto(r.aggregates, analysis),
                    running=running, gradient=gradient, predicted=predicted,
                    confidence=confidence, correct=correct)
+
+    def with_class_names(self, names: Any) -> LossResult:
+        """The same result, the classes of its analyses (batch and running) named by
+        ``names`` (index -> name; None: as it is)."""
+        if names is None:
+            return self
+        return dataclasses.replace(
+            self, aggregates=self.aggregates.with_class_names(names),
+            running=None if self.running is None else self.running.with_class_names(names))
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain Python values (arrays as lists)."""
@@ -574,8 +671,9 @@ class InputInfo:
 class LossInfo:
     """One catalogue entry, as ``LossClient.losses()`` returns it.
 
-    ``targets``: what the targets are ("values", "classes", "none", ...; see the README's
-    loss table); ``source``: "lossd" for a built-in, else the plugin that registered it.
+    ``targets``: what the targets are ("values", "classes", "none", ...; see the loss
+    table in docs/losses.md); ``source``: "lossd" for a built-in, else the plugin that
+    registered it.
     """
 
     name: str

@@ -33,9 +33,10 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -47,12 +48,10 @@ from lossd._errors import (
     from_rpc_error,
     from_status,
 )
-from lossd._result import Aggregates, LossResult
+from lossd._requests import Requests, analysis_fields, gradient_reduction
+from lossd._result import LossResult
 from lossd._wire import as_array
 from lossd.v1 import loss_service_pb2 as pb
-
-if TYPE_CHECKING:
-    from lossd._client import LossClient
 
 _ALIGN = 64
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -101,6 +100,21 @@ def pass_descriptor(path: str, session: str, fd: int, *, timeout: float = 10.0) 
     return text
 
 
+@dataclass(frozen=True)
+class ClientLink:
+    """All that a :class:`SharedMemory` uses of its client; ``LossClient.shared_memory``
+    hands it over, so this module reads no private attribute and imports no client."""
+
+    session: Callable[[Iterator[pb.SharedMemoryRequest]], Any]
+    """Opens a ``SharedMemorySession`` stream on the client's channel (token included)."""
+    channel: grpc.Channel
+    """The client's channel, waited on before a broken session is opened again."""
+    deadline: Callable[[float | None], float | None]
+    """A call's deadline: its ``timeout=``, else the client's ``timeout``."""
+    requests: Requests
+    """The client's request builder (loss options)."""
+
+
 class SharedMemory:
     """A shared-memory region registered with the server for this client (see module doc).
 
@@ -110,9 +124,9 @@ class SharedMemory:
     the path the server announced).
     """
 
-    def __init__(self, client: LossClient, size: int, *, name: str = "lossd",
+    def __init__(self, link: ClientLink, size: int, *, name: str = "lossd",
                  socket_dir: str | os.PathLike[str] | None = None) -> None:
-        self._client = client
+        self._link = link
         self.name = name
         self.size = size
         self._socket_dir = socket_dir
@@ -135,7 +149,7 @@ class SharedMemory:
         outbox: queue.Queue[pb.SharedMemoryRequest | None] = queue.Queue()
         self._outbox = outbox
         try:
-            self._replies = self._client._stub.SharedMemorySession(self._requests(outbox))
+            self._replies = self._link.session(self._requests(outbox))
             first = next(self._replies)
             self.session = first.session
             self.descriptor_socket = self._socket_path(first.descriptor_socket,
@@ -150,12 +164,12 @@ class SharedMemory:
         """The session's stream broke (the connection was closed: the server's connection
         age, a restart): end what is left of it and open a new session."""
         self._end_stream()
+        wait = self._link.deadline(None)
         try:  # the channel may be reconnecting: wait for it, as long as a call may take
-            grpc.channel_ready_future(self._client._raw_channel).result(
-                timeout=self._client.timeout)
+            grpc.channel_ready_future(self._link.channel).result(timeout=wait)
         except grpc.FutureTimeoutError:
             raise Unavailable(f"the shared-memory session broke and the server did not "
-                              f"come back within {self._client.timeout} s") from None
+                              f"come back within {wait} s") from None
         self._open()
 
     @staticmethod
@@ -188,14 +202,24 @@ class SharedMemory:
     def evaluate(self, predictions: Any, targets: Any = None, *, loss: str = "cross_entropy",
                  weights: Any = None, inputs: Mapping[str, Any] | None = None,
                  tag: str | None = None, timeout: float | None = None,
+                 gradient: str | None = None, per_class: bool = False,
+                 accuracy: bool = False, top_k: int | Iterable[int] | None = None,
+                 diagnostics: bool = False, hardest: int = 0,
+                 quantiles: bool | Iterable[float] | None = None,
                  **options: Any) -> LossResult:
-        """As ``LossClient.evaluate``, with the tensors passed through the region.
+        """As ``LossClient.evaluate`` (the same options, analyses and ``gradient`` too),
+        with the tensors passed through the region.
 
         Each input (extra ``inputs`` too) is copied once, into the region; the per-sample
-        losses come back through it. Calls on one ``SharedMemory`` are serialised (they
-        share the region). ``timeout`` (default: the client's) bounds the evaluation on the
-        server, which answers DEADLINE_EXCEEDED once it passed.
+        losses come back through it (the gradient and the analyses in the reply). Calls on
+        one ``SharedMemory`` are serialised (they share the region). ``timeout`` (default:
+        the client's) bounds the evaluation on the server, which answers
+        DEADLINE_EXCEEDED once it passed.
         """
+        analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
+                                   diagnostics=diagnostics, hardest=hardest,
+                                   quantiles=quantiles)
+        reduction = gradient_reduction(gradient)
         named = {"predictions": predictions, "targets": targets, "weights": weights,
                  **{f"inputs.{k}": v for k, v in (inputs or {}).items()}}
         arrays = {field: as_array(value, field=field) for field, value in named.items()
@@ -210,11 +234,12 @@ class SharedMemory:
         if end > self.size:
             raise ValueError(f"the call needs {end} bytes of shared memory; the region has "
                              f"{self.size}")
-        deadline = self._client._timeout(timeout)
+        deadline = self._link.deadline(timeout)
         with self._lock:
             buf = self.buffer
             request = pb.EvaluateRequest(
-                loss=loss, tag=tag or "", options=self._client._requests.options(options),
+                loss=loss, tag=tag or "", options=self._link.requests.options(options),
+                gradient=reduction, **analyses,
                 per_sample_output=pb.SharedMemoryRef(region=self.name, offset=out_offset,
                                                      byte_size=4 * n))
             for (field, (arr, dtype)), offset in zip(arrays.items(), offsets, strict=True):
@@ -233,8 +258,7 @@ class SharedMemory:
                 raise from_status(reply.code, reply.error, reply.retry_after_ms)
             per_sample = np.frombuffer(buf, dtype="<f4", count=n, offset=out_offset).copy()
             del buf
-        return LossResult(per_sample=per_sample,
-                          aggregates=Aggregates.from_proto(reply.evaluation.aggregates))
+        return LossResult.from_proto(reply.evaluation, per_sample=per_sample)
 
     def _evaluate(self, action: pb.SharedMemoryRequest) -> pb.SharedMemoryResponse:
         """Send an evaluate action; once, if the stream broke, on a new session (evaluating

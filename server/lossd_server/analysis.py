@@ -37,7 +37,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from lossd._result import PerClass
+from lossd import PerClass
 from lossd_server.reduce import GroupedSums
 
 Tensor = torch.Tensor
@@ -145,70 +145,123 @@ def _argmax(x: Tensor) -> Tensor:
     return torch.argmax(x, dim=1)
 
 
+_BLOCK_ELEMENTS = 1 << 20
+"""The ranking works on at most about this many logits at a time (columns for the k
+largest, rows for exact ties): its temporaries stay a few MiB whatever C is declared.
+torch's CPU topk alone takes 16 bytes per logit it sees, 8x a row of float16."""
+
+
+def _top_values(x: Tensor, k: int) -> Tensor:
+    """``torch.topk(x, k, dim=1).values`` (NaN first, then descending): of each block of
+    columns first, then of those candidates; the same values, since the k largest of a row
+    are among the k largest of its blocks."""
+    c = x.shape[1]
+    width = max(k, _BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
+    if c <= width:
+        return torch.topk(x, k, dim=1, largest=True, sorted=True).values
+    tops = [torch.topk(x[:, i:i + width], min(k, c - i), dim=1, largest=True,
+                       sorted=True).values for i in range(0, c, width)]
+    return torch.topk(torch.cat(tops, dim=1), k, dim=1, largest=True, sorted=True).values
+
+
+def _ranked_ahead(x: Tensor, t: Tensor, xt: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+    """For the positions ``rows``: how many classes rank ahead of the target (a larger
+    logit, an equal one of a smaller index, or NaN), a block of rows at a time."""
+    c = x.shape[1]
+    by_class = x.movedim(1, -1)
+    step = max(1, _BLOCK_ELEMENTS // max(1, c))
+    counts = []
+    for start in range(0, rows[0].shape[0], step):
+        if step == 1:  # a wide row: viewed, not copied, and no (C,) index tensor
+            at = tuple(int(r[start]) for r in rows)
+            row, target, logit = by_class[at], int(t[at]), xt[at]
+            # (a NaN logit is never larger, and a tied target logit is not NaN)
+            n = ((row > logit).count_nonzero() + torch.isnan(row).count_nonzero()
+                 + (row[:target] == logit).count_nonzero())
+            counts.append(n.reshape(1))
+            continue
+        block = tuple(r[start:start + step] for r in rows)
+        xr = by_class[block]  # (B, C)
+        xtr = xt[block].unsqueeze(1)
+        j = torch.arange(c, device=x.device)
+        counts.append(((xr > xtr) | torch.isnan(xr)
+                       | ((xr == xtr) & (j < t[block].unsqueeze(1)))).count_nonzero(dim=1))
+    return torch.cat(counts)
+
+
 def _top_k_hits(x: Tensor, t: Tensor, xt: Tensor, ks: Sequence[int]) -> list[Tensor]:
     """For each k: fewer than k classes rank ahead of the target (see the module doc).
 
-    The k-th largest logit decides every row but those where it equals the target's logit;
-    those few rows are ranked exactly.
+    The k-th largest logit decides every position but those where it equals the target's
+    logit; those few are ranked exactly, once for every k.
     """
-    kmax = max(ks)
-    top = torch.topk(x, kmax, dim=1, largest=True, sorted=True).values  # NaN sorts first
+    top = _top_values(x, max(ks))  # NaN sorts first
     xt_ = xt.squeeze(1)
+    kths = [top.select(1, k - 1) for k in ks]
+    ties = [xt_ == kth for kth in kths]
+    tied = ties[0].clone()
+    for tie in ties[1:]:
+        tied |= tie
+    rows: tuple[Tensor, ...] | None = None
+    ahead = None
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)
+        ahead = _ranked_ahead(x, t, xt_, rows)
     out = []
-    for k in ks:
-        kth = top.select(1, k - 1)
+    for k, kth, tie in zip(ks, kths, ties, strict=True):
         hit = xt_ > kth
-        tie = xt_ == kth
-        if bool(tie.any()):
-            rows = tie.nonzero(as_tuple=True)
-            xr = x.movedim(1, -1)[rows]  # (R, C)
-            tr = t[rows]
-            xtr = xt_[rows].unsqueeze(1)
-            j = torch.arange(x.shape[1], device=x.device)
-            ahead = (xr > xtr) | torch.isnan(xr) | ((xr == xtr) & (j < tr.unsqueeze(1)))
-            hit = hit.clone()
-            hit[rows] = ahead.sum(dim=1) < k
+        if rows is not None and ahead is not None:
+            hit[rows] = torch.where(tie[rows], ahead < k, hit[rows])
         out.append(hit)
     return out
 
 
 # --- host states -----------------------------------------------------------------------------
 
-def _pad(a: np.ndarray, n: int) -> np.ndarray:
-    return a if a.shape[-1] >= n else np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
-
-
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    n = max(a.shape[-1], b.shape[-1])
-    out: np.ndarray = _pad(a, n) + _pad(b, n)
+def _spread(a: np.ndarray, own: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Columns of ``a`` (one per class of the sorted ``own``) placed at those classes among
+    the sorted ``classes`` (a superset), zeros elsewhere."""
+    out = np.zeros(a.shape[:-1] + classes.shape, np.int64)
+    out[..., np.searchsorted(classes, own)] = a
     return out
 
 
 @dataclass(frozen=True)
 class ClassStats:
-    """Per class (index < the largest C seen): counts, exact loss sums and, with the class
-    ranking, hits. Memory: O(C) (plus a few exact-sum entries per class present)."""
+    """Per class present (``classes``: the sorted class indices with a counted position):
+    counts, exact loss sums and, with the class ranking, hits, each aligned to ``classes``.
 
+    Sparse on purpose: memory O(classes present), whatever class count C the predictions
+    declare (one sample with C = 8M keeps one class, not 8M counters per top-k).
+    """
+
+    classes: np.ndarray
     count: np.ndarray
     sums: GroupedSums
     weighted: GroupedSums | None
     weights: GroupedSums | None
-    hits: np.ndarray | None  # (C,) top-1 hits
-    top_k_hits: np.ndarray | None  # (len(top_k), C)
+    hits: np.ndarray | None  # top-1 hits
+    top_k_hits: np.ndarray | None  # (len(top_k), classes present)
 
     def merge(self, other: ClassStats) -> ClassStats:
+        classes = np.union1d(self.classes, other.classes)
+
+        def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            total: np.ndarray = (_spread(a, self.classes, classes)
+                                 + _spread(b, other.classes, classes))
+            return total
         return ClassStats(
-            count=_add(self.count, other.count), sums=self.sums.merge(other.sums),
+            classes=classes, count=add(self.count, other.count),
+            sums=self.sums.merge(other.sums),
             weighted=_merge_opt(self.weighted, other.weighted),
             weights=_merge_opt(self.weights, other.weights),
-            hits=None if self.hits is None or other.hits is None else _add(self.hits, other.hits),
+            hits=None if self.hits is None or other.hits is None else add(self.hits, other.hits),
             top_k_hits=(None if self.top_k_hits is None or other.top_k_hits is None
-                        else _add(self.top_k_hits, other.top_k_hits)))
+                        else add(self.top_k_hits, other.top_k_hits)))
 
     def table(self, top_k: tuple[int, ...] = ()) -> PerClass:
         """The classes present (count > 0) with their aggregates (the client's type)."""
-        classes = np.flatnonzero(self.count)
-        count = self.count[classes]
+        classes, count = self.classes, self.count
         sums = _gather(self.sums, classes)
         out = PerClass(classes=classes, count=count, sum=sums, mean=sums / count, top_k=top_k)
         if self.weighted is not None and self.weights is not None:
@@ -218,11 +271,10 @@ class ClassStats:
                               weighted_mean=np.where(wt != 0, ws / np.where(wt != 0, wt, 1),
                                                      math.nan))
         if self.hits is not None:
-            hits = _pad(self.hits, self.count.shape[0])[classes]
-            out = replace(out, correct=hits, accuracy=hits / count)
+            out = replace(out, correct=self.hits, accuracy=self.hits / count)
         if self.top_k_hits is not None:
-            th = _pad(self.top_k_hits, self.count.shape[0])[:, classes]
-            out = replace(out, top_k_correct=th, top_k_accuracy=th / count)
+            out = replace(out, top_k_correct=self.top_k_hits,
+                          top_k_accuracy=self.top_k_hits / count)
         return out
 
 
@@ -485,7 +537,6 @@ class BatchData:
     confidence: np.ndarray | None = None
     hit: np.ndarray | None = None
     top_k_hits: tuple[np.ndarray, ...] = ()
-    n_classes: int = 0
 
 
 def analyse(request: Request, d: BatchData) -> Analysis:
@@ -536,23 +587,28 @@ def analyse(request: Request, d: BatchData) -> Analysis:
 
 def _class_stats(request: Request, d: BatchData, positions: np.ndarray) -> ClassStats:
     assert d.targets is not None
-    classes = d.targets[positions].astype(np.int64)
+    # Counted by the classes present, not by the declared C (see ClassStats).
+    classes, inverse = np.unique(d.targets[positions].astype(np.int64), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    present = classes.shape[0]
     dense = d.targets.ndim > 1
     values = (d.elementwise if dense else d.losses)
     assert values is not None
     values = values[positions].astype(np.float64)
-    count = np.bincount(classes, minlength=d.n_classes).astype(np.int64)
+    count = np.bincount(inverse, minlength=present).astype(np.int64)
+    by_class = classes[inverse]
     weighted = weights = None
     if d.weights is not None:
         per_sample = d.weights.reshape((d.weights.shape[0],) + (1,) * (d.targets.ndim - 1))
         w = np.broadcast_to(per_sample, d.targets.shape)[positions].astype(np.float64)
-        weighted, weights = GroupedSums.of(classes, w * values), GroupedSums.of(classes, w)
+        weighted, weights = GroupedSums.of(by_class, w * values), GroupedSums.of(by_class, w)
     hits = top = None
     if d.hit is not None and request.predictions:
-        hits = np.bincount(classes, weights=d.hit[positions],
-                           minlength=d.n_classes).astype(np.int64)
+        hits = np.bincount(inverse, weights=d.hit[positions],
+                           minlength=present).astype(np.int64)
         if d.top_k_hits:
-            top = np.stack([np.bincount(classes, weights=h[positions],
-                                        minlength=d.n_classes).astype(np.int64)
+            top = np.stack([np.bincount(inverse, weights=h[positions],
+                                        minlength=present).astype(np.int64)
                             for h in d.top_k_hits])
-    return ClassStats(count, GroupedSums.of(classes, values), weighted, weights, hits, top)
+    return ClassStats(classes, count, GroupedSums.of(by_class, values), weighted, weights,
+                      hits, top)

@@ -3,16 +3,18 @@
 A server is: the loss catalogue (built-ins and plugins), one evaluation service
 (:mod:`lossd_server.service`) under two fronts side by side, the LossService
 (:mod:`lossd_server.servicer`) and the Open Inference Protocol (:mod:`lossd_server.kserve`),
-the standard gRPC health service (NOT_SERVING until the device passed a warm-up
-evaluation, NOT_SERVING again while draining), server reflection, and a Prometheus
+the standard gRPC health service (:class:`lossd_server.health.Health`: NOT_SERVING until
+the device passed a warm-up evaluation, NOT_SERVING again while draining), server
+reflection, and a Prometheus
 /metrics endpoint on its own port (and address).
 
 Every call passes :class:`gate.Gate`: bearer tokens when configured (health stays open),
 UNAVAILABLE while draining, in-flight counting. TLS and mutual TLS come from
 ``security.server_credentials``; limits from ``limits``. ``stop(grace)`` drains: health
 NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within ``grace``, then the
-port closes. Processes, signals and the ``lossd serve`` command are
-:mod:`lossd_server.serve`'s.
+port closes. A compute slot held past ``--stall-seconds`` (stuck work,
+:mod:`lossd_server.watchdog`) turns health NOT_SERVING until it comes back. Processes,
+signals and the ``lossd serve`` command are :mod:`lossd_server.serve`'s.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -39,13 +42,15 @@ from lossd_server import metrics as metrics_mod
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
 from lossd_server.gate import Gate
-from lossd_server.limits import Admission
+from lossd_server.health import Health, bind
+from lossd_server.limits import Admission, LimitMetrics, MessageWaits
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
 from lossd_server.security import TokenStore, server_credentials
 from lossd_server.service import EvaluationService
 from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
 from lossd_server.shm import DescriptorSocket, SharedMemoryRegistry
+from lossd_server.watchdog import StallMetrics, Watchdog
 
 log = logging.getLogger("lossd")
 LOSS_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -96,8 +101,7 @@ class LossdServer:
     port: int
     engine: Engine
     metrics: Metrics
-    health: health.HealthServicer
-    services: tuple[str, ...]
+    health: Health
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
     gate: Gate | None = None
@@ -105,8 +109,12 @@ class LossdServer:
     servicer: LossServicer | None = None
     health_port: int | None = None
     descriptor_socket: DescriptorSocket | None = None
-    _health_server: grpc.Server | None = field(default=None, repr=False)
+    watchdog: Watchdog | None = None
+    stall_listeners: list[Callable[[bool], None]] = field(default_factory=list)
+    """Called with True when compute stalls, False when it recovers (a worker process
+    tells its supervisor)."""
     _metrics_http: Any = field(default=None, repr=False)
+    _serving: bool = field(default=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -118,15 +126,25 @@ class LossdServer:
         assert self.service is not None
         return self.service.admission
 
+    @property
+    def stalled(self) -> bool:
+        """Whether a compute slot is held past ``--stall-seconds`` now."""
+        return self.watchdog is not None and self.watchdog.stalled
+
     def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", *self.services):
-            self.health.set(name, status)
+        """Serve (health SERVING, ready) or not; a stall keeps it NOT_SERVING meanwhile."""
+        self._serving = serving
+        serving = serving and not self.stalled
+        self.health.set_serving(serving)
         if serving:
             self.ready.set()
         else:
             self.ready.clear()
+
+    def _on_stall(self, stalled: bool) -> None:
+        self.set_serving(self._serving)
+        for listener in self.stall_listeners:
+            listener(stalled)
 
     def start(self, *, serving: bool = True) -> LossdServer:
         """Start serving; health turns SERVING once a warm-up evaluation passed (with
@@ -135,20 +153,22 @@ class LossdServer:
         if self.descriptor_socket is not None:
             self.descriptor_socket.start()
         self.server.start()
-        if self._health_server is not None:
-            self._health_server.start()
+        self.health.start()
         if self.settings.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(
                 self.settings.metrics_port, addr=self.settings.resolved_metrics_host,
                 registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         warm_up(self.engine)
+        if self.watchdog is not None:
+            self.watchdog.start()
         if serving:
             self.set_serving(True)
         return self
 
     def drain(self) -> None:
         """Health NOT_SERVING and new calls refused with UNAVAILABLE; in-flight ones go on."""
+        self._serving = False  # for good: a stall that ends now turns nothing back on
         self.ready.clear()
         if self.gate is not None:
             self.gate.drain()
@@ -173,11 +193,14 @@ class LossdServer:
         """Close the port, cancelling the calls still running after ``grace`` seconds, and
         the server's other endpoints. :meth:`stop` drains first; this does not."""
         self.server.stop(grace).wait()
+        if self.gate is not None:
+            self.gate.waits.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         metrics_mod.flush()  # a worker process's last metric values, before it exits
         if self.descriptor_socket is not None:
             self.descriptor_socket.close()
-        if self._health_server is not None:
-            self._health_server.stop(0).wait()
+        self.health.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -208,11 +231,12 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     taken port fails loudly.
     """
     load_plugins(settings)
-    engine = Engine(resolve_device(settings.device))
+    engine = Engine(resolve_device(settings.device), max_elements=settings.max_elements)
     if metrics is None:
         metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
                           tags=TagPolicy(allow=settings.tags.split(","),
-                                         max_tags=settings.max_tags))
+                                         max_tags=settings.max_tags,
+                                         max_tag_length=settings.max_tag_length))
     metrics.set_device(engine.device)
     settings.check()
     if settings.cuda_memory_fraction and engine.device.type == "cuda":
@@ -221,7 +245,11 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
             settings.cuda_memory_fraction,
             torch.cuda.current_device() if index is None else index)
     credentials = server_credentials(settings)
-    gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings))
+    gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings),
+                waits=MessageWaits(max_receiving=settings.max_receiving,
+                                   timeout=settings.message_timeout_seconds,
+                                   stream_idle=settings.stream_idle_seconds,
+                                   metrics=LimitMetrics.of(metrics.registry)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
                                                     thread_name_prefix="lossd",
                                                     initializer=_serving_thread),
@@ -245,29 +273,26 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     servicer = LossServicer(service, max_message_bytes=settings.max_message_bytes,
                             shared_memory=registry,
                             descriptor_socket=os.fspath(fd_socket.path) if fd_socket else "")
-    add_to_server(servicer, server)
+    add_to_server(servicer, server, max_map_entries=settings.max_map_entries)
     ready = threading.Event()
     services = [LOSS_SERVICE, kserve.add_to_server(server, service, ready=ready.is_set)]
 
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_service = Health(services)
+    health_service.add_to_server(server)
     if settings.reflection:
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    port = _bind(server, settings.host, settings.port, credentials)
-    health_server, health_port = None, None
-    if settings.health_port >= 0:
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
-                                                               thread_name_prefix="lossd-health"),
-                                    options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = _bind(health_server, settings.host, settings.health_port, None)
+    port = bind(server, settings.host, settings.port, credentials)
+    health_port = (health_service.bind(settings.host, settings.health_port)
+                   if settings.health_port >= 0 else None)
     lossd = LossdServer(settings=settings, server=server, port=port, engine=engine,
-                        metrics=metrics, health=health_servicer, services=tuple(services),
-                        ready=ready, gate=gate, service=service, servicer=servicer,
-                        health_port=health_port,
-                        descriptor_socket=fd_socket, _health_server=health_server)
+                        metrics=metrics, health=health_service, ready=ready, gate=gate,
+                        service=service, servicer=servicer, health_port=health_port,
+                        descriptor_socket=fd_socket)
+    if settings.stall_seconds > 0:
+        lossd.watchdog = Watchdog(service.admission, settings.stall_seconds, lossd._on_stall,
+                                  StallMetrics(metrics.registry))
     lossd.set_serving(False)
     return lossd
 
@@ -305,15 +330,3 @@ def server_options(settings: Settings, *, reuse_port: bool = False) -> list[tupl
                     ("grpc.max_connection_age_grace_ms", 3_600_000)]
     return options
 
-
-def _bind(server: grpc.Server, host: str, port: int,
-          credentials: grpc.ServerCredentials | None) -> int:
-    address = f"{host}:{port}"
-    try:
-        bound = (server.add_secure_port(address, credentials) if credentials is not None
-                 else server.add_insecure_port(address))
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot bind {address} (in use?)")
-    return int(bound)

@@ -5,11 +5,15 @@ every tensor, extra inputs included (see :func:`coalesce_key`); the first to arr
 it waits up to ``max_delay`` for others to join (only while other calls are in flight, so
 a lone caller pays nothing), runs one
 ``Engine.evaluate_many`` and hands each caller exactly its own per-sample losses and
-aggregates. Validation happens per caller before joining, so one bad request fails alone.
+aggregates. Validation happens per caller before joining, so one bad request fails alone;
+and when the joint device call fails (a loss function that raises on one caller's values,
+memory that the joint batch ran out of), every member runs again on its own, under its own
+admission, so only the culprit fails.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -18,9 +22,10 @@ from typing import Any
 
 import torch
 
-from lossd_server.engine import Batch, Engine, Evaluation, _Checked
+from lossd_server.engine import Batch, Checked, Engine, Evaluation
 from lossd_server.errors import Refused
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingSettings:
@@ -33,7 +38,7 @@ class BatchingSettings:
 Runner = Callable[[Callable[[], list[Evaluation]]], list[Evaluation]]
 
 
-def coalesce_key(c: _Checked) -> Hashable | None:
+def coalesce_key(c: Checked) -> Hashable | None:
     """What must match for two checked batches to share a device call (None: never)."""
     b = c.batch
     if b.gradient is not None or c.nan_policy == "raise":
@@ -51,7 +56,7 @@ def coalesce_key(c: _Checked) -> Hashable | None:
 
 @dataclass
 class _Group:
-    members: list[_Checked] = field(default_factory=list)
+    members: list[Checked] = field(default_factory=list)
     results: list[Evaluation] | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +86,8 @@ class Batcher:
         self._open: dict[Hashable, _Group] = {}
         self._cond = threading.Condition()
         self.coalesced_calls = 0
+        self.split_calls = 0
+        """Requests that ran alone after the coalesced call they joined failed."""
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False,
                  run: Runner | None = None) -> Evaluation:
@@ -123,18 +130,23 @@ class Batcher:
                     self.coalesced_calls += 1
             except BaseException as exc:
                 group.error = exc
-                raise
+                if (len(group.members) == 1 or isinstance(exc, Refused)
+                        or not isinstance(exc, Exception)):
+                    raise  # its own call, its own admission, or an interrupt
+                log.info("a coalesced call failed; its requests run again one by one",
+                         extra={"loss": batch.loss, "requests": len(group.members),
+                                "error": type(exc).__name__})
             finally:
                 group.done.set()
         else:
             with self._cond:
                 self._cond.notify_all()  # the leader may be waiting for this arrival
             group.done.wait()
-            if isinstance(group.error, Refused):
-                # The leader's own admission failed (queue full, cancelled, deadline): not
-                # this caller's fault; it runs alone, under its own admission.
-                return run(lambda: self.engine.evaluate_many([checked]))[0]
-            if group.error is not None:
-                raise group.error
+        if group.error is not None:
+            # The joint call failed (the leader's admission: queue full, cancelled, deadline;
+            # or one member's values): no member is known to be at fault, so each runs
+            # alone, under its own admission, and gets its own answer.
+            self.split_calls += 1
+            return run(lambda: self.engine.evaluate_many([checked]))[0]
         assert group.results is not None
         return group.results[index]

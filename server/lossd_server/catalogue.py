@@ -14,18 +14,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import enum
 import inspect
 import math
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from lossd_server.errors import RegistrationError
+from lossd_server.logs import MAX_NAME, shown
 
 Tensor = torch.Tensor
 
@@ -157,6 +159,13 @@ Check = Callable[[Tensor, "Tensor | None", Mapping[str, Tensor], Mapping[str, An
 host tensors as decoded (wire dtypes), after the generic ones; raises
 ``errors.RequestError`` naming the field."""
 
+WorkingElements = Callable[[Tensor, "Tensor | None", Mapping[str, Tensor], Mapping[str, Any]],
+                           int]
+"""``working_elements(predictions, targets, inputs, options)``: how many elements (of the
+compute dtype) the loss's function allocates for a validated request beyond its inputs and
+output, at most; the server counts them against ``--max-elements`` before the function
+runs. Only from shapes and options: it must cost nothing."""
+
 
 @dataclass(frozen=True)
 class Loss:
@@ -174,6 +183,9 @@ class Loss:
     options: tuple[Option, ...] = ()
     inputs: tuple[Input, ...] = ()
     check: Check | None = None
+    working_elements: WorkingElements | None = None
+    """Its working memory beyond its inputs (see :data:`WorkingElements`); None: about
+    their size, which the element budget counts already."""
     sum_class_dim: bool = False
     samplewise: bool = True
     """A sample's loss depends on its own rows only (every built-in), so the engine may
@@ -184,13 +196,15 @@ class Loss:
     prediction_shapes: tuple[str, ...] = ("(N)", "(N, d1, ...)")
     target_shapes: tuple[str, ...] = ("same as predictions",)
     source: str = ""
+    thread_safe: bool = False
+    """``fn`` may run in several threads at once; else calls take turns (``lock``)."""
     option_by_name: Mapping[str, Option] = field(init=False, repr=False)
     input_by_name: Mapping[str, Input] = field(init=False, repr=False)
     class_targets: bool = field(init=False, repr=False)
     """Targets are (or, for ``classes_or_probabilities``, may be) class indices, one per
     position (N, d1, ...) for the class dimension 1 of the predictions: per-class breakdowns
     and accuracy apply. Whether a request's targets are indices is its dtype's say
-    (``engine._Checked.class_index``)."""
+    (``engine.Checked.class_targets``)."""
     engine_ignore_index: bool = field(init=False, repr=False)
     """The engine applies ``ignore_index`` itself (the loss takes class indices but has no
     ``ignore_index`` option of its own): ignored positions reach the function as class 0
@@ -198,6 +212,11 @@ class Loss:
     takes_targets: bool = field(init=False, repr=False)
     accepted_options: tuple[Option, ...] = field(init=False, repr=False)
     """Its own options, then the engine-level ones (:func:`all_options`)."""
+    builtin: bool = field(init=False, repr=False)
+    """One of lossd's own losses (``source`` is :data:`BUILTIN_SOURCE`): trusted never to
+    write into its arguments, so the engine hands it the request's tensors themselves."""
+    lock: threading.Lock | None = field(init=False, repr=False, compare=False)
+    """Held around each call of ``fn`` unless ``thread_safe``."""
 
     def __post_init__(self) -> None:
         # Derived once: requests read these on every call.
@@ -212,6 +231,8 @@ class Loss:
             "engine_ignore_index": engine_ignore_index,
             "takes_targets": self.targets is not Targets.NONE,
             "accepted_options": (*self.options, *engine, NAN_POLICY),
+            "builtin": self.source == BUILTIN_SOURCE,
+            "lock": None if self.thread_safe else threading.Lock(),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -254,8 +275,7 @@ class Registry(Mapping[str, Loss]):
         with self._lock:
             taken = self._losses.get(loss.name)
             if taken is not None:
-                raise RegistrationError(f"loss {loss.name!r} is already registered (by "
-                                        f"{taken.source or 'an unnamed source'})")
+                raise RegistrationError(_clash(taken, loss))
             self._losses = {**self._losses, loss.name: loss}
 
     def remove(self, name: str) -> None:
@@ -274,6 +294,16 @@ class Registry(Mapping[str, Loss]):
 
     def __len__(self) -> int:
         return len(self._losses)
+
+
+def _clash(taken: Loss, loss: Loss) -> str:
+    """Why ``loss`` cannot have its name: who has it, who wants it, and the way out."""
+    first = f"loss {loss.name!r} is already registered (by {taken.source or 'an unnamed source'})"
+    if taken.source == BUILTIN_SOURCE:
+        return f"{first}: a built-in's name; give the new loss another name"
+    return (f"{first} and {loss.source or 'an unnamed source'} registers it again: rename "
+            "one of the two, or serve one only: `lossd serve --no-entry-points --plugin "
+            "MODULE` loads just the modules named, no installed entry point")
 
 
 LOSSES = Registry()
@@ -306,18 +336,29 @@ def register(name: str, fn: Callable[..., Tensor], *,
              description: str = "",
              inputs: Mapping[str, Input | Literal["values", "float", "int"]] | None = None,
              check: Check | None = None,
+             working_elements: WorkingElements | None = None,
              sum_class_dim: bool = False,
              samplewise: bool = True,
              min_prediction_dims: int = 1,
              max_prediction_dims: int | None = None,
              prediction_shapes: tuple[str, ...] | None = None,
-             target_shapes: tuple[str, ...] | None = None) -> Loss:
+             target_shapes: tuple[str, ...] | None = None,
+             thread_safe: bool = False) -> Loss:
     """Serve ``fn`` as the loss ``name``, with everything a built-in gets.
 
     ``fn(input, target, *, **inputs, **options)`` (no ``target`` when ``targets="none"``)
     returns torch's ``reduction='none'`` output: shape (N, ...), whose per-sample value is
     the mean over each sample's valid positions, or (N,). It must be differentiable
     with respect to ``input`` for gradients, and must not modify its arguments in place.
+    A plugin's ``fn`` gets its own copies of the tensors (a write into them, even through
+    ``.data`` or ``.numpy()``, reaches neither the caller's memory nor the analyses).
+
+    ``thread_safe``: the server calls losses from many threads at once (one per device
+    slot, ``--slots``). By default a registered ``fn`` is called by one thread at a time (a
+    lock per loss), so a function with state (a cache, a counter, a library that is not
+    thread-safe) is correct as written; pass ``thread_safe=True`` for a function that may
+    run concurrently (a pure torch function is) to let the slots compute it side by side.
+    The lock covers the call, not the backward pass of a gradient.
 
     ``options``: keyword option -> its default, whose type is the option's type (float,
     int, bool, str; None: an optional tensor), or an :class:`Option` with a description,
@@ -331,7 +372,10 @@ def register(name: str, fn: Callable[..., Tensor], *,
     ``"values"`` (floats shaped as the predictions), ``"float"`` or ``"int"`` (N first).
 
     ``check(predictions, targets, inputs, options)``: the loss's own request check, after
-    the generic ones; raise ``RequestError(field, problem)``. ``sum_class_dim``: sum dim 1
+    the generic ones; raise ``RequestError(field, problem)``. ``working_elements(predictions,
+    targets, inputs, options)``: for a loss whose function allocates far more than its
+    inputs (ctc_loss: N x T x (2S + 1)), how many elements, from the shapes; the request is
+    refused beyond ``--max-elements`` before the function runs. ``sum_class_dim``: sum dim 1
     before averaging (kl_div). ``samplewise=False`` for a loss whose samples depend on each
     other (a contrastive loss over the batch): it is then never evaluated in chunks of
     samples (large batches are, for memory), and a batch split over several messages is
@@ -365,12 +409,14 @@ def register(name: str, fn: Callable[..., Tensor], *,
         target_shapes = ((kind.description,) if kind is not Targets.SAME_SHAPE
                          else ("same as predictions",))
     loss = Loss(name=name, description=description, fn=fn, targets=kind, options=opts,
-                inputs=extra, check=check, sum_class_dim=sum_class_dim,
+                inputs=extra, check=check, working_elements=working_elements,
+                sum_class_dim=sum_class_dim,
                 samplewise=samplewise,
                 min_prediction_dims=min_prediction_dims,
                 max_prediction_dims=max_prediction_dims,
                 prediction_shapes=tuple(prediction_shapes), target_shapes=tuple(target_shapes),
-                source=_source.get() or getattr(fn, "__module__", "") or "")
+                source=_source.get() or getattr(fn, "__module__", "") or "",
+                thread_safe=thread_safe)
     LOSSES.add(loss)
     return loss
 
@@ -434,3 +480,92 @@ def _check_signature(loss: str, fn: Callable[..., Tensor], kind: Targets,
         raise RegistrationError(
             f"loss {loss!r}: its function {getattr(fn, '__name__', fn)!r}{signature} cannot "
             f"be called as fn({args}{', ' if names else ''}{names}): {exc}") from None
+
+
+# -- names that point at the fix ----------------------------------------------------------
+# A caller arriving from torch writes torch's spellings; these turn them into lossd's.
+
+_TORCH_PREFIXES = ("torch.nn.functional.", "torch.nn.modules.loss.", "torch.nn.", "nn.functional.",
+                   "functional.", "torchvision.ops.", "nn.", "F.")
+_ABBREVIATIONS = {"bce": "binarycrossentropy", "bcewithlogits": "binarycrossentropywithlogits"}
+"""torch's class names that are not its function names run together (BCELoss)."""
+
+
+def _squashed(name: str) -> str:
+    """``CrossEntropyLoss``, ``nn.CrossEntropyLoss()``, ``F.cross_entropy`` and
+    ``cross_entropy`` all become ``crossentropy``: the spelling torch's class and function
+    names share."""
+    name = name.strip().removesuffix("()")
+    for prefix in _TORCH_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    flat = name.replace("_", "").replace("-", "").lower()
+    if flat.endswith("loss") and flat != "loss":
+        flat = flat[:-len("loss")]
+    return _ABBREVIATIONS.get(flat, flat)
+
+
+def suggest_loss(name: str, names: Iterable[str] | None = None) -> str | None:
+    """The loss ``name`` most likely meant: torch's class or function spelling of a loss
+    (``CrossEntropyLoss``, ``nn.functional.cross_entropy`` -> ``cross_entropy``), else the
+    closest name by :mod:`difflib` (a typo), else None. ``names``: the losses to pick from
+    (default: every registered loss).
+
+    >>> suggest_loss("nn.CrossEntropyLoss", ["cross_entropy", "mse_loss"])
+    'cross_entropy'
+    >>> suggest_loss("mse_los", ["cross_entropy", "mse_loss"])
+    'mse_loss'
+    """
+    known = list(LOSSES if names is None else names)
+    if len(name) > MAX_NAME:  # no loss name is that long: nothing to compare (or to pay for)
+        return None
+    by_squashed = {_squashed(n): n for n in known}
+    if (exact := by_squashed.get(_squashed(name))) is not None:
+        return exact
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(_squashed(name), list(by_squashed), n=1, cutoff=0.75)
+    return by_squashed[close[0]] if close else None
+
+
+def unknown_loss(name: str, names: Iterable[str] | None = None) -> str:
+    """The problem text for an unknown loss: a "did you mean", then every loss's name."""
+    known = sorted(LOSSES if names is None else names)
+    guess = suggest_loss(name, known)
+    hint = f"did you mean {guess!r}? " if guess is not None else ""
+    return f"unknown loss {shown(name)}; {hint}one of {', '.join(known)}"
+
+
+REDUCTION_OPTIONS = frozenset({"reduction", "size_average", "reduce"})
+"""torch's reduction arguments: lossd takes none, it returns every reduction."""
+
+
+def option_hint(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """What to do instead of option ``name``, which ``loss`` does not take: torch's
+    ``weight`` and ``reduction`` explained, else a "did you mean" among ``accepted``, else
+    "" (the KServe front words its own message around it)."""
+    if name in REDUCTION_OPTIONS:
+        return (f"lossd takes no {name}: every result carries every reduction (per_sample, "
+                "sum, mean, and weighted_sum / weighted_mean with weights=), so there is "
+                "nothing to choose")
+    if name == "weight":
+        where = ("lossd calls torch's weight class_weights" if "class_weights" in accepted
+                 else f"{loss.name} takes no class weights")
+        return f"{where}; per-sample weights go in weights="
+    if len(name) > MAX_NAME:
+        return ""
+    close = difflib.get_close_matches(name, list(accepted), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_option(loss: Loss, name: str, accepted: Iterable[str]) -> str:
+    """The problem text for an option ``loss`` does not take: :func:`option_hint`, then the
+    accepted names."""
+    accepted = list(accepted)
+    listed = f"accepted: {', '.join(accepted) or 'none'}"
+    hint = option_hint(loss, name, accepted)
+    if name in REDUCTION_OPTIONS or name == "weight":
+        return f"{hint}; {listed}"
+    return f"unknown option for {loss.name}{'; ' + hint if hint else ''}; {listed}"

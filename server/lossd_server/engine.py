@@ -21,7 +21,7 @@ import torch
 
 from lossd_server import analysis, limits, validate
 from lossd_server.describe import dtype_str, shape_str
-from lossd_server.errors import LossFailed
+from lossd_server.errors import LossFailed, RequestError
 from lossd_server.losses import Loss
 from lossd_server.reduce import Aggregate, per_sample, reduction
 
@@ -78,7 +78,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass(slots=True)
-class _Checked:
+class Checked:
     """A batch that passed validation, with its typed options."""
 
     batch: Batch
@@ -99,6 +99,24 @@ class _Computed:
     device_seconds: float | None
     gradient: Tensor | None
     analysis: analysis.BatchData | None = None
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A checked batch on the device, as the loss function takes it (``Engine._stage``)."""
+
+    pred: Tensor
+    """In the wire dtype (each chunk is upcast on its own); with a gradient wanted, in the
+    compute dtype, a leaf that requires grad."""
+    target: Tensor | None
+    inputs: dict[str, Tensor]
+    opts: dict[str, Any]
+    """Tensor options on the device in the compute dtype; ``ignore_index`` taken out where
+    the engine applies it itself."""
+    dtype: torch.dtype
+    """The compute dtype (``compute_dtype``)."""
+    ignore_index: int | None
+    """See ``_ignore_index``."""
 
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -169,37 +187,62 @@ class Engine:
     back with one synchronisation per batch.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, max_elements: int = 0) -> None:
         self.device = device
+        # --max-elements (0: no limit) for a batch's tensors plus its loss's working
+        # memory (Loss.working_elements), checked before the loss runs.
+        self.max_elements = max_elements
         self._cuda = device.type == "cuda"
 
-    def check(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> _Checked:
-        """Validate ``batch`` on the host; raises ``validate.RequestError``."""
+    def check(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Checked:
+        """Validate ``batch`` on the host; raises ``errors.RequestError``."""
         spec = validate.loss(batch.loss)
         opts = validate.options(spec, batch.options)
         class_targets = validate.batch(spec, batch.predictions, batch.targets, batch.weights,
                                        opts, batch.inputs,
                                        allow_zero_weight_sum=allow_zero_weight_sum)
-        validate.gradient(batch.gradient, weighted=batch.weights is not None)
+        if batch.gradient is not None:
+            validate.gradient(batch.gradient, weighted=batch.weights is not None)
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
                               class_index=class_targets is not None)
+        if self.max_elements and spec.working_elements is not None:
+            self._claim_working_memory(spec, batch, opts)
         nan_policy = opts.pop("nan_policy")
-        return _Checked(batch, spec, opts, class_targets, nan_policy)
+        return Checked(batch, spec, opts, class_targets, nan_policy)
+
+    def _claim_working_memory(self, spec: Loss, batch: Batch, opts: Mapping[str, Any]) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, ``too_large``) a batch whose tensors and the loss's
+        working memory for them pass ``max_elements``: what the loss allocates, not only
+        what the caller sent. A samplewise loss runs in chunks of samples (``chunks``), so
+        its largest chunk's share counts; a gradient doubles it (autograd keeps the
+        forward's tables and allocates the backward's)."""
+        assert spec.working_elements is not None
+        work = spec.working_elements(batch.predictions, batch.targets, batch.inputs, opts)
+        n = batch.predictions.shape[0] if batch.predictions.dim() else 0
+        if batch.gradient:
+            work *= 2
+        elif spec.samplewise and n:
+            rows = max(len(range(*part.indices(n))) for part in chunks(batch.predictions))
+            work = work * rows // n
+        held = sum(t.numel() for t in (batch.predictions, batch.targets, batch.weights,
+                                       *batch.inputs.values(), *opts.values())
+                   if isinstance(t, Tensor))
+        limits.claim_working_memory(spec.name, held, work, self.max_elements)
 
     def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
 
         ``allow_zero_weight_sum``: streams accept a batch whose weights are all zero (the
         running total decides); a single Evaluate does not.
-        Raises ``validate.RequestError`` for bad input.
+        Raises ``errors.RequestError`` for bad input.
         """
         checked = self.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
         computed = self._run(checked)
         return _evaluation(computed, batch.weights, slice(None), computed.device_seconds,
                            batch.analyses)
 
-    def evaluate_many(self, checked: list[_Checked]) -> list[Evaluation]:
+    def evaluate_many(self, checked: list[Checked]) -> list[Evaluation]:
         """One device call for several validated batches that share loss, options, dtypes
         and trailing shape (see ``batching.coalesce_key``); each gets its own exact result.
         """
@@ -221,7 +264,7 @@ class Engine:
         ranges = [c.class_targets for c in checked if c.class_targets is not None]
         class_targets = (validate.ClassTargets(min(r.lo for r in ranges),
                                                max(r.hi for r in ranges)) if ranges else None)
-        computed = self._run(_Checked(merged, first.spec, first.options, class_targets,
+        computed = self._run(Checked(merged, first.spec, first.options, class_targets,
                                       first.nan_policy))
         out, start = [], 0
         for b in batches:
@@ -241,10 +284,34 @@ class Engine:
         # Even a no-op .to() is a dispatch: microseconds that add up on small batches.
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
-    def _run(self, c: _Checked) -> _Computed:
+    def _run(self, c: Checked) -> _Computed:
+        """One device call for a checked batch, in stages: stage its tensors on the device,
+        compute the per-sample values (in chunks; timed on CUDA), apply the NaN policy,
+        take the gradient, and bring the results to the host (``_results``)."""
+        staged = self._stage(c)
+        wants_gradient = bool(c.batch.gradient)
+        events = None
+        if self._cuda:
+            events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                      torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
+            events[0].record()
+        # Serving threads run with grad off. no_grad, not inference_mode: inference tensors
+        # have no version counters, which _call reads to catch in-place writes.
+        with (torch.enable_grad() if wants_gradient
+              else torch.no_grad() if torch.is_grad_enabled()
+              else contextlib.nullcontext()):
+            chunk = self._compute(c, staged, gradient=wants_gradient)
+            if events is not None:
+                events[1].record()
+            omitted = _nan_policy(chunk, c.nan_policy)
+            gradient = self._gradient(c, staged, chunk, omitted) if wants_gradient else None
+            return self._results(c, chunk, omitted, gradient, events)
+
+    def _stage(self, c: Checked) -> _Staged:
+        """The batch's tensors and tensor options on the device, in the dtypes the loss
+        takes: class indices as int64, the rest in the compute dtype, except predictions."""
         batch, spec = c.batch, c.spec
         dtype = compute_dtype(batch.predictions.dtype)
-        # Predictions keep their wire dtype here: each chunk is upcast on its own.
         pred = self._to_device(batch.predictions)
         target = None
         if batch.targets is not None:
@@ -254,83 +321,26 @@ class Engine:
                                         else dtype) for name, t in batch.inputs.items()}
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
-        wanted = batch.analyses
-        ignore_index = None  # set when some target may be ignore_index: then a mask is needed
-        if c.class_targets is not None:
-            assert target is not None
-            candidate = int(opts.pop("ignore_index") if spec.engine_ignore_index
-                            else opts["ignore_index"])
-            # (N,) targets with no ignore_index need no mask: the loss is per sample.
-            if target.dim() > 1 or c.class_targets.may_contain(candidate):
-                ignore_index = candidate
-
+        ignore_index = _ignore_index(c, target, opts)
         if batch.gradient:
             pred = pred.to(dtype).detach().requires_grad_(True)
-        events = None
-        if self._cuda:
-            events = (torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
-                      torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
-            events[0].record()
-        # Serving threads run with grad off. no_grad, not inference_mode: inference tensors
-        # have no version counters, which _call reads to catch in-place writes.
-        with (torch.enable_grad() if batch.gradient
-              else torch.no_grad() if torch.is_grad_enabled()
-              else contextlib.nullcontext()):
-            pieces = ([slice(None)] if batch.gradient or not spec.samplewise
-                      else chunks(pred))
-            if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
-                parts = [self._chunk(c, pred if pred.dtype == dtype else pred.to(dtype),
-                                     target, inputs, opts, ignore_index,
-                                     gradient=bool(batch.gradient))]
-            else:
-                parts = [self._chunk(c, pred[rows].to(dtype),
-                                     None if target is None else target[rows],
-                                     {name: t[rows] for name, t in inputs.items()}, opts,
-                                     ignore_index, gradient=bool(batch.gradient))
-                         for rows in pieces]
-            chunk = parts[0] if len(parts) == 1 else _Chunk.cat(parts)
-            if events is not None:
-                events[1].record()
-            if chunk.finite is not None and c.nan_policy == "raise":
-                validate.no_nonfinite(chunk.finite)
-            omitted = (~chunk.finite if chunk.finite is not None and c.nan_policy == "omit"
-                       else None)
-            gradient = None
-            if batch.gradient:
-                keep = torch.ones_like(chunk.losses, dtype=torch.bool)
-                if chunk.all_ignored is not None:
-                    keep &= ~chunk.all_ignored
-                if omitted is not None:
-                    keep &= ~omitted
-                w = None if batch.weights is None else self._to_device(batch.weights,
-                                                                       chunk.losses.dtype)
-                gradient = self._gradient(
-                    spec, reduction(batch.gradient, chunk.losses, keep, w), pred
-                ).to(batch.predictions.dtype)
-            outputs = chunk.outputs
-            extra: list[Tensor | None] = [
-                None if chunk.valid is None or not wanted.classes else chunk.valid,
-                chunk.values,
-                *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
-                  if outputs is not None else ())]
-            losses = chunk.losses.detach() if batch.gradient else chunk.losses
-            host = self._to_host([losses, chunk.all_ignored, omitted, gradient, *extra])
-        device_seconds = None
-        if events is not None:
-            device_seconds = events[0].elapsed_time(events[1]) / 1000.0
-        h_losses, h_ignored, h_omitted, h_gradient, *h_extra = host
-        assert h_losses is not None
-        np_losses = h_losses.numpy()
-        np_ignored = None if h_ignored is None else h_ignored.numpy()
-        np_omitted = None if h_omitted is None else h_omitted.numpy()
-        data = None
-        if wanted.any:
-            data = _batch_data(c, np_losses, np_ignored, np_omitted,
-                               [None if t is None else t.numpy() for t in h_extra])
-        return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
-                         device_seconds=device_seconds, gradient=h_gradient, analysis=data)
+        return _Staged(pred, target, inputs, opts, dtype, ignore_index)
 
-    def _chunk(self, c: _Checked, pred: Tensor, target: Tensor | None,
+    def _compute(self, c: Checked, s: _Staged, *, gradient: bool) -> _Chunk:
+        """Per-sample values of the whole batch: in one piece, or, for a samplewise loss
+        without a gradient, chunk by chunk (see ``chunks``) and joined."""
+        pred, dtype = s.pred, s.dtype
+        pieces = [slice(None)] if gradient or not c.spec.samplewise else chunks(pred)
+        if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
+            return self._chunk(c, pred if pred.dtype == dtype else pred.to(dtype), s.target,
+                               s.inputs, s.opts, s.ignore_index, gradient=gradient)
+        return _Chunk.cat([self._chunk(c, pred[rows].to(dtype),
+                                       None if s.target is None else s.target[rows],
+                                       {name: t[rows] for name, t in s.inputs.items()},
+                                       s.opts, s.ignore_index, gradient=gradient)
+                           for rows in pieces])
+
+    def _chunk(self, c: Checked, pred: Tensor, target: Tensor | None,
                inputs: Mapping[str, Tensor], opts: dict[str, Any], ignore_index: int | None,
                *, gradient: bool) -> _Chunk:
         """The loss, per-sample values and analyses' inputs of some samples.
@@ -349,16 +359,18 @@ class Engine:
             valid = target != ignore_index
             if spec.engine_ignore_index:
                 target = target.masked_fill(~valid, 0)
-        values = self._call(spec, pred, target, inputs, opts, gradient=gradient, valid=valid)
+        # Read before the loss runs: what the analyses see is the request's, whatever fn does.
+        outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
+                   if wanted.predictions and class_index and target is not None else None)
+        values = self._call(spec, pred, target, inputs, opts, gradient=gradient, valid=valid,
+                            request=c.batch)
         if valid is not None and spec.engine_ignore_index:
             values = values.masked_fill(~valid, 0)
         losses, all_ignored = per_sample(values, valid, sum_class_dim=spec.sum_class_dim)
-        outputs = (analysis.class_outputs(pred.detach(), target, valid, wanted)
-                   if wanted.predictions and class_index and target is not None else None)
         dense_classes = (wanted.per_class and class_index and target is not None
                          and target.dim() > 1)
         if dense_classes and target is not None and values.shape != target.shape:
-            raise validate.RequestError(
+            raise RequestError(
                 "per_class", f"needs a value per position; {spec.name} returns one per sample "
                              "for dense targets")
         return _Chunk(losses, all_ignored, valid, finite,
@@ -366,16 +378,27 @@ class Engine:
 
     def _call(self, spec: Loss, pred: Tensor, target: Tensor | None,
               inputs: Mapping[str, Tensor], opts: Mapping[str, Any], *, gradient: bool,
-              valid: Tensor | None) -> Tensor:
+              valid: Tensor | None, request: Batch) -> Tensor:
         """``spec.fn`` on the device tensors, every loss alike (built-in or plugin): an
         exception or a bad output becomes :class:`LossFailed` naming the loss and the
-        problem, with the traceback in the log; running out of memory stays itself."""
-        args = (pred,) if target is None else (pred, target)
+        problem, with the traceback in the log; running out of memory stays itself. A plugin
+        gets tensors it may write into (:class:`_Private`; ``request`` is the batch whose
+        memory they may share), and one call at a time unless it is ``thread_safe``."""
+        args: tuple[Tensor, ...] = (pred,) if target is None else (pred, target)
+        if not spec.builtin:  # a plugin's arguments are its own (plugins.py)
+            own = _Private(request)
+            args = tuple(map(own, args))
+            inputs = {name: own(t) for name, t in inputs.items()}
+            opts = {name: (own(v) if isinstance(v, Tensor) else v) for name, v in opts.items()}
         arguments = [*args, *inputs.values(), *(v for v in opts.values()
                                                 if isinstance(v, Tensor))]
         versions = [t._version for t in arguments]
         try:
-            out = spec.fn(*args, **inputs, **opts)
+            if spec.lock is None:
+                out = spec.fn(*args, **inputs, **opts)
+            else:
+                with spec.lock:  # not thread_safe: one call at a time (catalogue.register)
+                    out = spec.fn(*args, **inputs, **opts)
         except Exception as exc:
             if limits.is_out_of_memory(exc):
                 raise
@@ -424,10 +447,26 @@ class Engine:
                     "no gradient can be computed")
         return None
 
-    @staticmethod
-    def _gradient(spec: Loss, value: Tensor, pred: Tensor) -> Tensor:
+    def _gradient(self, c: Checked, s: _Staged, chunk: _Chunk, omitted: Tensor | None
+                  ) -> Tensor:
+        """d(the batch's ``gradient`` reduction)/d(predictions), in the predictions' wire
+        dtype; ignored and omitted samples are left out of the reduction, weights count.
+        Autograd failing becomes :class:`LossFailed`; running out of memory stays itself. A
+        value that autograd finds does not reach the predictions (torch's norm of order 0,
+        triplet_margin_loss's ``p=0``, has no gradient) is the request's options at fault:
+        INVALID_ARGUMENT on ``gradient``."""
+        batch, spec = c.batch, c.spec
+        assert batch.gradient is not None
+        keep = torch.ones_like(chunk.losses, dtype=torch.bool)
+        if chunk.all_ignored is not None:
+            keep &= ~chunk.all_ignored
+        if omitted is not None:
+            keep &= ~omitted
+        w = None if batch.weights is None else self._to_device(batch.weights,
+                                                               chunk.losses.dtype)
+        value = reduction(batch.gradient, chunk.losses, keep, w)
         try:
-            (grad,) = torch.autograd.grad(value, pred)
+            (grad,) = torch.autograd.grad(value, s.pred, allow_unused=True)
         except Exception as exc:
             if limits.is_out_of_memory(exc):
                 raise
@@ -435,7 +474,46 @@ class Engine:
             raise LossFailed(spec.name, f"its output could not be differentiated with respect "
                                         f"to the predictions ({type(exc).__name__}; the "
                                         "traceback is in the server log)") from exc
-        return grad
+        if grad is None:
+            options = c.options
+            chosen = ", ".join(f"{o.name}={options[o.name]!r}" for o in spec.options
+                               if o.name in options and not isinstance(options[o.name], Tensor)
+                               and options[o.name] != o.default)
+            raise RequestError("gradient", f"{spec.name} "
+                               f"{'with ' + chosen + ' ' if chosen else ''}has no gradient with "
+                               "respect to the predictions (its value does not depend on them "
+                               "differentiably); leave the gradient out or change the options")
+        return grad.to(batch.predictions.dtype)
+
+    def _results(self, c: Checked, chunk: _Chunk, omitted: Tensor | None,
+                 gradient: Tensor | None,
+                 events: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> _Computed:
+        """The batch's results on the host, with one synchronisation: per-sample losses, the
+        ignored and omitted masks, the gradient, what the analyses read (valid positions for
+        per-class breakdowns, elementwise values, class outputs) where they are wanted, and
+        the device time between ``events`` (CUDA)."""
+        outputs = chunk.outputs
+        host = self._to_host([
+            chunk.losses.detach() if gradient is not None else chunk.losses,
+            chunk.all_ignored, omitted, gradient,
+            None if chunk.valid is None or not c.batch.analyses.classes else chunk.valid,
+            chunk.values,
+            *((outputs.predicted, outputs.confidence, outputs.hit, *outputs.top_k_hits)
+              if outputs is not None else ())])
+        device_seconds = None
+        if events is not None:
+            device_seconds = events[0].elapsed_time(events[1]) / 1000.0
+        h_losses, h_ignored, h_omitted, h_gradient, *h_extra = host
+        assert h_losses is not None
+        np_losses = h_losses.numpy()
+        np_ignored = None if h_ignored is None else h_ignored.numpy()
+        np_omitted = None if h_omitted is None else h_omitted.numpy()
+        data = None
+        if c.batch.analyses.any:
+            data = _batch_data(c, np_losses, np_ignored, np_omitted,
+                               [None if t is None else t.numpy() for t in h_extra])
+        return _Computed(losses=np_losses, ignored=np_ignored, omitted=np_omitted,
+                         device_seconds=device_seconds, gradient=h_gradient, analysis=data)
 
     def _to_host(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Copy device results to the host with one synchronisation."""
@@ -453,6 +531,51 @@ class Engine:
         return out
 
 
+def _ignore_index(c: Checked, target: Tensor | None, opts: dict[str, Any]) -> int | None:
+    """The class index whose target positions must be masked, or None when no mask is
+    needed: (N,) targets whose range leaves it out (the loss is per sample anyway). Where
+    the engine applies ``ignore_index`` itself, it leaves ``opts`` (the function has no
+    such option)."""
+    if c.class_targets is None:
+        return None
+    assert target is not None
+    candidate = int(opts.pop("ignore_index") if c.spec.engine_ignore_index
+                    else opts["ignore_index"])
+    if target.dim() > 1 or c.class_targets.may_contain(candidate):
+        return candidate
+    return None
+
+
+def _nan_policy(chunk: _Chunk, policy: str) -> Tensor | None:
+    """``nan_policy`` on the samples with a non-finite prediction: "raise" raises
+    ``RequestError`` naming the first; "omit" returns their mask (they leave the aggregates);
+    "propagate" (no finiteness computed) returns None."""
+    if chunk.finite is None:
+        return None
+    if policy == "raise":
+        validate.no_nonfinite(chunk.finite)
+        return None
+    return ~chunk.finite if policy == "omit" else None
+
+
+class _Private:
+    """Hands a plugin a tensor it may write into: a copy where the tensor shares memory with
+    the request (its bytes, a shared-memory region, the host tensors the analyses read),
+    the tensor itself where the engine made it for this call (a dtype conversion, a copy
+    on the device). On CUDA, and for converted dtypes, that is no copy at all."""
+
+    def __init__(self, request: Batch) -> None:
+        tensors = [request.predictions, request.targets, *request.inputs.values(),
+                   *(v for v in request.options.values() if isinstance(v, Tensor))]
+        self.shared = {t.untyped_storage().data_ptr() for t in tensors
+                       if t is not None and t.device.type == "cpu"}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() in self.shared:
+            return t.clone()
+        return t
+
+
 def _keep(n: int, ignored: np.ndarray | None, omitted: np.ndarray | None) -> np.ndarray:
     keep = np.ones(n, dtype=bool)
     if ignored is not None:
@@ -462,7 +585,7 @@ def _keep(n: int, ignored: np.ndarray | None, omitted: np.ndarray | None) -> np.
     return keep
 
 
-def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
+def _batch_data(c: Checked, losses: np.ndarray, ignored: np.ndarray | None,
                 omitted: np.ndarray | None, extra: list[np.ndarray | None]
                 ) -> analysis.BatchData:
     """What the analyses read of a computed batch (weights left for ``_evaluation``)."""
@@ -470,7 +593,6 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     class_index = c.class_targets is not None
     targets = (c.batch.targets.numpy() if class_index and c.batch.targets is not None
                else None)
-    n_classes = int(c.batch.predictions.shape[1]) if class_index else 0
     predicted = confidence = hit = None
     top_k_hits: tuple[np.ndarray, ...] = ()
     if outputs:
@@ -479,7 +601,7 @@ def _batch_data(c: _Checked, losses: np.ndarray, ignored: np.ndarray | None,
     return analysis.BatchData(
         losses=losses, keep=_keep(losses.shape[0], ignored, omitted), targets=targets,
         valid=valid, elementwise=elementwise, weights=None, predicted=predicted,
-        confidence=confidence, hit=hit, top_k_hits=top_k_hits, n_classes=n_classes)
+        confidence=confidence, hit=hit, top_k_hits=top_k_hits)
 
 
 def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
@@ -491,7 +613,7 @@ def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
         losses=d.losses[part], keep=d.keep[part], targets=cut(d.targets), valid=cut(d.valid),
         elementwise=cut(d.elementwise), weights=weights, predicted=cut(d.predicted),
         confidence=cut(d.confidence), hit=cut(d.hit),
-        top_k_hits=tuple(h[part] for h in d.top_k_hits), n_classes=d.n_classes)
+        top_k_hits=tuple(h[part] for h in d.top_k_hits))
 
 
 def _evaluation(c: _Computed, weights: Tensor | None, part: slice,

@@ -1,4 +1,5 @@
-"""The server interceptor every call passes: authentication, drain, in-flight count.
+"""The server interceptor every call passes: authentication, drain, in-flight count, and
+the bounds on waiting for a caller's messages.
 
 For each call but the health service's (probes stay open, with no token and while
 draining):
@@ -7,6 +8,14 @@ draining):
 2. while the server drains, a new call ends UNAVAILABLE (clients retry on another replica);
 3. otherwise the call runs and is counted in flight until it ends, so a drain knows when
    the last one finished.
+
+Rule: nothing reads a request message before these checks. grpcio's sync server reads a
+unary call's request in the pool thread *before* the handler runs, so a caller that opens
+calls and never sends would hold a thread each, token or not. Every handler is therefore
+served here as a request-streaming one (the same bytes on the wire): refusals answer
+without reading, and every call, health checks included, reads its messages through
+:class:`limits.MessageWaits`, which bounds how many calls wait for a message and for how
+long, and lets an idle stream give its admission up.
 
 It also parses request messages itself: a message that does not parse ends
 INVALID_ARGUMENT naming ``request`` (gRPC's own deserializer would answer INTERNAL).
@@ -24,13 +33,15 @@ import grpc
 from grpc_health.v1 import health
 
 from lossd_server.errors import Refused, RequestError, status_of
-from lossd_server.limits import LimitMetrics
+from lossd_server.limits import LimitMetrics, MessageWaits, Wait
 from lossd_server.metrics import METHODS, Metrics
 from lossd_server.security import TokenStore
 
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = (health.SERVICE_NAME,)
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _service(method: str) -> str:
@@ -40,9 +51,11 @@ def _service(method: str) -> str:
 class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
     """See the module docstring. ``drain()`` starts refusing; ``wait_idle`` waits out calls."""
 
-    def __init__(self, *, metrics: Metrics, tokens: TokenStore | None = None) -> None:
+    def __init__(self, *, metrics: Metrics, tokens: TokenStore | None = None,
+                 waits: MessageWaits | None = None) -> None:
         self.metrics = metrics
         self.limits = LimitMetrics.of(metrics.registry)
+        self.waits = waits if waits is not None else MessageWaits(metrics=self.limits)
         self.tokens = tokens if tokens is not None and tokens.enabled else None
         self._draining = threading.Event()
         self._idle = threading.Condition()
@@ -60,9 +73,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         return self._in_flight
 
     def drain(self) -> None:
-        """Refuse new calls (UNAVAILABLE) from now on."""
+        """Refuse new calls (UNAVAILABLE) from now on, and end those whose request message
+        has not arrived yet."""
         self._draining.set()
         self.limits.draining.set(1)
+        self.waits.drain()
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call is in flight or ``timeout`` passed; True when idle."""
@@ -78,8 +93,10 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(self, continuation: Callable[[Any], Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or _service(details.method) in OPEN_SERVICES:
-            return handler
+        if handler is None:
+            return None
+        if _service(details.method) in OPEN_SERVICES:
+            return self._cached(details.method, handler, self._open)
         if self.tokens is not None:
             problem = self.tokens.check(details.invocation_metadata)
             if problem is not None:
@@ -90,9 +107,12 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
             return self._refusal(handler, details.method, Refused(
                 grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down); retry on "
                 "another replica", reason="draining"))
-        cached = self._wrapped.get(details.method)
+        return self._cached(details.method, handler, self._tracked)
+
+    def _cached(self, method: str, handler: Any, wrap: Callable[[Any, str], Any]) -> Any:
+        cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = self._wrapped[details.method] = (handler, self._tracked(handler))
+            cached = self._wrapped[method] = (handler, wrap(handler, method))
         return cached[1]
 
     # -- refusals -------------------------------------------------------------------------
@@ -117,8 +137,12 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
             refuse(request, context)
             yield  # unreachable: abort raises
 
-        return _replace(handler, lambda _inner: refuse, lambda _inner: refuse_stream,
-                        parse=False)
+        # Request-streaming whatever the method: gRPC then reads no message before this.
+        if handler.response_streaming:
+            return handler._replace(request_streaming=True, request_deserializer=None,
+                                    unary_stream=None, stream_stream=refuse_stream)
+        return handler._replace(request_streaming=True, request_deserializer=None,
+                                unary_unary=None, stream_unary=refuse)
 
     # -- tracked calls -------------------------------------------------------------------
 
@@ -132,7 +156,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
             if not self._in_flight:
                 self._idle.notify_all()
 
-    def _tracked(self, handler: Any) -> Any:
+    def _open(self, handler: Any, method: str) -> Any:
+        """A health service handler: messages bounded like any call's, nothing else."""
+        return self._receiving(handler, method, _unchanged, _unchanged)
+
+    def _tracked(self, handler: Any, method: str) -> Any:
         def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 self._enter()
@@ -151,7 +179,73 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                     self._exit()
             return run
 
-        return _replace(handler, unary_response, stream_response, parse=True)
+        return self._receiving(handler, method, unary_response, stream_response)
+
+    def _receiving(self, handler: Any, method: str, unary_response: Wrapper,
+                   stream_response: Wrapper) -> Any:
+        """``handler`` as a request-streaming handler that reads its messages through
+        :attr:`waits` and parses them (a message that does not parse ends
+        INVALID_ARGUMENT), then runs its behavior wrapped by ``unary_response`` or
+        ``stream_response``: a unary request's call starts (is counted in flight) once its
+        message arrived, so an unsent call never holds a drain up."""
+        deserializer = handler.request_deserializer
+        streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+        kind = ("stream" if streaming_in else "unary") + "_" + ("stream" if streaming_out
+                                                                else "unary")
+        run = (stream_response if streaming_out else unary_response)(getattr(handler, kind))
+        waits, label = self.waits, LimitMetrics.method_label(method)
+
+        def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            wait = waits.call(label, context.peer(), _ender(context))
+            if streaming_in:  # a stream that fails to parse midway raises in the servicer
+                return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
+                           context)
+            try:
+                raw = waits.receive_first(wait, lambda: next(received))
+            except StopIteration:  # as grpcio answers a unary call without its message
+                context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                              f'"{method}" requires exactly one request message.')
+            except Refused as exc:  # ended while waiting: its status is on the wire already
+                context.abort(exc.code, exc.message)
+            try:
+                request = _parse(deserializer, raw)
+            except (RequestError, Refused) as exc:  # Refused: a limit the parser enforces
+                status = status_of(exc)
+                context.abort(status.code, status.message)
+            return run(request, context)
+
+        new_kind = "stream_" + ("stream" if streaming_out else "unary")
+        return handler._replace(**{kind: None, new_kind: receive, "request_streaming": True,
+                                   "request_deserializer": None})
+
+
+def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
+    """A stream's messages, each awaited through ``wait``'s :class:`MessageWaits` (a
+    stream it ended raises :class:`Refused`, which the servicer answers with its status)."""
+    waits = wait.waits
+    while True:
+        try:
+            yield waits.receive_next(wait, lambda: next(received))
+        except StopIteration:
+            return
+
+
+def _ender(context: grpc.ServicerContext) -> Callable[[grpc.StatusCode, str], None]:
+    """How another thread ends ``context``'s call with a status: cancelling it wakes the
+    thread waiting for its message. grpcio's ``context.cancel()`` takes no status; its
+    call object does (the caller then reads the status, not a bare CANCELLED)."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+
+    def end(code: grpc.StatusCode, message: str) -> None:
+        if call is not None:
+            call.cancel(code.value[0], message)
+        else:
+            context.cancel()
+    return end
+
+
+def _unchanged(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    return behavior
 
 
 def _parse(deserializer: Callable[[bytes], Any] | None, raw: Any) -> Any:
@@ -159,33 +253,9 @@ def _parse(deserializer: Callable[[bytes], Any] | None, raw: Any) -> Any:
         return raw
     try:
         return deserializer(raw)
+    except Refused:  # a limit the deserializer enforces (its own status and words)
+        raise
     except Exception as exc:
         raise RequestError("request", f"not a valid message ({type(exc).__name__}); "
                                       f"{len(raw)} bytes did not parse") from None
 
-
-Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _replace(handler: Any, unary_response: Wrapper, stream_response: Wrapper, *,
-             parse: bool) -> Any:
-    """``handler`` with its behavior wrapped, taking raw request bytes: parsed here when
-    ``parse`` (a message that does not parse ends INVALID_ARGUMENT), else left raw."""
-    deserializer = handler.request_deserializer if parse else None
-    streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-    kind = ("stream" if streaming_in else "unary") + "_" + ("stream" if streaming_out
-                                                            else "unary")
-    behavior = getattr(handler, kind)
-
-    def inner(received: Any, context: grpc.ServicerContext) -> Any:
-        if streaming_in:  # a stream that fails to parse midway raises in the servicer
-            return behavior((_parse(deserializer, raw) for raw in received), context)
-        try:
-            request = _parse(deserializer, received)
-        except RequestError as exc:
-            status = status_of(exc)
-            context.abort(status.code, status.message)
-        return behavior(request, context)
-
-    wrapped = (stream_response if streaming_out else unary_response)(inner)
-    return handler._replace(**{kind: wrapped, "request_deserializer": None})

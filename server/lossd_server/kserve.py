@@ -48,6 +48,7 @@ an unknown model or version is NOT_FOUND.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,15 +58,19 @@ import grpc
 import numpy as np
 import torch
 
-from lossd._result import PerClass
+from lossd import PerClass
 from lossd.kserve.v2 import grpc_service_pb2 as pb
 from lossd.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from lossd_server import __version__, analysis, limits
+from lossd_server.catalogue import option_hint, suggest_loss
 from lossd_server.engine import Batch, Evaluation
 from lossd_server.errors import Refused, RequestError, unary_errors
 from lossd_server.limits import CallState
+from lossd_server.logs import field as name_field
+from lossd_server.logs import plain, shown
 from lossd_server.losses import LOSSES, Loss, OptionType, Targets, all_options
 from lossd_server.service import EvaluationService
+from lossd_server.wire import MAX_DIMS
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "lossd"
@@ -240,11 +245,13 @@ def _field(spec: Loss, field: str) -> str:
 
 def _model(name: str, version: str) -> Loss:
     if name not in LOSSES:
-        raise RequestError("model_name", f"unknown model {name!r}; the models are the losses: "
-                                         f"{', '.join(sorted(LOSSES))}",
+        guess = suggest_loss(name)
+        hint = f"did you mean {guess!r}? " if guess is not None else ""
+        raise RequestError("model_name", f"unknown model {shown(name)}; {hint}the models are the "
+                                         f"losses: {', '.join(sorted(LOSSES))}",
                            grpc.StatusCode.NOT_FOUND)
     if version not in ("", MODEL_VERSION):
-        raise RequestError("model_version", f"{name} has no version {version!r}; its only "
+        raise RequestError("model_version", f"{name} has no version {shown(version)}; its only "
                                             f"version is {MODEL_VERSION!r}",
                            grpc.StatusCode.NOT_FOUND)
     return LOSSES[name]
@@ -252,7 +259,7 @@ def _model(name: str, version: str) -> Loss:
 
 def _datatype(name: str, datatype: str) -> DataType:
     if datatype not in DATATYPES:
-        raise RequestError(f"{name}.datatype", f"{datatype!r} not accepted; use one of "
+        raise RequestError(f"{name}.datatype", f"{shown(datatype)} not accepted; use one of "
                                                f"{', '.join(DATATYPES)}")
     return DATATYPES[datatype]
 
@@ -263,6 +270,8 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     name = tensor.name
     dt = _datatype(name, tensor.datatype)
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise RequestError(f"{name}.shape", f"{len(shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise RequestError(f"{name}.shape", f"negative dimension in {list(shape)}")
     count = math.prod(shape)
@@ -296,7 +305,7 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
 def decode_parameter(name: str, p: pb.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     if kind is None:
-        raise RequestError(f"parameters.{name}", "no value set")
+        raise RequestError(name_field("parameters", name), "no value set")
     return getattr(p, kind)
 
 
@@ -309,7 +318,7 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
     spec = _model(request.model_name, request.model_version)
     budget = limits.ElementBudget(max_elements)
     for i, t in enumerate(request.inputs):
-        budget.claim(t.name or f"inputs[{i}]", t.shape)
+        budget.claim(plain(t.name) if t.name else f"inputs[{i}]", t.shape)
     raws = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
         raise RequestError("raw_input_contents", f"{len(raws)} entries for "
@@ -319,7 +328,7 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
     tensors: dict[str, torch.Tensor] = {}
     for i, t in enumerate(request.inputs):
         if t.name not in accepted:
-            raise RequestError(t.name or f"inputs[{i}]",
+            raise RequestError(plain(t.name) if t.name else f"inputs[{i}]",
                                f"unknown input for model {spec.name}; its inputs are "
                                f"{', '.join(accepted)}")
         if t.name in tensors:
@@ -336,14 +345,16 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
     asked: dict[str, Any] = {}
     for name, p in request.parameters.items():
         if name in tensor_options.values():
-            raise RequestError(f"parameters.{name}", f"a tensor; send it as input "
+            raise RequestError(name_field("parameters", name), f"a tensor; send it as input "
                                                      f"{name.upper()}")
         if name in ANALYSIS_PARAMETERS:
             asked[name] = _analysis_parameter(name, decode_parameter(name, p))
             continue
         if name not in scalar_options:
-            raise RequestError(f"parameters.{name}", f"unknown parameter for model "
-                                                     f"{spec.name}; accepted: "
+            hint = option_hint(spec, name, [o.name for o in all_options(spec)])
+            raise RequestError(name_field("parameters", name), f"unknown parameter for model "
+                                                     f"{spec.name}; {hint + '; ' if hint else ''}"
+                                                     "accepted: "
                                                      f"{', '.join(scalar_options)} and "
                                                      f"{', '.join(ANALYSIS_PARAMETERS)}")
         options[name] = decode_parameter(name, p)
@@ -367,6 +378,10 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
                          if key in tensors})
 
 
+_INT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+"""An int in a string parameter: ASCII digits, an optional sign, spaces around."""
+
+
 def _analysis_parameter(name: str, value: Any) -> Any:
     field = f"parameters.{name}"
     if name != "top_k":
@@ -377,10 +392,10 @@ def _analysis_parameter(name: str, value: Any) -> Any:
         raise RequestError(field, "expected int64 or a string of comma-separated ints")
     if isinstance(value, int):
         return (value,)
-    try:
-        return tuple(int(k) for k in value.split(","))
-    except ValueError:
-        raise RequestError(field, f"{value!r} is not a comma-separated list of ints") from None
+    ks = value.split(",")
+    if not all(_INT.fullmatch(k) for k in ks):  # int() would read "٣" as 3 and "1_0" as 10
+        raise RequestError(field, f"{shown(value)} is not a comma-separated list of ints")
+    return tuple(int(k) for k in ks)
 
 
 def _produced(o: Output, weighted: bool, analyses: analysis.Request) -> bool:
@@ -400,7 +415,7 @@ def requested_outputs(request: pb.ModelInferRequest, *, weighted: bool,
         return [o for o in (*OUTPUTS, *ANALYSIS_OUTPUTS) if _produced(o, weighted, analyses)]
     chosen: list[Output] = []
     for r in request.outputs:
-        field = f"outputs.{r.name}"
+        field = f"outputs.{plain(r.name)}"
         if r.name not in OUTPUT_BY_NAME:
             raise RequestError(field, f"unknown output; the outputs are "
                                       f"{', '.join(OUTPUT_BY_NAME)}")

@@ -7,13 +7,22 @@
   when it starts; each batch of an admitted stream then waits for a slot and is never
   refused for contention. Nothing queues without bound: a stream has at most one batch waiting. A
   waiting evaluation whose caller cancelled or whose deadline passed leaves the queue
-  without computing.
+  without computing. It records when each slot was taken (``longest_hold``): a slot held
+  too long is stuck work, which :mod:`lossd_server.watchdog` reports.
 * :class:`ElementBudget`: the elements a request claims (its shapes), checked against
-  ``--max-elements`` as each tensor is decoded, before its bytes are looked at.
+  ``--max-elements`` as each tensor is decoded, before its bytes are looked at;
+  :func:`claim_working_memory`: the same budget for them plus what the loss allocates
+  (``Loss.working_elements``), checked before the loss runs.
 * :func:`is_out_of_memory` / :func:`release_memory`: CUDA OOM and host allocation failures
   become RESOURCE_EXHAUSTED; the device cache is released and the server goes on.
-* :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, and
-  the admission queue, registered on the server's metrics registry.
+* :class:`MessageWaits`: what a caller's unsent messages may hold. A pool thread waits
+  for each call's request message; at most ``max_receiving`` unary calls wait at once (one
+  more ends the longest wait of the caller holding most), each at most ``timeout``
+  seconds. A stream idle (waiting for its next message) ``stream_idle`` seconds gives its
+  admission up when another stream needs it. So unsent calls and idle streams can never
+  hold every thread or every stream admission (docs/limits.md).
+* :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, the
+  admission queue and the ended message waits, registered on the server's metrics registry.
 
 Every refusal is an :class:`~lossd_server.errors.Refused` carrying its status and reason.
 """
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import gc
+import logging
 import math
 import threading
 import time
@@ -30,7 +41,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import grpc
 import torch
@@ -43,6 +54,11 @@ OTHER_METHOD = "other"
 REJECT_REASONS = ("queue_full", "too_many_streams", "too_large", "out_of_memory",
                   "unauthenticated", "draining")
 DROP_REASONS = ("cancelled", "deadline_exceeded")
+# Why the server ended a call waiting for its caller's message (MessageWaits).
+WAIT_REASONS = ("message_timeout", "evicted", "idle_stream", "draining")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,6 +92,16 @@ class LimitMetrics:
                              multiprocess_mode="livesum")
         self.draining = Gauge("lossd_draining", "1 while the server drains (SIGTERM), else 0.",
                               registry=registry, multiprocess_mode="livemax")
+        self.waits_ended = Counter(
+            "lossd_message_waits_ended", "Calls the server ended while they waited for their "
+            "caller's message, by method and reason (message_timeout: a unary request not "
+            "sent within --message-timeout-seconds; evicted: the longest wait, past "
+            "--max-receiving; idle_stream: a stream idle --stream-idle-seconds whose "
+            "admission another stream needed; draining: a unary request still unsent when "
+            "the server began to drain).", ("method", "reason"), registry=registry)
+        self.receiving = Gauge("lossd_receiving_calls", "Unary calls waiting for their request "
+                               "message (sampled every 0.25 s).", registry=registry,
+                               multiprocess_mode="livesum")
         # Written on every call: through the hot path's writers.
         self.waiting_value = ValueWriter(self.waiting)
         self.running_value = ValueWriter(self.running)
@@ -84,6 +110,8 @@ class LimitMetrics:
                 self.rejected.labels(method, reason)
             for reason in DROP_REASONS:
                 self.dropped.labels(method, reason)
+            for reason in WAIT_REASONS:
+                self.waits_ended.labels(method, reason)
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> LimitMetrics:
@@ -139,6 +167,206 @@ class CallState:
 
 
 # ---------------------------------------------------------------------------------------
+# Waits for a caller's message
+
+
+Ender = Callable[[grpc.StatusCode, str], None]
+
+
+@dataclass(eq=False)
+class Wait:
+    """One call as :class:`MessageWaits` sees it: who sent it, how to end it from another
+    thread, and whether it holds a stream admission (set by :meth:`Admission.stream`)."""
+
+    waits: MessageWaits
+    method: str  # the metrics label (LimitMetrics.method_label)
+    peer: str  # the caller's address without its port: calls of one host count together
+    end: Ender
+    since: float = 0.0  # when its current wait for a message began
+    admitted: bool = False
+    ended: Refused | None = None  # the status it was ended with
+
+
+# The call this thread serves (grpcio runs each call in a contextvars context of its own),
+# so that Admission.stream can reclaim an idle stream without knowing the servicer's call.
+_CURRENT: contextvars.ContextVar[Wait | None] = contextvars.ContextVar("lossd_wait",
+                                                                      default=None)
+
+
+def current_wait() -> Wait | None:
+    """The :class:`Wait` of the call being served here, if it passed a :class:`Gate`."""
+    return _CURRENT.get()
+
+
+class MessageWaits:
+    """Calls whose pool thread waits for the caller's next message, and the bounds on them.
+
+    * A unary call's request must arrive within ``timeout`` seconds, or the call ends
+      UNAVAILABLE (``message_timeout``).
+    * At most ``max_receiving`` unary calls wait at once. One more ends (RESOURCE_EXHAUSTED,
+      ``evicted``) the longest wait of the host holding most waits: a caller holding many
+      unsent calls loses its own first, and a new call, health checks included, is never
+      the one refused. Honest messages arrive in milliseconds; a held call waits longest.
+    * :meth:`reclaim_stream`: when every stream admission is taken, the admitted stream
+      idle longest (waiting for its next message), if idle ``stream_idle`` seconds or more,
+      ends UNAVAILABLE (``idle_stream``) to make room; lossd's shared-memory client opens
+      a new session on UNAVAILABLE. Streams are never closed for idleness while there is
+      room: a training loop's session may wait minutes between steps.
+
+    Ending a call from another thread cancels it with a status, which wakes the thread
+    waiting for its message. A daemon thread enforces ``timeout`` (every
+    ``TICK_SECONDS``); the hot path only adds and removes a wait under a lock.
+    """
+
+    TICK_SECONDS = 0.25
+
+    def __init__(self, *, max_receiving: int = 32, timeout: float = 30.0,
+                 stream_idle: float = 10.0, metrics: LimitMetrics | None = None) -> None:
+        if max_receiving < 1 or timeout <= 0 or stream_idle < 0:
+            raise ValueError("max_receiving >= 1, timeout > 0 and stream_idle >= 0")
+        self.max_receiving = max_receiving
+        self.timeout = timeout
+        self.stream_idle = stream_idle
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        # Insertion order is age order: the first entry has waited longest.
+        self._unary: dict[Wait, None] = {}
+        self._streams: dict[Wait, None] = {}
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    @property
+    def receiving(self) -> int:
+        """Unary calls now waiting for their request message."""
+        return len(self._unary)
+
+    def call(self, method: str, peer: str, end: Ender) -> Wait:
+        """The :class:`Wait` of a call starting in this thread (see :func:`current_wait`).
+        ``peer`` is gRPC's (``ipv4:1.2.3.4:5678``); ``end`` cancels the call with a status."""
+        wait = Wait(self, method, peer.rsplit(":", 1)[0], end)
+        _CURRENT.set(wait)
+        return wait
+
+    def receive_first(self, wait: Wait, read: Callable[[], T]) -> T:
+        """``read()`` a unary call's request within the bounds of the class doc; raises
+        :class:`Refused` when the call was ended (its status is already on the wire)."""
+        wait.since = time.monotonic()
+        evicted = None
+        with self._lock:
+            if len(self._unary) >= self.max_receiving:
+                evicted = self._victim()
+                del self._unary[evicted]
+            self._unary[wait] = None
+            if self._watchdog is None:
+                self._start_watchdog()
+        if evicted is not None:
+            self._end(evicted, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"request message not received after {time.monotonic() - evicted.since:.1f}"
+                      f" s while {self.max_receiving} calls waited for theirs "
+                      "(--max-receiving); this call waited longest", "evicted")
+        try:
+            return self._read(wait, read)
+        finally:
+            with self._lock:
+                self._unary.pop(wait, None)
+
+    def receive_next(self, wait: Wait, read: Callable[[], T]) -> T:
+        """``read()`` a stream's next message; raises :class:`Refused` when the stream was
+        ended by :meth:`reclaim_stream`."""
+        wait.since = time.monotonic()
+        with self._lock:
+            self._streams[wait] = None
+        try:
+            return self._read(wait, read)
+        finally:
+            with self._lock:
+                self._streams.pop(wait, None)
+
+    @staticmethod
+    def _read(wait: Wait, read: Callable[[], T]) -> T:
+        try:
+            return read()
+        except grpc.RpcError:
+            if wait.ended is None:
+                raise  # the caller went away: gRPC's own error
+        raise wait.ended from None
+
+    def drain(self) -> None:
+        """End every unary call still waiting for its request (UNAVAILABLE: the caller
+        retries elsewhere), so that unsent calls do not hold a drain for its grace period.
+        Streams are left to finish."""
+        with self._lock:
+            waiting = list(self._unary)
+            self._unary.clear()
+        for w in waiting:
+            self._end(w, grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down) and "
+                      "the request message had not arrived; retry on another replica",
+                      "draining")
+
+    def _victim(self) -> Wait:
+        """The longest wait of the host holding most waits (called under the lock)."""
+        counts = collections.Counter(w.peer for w in self._unary)
+        most = max(counts.values())
+        return next(w for w in self._unary if counts[w.peer] == most)
+
+    def reclaim_stream(self) -> float:
+        """End the admitted stream idle longest if idle ``stream_idle`` s or more: 0.0.
+        Otherwise the seconds until one will be (``inf``: no admitted stream is idle)."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [w for w in self._streams if w.admitted and w.ended is None]
+        if not idle:
+            return math.inf
+        oldest = min(idle, key=lambda w: w.since)
+        waited = now - oldest.since
+        if waited < self.stream_idle:
+            return self.stream_idle - waited
+        self._end(oldest, grpc.StatusCode.UNAVAILABLE,
+                  f"stream idle for {waited:.0f} s (no message) closed: another stream needed "
+                  f"its admission (--max-streams; --stream-idle-seconds {self.stream_idle:g});"
+                  " open a new one", "idle_stream")
+        return 0.0
+
+    def _end(self, wait: Wait, code: grpc.StatusCode, message: str, reason: str) -> None:
+        if wait.ended is not None:
+            return
+        wait.ended = Refused(code, message, reason=reason)
+        log.info("ended a call waiting for its message", extra={
+            "method": wait.method, "code": code.name, "reason": reason})
+        if self.metrics is not None:
+            self.metrics.waits_ended.labels(wait.method, reason).inc()
+        wait.end(code, message)
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = threading.Thread(target=self._watch, name="lossd-message-waits",
+                                          daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self.TICK_SECONDS):
+            cutoff = time.monotonic() - self.timeout
+            with self._lock:
+                expired = []
+                for w in self._unary:  # oldest first: stop at the first one in time
+                    if w.since > cutoff:
+                        break
+                    expired.append(w)
+                for w in expired:
+                    del self._unary[w]
+                waiting = len(self._unary)
+            for w in expired:
+                self._end(w, grpc.StatusCode.UNAVAILABLE,
+                          f"request message not received within {self.timeout:g} s "
+                          "(--message-timeout-seconds)", "message_timeout")
+            if self.metrics is not None:
+                self.metrics.receiving.set(waiting)
+
+    def close(self) -> None:
+        """Stop the watchdog thread (it is a daemon: a server that exits needs not)."""
+        self._closed.set()
+
+
+# ---------------------------------------------------------------------------------------
 # Admission
 
 
@@ -157,7 +385,8 @@ class Admission:
     admitted=True)`` is a batch of an admitted stream: it waits whatever the queue's length.
 
     ``stream()`` is the door of a stream, held while it is open: refused (with a
-    retry-after hint) when ``max_streams`` streams are open (0: no limit). A stream is a
+    retry-after hint) when ``max_streams`` streams are open (0: no limit) and none of them
+    has been idle long enough to give its place up (:class:`MessageWaits`). A stream is a
     long commitment, so the door counts streams, not the queue of the moment; each open
     stream has at most one batch waiting, so the queue stays within ``max_waiting`` plus
     ``max_streams``.
@@ -173,6 +402,9 @@ class Admission:
     """
 
     POLL_SECONDS = 0.05  # how often a waiter checks whether its caller is still there
+    # How long a stream waits for the place of an idle stream it had closed: that stream's
+    # thread wakes at once and only unwinds.
+    RECLAIM_SECONDS = 2.0
 
     def __init__(self, slots: int, max_waiting: int, *, max_streams: int = 0,
                  metrics: LimitMetrics | None = None) -> None:
@@ -186,6 +418,10 @@ class Admission:
         self._free = slots
         self._queue: collections.deque[_Waiter] = collections.deque()
         self._streams = 0
+        self._door = threading.Condition(self._lock)  # notified when a stream ends
+        # When each slot now held was taken (perf_counter -> how many at that instant), for
+        # the watchdog: a slot held past a bound is stuck work (lossd_server.watchdog).
+        self._held: collections.Counter[float] = collections.Counter()
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
         self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
@@ -201,6 +437,12 @@ class Admission:
     @property
     def streams(self) -> int:
         return self._streams
+
+    def longest_hold(self) -> float:
+        """Seconds the longest-held slot has been held by now (0 while none is)."""
+        with self._lock:
+            oldest = min(self._held, default=None)
+        return 0.0 if oldest is None else time.perf_counter() - oldest
 
     def retry_after_seconds(self) -> float:
         """About when a slot frees for one more caller: the queue ahead, per slot."""
@@ -219,11 +461,14 @@ class Admission:
         """Take a slot (waiting in line for one); returns when it was taken, for
         :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
         self._acquire(call or CallState(), admitted)
-        return time.perf_counter()
+        acquired = time.perf_counter()
+        with self._lock:
+            self._held[acquired] += 1
+        return acquired
 
     def release(self, acquired: float) -> None:
         """Give back a slot taken by :meth:`acquire` at ``acquired``."""
-        self._release(time.perf_counter() - acquired)
+        self._release(acquired, time.perf_counter() - acquired)
 
     def _busy(self) -> Refused:
         hint = self.retry_after_seconds()
@@ -260,8 +505,11 @@ class Admission:
                     self._gauges()
                     raise
 
-    def _release(self, held: float) -> None:
+    def _release(self, acquired: float, held: float) -> None:
         with self._lock:
+            self._held[acquired] -= 1
+            if self._held[acquired] <= 0:
+                del self._held[acquired]
             self._hold = 0.8 * self._hold + 0.2 * held
             if self._queue:
                 waiter = self._queue.popleft()  # the slot passes straight to it
@@ -281,23 +529,45 @@ class Admission:
 
     @contextmanager
     def stream(self) -> Iterator[None]:
-        """Admit a stream for as long as the block runs (see the class doc)."""
-        with self._lock:
-            if self.max_streams and self._streams >= self.max_streams:
-                hint = max(1.0, self.retry_after_seconds())
-                raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self._streams} streams open (--max-streams "
-                    f"{self.max_streams}); retry after {math.ceil(hint * 1000)} ms",
-                    reason="too_many_streams", trailers=retry_after(hint))
-            self._streams += 1
-            self._stream_gauge()
+        """Admit a stream for as long as the block runs (see the class doc). When every
+        admission is taken, a stream idle long enough gives its own up (see
+        :meth:`MessageWaits.reclaim_stream`) and this one waits up to ``RECLAIM_SECONDS``
+        for the place."""
+        wait = current_wait()
+        with self._door:
+            admitted = self._admit()
+        if not admitted:
+            ready_in = wait.waits.reclaim_stream() if wait is not None else math.inf
+            with self._door:
+                admitted = ready_in == 0.0 and self._door.wait_for(
+                    self._admit, self.RECLAIM_SECONDS)
+                if not admitted:
+                    hint = max(1.0, ready_in if ready_in < math.inf
+                               else self.retry_after_seconds())
+                    raise Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"server busy: {self._streams} streams open (--max-streams "
+                        f"{self.max_streams}); retry after {math.ceil(hint * 1000)} ms",
+                        reason="too_many_streams", trailers=retry_after(hint))
+        if wait is not None:
+            wait.admitted = True
         try:
             yield
         finally:
-            with self._lock:
+            if wait is not None:
+                wait.admitted = False
+            with self._door:
                 self._streams -= 1
                 self._stream_gauge()
+                self._door.notify()
+
+    def _admit(self) -> bool:
+        """Take a stream admission if one is free (called under the door's lock)."""
+        if self.max_streams and self._streams >= self.max_streams:
+            return False
+        self._streams += 1
+        self._stream_gauge()
+        return True
 
     def _stream_gauge(self) -> None:
         if self.metrics is not None:
@@ -359,6 +629,18 @@ class ElementBudget:
                           f"{name}.shape: {dims} brings the request to {self.total} "
                           f"elements; this server takes at most {max_elements} per message "
                           "(--max-elements); split the batch", reason="too_large")
+
+
+def claim_working_memory(loss: str, held: int, working: int, max_elements: int) -> None:
+    """Refuse (RESOURCE_EXHAUSTED, ``too_large``) a request whose ``held`` tensor elements
+    and the ``working`` elements its loss allocates for them pass ``max_elements`` (0: no
+    limit): the element budget of what the request costs, not only of what it sends."""
+    if max_elements and held + working > max_elements:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"predictions.shape: {loss} needs {working} working elements for this "
+                      f"request besides its {held}; this server takes at most {max_elements} "
+                      "per message (--max-elements); send fewer or shorter sequences",
+                      reason="too_large")
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ first, on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lossd_server import catalogue
 from lossd_server.catalogue import (
     BUILTIN_SOURCE,
     IGNORE_INDEX,
@@ -29,7 +31,6 @@ from lossd_server.catalogue import (
     OptionType,
     Targets,
     all_options,
-    register,
     registering_for,
     render_default,
 )
@@ -39,6 +40,9 @@ from lossd_server.errors import RequestError
 __all__ = ["BUILTINS", "CATALOGUE", "IGNORE_INDEX", "LOSSES", "NAN_POLICY", "Input", "Loss",
            "Option", "OptionType", "Targets", "all_options", "render_default",
            "sigmoid_focal_loss"]
+
+register = functools.partial(catalogue.register, thread_safe=True)
+"""The built-ins are pure torch functions: safe to call from many threads at once."""
 
 Tensor = torch.Tensor
 
@@ -223,6 +227,16 @@ def _ctc_check(predictions: Tensor, targets: Tensor | None, inputs: Mapping[str,
                                       "sequence holds labels other than blank")
 
 
+def _ctc_working_elements(predictions: Tensor, targets: Tensor | None,
+                          inputs: Mapping[str, Tensor], options: Mapping[str, Any]) -> int:
+    """torch's alpha table (and, for a gradient, beta): N x T x (2S + 1) floats, where S is
+    the targets' length; quadratic in what the request sends (a 144 kB request made it
+    544 MiB)."""
+    assert targets is not None
+    n, steps, _ = predictions.shape
+    return int(n * steps * (2 * targets.shape[1] + 1))
+
+
 _DISTANCES: Mapping[str, Callable[[Tensor, Tensor], Tensor] | None] = {
     "pairwise_distance": None,  # torch's default: torch.pairwise_distance
     "cosine_distance": lambda a, b: 1.0 - F.cosine_similarity(a, b),
@@ -325,6 +339,7 @@ def _register_builtins() -> tuple[Loss, ...]:
                           "eps": Option(1e-6, "variances are clamped to at least this",
                                         check=_at_least(0.0))}),
         register("ctc_loss", _ctc, targets=Targets.LABEL_SEQUENCES, check=_ctc_check,
+                 working_elements=_ctc_working_elements,
                  description="Connectionist temporal classification of log-probabilities "
                              "(N, T, C), batch first, against label sequences; per sample "
                              "torch's reduction='none' value.",

@@ -4,8 +4,20 @@ Everything hangs off one :class:`Metrics` object built on an injectable registry
 tests read a fresh one. Names follow the Prometheus naming guide: ``lossd_`` prefix, base
 units, ``_total`` only on counters, one counter with a ``code`` label, histograms (not
 summaries) so replicas aggregate. Label values are bounded: ``method`` and ``stage`` are
-fixed sets, ``loss`` is a catalogue name or ``invalid``, ``tag`` goes through
-:class:`TagPolicy`, ``code`` is a gRPC status name, ``worker`` a worker process index.
+fixed sets, ``loss`` is a catalogue name, ``invalid`` (a name the catalogue lacks) or empty
+(the call names no loss: ``ListLosses``, or a call refused before its message was read),
+``tag`` goes through :class:`TagPolicy`, ``code`` is a gRPC status name, ``worker`` a worker
+process index.
+
+Series appear when they first happen, so an idle pod's scrape stays small (under 200
+lines, whatever the catalogue holds) and grows only with the methods, losses and tags in
+use. The exceptions start at 0 for what reads them:
+
+* ``lossd_requests_in_flight`` for every method: an autoscaler (and the dashboard's job
+  list) reads it from idle pods too;
+* when a method first ends a call for a loss, its ``lossd_requests_total`` for every code
+  in ``KNOWN_CODES``, so the first error of each kind shows in ``rate()`` (a counter born
+  at 1 would hide it); when a method first times a stage, its every stage alike.
 
 Per call, labelled children are looked up once and kept (``labels()`` costs a few
 microseconds each, a dozen times a call), and a call is tracked by a plain object rather
@@ -28,6 +40,7 @@ import bisect
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -50,9 +63,20 @@ from lossd_server.losses import LOSSES
 METHODS = ("Evaluate", "EvaluateStream", "ListLosses", "ModelInfer", "SharedMemorySession")
 STAGES = ("decode", "queue", "compute", "encode")
 INVALID_LOSS = "invalid"
+NO_LOSS = ""
+"""The ``loss`` label of a call that names none: Prometheus reads an empty value as no
+label, so ``sum by (loss)`` shows such calls apart from every loss."""
 OTHER_TAG = "other"
 NO_TAG = "none"
-# Codes a request can end with; each starts at 0 for every method and loss.
+INVALID_TAG = "invalid"
+MAX_TAG_LENGTH = 64
+"""Default of ``--max-tag-length``. A tag is a label value written into every series of
+its loss (a few dozen lines of each scrape, and the multiprocess files): six 2 MiB tags
+made a 240 MB scrape."""
+_TAG = re.compile(r"[A-Za-z0-9_.:/@+=-]+")
+"""The characters a tag may hold: no whitespace, quotes or control characters, which would
+need escaping in the exposition format and could forge lines in logs."""
+# Codes a request commonly ends with; each starts at 0 for a method and loss in use.
 KNOWN_CODES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "INTERNAL")
 DEFAULT_LOSS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0,
@@ -74,19 +98,25 @@ def multiprocess() -> bool:
 class TagPolicy:
     """Bounds the ``tag`` label: an allow-list, or the first ``max_tags`` distinct tags.
 
-    Anything else is counted as ``other``; an empty tag is ``none``. With worker processes,
-    ``shared`` (a :class:`SharedTags`) makes the first ``max_tags`` the pod's, not each
-    worker's.
+    Anything else is counted as ``other``; an empty tag is ``none``. A tag longer than
+    ``max_tag_length`` characters or with a character outside letters, digits and
+    ``_.:/@+=-`` is counted as ``invalid`` (the call is served; its metrics degrade, they
+    never grow with the tag). With worker processes, ``shared`` (a :class:`SharedTags`)
+    makes the first ``max_tags`` the pod's, not each worker's.
 
     >>> p = TagPolicy(max_tags=1)
     >>> p.resolve("resnet"), p.resolve("vit"), p.resolve("resnet"), p.resolve("")
     ('resnet', 'other', 'resnet', 'none')
+    >>> p.resolve("x" * 65), p.resolve("two words")
+    ('invalid', 'invalid')
     """
 
     def __init__(self, *, allow: Iterable[str] = (), max_tags: int = 32,
-                 shared: SharedTags | None = None) -> None:
+                 shared: SharedTags | None = None,
+                 max_tag_length: int = MAX_TAG_LENGTH) -> None:
         self.allow = frozenset(t for t in allow if t)
         self.max_tags = max_tags
+        self.max_tag_length = max_tag_length
         self.shared = shared
         self._seen: set[str] = set()
         self._lock = threading.Lock()
@@ -94,6 +124,8 @@ class TagPolicy:
     def resolve(self, tag: str) -> str:
         if not tag:
             return NO_TAG
+        if len(tag) > self.max_tag_length or not _TAG.fullmatch(tag):
+            return INVALID_TAG
         if self.allow:
             return tag if tag in self.allow else OTHER_TAG
         if tag in self._seen:  # set membership is atomic; the lock guards admission only
@@ -289,17 +321,17 @@ class HistogramWriter:
 
 
 class _MethodSeries:
-    """The children of one method, bound once."""
+    """The children of one method, each bound once, when first used (``in_flight`` at
+    once). Two threads binding the same child at once is harmless: both write to it."""
 
     __slots__ = (
         "_metrics",
+        "_received",
+        "_sent",
         "duration",
         "in_flight",
         "method",
-        "received",
         "requests",
-        "sent",
-        "size",
         "stages",
     )
 
@@ -307,40 +339,84 @@ class _MethodSeries:
         self._metrics = m
         self.method = method
         self.in_flight = ValueWriter(m.in_flight.labels(method))
-        self.received = ValueWriter(m.received_bytes.labels(method))
-        self.sent = ValueWriter(m.sent_bytes.labels(method))
-        self.size = HistogramWriter(m.request_size.labels(method))
-        self.stages = {stage: HistogramWriter(m.stage_duration.labels(method, stage))
-                       for stage in STAGES}
+        self._received: tuple[ValueWriter, HistogramWriter] | None = None
+        self._sent: ValueWriter | None = None
+        self.stages: dict[str, HistogramWriter] = {}
         self.requests: dict[tuple[str, str], ValueWriter] = {}
         self.duration: dict[str, HistogramWriter] = {}
 
+    def received(self, nbytes: int) -> None:
+        writers = self._received
+        if writers is None:
+            m = self._metrics
+            writers = self._received = (ValueWriter(m.received_bytes.labels(self.method)),
+                                        HistogramWriter(m.request_size.labels(self.method)))
+        writers[0].inc(nbytes)
+        writers[1].observe(nbytes)
+
+    def sent(self, nbytes: int) -> None:
+        writer = self._sent
+        if writer is None:
+            writer = self._sent = ValueWriter(self._metrics.sent_bytes.labels(self.method))
+        writer.inc(nbytes)
+
+    def stage(self, name: str) -> HistogramWriter:
+        histogram = self.stages.get(name)
+        if histogram is None:  # the method's first timed stage: every stage starts at 0
+            self.stages = {stage: self.stages.get(stage) or HistogramWriter(
+                self._metrics.stage_duration.labels(self.method, stage)) for stage in STAGES}
+            histogram = self.stages[name]
+        return histogram
+
     def finished(self, loss: str, code: str, seconds: float) -> None:
-        key = (loss, code)
-        counter = self.requests.get(key)
-        if counter is None:
-            counter = self.requests[key] = ValueWriter(
-                self._metrics.requests.labels(self.method, loss, code))
-        counter.inc()
         histogram = self.duration.get(loss)
-        if histogram is None:
+        if histogram is None:  # the first call of this loss: its known codes start at 0
+            for known in KNOWN_CODES:
+                self._counter(loss, known)
             histogram = self.duration[loss] = HistogramWriter(
                 self._metrics.request_duration.labels(self.method, loss))
+        counter = self.requests.get((loss, code)) or self._counter(loss, code)
+        counter.inc()
         histogram.observe(seconds)
+
+    def _counter(self, loss: str, code: str) -> ValueWriter:
+        counter = self.requests.get((loss, code))
+        if counter is None:
+            counter = self.requests[loss, code] = ValueWriter(
+                self._metrics.requests.labels(self.method, loss, code))
+        return counter
 
 
 class _LossSeries:
-    """The children of one loss and resolved tag, bound once."""
+    """The children of one loss and resolved tag, bound once; the weighted mean at the first
+    weighted batch, the device time at the first CUDA one."""
 
-    __slots__ = ("batch_mean", "batch_weighted_mean", "device_compute", "sample_loss",
-                 "samples")
+    __slots__ = ("_device_compute", "_metrics", "_weighted_mean", "batch_mean", "loss",
+                 "sample_loss", "samples", "tag")
 
     def __init__(self, m: Metrics, loss: str, tag: str) -> None:
+        self._metrics = m
+        self.loss = loss
+        self.tag = tag
         self.samples = ValueWriter(m.samples.labels(loss))
         self.sample_loss = HistogramWriter(m.sample_loss.labels(loss, tag))
         self.batch_mean = ValueWriter(m.batch_mean.labels(loss, tag))
-        self.batch_weighted_mean = ValueWriter(m.batch_weighted_mean.labels(loss, tag))
-        self.device_compute = HistogramWriter(m.device_compute.labels(loss))
+        self._weighted_mean: ValueWriter | None = None
+        self._device_compute: HistogramWriter | None = None
+
+    def weighted_mean(self, value: float) -> None:
+        writer = self._weighted_mean
+        if writer is None:
+            writer = self._weighted_mean = ValueWriter(
+                self._metrics.batch_weighted_mean.labels(self.loss, self.tag))
+        writer.set(value)
+
+    def device_seconds(self, seconds: float) -> None:
+        histogram = self._device_compute
+        if histogram is None:
+            histogram = self._device_compute = HistogramWriter(
+                self._metrics.device_compute.labels(self.loss))
+        histogram.observe(seconds)
 
 
 class Metrics:
@@ -410,24 +486,12 @@ class Metrics:
         self._losses: dict[tuple[str, str], _LossSeries] = {}
         self._losses_lock = threading.Lock()
         self._device: torch.device | None = None
-        self._start_at_zero()
-
-    def _start_at_zero(self) -> None:
-        for method in METHODS:
-            for loss in (*LOSSES, INVALID_LOSS):
-                self.request_duration.labels(method, loss)
-                for code in KNOWN_CODES:
-                    self.requests.labels(method, loss, code)
-        for loss in LOSSES:
-            self.samples.labels(loss)
 
     def set_device(self, device: torch.device) -> None:
         """Record the device (``lossd_device_info``); on CUDA, its memory gauges."""
         self._device = device
         if device.type == "cuda":
             name, cuda = torch.cuda.get_device_name(device), str(torch.version.cuda)
-            for loss in LOSSES:
-                self.device_compute.labels(loss)
         else:
             name, cuda = "cpu", ""
         self.device.labels(self.worker, device.type, str(device.index or 0), name,
@@ -444,6 +508,9 @@ class Metrics:
                 float(torch.cuda.memory_reserved(device)))
 
     def loss_label(self, name: str) -> str:
+        """The bounded ``loss`` label of a call naming ``name`` (see the module)."""
+        if not name:
+            return NO_LOSS
         return name if name in LOSSES else INVALID_LOSS
 
     def call(self, method: str) -> CallRecord:
@@ -548,14 +615,13 @@ class CallRecord:
 
     def stage(self, name: str) -> _StageTimer:
         """Time a block as stage ``name`` (a context manager)."""
-        return _StageTimer(self._series.stages[name])
+        return _StageTimer(self._series.stage(name))
 
     def received(self, nbytes: int) -> None:
-        self._series.received.inc(nbytes)
-        self._series.size.observe(nbytes)
+        self._series.received(nbytes)
 
     def sent(self, nbytes: int) -> None:
-        self._series.sent.inc(nbytes)
+        self._series.sent(nbytes)
 
     def evaluated(self, loss: str, tag: str, per_sample: np.ndarray, mean: float,
                   weighted_mean: float | None, device_seconds: float | None) -> None:
@@ -568,9 +634,9 @@ class CallRecord:
         series.sample_loss.observe_counts(*m.bucket_counts(per_sample))
         series.batch_mean.set(mean)
         if weighted_mean is not None:
-            series.batch_weighted_mean.set(weighted_mean)
+            series.weighted_mean(weighted_mean)
         if device_seconds is not None:
-            series.device_compute.observe(device_seconds)
+            series.device_seconds(device_seconds)
             m.refresh_device_memory()
 
 

@@ -33,6 +33,20 @@ At evaluation, a loss function that raises, or returns something other than a te
 the compute dtype on the device with N first, makes the call INTERNAL with a message
 naming the loss and what was wrong (never the function's exception text; the traceback is
 in the server log), and the server goes on serving.
+
+What a plugin's function may rely on:
+
+- **Its arguments are its own.** It gets copies of the request's tensors, so nothing it
+  writes (in place, through ``.data`` or ``.numpy()``) reaches the caller's memory (a
+  request's bytes, a shared-memory region) or the accuracy, diagnostics and per-class
+  analyses, which read the originals. Writing in place through torch is still reported
+  as a bad function (INTERNAL): it is a bug in the loss. The copies cost one pass over
+  the batch; the built-ins, which never write, get the request's tensors.
+- **One call at a time, unless it says otherwise.** The server computes from several
+  threads at once (``--slots``); a function registered as it is takes turns (a lock per
+  loss), so state it keeps needs no care. ``register(..., thread_safe=True)`` (or
+  ``@loss(..., thread_safe=True)``) lets the slots run it side by side: right for a pure
+  torch function, which is thread-safe as torch is.
 """
 
 from __future__ import annotations
@@ -75,7 +89,8 @@ def loss(name: str | None = None, *, options: dict[str, Any], targets: TargetsNa
          check: Check | None = None, sum_class_dim: bool = False, samplewise: bool = True,
          min_prediction_dims: int = 1, max_prediction_dims: int | None = None,
          prediction_shapes: tuple[str, ...] | None = None,
-         target_shapes: tuple[str, ...] | None = None) -> Callable[[FnT], FnT]:
+         target_shapes: tuple[str, ...] | None = None,
+         thread_safe: bool = False) -> Callable[[FnT], FnT]:
     """:func:`register` as a decorator; the name defaults to the function's::
 
         @loss(options={"eps": 1e-3}, targets="values")
@@ -88,7 +103,8 @@ def loss(name: str | None = None, *, options: dict[str, Any], targets: TargetsNa
                  samplewise=samplewise,
                  min_prediction_dims=min_prediction_dims,
                  max_prediction_dims=max_prediction_dims,
-                 prediction_shapes=prediction_shapes, target_shapes=target_shapes)
+                 prediction_shapes=prediction_shapes, target_shapes=target_shapes,
+                 thread_safe=thread_safe)
         return fn
     return decorate
 

@@ -10,8 +10,8 @@ One call reads top to bottom: :meth:`LossServicer.Evaluate` -> :meth:`LossServic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -62,19 +62,23 @@ def decode_request(req: pb.EvaluateRequest, view: wire.SharedMemoryView | None =
     Tensors in shared memory can be rewritten by the caller at any moment, so every one
     whose values validation relies on (targets, weights, extra inputs such as lengths) is
     copied out of the region
-    here, before validation; predictions are viewed in place (zero copy: no value of a
-    float tensor can make a kernel misbehave), except with ``pin_memory`` (CUDA), where
-    they are copied once into pinned memory for the device copy, as the engine would.
+    here, before validation; predictions are viewed in place (zero copy), except for a loss
+    with its own check, which may refuse prediction values (binary_cross_entropy's outside
+    [0, 1], which its kernel refuses too: the values checked must be the values computed),
+    and with ``pin_memory`` (CUDA), where they are copied once into pinned memory for the
+    device copy, as the engine would.
     """
     if not req.HasField("predictions"):
         raise RequestError("predictions", "missing")
     if req.HasField("per_sample_output") and view is None:
         raise RequestError("per_sample_output", "needs shared_memory_session")
     claim = limits.ElementBudget(max_elements).claim
+    spec = losses.LOSSES.get(req.loss)
+    checked = spec is not None and spec.check is not None
     return Batch(
         loss=req.loss,
         predictions=wire.decode_tensor(req.predictions, "predictions", view, claim,
-                                       private=pin_memory, pin_memory=pin_memory),
+                                       private=pin_memory or checked, pin_memory=pin_memory),
         targets=(wire.decode_tensor(req.targets, "targets", view, claim, private=True)
                  if req.HasField("targets") else None),
         weights=(wire.decode_tensor(req.weights, "weights", view, claim, private=True)
@@ -318,17 +322,28 @@ def _gone(context: grpc.ServicerContext) -> Refused:
                    reason="cancelled")
 
 
-def add_to_server(servicer: LossServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: LossServicer, server: grpc.Server, *,
+                  max_map_entries: int = wire.MAX_MAP_ENTRIES) -> None:
     """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does,
     except that Evaluate and EvaluateStream parse their requests with
     :func:`wire.parse_request`, which views the tensors of a large request in the received
-    bytes instead of copying them out."""
+    bytes instead of copying them out, and refuses (counted) a request with more than
+    ``max_map_entries`` inputs or options before it parses the rest."""
+    def parse(method: str) -> Callable[[bytes], Any]:
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return wire.parse_request(raw, max_map_entries)
+            except Refused as exc:
+                servicer.service.refused(method, exc)
+                raise
+        return deserialize
+
     handlers = {
         "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, request_deserializer=wire.parse_request,
+            servicer.Evaluate, request_deserializer=parse("Evaluate"),
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, request_deserializer=wire.parse_request,
+            servicer.EvaluateStream, request_deserializer=parse("EvaluateStream"),
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
             servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,

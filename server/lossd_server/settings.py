@@ -46,8 +46,9 @@ class Settings:
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
     workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
-                               "--max-waiting + --max-streams + 2 when lower, so waiting "
-                               "evaluations and open streams never starve health checks)")
+                               "--max-waiting + --max-streams + --max-receiving + 2 when "
+                               "lower, so waiting evaluations, open streams and unsent "
+                               "requests never starve health checks)")
     concurrency: int = _setting(2, "evaluations running on the device at once; further calls "
                                    "wait (the 'queue' stage)")
     grace_seconds: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight calls may "
@@ -60,7 +61,10 @@ class Settings:
     tags: str = _setting("", "comma-separated allow-list of request tags for loss metrics "
                              "(others count as 'other'); empty: the first --max-tags seen")
     max_tags: int = _setting(32, "distinct tags kept in loss metrics when no allow-list is set")
-    # Security (README, "Security"). Settings hold file paths and variable names, never secrets.
+    max_tag_length: int = _setting(64, "longest tag kept in loss metrics; a longer one, or one "
+                                       "with a character outside letters, digits and "
+                                       "_.:/@+=-, counts as 'invalid'")
+    # Security (docs/security.md). Settings hold file paths and variable names, never secrets.
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key turns "
                                  "TLS on")
     tls_key: str = _setting("", "PEM private key of --tls-cert", secret=True)
@@ -80,7 +84,7 @@ class Settings:
                                         "large blocks, no trimming, one arena) so each large "
                                         "request reuses pages instead of faulting in fresh "
                                         "ones; RSS then stays at its peak")
-    # Dynamic batching (README, "Performance").
+    # Dynamic batching (docs/performance.md, "Knobs").
     batching: str = _setting("off", "coalesce concurrent small requests with the same loss, "
                                     "options and shapes into one device call (off by default: "
                                     "it measured no faster on CPU or an H100, where Python "
@@ -90,11 +94,15 @@ class Settings:
                                             "requests run alone")
     batch_delay_us: int = _setting(500, "how long the first request of a batch waits for "
                                         "others (only while other calls are in flight)")
-    # Limits and backpressure (README, "Limits and backpressure").
+    # Limits and backpressure (docs/resilience.md, "Limits and backpressure").
     max_elements: int = _setting(1 << 25, "most tensor elements in one request message "
                                           "(predictions, targets, weights and tensor options "
-                                          "together); more gets RESOURCE_EXHAUSTED (0: no "
-                                          "limit)")
+                                          "together), its loss's working memory included "
+                                          "(ctc_loss: N x T x (2S+1)); more gets "
+                                          "RESOURCE_EXHAUSTED (0: no limit)")
+    max_map_entries: int = _setting(64, "most entries in a request's inputs or options map; "
+                                        "the entry past it is refused (RESOURCE_EXHAUSTED) "
+                                        "as the message is parsed (0: no limit)")
     max_waiting: int = _setting(16, "evaluations that may wait for one of the --concurrency "
                                     "slots; beyond it calls get RESOURCE_EXHAUSTED with a "
                                     "'retry-after-ms' trailer")
@@ -102,7 +110,20 @@ class Settings:
                                    "a stream is admitted or refused (RESOURCE_EXHAUSTED, "
                                    "'retry-after-ms') when it starts, and its batches then wait "
                                    "for a compute slot, never refused for contention (0: "
-                                   "--workers - --concurrency - --max-waiting - 2, at least 32)")
+                                   "--workers - --concurrency - --max-waiting - "
+                                   "--max-receiving - 2, at least 32)")
+    max_receiving: int = _setting(32, "unary calls that may wait at once for their request "
+                                      "message (each holds a thread); one more ends the "
+                                      "longest wait of the caller holding most with "
+                                      "RESOURCE_EXHAUSTED")
+    message_timeout_seconds: float = _setting(30.0, "how long a unary call's request message "
+                                                    "may take to arrive; then the call ends "
+                                                    "UNAVAILABLE")
+    stream_idle_seconds: float = _setting(10.0, "a stream that sent no message for this long "
+                                                "gives its admission up (ends UNAVAILABLE) "
+                                                "when --max-streams are open and another "
+                                                "stream arrives; with room left it stays "
+                                                "open")
     max_rpcs: int = _setting(0, "calls in progress at once, including calls waiting for a "
                                 "worker thread; beyond it gRPC answers RESOURCE_EXHAUSTED at "
                                 "once (0: twice the worker threads)")
@@ -111,7 +132,7 @@ class Settings:
                                                 "process (0: no cap; with 4 processes on a "
                                                 "GPU at most ~0.2 each); evaluations beyond "
                                                 "it get RESOURCE_EXHAUSTED")
-    # Shared memory (README, "Asyncio, shared memory").
+    # Shared memory (docs/client.md and docs/security.md, "Shared memory").
     shared_memory: bool = _setting(True, "serve SharedMemorySession: co-located callers pass "
                                          "sealed memfds over a Unix-domain socket in "
                                          "--shm-socket-dir")
@@ -127,7 +148,7 @@ class Settings:
                                                     "accepted from clients (lossd clients ping "
                                                     "every 30 s); faster pingers are "
                                                     "disconnected")
-    # Plugins (README, "Plugins").
+    # Plugins (docs/plugins.md).
     plugins: tuple[str, ...] = _setting((), "a module (or module:function) whose import "
                                             "registers losses with lossd_server.plugins."
                                             "register; repeatable (the variable: comma-"
@@ -140,6 +161,15 @@ class Settings:
                                                         "this long, so clients re-resolve DNS "
                                                         "and spread over new replicas (0: "
                                                         "never)")
+    # Stuck work (docs/limits.md).
+    stall_seconds: float = _setting(8.0, "a compute slot held this long is stuck work: "
+                                          "health turns NOT_SERVING (a worker process is "
+                                          "replaced) and lossd_compute_stalls_total counts "
+                                          "it (0: no watchdog)")
+    heartbeat_seconds: float = _setting(10.0, "a worker process whose heartbeat is this "
+                                              "late is frozen: lossd_worker_up 0, killed and "
+                                              "restarted (with --processes > 1; 0: not "
+                                              "watched)")
 
     @property
     def max_message_bytes(self) -> int:
@@ -153,13 +183,14 @@ class Settings:
     def stream_limit(self) -> int:
         """--max-streams, or its default: what --workers leaves, at least 32."""
         return self.max_streams or max(32, self.workers - self.concurrency - self.max_waiting
-                                       - 2)
+                                       - self.max_receiving - 2)
 
     @property
     def threads(self) -> int:
-        """Threads of the call pool: --workers, or enough for every admitted evaluation and
-        stream with two to spare (health checks, ListLosses)."""
-        return max(self.workers, self.concurrency + self.max_waiting + self.stream_limit + 2)
+        """Threads of the call pool: --workers, or enough for every admitted evaluation,
+        stream and unsent request with two to spare (health checks, ListLosses)."""
+        return max(self.workers, self.concurrency + self.max_waiting + self.stream_limit
+                   + self.max_receiving + 2)
 
     @property
     def shm_max_bytes(self) -> int:
@@ -190,11 +221,20 @@ class Settings:
         for name in ("concurrency", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
-        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams"):
+        for name in ("max_waiting", "max_elements", "max_rpcs", "max_streams",
+                     "max_map_entries", "max_tag_length"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.max_receiving < 1:
+            raise ValueError("--max-receiving must be at least 1")
+        for name in ("message_timeout_seconds", "stream_idle_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.shm_max_mb <= 0:
             raise ValueError("--shm-max-mb must be positive")
+        for name in ("stall_seconds", "heartbeat_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not 0.0 <= self.cuda_memory_fraction <= 1.0:
             raise ValueError("--cuda-memory-fraction must be within [0, 1]")
         if self.processes != "auto" and not (self.processes.isdigit()
@@ -254,21 +294,56 @@ def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
     return value
 
 
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "network": ("host", "port", "metrics_host", "metrics_port", "health_port", "reflection",
+                "keepalive_seconds", "min_client_ping_seconds",
+                "max_connection_age_seconds", "shared_memory", "shm_socket_dir"),
+    "processes": ("processes", "torch_threads", "workers", "concurrency", "grace_seconds",
+                  "malloc_reuse"),
+    "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
+               "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
+               "max_map_entries", "shm_max_mb", "stall_seconds", "heartbeat_seconds"),
+    "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
+                 "auth_tokens_env"),
+    "device": ("device", "cuda_memory_fraction", "batching", "batch_max_samples",
+               "batch_delay_us"),
+    "observability": ("log_level", "log_format", "loss_buckets", "tags", "max_tags",
+                      "max_tag_length"),
+    "plugins": ("plugins", "entry_points"),
+}
+"""The sections of ``lossd serve --help``, each setting in one (tests check that every
+setting is in exactly one); a setting left out lands in a last "other" section."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults shown are the environment-resolved ones."""
-    for f in dataclasses.fields(Settings):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        env = Settings.env_name(f.name)
-        help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
-        if isinstance(f.default, tuple):
-            parser.add_argument(flag, dest=f.name, action="append", default=None,
-                                metavar=f.metadata.get("metavar"), help=help_text)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
-                                choices=f.metadata.get("choices"), help=help_text)
+    """One flag per setting, in the sections of ``HELP_GROUPS``; the default each help
+    shows is the built-in one, which a ``LOSSD_*`` variable overrides. The usage line
+    says ``[options]``: forty flags spelled out there would repeat the sections."""
+    parser.usage = "%(prog)s [options]"
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    grouped = {name for names in HELP_GROUPS.values() for name in names}
+    sections = [*HELP_GROUPS.items(),
+                ("other", tuple(name for name in fields if name not in grouped))]
+    for title, names in sections:
+        if names:
+            group = parser.add_argument_group(title)
+            for name in names:
+                _add_argument(group, fields[name])
+
+
+def _add_argument(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    env = Settings.env_name(f.name)
+    help_text = f"{f.metadata['help']} [env {env}; default: {f.default!r}]"
+    if isinstance(f.default, tuple):
+        group.add_argument(flag, dest=f.name, action="append", default=None,
+                           metavar=f.metadata.get("metavar"), help=help_text)
+    elif isinstance(f.default, bool):
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+    else:
+        group.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                           choices=f.metadata.get("choices"), help=help_text)
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:

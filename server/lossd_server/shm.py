@@ -52,6 +52,7 @@ from pathlib import Path
 import grpc
 
 from lossd_server.errors import RequestError
+from lossd_server.logs import shown
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +224,12 @@ class SharedMemoryRegistry:
             raise RequestError("register.byte_size", f"must be positive, got {byte_size}")
         with self._lock:
             if name in session.regions:
-                raise RequestError("register.name", f"{name!r} is already registered; "
+                raise RequestError("register.name", f"{shown(name)} is already registered; "
                                                     "unregister it first")
             if len(session.regions) >= self.max_regions:
                 raise RequestError("register", f"at most {self.max_regions} regions a session")
             if descriptor not in session.pending:
-                raise RequestError("register.descriptor", f"no descriptor {descriptor!r} "
+                raise RequestError("register.descriptor", f"no descriptor {shown(descriptor)} "
                                                           "passed for this session (or already "
                                                           "registered)")
             if self._mapped + byte_size > self.max_bytes:
@@ -272,7 +273,7 @@ class SharedMemoryRegistry:
                 self._mapped -= region.size
                 self._descriptors -= 1
         if region is None:
-            raise RequestError("unregister", f"no region {name!r} in this session")
+            raise RequestError("unregister", f"no region {shown(name)} in this session")
         region.close()
 
     def view(self, session_id: str, region: str, offset: int, byte_size: int,
@@ -287,10 +288,10 @@ class SharedMemoryRegistry:
                                    "(SharedMemoryRequest.evaluate)")
             found = session.regions.get(region)
             if found is None:
-                raise RequestError(f"{field}.region", f"no region {region!r} in this session")
+                raise RequestError(f"{field}.region", f"no region {shown(region)} in this session")
             if offset < 0 or byte_size < 0 or offset + byte_size > found.size:
                 raise RequestError(field, f"bytes [{offset}, {offset + byte_size}) outside "
-                                          f"region {region!r} of {found.size} bytes")
+                                          f"region {shown(region)} of {found.size} bytes")
             # Made under the lock, so an unregister cannot close the mapping in between.
             return memoryview(found.mapping)[offset:offset + byte_size]
 

@@ -18,20 +18,27 @@ from typing import Any
 import torch
 
 from lossd_server import analysis
+from lossd_server.catalogue import unknown_loss, unknown_option
 from lossd_server.describe import dtype_str, first_value, sample_offset, shape_str
 from lossd_server.describe import first as _first
 from lossd_server.describe import sample as _sample
 from lossd_server.errors import RequestError
+from lossd_server.logs import field as _field
 from lossd_server.losses import LOSSES, Loss, Option, OptionType, Targets, all_options
 from lossd_server.reduce import REDUCTIONS
 
-__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "RequestError", "batch", "dtype_str",
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "batch", "dtype_str",
            "finite_predictions", "gradient", "loss", "no_nonfinite", "options",
            "sample_offset", "shape_str"]
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+MAX_FLOAT_OPTION = float(torch.finfo(torch.float32).max)
+"""The largest magnitude of a float option, whatever the request's dtype: options meet
+float32 tensors in torch's kernels (which refuse a scalar they cannot convert) and Python
+arithmetic in plugins (``eps ** 2`` overflows past 1e154); no loss means anything by a
+value beyond float32's range."""
 
 
 def loss(name: str) -> Loss:
@@ -39,7 +46,7 @@ def loss(name: str) -> Loss:
     if not name:
         raise RequestError("loss", f"missing; one of {', '.join(sorted(LOSSES))}")
     if name not in LOSSES:
-        raise RequestError("loss", f"unknown loss {name!r}; one of {', '.join(sorted(LOSSES))}")
+        raise RequestError("loss", unknown_loss(name))
     return LOSSES[name]
 
 
@@ -50,8 +57,13 @@ def _typed(opt: Option, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise RequestError(field, f"must be finite, got {value}")
-    elif ((t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool))
-          or (t is OptionType.BOOL and isinstance(value, bool))
+        if abs(value) > MAX_FLOAT_OPTION:
+            raise RequestError(field, f"{value} is beyond float32's range (magnitude at most "
+                                      f"{MAX_FLOAT_OPTION:.7g})")
+    elif t is OptionType.INT and isinstance(value, int) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:  # (KServe's uint64_param reaches 2**64 - 1)
+            raise RequestError(field, f"{value} is beyond int64's range")
+    elif ((t is OptionType.BOOL and isinstance(value, bool))
           or (t is OptionType.STR and isinstance(value, str))):
         pass
     elif t is OptionType.TENSOR and isinstance(value, Tensor):
@@ -91,9 +103,7 @@ def options(spec: Loss, raw: Mapping[str, Any]) -> dict[str, Any]:
         return dict(defaults)
     for name in raw:
         if name not in known:
-            raise RequestError(f"options.{name}",
-                               f"unknown option for {spec.name}; accepted: "
-                               f"{', '.join(known) or 'none'}")
+            raise RequestError(_field("options", name), unknown_option(spec, name, known))
     return {name: (_typed(o, raw[name]) if name in raw else o.default)
             for name, o in known.items()}
 
@@ -146,7 +156,7 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
         raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
                                       f"{spec.name}; send float values")
     if not integer and not kind.floating:
-        what = "class indices" if spec.class_targets else "labels"
+        what = "class indices of shape (N, ...)" if spec.class_targets else "labels"
         raise RequestError("targets", f"dtype {dtype_str(targets.dtype)} not accepted by "
                                       f"{spec.name}; send int64 or int32 {what}")
     if integer:
@@ -161,6 +171,8 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
     want = (predictions.shape[0],) if kind is Targets.SAMPLE_VALUES else tuple(
         predictions.shape)
     if tuple(targets.shape) != want:
+        if kind is Targets.CLASS_INDEX_OR_PROBS:
+            raise RequestError("targets", _indices_or_probabilities(spec, predictions, targets))
         per_sample = (f"; one value per sample, {shape_str(want)}"
                       if kind is Targets.SAMPLE_VALUES else "")
         raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
@@ -170,8 +182,27 @@ def _targets(spec: Loss, predictions: Tensor, targets: Tensor | None,
     return None
 
 
+def _indices_or_probabilities(spec: Loss, predictions: Tensor, targets: Tensor) -> str:
+    """The problem with float targets of a loss taking class indices or probabilities whose
+    shape is not the predictions': shaped as class indices, the dtype is the mistake."""
+    indices = (predictions.shape[0], *predictions.shape[2:])
+    takes = (f"{spec.name} takes class indices (int64/int32) of shape (N, ...), here "
+             f"{shape_str(indices)}, or class probabilities shaped like the predictions, "
+             f"here {shape_str(predictions.shape)}")
+    if tuple(targets.shape) == indices:
+        return (f"dtype {dtype_str(targets.dtype)} with the shape of class indices, "
+                f"{shape_str(targets.shape)}: {takes}; send the class indices as int64 "
+                "(targets.long())")
+    return (f"shape {shape_str(targets.shape)} does not match predictions "
+            f"{shape_str(predictions.shape)}; {takes}")
+
+
 def _class_targets(spec: Loss, predictions: Tensor, targets: Tensor,
                    opts: Mapping[str, Any]) -> ClassTargets:
+    if predictions.dim() < 2:  # (a plugin may declare one dim; class indices need two)
+        raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no class "
+                                          f"dimension; {spec.name} with class-index targets "
+                                          "takes (N, C) or (N, C, d1, ...)")
     want = (predictions.shape[0], *predictions.shape[2:])
     if tuple(targets.shape) != want:
         raise RequestError("targets", f"shape {shape_str(targets.shape)} does not match "
@@ -239,8 +270,8 @@ def _inputs(spec: Loss, predictions: Tensor, inputs: Mapping[str, Tensor]) -> No
     for name in inputs:
         if name not in spec.input_by_name:
             accepted = ", ".join(spec.input_by_name) or "none"
-            raise RequestError(f"inputs.{name}", f"unknown input for {spec.name}; accepted: "
-                                                 f"{accepted}")
+            raise RequestError(_field("inputs", name),
+                               f"unknown input for {spec.name}; accepted: {accepted}")
     n = predictions.shape[0]
     for declared in spec.inputs:
         field = f"inputs.{declared.name}"

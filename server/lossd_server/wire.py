@@ -13,13 +13,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
-from lossd._wire import WIRE_DTYPES, dtype_name
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire import WIRE_DTYPES, dtype_name
 from lossd_server import analysis
-from lossd_server.errors import MalformedMessage, RequestError
+from lossd_server.errors import MalformedMessage, Refused, RequestError
+from lossd_server.logs import MAX_NAME, plain
+from lossd_server.logs import field as name_field
 from lossd_server.reduce import Aggregate
 
 TORCH_DTYPES: dict[pb.DType, torch.dtype] = {k: getattr(torch, d.name)
@@ -30,6 +33,10 @@ _PROTO_BY_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+
+MAX_DIMS = 64
+"""The most dimensions a tensor may have: numpy's limit (``numpy.lib.array_utils``'s
+``MAXDIMS`` since numpy 2), through which decoding views the bytes; no loss takes more."""
 
 SharedMemoryView = Callable[[pb.SharedMemoryRef, str], memoryview]
 Claim = Callable[[str, tuple[int, ...]], None]
@@ -51,13 +58,20 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
     ``shared_memory`` resolves a SharedMemoryRef of the request's session; ``claim`` sees
     the shape first. ``private``: bytes in shared memory are copied out (into pinned
     memory with ``pin_memory``), so the caller cannot change them after validation.
+    ``field`` may hold a caller's name (``inputs.<name>``): it is shown as ``logs.field``
+    shows names.
     """
+    if len(field) > MAX_NAME or not field.isprintable():
+        prefix, dot, name = field.partition(".")
+        field = name_field(prefix, name) if dot else plain(field)
     decoded = _DECODE.get(t.dtype)
     if decoded is None:
         raise RequestError(f"{field}.dtype", f"{dtype_name(t.dtype)} not accepted; use one of "
                                              f"{', '.join(d.name for d in WIRE_DTYPES.values())}")
     dtype, view_as, itemsize = decoded
     shape = tuple(t.shape)
+    if len(shape) > MAX_DIMS:
+        raise RequestError(f"{field}.shape", f"{len(shape)} dimensions; at most {MAX_DIMS}")
     if shape and min(shape) < 0:
         raise RequestError(f"{field}.shape", f"negative dimension in {list(shape)}")
     if claim is not None:
@@ -86,11 +100,13 @@ def decode_tensor(t: pb.Tensor, field: str, shared_memory: SharedMemoryView | No
 
 
 def decode_option(name: str, v: pb.OptionValue, claim: Claim | None = None) -> Any:
+    """An option's value: a Python scalar or a host tensor (the caller's ``name`` appears in
+    messages as ``logs.field`` shows it)."""
     kind = v.WhichOneof("kind")
     if kind is None:
-        raise RequestError(f"options.{name}", "no value set")
+        raise RequestError(name_field("options", name), "no value set")
     if kind == "tensor_value":
-        return decode_tensor(v.tensor_value, f"options.{name}", claim=claim)
+        return decode_tensor(v.tensor_value, name_field("options", name), claim=claim)
     return getattr(v, kind)
 
 
@@ -221,7 +237,49 @@ _MAX_DEPTH = 100  # upb's default limit of nested messages and groups
 _MASK64 = (1 << 64) - 1
 _START_GROUP, _END_GROUP = 3, 4
 _INPUTS_FIELD = 11  # map<string, Tensor> inputs: each entry a message {1: key, 2: value}
+_OPTIONS_FIELD = 5  # map<string, OptionValue> options (left to protobuf, but counted)
+_MAPS = {_INPUTS_FIELD: "inputs", _OPTIONS_FIELD: "options"}
 INPUT_PREFIX = "inputs."
+
+MAX_MAP_ENTRIES = 64
+"""Default of ``--max-map-entries``: entries a request's ``inputs`` or ``options`` map may
+hold. No loss takes more than a handful of either, and each entry costs the parser
+(protobuf's or this one) far more than its two bytes on the wire: 8 MiB of empty entries
+cost seconds of CPU and hundreds of MiB before the first would be refused by name."""
+
+
+WALK_BASE, WALK_PER_ENTRY = 1024, 32
+"""With ``--max-map-entries`` N, the zero-copy parser walks at most WALK_BASE + WALK_PER_ENTRY
+x N fields and packed shape values (at every depth) of a request: a request of lossd's holds
+a few dozen, plus a few per map entry, and each costs the Python walk microseconds, so 8 MiB
+of two-byte fields (unknown ones, a group of them, a shape of 8M dimensions) would cost
+seconds of CPU."""
+
+
+class _Budget:
+    """How many more fields and packed values the parser may walk."""
+
+    __slots__ = ("left", "limit", "max_entries")
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.limit = self.left = WALK_BASE + WALK_PER_ENTRY * max_entries
+
+    def spend(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"request: more than {self.limit} fields and shape values "
+                          f"({WALK_BASE} and {WALK_PER_ENTRY} per entry of "
+                          f"--max-map-entries {self.max_entries}); a request holds a few "
+                          "dozen", reason="too_large")
+
+
+def too_many_entries(field: str, max_entries: int) -> Refused:
+    """The refusal of a request whose ``field`` map holds more than ``max_entries``."""
+    return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"{field}: more than {max_entries} entries (--max-map-entries); a request "
+                   f"names each of its {field} once", reason="too_large")
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -249,9 +307,9 @@ def _tag(buf: memoryview, pos: int, end: int) -> tuple[int, int, int]:
 
 
 def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
-               depth: int) -> tuple[int, int]:
+               depth: int, budget: _Budget | None = None) -> tuple[int, int]:
     """(value start, value end) of a field whose tag ends at ``pos``; ``depth``: the
-    levels of messages and groups around it."""
+    levels of messages and groups around it; ``budget`` pays for a group's fields."""
     if wire_type == 0:
         return pos, _varint(buf, pos, end)[1]
     if wire_type == 1:
@@ -269,11 +327,14 @@ def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
             if inner >= end:
                 raise MalformedMessage(f"group {number} not closed")
             inner_number, inner_type, inner = _tag(buf, inner, end)
+            if budget is not None:
+                budget.spend()
             if inner_type == _END_GROUP:
                 if inner_number != number:
                     raise MalformedMessage(f"group {number} closed as {inner_number}")
                 return pos, inner
-            inner = _value_end(buf, inner_number, inner_type, inner, end, depth + 1)[1]
+            inner = _value_end(buf, inner_number, inner_type, inner, end, depth + 1,
+                               budget)[1]
     elif wire_type == _END_GROUP:
         raise MalformedMessage(f"end of group {number} outside a group")
     else:
@@ -283,15 +344,17 @@ def _value_end(buf: memoryview, number: int, wire_type: int, pos: int, end: int,
     return pos, value_end
 
 
-def _fields(buf: memoryview, start: int, end: int, depth: int = 0
-            ) -> Iterator[tuple[int, int, int, int, int]]:
+def _fields(buf: memoryview, start: int, end: int, depth: int = 0,
+            budget: _Budget | None = None) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, value end) of each field of the
-    message in ``buf[start:end]``, nested ``depth`` levels deep."""
+    message in ``buf[start:end]``, nested ``depth`` levels deep; each paid from ``budget``."""
     pos = start
     while pos < end:
         field_start = pos
         number, wire_type, pos = _tag(buf, pos, end)
-        value_start, pos = _value_end(buf, number, wire_type, pos, end, depth)
+        if budget is not None:
+            budget.spend()
+        value_start, pos = _value_end(buf, number, wire_type, pos, end, depth, budget)
         yield number, wire_type, field_start, value_start, pos
 
 
@@ -312,10 +375,13 @@ class TensorView:
     def HasField(self, name: str) -> bool:
         return name == "shared_memory" and self._has_shared_memory
 
-    def merge(self, buf: memoryview, start: int, end: int, depth: int = 1) -> None:
+    def merge(self, buf: memoryview, start: int, end: int, depth: int = 1,
+              budget: _Budget | None = None) -> None:
         """Merge one occurrence of the message, as protobuf does for repeated occurrences
-        (``depth``: its nesting level, 1 for a field of the request)."""
-        for number, wire_type, _, value_start, value_end in _fields(buf, start, end, depth):
+        (``depth``: its nesting level, 1 for a field of the request; ``budget`` pays for
+        its fields and shape values)."""
+        for number, wire_type, _, value_start, value_end in _fields(buf, start, end, depth,
+                                                                    budget):
             if number == 1 and wire_type == 0:
                 self.dtype = _varint(buf, value_start, value_end)[0] & 0xFFFFFFFF
                 if self.dtype >= 1 << 31:
@@ -323,6 +389,8 @@ class TensorView:
             elif number == 2 and wire_type == 2:  # packed
                 pos = value_start
                 while pos < value_end:
+                    if budget is not None:
+                        budget.spend()
                     value, pos = _varint(buf, pos, value_end)
                     self.shape.append(_int64(value))
             elif number == 2 and wire_type == 0:
@@ -330,7 +398,7 @@ class TensorView:
             elif number == 3 and wire_type == 2:
                 self.data = buf[value_start:value_end]
             elif number == 4 and wire_type == 2:
-                for _ in _fields(buf, value_start, value_end, depth + 1):
+                for _ in _fields(buf, value_start, value_end, depth + 1, budget):
                     pass  # nesting checked at its true depth; protobuf parses the values
                 try:
                     self.shared_memory.MergeFromString(bytes(buf[value_start:value_end]))
@@ -340,7 +408,8 @@ class TensorView:
             # Anything else, a known field with another wire type included, is unknown.
 
 
-def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView] | None:
+def _input_entry(buf: memoryview, start: int, end: int, budget: _Budget | None = None
+                 ) -> tuple[str, TensorView] | None:
     """One entry of the ``inputs`` map (a message {1: key, 2: Tensor value}), or None for an
     entry protobuf leaves out of the map: one holding any other field, or a field of the
     wrong wire type (protobuf keeps such an entry as an unknown field). As in protobuf, the
@@ -348,38 +417,55 @@ def _input_entry(buf: memoryview, start: int, end: int) -> tuple[str, TensorView
     key = ""
     value = TensorView()
     clean = True
-    for number, wire_type, _, value_start, value_end in _fields(buf, start, end, 1):
+    for number, wire_type, _, value_start, value_end in _fields(buf, start, end, 1, budget):
         if number == 1 and wire_type == 2:
             try:
                 key = str(buf[value_start:value_end], "utf-8")
             except UnicodeDecodeError:
                 raise MalformedMessage("inputs: a key is not valid UTF-8") from None
         elif number == 2 and wire_type == 2:
-            value.merge(buf, value_start, value_end, 2)
+            value.merge(buf, value_start, value_end, 2, budget)
         else:
             clean = False
     return (key, value) if clean else None
 
 
-def parse_evaluate_request(raw: bytes) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
+def parse_evaluate_request(raw: bytes, max_map_entries: int = 0
+                           ) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
     """The request's small fields (parsed by protobuf; tensor fields left empty) and its
     tensors as zero-copy views: predictions, targets, weights, and each of the ``inputs``
-    map as ``inputs.<name>``."""
+    map as ``inputs.<name>``.
+
+    ``max_map_entries`` (0: no limit): the ``inputs`` or ``options`` entry past it is
+    :class:`Refused` as it is met, before the rest of the message is walked, and so is the
+    field or shape value past the walk's budget (``WALK_BASE``).
+    """
+    budget = _Budget(max_map_entries) if max_map_entries else None
     buf = memoryview(raw)
     tensors: dict[str, TensorView] = {}
-    rest: list[memoryview] = []
-    for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
+    # The other fields' byte ranges, adjacent ones joined: their count stays that of the
+    # tensor fields between them, however many small fields the message holds.
+    rest: list[list[int]] = []
+    entries = dict.fromkeys(_MAPS, 0)
+    for number, wire_type, field_start, value_start, value_end in _fields(buf, 0, len(buf), 0,
+                                                                          budget):
+        if number in _MAPS and wire_type == 2:
+            entries[number] += 1
+            if max_map_entries and entries[number] > max_map_entries:
+                raise too_many_entries(_MAPS[number], max_map_entries)
         if number in _TENSOR_FIELDS and wire_type == 2:
             tensors.setdefault(_TENSOR_FIELDS[number], TensorView()).merge(
-                buf, value_start, value_end)
+                buf, value_start, value_end, 1, budget)
         elif number == _INPUTS_FIELD and wire_type == 2:
-            entry = _input_entry(buf, value_start, value_end)
+            entry = _input_entry(buf, value_start, value_end, budget)
             if entry is not None:
                 tensors[INPUT_PREFIX + entry[0]] = entry[1]  # a later entry replaces
+        elif rest and rest[-1][1] == field_start:
+            rest[-1][1] = value_end
         else:  # (a tensor field of another wire type is an unknown field to protobuf too)
-            rest.append(buf[field_start:value_end])
+            rest.append([field_start, value_end])
     try:
-        request = pb.EvaluateRequest.FromString(b"".join(rest))
+        request = pb.EvaluateRequest.FromString(b"".join(buf[a:b] for a, b in rest))
     except Exception as exc:  # protobuf's DecodeError
         raise MalformedMessage(str(exc) or type(exc).__name__) from None
     return request, tensors
@@ -390,15 +476,26 @@ SMALL_MESSAGE_BYTES = 32 * 1024
 costs less than walking the fields in Python."""
 
 
-def parse_request(raw: bytes) -> pb.EvaluateRequest | ParsedRequest:
+def parse_request(raw: bytes, max_map_entries: int = MAX_MAP_ENTRIES
+                  ) -> pb.EvaluateRequest | ParsedRequest:
     """The deserializer of Evaluate and EvaluateStream: protobuf's message for a small
-    request, a zero-copy :class:`ParsedRequest` for a larger one (both read alike)."""
+    request, a zero-copy :class:`ParsedRequest` for a larger one (both read alike).
+
+    Either way a request with more than ``max_map_entries`` (0: no limit) ``inputs`` or
+    ``options`` entries is :class:`Refused` (RESOURCE_EXHAUSTED naming the map and the
+    limit); a large one as soon as the parser meets the entry past the limit.
+    """
     if len(raw) > SMALL_MESSAGE_BYTES:
-        return ParsedRequest(raw)
+        return ParsedRequest(raw, max_map_entries)
     try:
-        return pb.EvaluateRequest.FromString(raw)
+        request = pb.EvaluateRequest.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError
         raise MalformedMessage(str(exc) or type(exc).__name__) from None
+    if max_map_entries:  # (SMALL_MESSAGE_BYTES bounds what protobuf built here)
+        for name in _MAPS.values():
+            if len(getattr(request, name)) > max_map_entries:
+                raise too_many_entries(name, max_map_entries)
+    return request
 
 
 class ParsedRequest:
@@ -411,8 +508,8 @@ class ParsedRequest:
 
     _TENSORS = frozenset(_TENSOR_FIELDS.values())
 
-    def __init__(self, raw: bytes) -> None:
-        self.message, self.tensors = parse_evaluate_request(raw)
+    def __init__(self, raw: bytes, max_map_entries: int = 0) -> None:
+        self.message, self.tensors = parse_evaluate_request(raw, max_map_entries)
         self.size = len(raw)
         self.inputs = {name.removeprefix(INPUT_PREFIX): view
                        for name, view in self.tensors.items() if name.startswith(INPUT_PREFIX)}

@@ -2,26 +2,43 @@
 through a real lossd server with the plugin loaded (as `lossd serve --plugin` loads it).
 
 Run them from the plugin's directory with ``pytest`` (they need lossd[server] installed);
-lossd's own test run includes them.
+lossd's own test run includes them. The plugin is imported by the ``losses`` fixture, not
+at collection: importing it registers its losses in the process, and lossd's test run
+(whose environment never has the plugin installed) keeps them out of its other servers.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from lossd_example_plugin.losses import charbonnier, knowledge_distillation
 
 import lossd
 from lossd import LossClient
 from lossd_server.app import LossdServer, create_server
 from lossd_server.settings import Settings
 
+SRC = Path(__file__).resolve().parents[1] / "src"
+
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[LossClient]:
+def losses() -> Iterator[ModuleType]:
+    """``lossd_example_plugin.losses``, imported (so registered): the installed package, or
+    ``src/`` where the plugin is not installed (lossd's own test run)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if importlib.util.find_spec("lossd_example_plugin") is None:
+            patch.syspath_prepend(str(SRC))
+        yield importlib.import_module("lossd_example_plugin.losses")
+
+
+@pytest.fixture(scope="module")
+def client(losses: ModuleType) -> Iterator[LossClient]:
     """A lossd server on a free port with the plugin loaded by name, and a client to it."""
     settings = Settings(host="127.0.0.1", port=0, metrics_port=-1, device="cpu",
                         plugins=("lossd_example_plugin.losses",))
@@ -43,18 +60,18 @@ def reference_distillation(x: torch.Tensor, t: torch.Tensor, teacher: torch.Tens
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
 
-def test_charbonnier_is_the_formula() -> None:
+def test_charbonnier_is_the_formula(losses: ModuleType) -> None:
     x, t = torch.tensor([0.0, 3.0, -1.0]), torch.tensor([0.0, -1.0, -1.5])
-    got = charbonnier(x, t, eps=0.5)
+    got = losses.charbonnier(x, t, eps=0.5)
     want = torch.tensor([0.5, (16 + 0.25) ** 0.5, (0.25 + 0.25) ** 0.5])
     torch.testing.assert_close(got, want)
 
 
-def test_distillation_is_the_formula() -> None:
+def test_distillation_is_the_formula(losses: ModuleType) -> None:
     g = torch.Generator().manual_seed(0)
     x, teacher = torch.randn(5, 4, 3, generator=g), torch.randn(5, 4, 3, generator=g)
     t = torch.randint(0, 4, (5, 3), generator=g)
-    got = knowledge_distillation(x, t, teacher=teacher, temperature=3.0, alpha=0.25)
+    got = losses.knowledge_distillation(x, t, teacher=teacher, temperature=3.0, alpha=0.25)
     torch.testing.assert_close(got, reference_distillation(x, t, teacher, 3.0, 0.25))
 
 

@@ -1,20 +1,12 @@
-"""``lossd serve``: the server in this process, or N serving processes under a supervisor.
+"""``lossd serve --processes N`` (N > 1): a :class:`Supervisor` runs N worker processes on
+one port, as grpc's multiprocessing example does.
 
-    lossd serve                          # --processes auto
-    lossd serve --processes 4 --port 50051
-    python -m lossd_server.serve --processes 1
-
-With ``--processes 1`` the server runs in this process (:func:`serve_single`): build,
-start, wait for SIGTERM or SIGINT, drain within ``--grace-seconds``, exit 0.
-
-With ``--processes N`` (N > 1) a :class:`Supervisor` runs N worker processes on one port,
-as grpc's multiprocessing example does: it reserves the port (a socket bound with
-SO_REUSEPORT that it holds for its whole life, so the port is never free for another
-program, even while every worker restarts) and starts each worker as a fresh interpreter
-(``python -m lossd_server.serve --worker``) that binds the same port with SO_REUSEPORT.
-The kernel spreads incoming connections over the workers; every call rides a connection,
-so the calls of one client channel go to one worker. What callers rely on holds across
-processes:
+It reserves the port (a socket bound with SO_REUSEPORT that it holds for its whole life, so
+the port is never free for another program, even while every worker restarts) and starts
+each worker as a fresh interpreter (:mod:`lossd_server.serve.worker`) that binds the same
+port with SO_REUSEPORT. The kernel spreads incoming connections over the workers; every
+call rides a connection, so the calls of one client channel go to one worker. What callers
+rely on holds across processes:
 
 * **metrics**: workers run prometheus-client's multiprocess mode (their values live in
   files under a directory of the supervisor's), and the supervisor serves the one
@@ -23,35 +15,33 @@ processes:
   (``process_*``, ``lossd_worker_up``, ``lossd_worker_restarts_total``) with a ``worker``
   label. The tag bound (``--max-tags``) holds for the pod (``metrics.SharedTags``).
 * **health**: SERVING only while every worker is ready (warmed up, not draining). The
-  supervisor tells each worker the pod's state, and serves ``--health-port`` itself.
+  supervisor tells each worker the pod's state, and serves ``--health-port`` itself
+  (:class:`lossd_server.health.Health`, as one server does).
 * **faults**: a worker that dies is logged and restarted, with a backoff that grows while
   it keeps dying; its callers see UNAVAILABLE for the calls that were on it (clients
   retry) and the port stays reserved. A worker that fails before it first becomes ready
   is a configuration error: everything stops and ``lossd serve`` exits 2.
+* **stuck and frozen workers**: a worker whose heartbeat is ``--heartbeat-seconds`` late
+  (stopped, wedged) or whose compute watchdog reports stuck work (``--stall-seconds``) is
+  marked down (``lossd_worker_up`` 0, pod health NOT_SERVING), killed, and restarted as a
+  dead one is (``lossd_worker_replaced_total`` counts them, by reason).
+* **a killed supervisor**: the kernel sends each worker SIGTERM (they drain and exit), and
+  the last process out of the metrics directory removes it (``host.make_pod_directory``).
 * **drain**: SIGTERM or SIGINT drains every worker within ``--grace-seconds``: each
   refuses new calls with UNAVAILABLE and lets its calls in flight finish, and every
   listener stays open until the whole pod is idle (a worker that closed early would have
   the kernel reset the connections it still hands that worker). The supervisor then tells
   all to close and exits 0 once all have finished.
 
-Supervisor and worker talk over two pipes: the worker's stdin carries one word a line
-(``serving``, ``not_serving``, ``drain``, ``close``; end of file, the supervisor gone,
-drains and closes too) and a pipe named by ``LOSSD_WORKER_STATUS_FD`` carries JSON lines
-back (``{"event": "ready", ...}``, ``{"event": "idle"}``).
-
-This module is the top of the server's dependency graph: nothing in the server imports it.
+The supervisor never touches a device and never imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import dataclasses
-import importlib.util
 import json
 import logging
-import math
 import os
 import selectors
 import shutil
@@ -60,242 +50,30 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from lossd_server import logs
-from lossd_server import settings as settings_mod
+from lossd_server.serve.host import (
+    EXIT_CONFIG,
+    device_list,
+    leave_pod_directory,
+    make_pod_directory,
+    torch_threads,
+)
+from lossd_server.serve.worker import ENV_INDEX, ENV_PARENT, ENV_STATUS_FD, MULTIPROC_ENV
 from lossd_server.settings import Settings
 
 if TYPE_CHECKING:
-    from lossd_server.app import LossdServer
+    from lossd_server.health import Health
 
 log = logging.getLogger("lossd")
 
-GPU_PROCESSES = 4
-"""``--processes auto`` on a GPU host: worker processes per GPU."""
-ENV_INDEX = "LOSSD_WORKER_INDEX"
-ENV_STATUS_FD = "LOSSD_WORKER_STATUS_FD"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_BACKOFF = (1.0, 30.0)
 """A dead worker is restarted after 1 s, doubling while it keeps dying, at most 30 s."""
 STABLE_SECONDS = 60.0
 """A worker up this long has its restart backoff reset."""
-EXIT_CONFIG = 2
-
-
-# ---------------------------------------------------------------------------------------
-# The command
-
-
-def add_command(subparsers: Any) -> None:
-    """Add ``serve`` to the ``lossd`` command (entry point group ``lossd.commands``)."""
-    parser = subparsers.add_parser(
-        "serve", help="run the gRPC server",
-        description="Run the lossd gRPC server. Every flag can also be set through the "
-                    "LOSSD_* environment variable named in its help; a flag wins.")
-    settings_mod.add_arguments(parser)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``lossd serve`` with parsed flags: a worker, one process, or a supervisor."""
-    if getattr(args, "worker", False):
-        code = _worker()
-        # Skip the interpreter's teardown: garbage-collecting torch takes seconds, and the
-        # server has stopped and every log line is out.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if importlib.util.find_spec("torch") is None:
-        print("lossd serve: torch is not installed; pip install 'lossd[server]'",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        settings = settings_mod.from_args(args)
-        settings.check()
-        processes = resolve_processes(settings)
-    except ValueError as exc:
-        print(f"lossd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    logs.configure(settings.log_level, settings.log_format)
-    try:
-        if processes == 1:
-            return serve_single(settings)
-        return Supervisor(settings, processes).run()
-    except (ValueError, OSError) as exc:
-        print(f"lossd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lossd_server.serve [flags]``: the same as ``lossd serve [flags]``."""
-    parser = argparse.ArgumentParser(prog="lossd")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.run(args))
-
-
-# ---------------------------------------------------------------------------------------
-# How many processes, on which devices
-
-
-def available_cpus() -> int:
-    """CPU cores this process may use: its affinity, capped by a cgroup CPU quota (a
-    Kubernetes CPU limit), at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        n = min(n, math.ceil(quota))
-    return max(1, n)
-
-
-def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    try:  # cgroup v2: "<quota> <period>" or "max <period>"
-        quota, period = (root / "cpu.max").read_text().split()
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-
-
-def visible_gpus() -> int:
-    """NVIDIA GPUs this process may use, without initialising CUDA (the supervisor never
-    touches a device): ``CUDA_VISIBLE_DEVICES`` when set, else the driver's device list."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        count = 0
-        for entry in visible.split(","):  # CUDA stops at the first invalid entry
-            entry = entry.strip()
-            if not entry or entry.startswith("-"):
-                break
-            count += 1
-        return count
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
-
-
-def _device_list(device: str) -> list[str]:
-    """The devices workers spread over: a given list, every visible GPU for ``cuda`` or
-    ``auto`` on a multi-GPU host, else the one device."""
-    if "," in device:
-        return [d.strip() for d in device.split(",") if d.strip()]
-    if device in ("auto", "cuda") and visible_gpus() > 1:
-        return [f"cuda:{i}" for i in range(visible_gpus())]
-    return [device]
-
-
-def resolve_processes(settings: Settings) -> int:
-    """``--processes``: a number, or ``auto``: the CPU cores available on a CPU host,
-    ``GPU_PROCESSES`` per GPU on a GPU host (each worker holds its own CUDA context)."""
-    if settings.processes != "auto":
-        return int(settings.processes)
-    devices = _device_list(settings.device)
-    on_gpu = any(d.startswith("cuda") for d in devices) or (
-        settings.device == "auto" and visible_gpus() > 0)
-    return GPU_PROCESSES * len(devices) if on_gpu else available_cpus()
-
-
-def torch_threads(settings: Settings, processes: int) -> int:
-    """Intra-op threads of each process: ``--torch-threads``, or the cores divided among
-    the processes (N processes of all-core thread pools would fight over the cores)."""
-    return settings.torch_threads or max(1, available_cpus() // processes)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def tune_allocator() -> bool:
-    """Make glibc keep and reuse freed memory: large requests then reuse warm pages instead
-    of faulting in fresh ones (about 3 us per 4 KiB page on the VMs measured, 25-55 ms per
-    32-64 MiB request). Must run before the server starts its threads. Returns whether it
-    applied (False off glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(param, value) == 1 for param, value in (
-            (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
-    except (OSError, AttributeError):
-        return False
-
-
-def _prepare_process(settings: Settings, processes: int) -> None:
-    """Process-wide set-up of a serving process, before any server thread starts."""
-    if settings.malloc_reuse:
-        tune_allocator()
-    import torch
-
-    torch.set_num_threads(torch_threads(settings, processes))
-
-
-# ---------------------------------------------------------------------------------------
-# One process
-
-
-def serve_single(settings: Settings) -> int:
-    """Serve in this process until SIGTERM/SIGINT, then drain for ``grace_seconds``."""
-    _prepare_process(settings, 1)
-    from lossd_server.app import create_server
-
-    server = create_server(settings)
-    log.info("lossd starting", extra={"settings": settings.loggable(),
-                                       "device": str(server.engine.device)})
-    server.start()
-    log.info("lossd serving", extra={**_serving_fields(server, settings), "processes": 1})
-    signum = _wait_for_signal(settings)
-    in_flight = server.gate.in_flight if server.gate is not None else 0
-    log.info("drain started", extra={"in_flight": in_flight, "signal": signum})
-    server.stop(settings.grace_seconds)
-    log.info("lossd stopped")
-    return 0
-
-
-def _serving_fields(server: LossdServer, settings: Settings) -> dict[str, Any]:
-    tokens = server.gate.tokens if server.gate is not None else None
-    return {"address": server.address, "metrics_port": server.metrics_port,
-            "health_port": server.health_port, "device": str(server.engine.device),
-            "tls": "mutual" if settings.tls_client_ca else settings.tls,
-            "auth_tokens": tokens.count if tokens else 0, "threads": settings.threads,
-            "max_rpcs": settings.rpc_limit,
-            "descriptor_socket": (os.fspath(server.descriptor_socket.path)
-                                  if server.descriptor_socket is not None else None)}
-
-
-def _wait_for_signal(settings: Settings) -> str:
-    """Block until SIGTERM or SIGINT; returns the signal's name (logged as it arrives)."""
-    got: list[str] = []
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        got.append(signal.Signals(signum).name)
-        log.info("draining", extra={"signal": got[-1], "grace_seconds": settings.grace_seconds})
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopped.wait(1.0):  # a timed wait lets the signal handler run promptly
-        pass
-    return got[0]
-
-
-# ---------------------------------------------------------------------------------------
-# The supervisor
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -341,6 +119,8 @@ class _Worker:
     restart_at: float | None = None
     told: bool | None = None  # the serving state last sent to it
     idle: bool = False  # draining, done waiting for its calls (finished, or grace over)
+    beat: float = 0.0  # when it last reported anything (its heartbeat)
+    replaced: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> times
 
     @property
     def pid(self) -> int | None:
@@ -355,7 +135,7 @@ class Supervisor:
             raise ValueError("a supervisor runs at least 2 worker processes")
         self.settings = settings
         self.processes = processes
-        devices = _device_list(settings.device)
+        devices = device_list(settings.device)
         self.workers = [_Worker(i, devices[i % len(devices)]) for i in range(processes)]
         self.threads = torch_threads(settings, processes)
         self.port = 0
@@ -366,7 +146,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._serving = False
-        self._health: Any = None
+        self._health: Health | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -377,9 +157,9 @@ class Supervisor:
         tokens = TokenStore.from_settings(s)  # a bad token file fails here, before workers
         reserved = reserve_port(s.host, s.port)
         self.port = reserved.getsockname()[1]
-        directory = tempfile.mkdtemp(prefix="lossd-metrics-")
+        directory, held = make_pod_directory()
         self.directory = directory
-        http = health_server = None
+        http = None
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -392,7 +172,7 @@ class Supervisor:
             if code is not None:
                 return code
             http = self._serve_metrics()
-            health_server = self._serve_health()
+            self._health = self._serve_health()
             self._update_health()
             log.info("lossd serving", extra={
                 "address": f"{s.host}:{self.port}", "metrics_port": self.metrics_port,
@@ -411,13 +191,14 @@ class Supervisor:
                 if w.proc is not None and w.proc.poll() is None:
                     w.proc.kill()
                     w.proc.wait()
-            if health_server is not None:
-                health_server.stop(0).wait()
+            if self._health is not None:
+                self._health.stop()
             if http is not None:
                 http.shutdown()
                 http.server_close()
             reserved.close()
-            shutil.rmtree(directory, ignore_errors=True)
+            leave_pod_directory(directory, held)
+            shutil.rmtree(directory, ignore_errors=True)  # even if a worker still holds it
             log.info("lossd stopped")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -440,14 +221,27 @@ class Supervisor:
         return None
 
     def _supervise(self) -> None:
-        """Restart workers that die, keep health current, until a signal."""
+        """Restart workers that die, replace frozen ones, keep health current, until a
+        signal."""
+        late = self.settings.heartbeat_seconds
         while self._stop is None:
             self._poll(0.2)
             now = time.monotonic()
             for w in self.workers:
                 if w.proc is None and w.restart_at is not None and now >= w.restart_at:
                     self._spawn(w)
+                elif late and w.ready and now - w.beat > late:
+                    self._replace(w, "frozen", silent_seconds=round(now - w.beat, 1))
             self._update_health()
+
+    def _replace(self, w: _Worker, reason: str, **fields: Any) -> None:
+        """Mark ``w`` down and kill it; :meth:`_exited` restarts it as a dead one."""
+        log.error("worker replaced", extra={"worker": w.index, "pid": w.pid,
+                                            "reason": reason, **fields})
+        w.ready = False
+        w.replaced[reason] = w.replaced.get(reason, 0) + 1
+        if w.proc is not None:
+            w.proc.kill()  # SIGKILL ends a stopped process too
 
     def _drain(self) -> int:
         """Drain every worker; 0 when all finished within the grace period."""
@@ -482,7 +276,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         read, write = os.pipe()
-        env = {**os.environ, **self.settings.to_env(),
+        env = {**os.environ, **self.settings.to_env(), ENV_PARENT: str(os.getpid()),
                "LOSSD_PORT": str(self.port), "LOSSD_METRICS_PORT": "-1",
                "LOSSD_HEALTH_PORT": "-1", "LOSSD_PROCESSES": "1", "LOSSD_DEVICE": w.device,
                "LOSSD_TORCH_THREADS": str(self.threads), MULTIPROC_ENV: self.directory,
@@ -521,10 +315,14 @@ class Supervisor:
             return
         w.buffer += chunk
         *lines, w.buffer = w.buffer.split(b"\n")
+        if lines:
+            w.beat = time.monotonic()
         for line in lines:
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if event.get("event") == "ready":
+                if event.get("event") == "stalled" and w.ready and self._stop is None:
+                    self._replace(w, "stalled")
+                elif event.get("event") == "ready":
                     w.ready = w.ever_ready = True
                     log.info("worker ready", extra={"worker": w.index, "pid": w.pid,
                                                     "device": event.get("device")})
@@ -586,12 +384,7 @@ class Supervisor:
                                       "ready": sum(w.ready for w in self.workers),
                                       "processes": self.processes})
         if self._health is not None:
-            from grpc_health.v1 import health_pb2
-
-            status = (health_pb2.HealthCheckResponse.SERVING if serving
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            for name in self._health_names:
-                self._health.set(name, status)
+            self._health.set_serving(serving)
 
     # -- the supervisor's own endpoints --------------------------------------------------
 
@@ -610,33 +403,17 @@ class Supervisor:
         self.metrics_port = http.server_port
         return http
 
-    def _serve_health(self) -> Any:
+    def _serve_health(self) -> Health | None:
         """``--health-port``: plaintext grpc.health.v1 with the pod's state."""
         s = self.settings
         if s.health_port < 0:
             return None
-        from concurrent import futures
+        from lossd_server.health import SERVICES, Health
 
-        import grpc
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from lossd.kserve.v2 import grpc_service_pb2
-        from lossd.v1 import loss_service_pb2
-
-        self._health_names = ("", loss_service_pb2.DESCRIPTOR.services_by_name[
-            "LossService"].full_name, grpc_service_pb2.DESCRIPTOR.services_by_name[
-            "GRPCInferenceService"].full_name)
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
-                                                        thread_name_prefix="lossd-health"),
-                             options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        address = f"{s.host}:{s.health_port}"
-        self.health_port = server.add_insecure_port(address)
-        if not self.health_port:
-            raise OSError(f"cannot bind {address} (in use?)")
-        server.start()
-        return server
+        health = Health(SERVICES)
+        self.health_port = health.bind(s.host, s.health_port)
+        health.start()
+        return health
 
 
 class _SupervisorCollector:
@@ -655,11 +432,18 @@ class _SupervisorCollector:
                                "else 0.", labels=("worker",))
         restarts = CounterMetricFamily("lossd_worker_restarts", "Times the worker process "
                                        "was restarted after it died.", labels=("worker",))
+        replaced = CounterMetricFamily("lossd_worker_replaced", "Times the worker process "
+                                       "was killed to be replaced, by reason: frozen (its "
+                                       "heartbeat late), stalled (stuck work).",
+                                       labels=("worker", "reason"))
         for w in workers:
             up.add_metric([str(w.index)], 1.0 if w.ready else 0.0)
             restarts.add_metric([str(w.index)], float(w.restarts))
+            for reason in ("frozen", "stalled"):
+                replaced.add_metric([str(w.index), reason], float(w.replaced.get(reason, 0)))
         yield up
         yield restarts
+        yield replaced
         families: dict[str, Metric] = {}
         processes: list[tuple[str, int | str]] = [("supervisor", "self")]
         processes += [(str(w.index), w.pid) for w in workers if w.pid is not None]
@@ -676,77 +460,3 @@ class _SupervisorCollector:
 
 def _constant(value: int | str) -> Any:
     return lambda: value
-
-
-# ---------------------------------------------------------------------------------------
-# A worker
-
-
-def _worker() -> int:
-    """A worker process: serve on the shared port, as the supervisor says."""
-    index = int(os.environ[ENV_INDEX])
-    status = os.fdopen(int(os.environ[ENV_STATUS_FD]), "w", buffering=1)
-    settings = Settings.from_env()
-    logs.configure(settings.log_level, settings.log_format, worker=index)
-    # Ctrl-C reaches the whole process group; the supervisor drains its workers in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = threading.Event()  # drain: refuse new calls, let those in flight finish
-    close = threading.Event()  # every worker of the pod is idle: close the listener
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # a worker signalled on its own drains on its own
-        close.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        _prepare_process(settings, 1)
-        from lossd_server.app import create_server, load_plugins
-        from lossd_server.metrics import Metrics, SharedTags, TagPolicy, parse_buckets
-
-        load_plugins(settings)  # before the metrics, so plugin losses start at zero too
-        metrics = Metrics(loss_buckets=parse_buckets(settings.loss_buckets),
-                          tags=TagPolicy(allow=settings.tags.split(","),
-                                         max_tags=settings.max_tags,
-                                         shared=SharedTags(os.path.join(
-                                             os.environ[MULTIPROC_ENV], "tags"))),
-                          process=False, worker=str(index))
-        server = create_server(settings, metrics=metrics, reuse_port=True)
-        server.start(serving=False)
-    except (ValueError, OSError) as exc:
-        print(f"lossd: worker {index}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    status.write(json.dumps({"event": "ready", "pid": os.getpid(),
-                             "device": str(server.engine.device)}) + "\n")
-
-    def control() -> None:
-        for line in sys.stdin.buffer:
-            word = line.strip()
-            if word == b"serving":
-                server.set_serving(True)
-            elif word == b"not_serving":
-                server.set_serving(False)
-            elif word == b"drain":
-                stop.set()
-            elif word == b"close":
-                close.set()
-        stop.set()  # the supervisor went away
-        close.set()
-
-    threading.Thread(target=control, name="lossd-control", daemon=True).start()
-    while not stop.wait(1.0):
-        pass
-    in_flight = server.gate.in_flight if server.gate is not None else 0
-    log.info("drain started", extra={"in_flight": in_flight})
-    deadline = time.monotonic() + settings.grace_seconds
-    server.drain_and_wait(settings.grace_seconds)
-    # The listener stays open until the whole pod is idle: a connection the kernel hands
-    # to this worker meanwhile gets a clean UNAVAILABLE ("draining"), not a reset.
-    with contextlib.suppress(OSError):  # the supervisor may be gone
-        status.write(json.dumps({"event": "idle"}) + "\n")
-    close.wait(max(0.0, deadline - time.monotonic()))
-    server.close(max(0.0, deadline - time.monotonic()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
