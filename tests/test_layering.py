@@ -30,7 +30,6 @@ PACKAGES = {"lossd": ROOT / "client" / "lossd", "lossd_server": ROOT / "server" 
             "bench": ROOT / "bench"}
 FRONTS = ("lossd_server.servicer", "lossd_server.kserve")
 CORE = tuple(f"lossd_server.{m}" for m in ("losses", "reduce", "analysis", "catalogue"))
-UNTIL_MERGE = pytest.mark.xfail(strict=True, reason="until the issue-18 merge")
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,6 @@ def test_b_no_private_name_is_imported_across_packages() -> None:
            "lossd_server and bench", private_across(IMPORTS, tuple(PACKAGES)))
 
 
-@UNTIL_MERGE
 def test_c_the_fronts_do_not_import_each_other() -> None:
     _holds(f"(c) the fronts {' and '.join(FRONTS)} stand side by side",
            fronts_import_each_other(IMPORTS))

@@ -22,14 +22,10 @@ ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
 
-# Pages the README links that other branches of issues 18 and 22 are writing: a link to
-# one is accepted while the page does not exist; once it does, it is checked like any other.
-PENDING_PAGES = {"docs/install.md", "docs/architecture.md"}
-
 # Every page of the user's guide; the README must link each one.
-GUIDE_PAGES = ["losses", "client", "analyses", "plugins", "command-line", "monitoring",
-               "security", "resilience", "deploy", "open-inference", "performance",
-               "development"]
+GUIDE_PAGES = ["install", "losses", "client", "analyses", "plugins", "command-line",
+               "monitoring", "security", "resilience", "limits", "deploy", "open-inference",
+               "performance", "development", "architecture"]
 
 # The Markdown files whose relative links are checked.
 LINKED_FILES = ["README.md", "CHANGELOG.md", "bench/results/HISTORY.md",
@@ -219,7 +215,7 @@ def test_readme_links_every_docs_page() -> None:
     assert on_disk <= linked, f"docs pages the README does not link: {sorted(on_disk - linked)}"
     for target in linked:
         if target.startswith("docs/"):
-            assert (ROOT / target).exists() or target in PENDING_PAGES, target
+            assert (ROOT / target).exists(), target
 
 
 @pytest.mark.parametrize("path", markdown_files())
@@ -232,9 +228,7 @@ def test_relative_links_resolve(path: str) -> None:
         file, _, anchor = target.partition("#")
         resolved = (source.parent / file).resolve() if file else source
         name = resolved.relative_to(ROOT.resolve()).as_posix()
-        if not resolved.exists():
-            assert name in PENDING_PAGES, f"{path}: {target}: no such file"
-            continue
+        assert resolved.exists(), f"{path}: {name}: no such file"
         if anchor:
             assert resolved.suffix == ".md", f"{path}: {target}: an anchor into a non-page"
             assert anchor in anchors(resolved.read_text()), f"{path}: {target}: no such heading"
