@@ -166,7 +166,7 @@ def test_a_full_metrics_filesystem_kills_no_worker(small_tmpfs: Path) -> None:
     succeeds and no worker dies (prometheus-client alone dies of SIGBUS)."""
     env = {"TMPDIR": str(small_tmpfs)}
     with ServeProcess("--processes", "2", "--metrics-port", "0", "--max-tags", "1000",
-                      env=env) as pod:
+                      "--max-tag-length", "128", env=env) as pod:
         evaluate_on_fresh_channels(pod.address, channels=2, calls=1)
         with open(small_tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
             while True:

@@ -33,7 +33,7 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from lossd._errors import (
     from_status,
 )
 from lossd._requests import Requests, analysis_fields, gradient_reduction
-from lossd._result import LossResult
+from lossd._result import LossResult, class_names_of
 from lossd._wire import as_array
 from lossd.v1 import loss_service_pb2 as pb
 
@@ -206,9 +206,9 @@ class SharedMemory:
                  accuracy: bool = False, top_k: int | Iterable[int] | None = None,
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
-                 **options: Any) -> LossResult:
-        """As ``LossClient.evaluate`` (the same options, analyses and ``gradient`` too),
-        with the tensors passed through the region.
+                 class_names: Sequence[str] | None = None, **options: Any) -> LossResult:
+        """As ``LossClient.evaluate`` (the same options, analyses, ``gradient`` and
+        ``class_names`` too), with the tensors passed through the region.
 
         Each input (extra ``inputs`` too) is copied once, into the region; the per-sample
         losses come back through it (the gradient and the analyses in the reply). Calls on
@@ -219,6 +219,7 @@ class SharedMemory:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles)
+        names = class_names_of(class_names)
         reduction = gradient_reduction(gradient)
         named = {"predictions": predictions, "targets": targets, "weights": weights,
                  **{f"inputs.{k}": v for k, v in (inputs or {}).items()}}
@@ -258,7 +259,8 @@ class SharedMemory:
                 raise from_status(reply.code, reply.error, reply.retry_after_ms)
             per_sample = np.frombuffer(buf, dtype="<f4", count=n, offset=out_offset).copy()
             del buf
-        return LossResult.from_proto(reply.evaluation, per_sample=per_sample)
+        return LossResult.from_proto(reply.evaluation,
+                                     per_sample=per_sample).with_class_names(names)
 
     def _evaluate(self, action: pb.SharedMemoryRequest) -> pb.SharedMemoryResponse:
         """Send an evaluate action; once, if the stream broke, on a new session (evaluating
