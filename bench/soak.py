@@ -510,17 +510,18 @@ ABANDON_DEADLINE = 0.3
 HOSTILE_PAUSE = 0.2  # between one hostile thread's calls: hostile, not a client-side spin
 # What each hostile call may end with: its refusal (naming the field or limit), or an
 # answer for the calls the server serves by design. Anything else is reported unexpected.
-# ``still_open``: held by us until the end (the server never had to end it).
+# ``still_open``: held by us until the end (the server never had to end it); ``SHED``:
+# RESOURCE_EXHAUSTED "server busy" (the admission queue full; hostile callers do not retry).
 HOSTILE_EXPECTED = {
     "unsent_unary": {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "still_open"},
-    "idle_stream": {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "still_open"},
-    "tag_2mib": {"OK"},
-    "map_inputs": {"RESOURCE_EXHAUSTED"},
-    "map_options": {"RESOURCE_EXHAUSTED"},
-    "ctc_over_bound": {"RESOURCE_EXHAUSTED"},
-    "huge_classes": {"OK"},
-    "abandon_slow": {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"},
-    "newline_name": {"INVALID_ARGUMENT"},
+    "idle_stream": {"UNAVAILABLE", "SHED", "still_open"},
+    "tag_2mib": {"OK", "SHED"},
+    "map_inputs": {"RESOURCE_EXHAUSTED", "SHED"},
+    "map_options": {"RESOURCE_EXHAUSTED", "SHED"},
+    "ctc_over_bound": {"RESOURCE_EXHAUSTED", "SHED"},
+    "huge_classes": {"OK", "SHED"},
+    "abandon_slow": {"DEADLINE_EXCEEDED", "SHED"},
+    "newline_name": {"INVALID_ARGUMENT", "SHED"},
 }
 
 
@@ -609,13 +610,20 @@ class _HostileStats:
                                         "detail": detail[:160]})
 
 
+def _code(call: Any) -> str:
+    """A finished raw call's code, ``SHED`` for a "server busy" RESOURCE_EXHAUSTED."""
+    code = call.code().name
+    return "SHED" if code == "RESOURCE_EXHAUSTED" and "busy" in (call.details() or "") \
+        else code
+
+
 def _ended(call: Any) -> tuple[str, str, float]:
     """(code, details, retry-after seconds or 0) of a finished raw call."""
     retry = 0.0
     for key, value in call.trailing_metadata() or ():
         if key == "retry-after-ms":
             retry = int(value) / 1000
-    return call.code().name, call.details() or "", retry
+    return _code(call), call.details() or "", retry
 
 
 def _held(address: str, kind: str, count: int, stop: threading.Event,
@@ -625,8 +633,10 @@ def _held(address: str, kind: str, count: int, stop: threading.Event,
     calls, or ``idle_stream`` EvaluateStream calls."""
     import grpc
 
+    release = threading.Event()  # set once every call is cancelled: no call half-closes
+
     def never() -> Any:
-        stop.wait()
+        release.wait()
         return
         yield b""  # a generator that yields nothing
 
@@ -655,6 +665,7 @@ def _held(address: str, kind: str, count: int, stop: threading.Event,
         if call is not None:
             stats.record(kind, "still_open")
             call.cancel()
+    release.set()
     for ch in channels:
         ch.close()
 
@@ -675,7 +686,7 @@ def _direct(address: str, kind: str, request: tuple[bytes, float, Any],
                 outcome = "OK" if check is None or check(answer) else "WRONG"
                 stats.record(kind, outcome)
             except grpc.RpcError as exc:
-                stats.record(kind, exc.code().name, exc.details() or "")
+                stats.record(kind, _code(exc), exc.details() or "")
             stop.wait(HOSTILE_PAUSE)
 
 
