@@ -97,7 +97,7 @@ class LossdMetric(Metric):
     def reset(self) -> None:
         """End the stream (the server forgets it); the next update opens a new one."""
         super().reset()
-        self.stream.discard()
+        self.stream.close()
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         """Update with the batch; no per-batch value (see the class)."""
