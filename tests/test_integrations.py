@@ -13,6 +13,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ import torch
 from lossd import Aggregates, LossClient, Unavailable
 from lossd.integrations import LossdWarning, flat_metrics
 from lossd_server.app import LossdServer
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, EngineBlocker, start_server
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")  # lightning on torch 2.13
 
 CLASSES = ("cat", "dog", "emu")
 FEATURES = 8
@@ -200,6 +203,27 @@ def test_lightning_dead_server_warns_and_training_completes(dead_address: str,
         trainer, _, _ = fit(tmp_path, callback)
     assert trainer.current_epoch == 2                        # both epochs trained
     assert not any(k.startswith("lossd/") for k in trainer.callback_metrics)
+
+
+def test_lightning_stuck_server_costs_one_timeout_per_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes every batch and never answers: each epoch's end waits
+    ``timeout`` once, warns, and abandons the stream; training completes."""
+    from lossd.integrations.lightning import LossdCallback
+
+    srv = start_server()
+    blocker = EngineBlocker(srv.engine, monkeypatch, must_release=False)
+    try:
+        callback = LossdCallback(f"127.0.0.1:{srv.port}", timeout=1.0)
+        started = time.monotonic()
+        with pytest.warns(LossdWarning, match="did not answer every batch in time"):
+            trainer, _, _ = fit(tmp_path, callback)
+        assert time.monotonic() - started < 20
+        assert trainer.current_epoch == 2 and blocker.entered >= 1
+        assert not any(k.startswith("lossd/") for k in trainer.callback_metrics)
+    finally:
+        blocker.release.set()
+        srv.stop(0)
 
 
 def test_lightning_strict_raises(dead_address: str, tmp_path: Path) -> None:
