@@ -290,9 +290,10 @@ class StreamedMetrics:
         if stream is None or failed:
             return None
         self._last_losses = stream.losses
+        deadline = time.monotonic() + self.timeout   # one wait, however it is spent
         try:
-            if stream.put(_END, time.monotonic() + self.timeout):
-                stream.wait(time.monotonic() + self.timeout, ended=True)
+            if stream.put(_END, deadline):
+                stream.wait(deadline, ended=True)
         except DeadlineExceeded as exc:
             self._abandon(stream)
             self._report(exc)

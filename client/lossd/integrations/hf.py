@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from lossd._result import Aggregates
 from lossd.integrations._stream import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
@@ -92,7 +93,7 @@ class LossdMetrics:
             analyses=Analyses(per_class=per_class, accuracy=accuracy,
                               calibration=calibration, top_k=top_k, hardest=hardest,
                               quantiles=quantiles))
-        self.last: Any = None
+        self.last: Aggregates | None = None
 
     def __call__(self, eval_pred: Any, compute_result: bool = True) -> dict[str, float]:
         """Queue the batch; with ``compute_result``, end the stream and return the

@@ -84,7 +84,8 @@ class LossdCallback(pl.Callback):
     samples (index: the position in the epoch's evaluation order) go to every logger that
     takes a table (``log_table``, as WandbLogger), and with ``report_dir`` each epoch writes
     an HTML report ``{val|test}-epoch{N}.html`` there (needs matplotlib). The sanity check
-    Lightning runs before training is not evaluated.
+    Lightning runs before training is not evaluated; several validation dataloaders go
+    into one evaluation, in the order Lightning runs them.
 
     ``timeout`` (seconds): the longest a step or an epoch's end waits on lossd (room in the
     queue of ``queue_size`` batches, the last answers); ``strict``: raise instead of
