@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import socket
 import subprocess
 import sys
@@ -263,6 +264,9 @@ def test_lightning_select_and_unreadable_outputs(address: str) -> None:
     with pytest.warns(LossdWarning, match=r"distributed.gather.*rank 0's shard only"):
         callback.on_test_batch_end(rank0, None, (x, y), (x, y), 0)  # type: ignore[arg-type]
     assert callback.metrics.close() is not None
+    callback.on_test_batch_end(single, None, (x, y), (x, y), 0)  # type: ignore[arg-type]
+    copy = pickle.loads(pickle.dumps(callback))     # a stream open: it stays behind
+    assert copy.metrics.close() is None and callback.metrics.close() is not None
 
 
 # --- Hugging Face ---------------------------------------------------------------------------
@@ -363,6 +367,9 @@ def test_torchmetrics_over_batches_equals_one_stream(address: str) -> None:
     metric.reset()
     metric.update(*batches[0])
     assert metric.compute()["count"].item() == BATCH          # a new stream after reset
+    copy = pickle.loads(pickle.dumps(metric))                 # e.g. a spawned process
+    copy.update(*batches[1])
+    assert copy.compute()["count"].item() == BATCH            # its own stream
 
 
 def test_torchmetrics_dead_server(dead_address: str) -> None:

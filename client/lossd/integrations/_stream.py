@@ -246,6 +246,11 @@ class StreamedMetrics:
         self._failed = False
         self._last_losses: list[np.ndarray] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a spawned process gets a copy): the connection and an open stream
+        stay behind; the copy opens its own at its first batch."""
+        return {**self.__dict__, "_client": None, "_stream": None, "_failed": False}
+
     def put(self, predictions: Any, targets: Any) -> None:
         """Queue one batch (copied to host memory first), opening the stream at the first
         batch. Returns at once unless the queue is full; after a failure, does nothing
