@@ -123,8 +123,7 @@ class Analyses:
 
         return {"per_class": on(self.per_class), "accuracy": on(self.accuracy),
                 "diagnostics": on(self.calibration),
-                "top_k": self.top_k if classes or self.top_k is not None else None,
-                "hardest": self.hardest, "quantiles": self.quantiles}
+                "top_k": self.top_k, "hardest": self.hardest, "quantiles": self.quantiles}
 
 
 class _Stream:
