@@ -29,7 +29,7 @@ PENDING_PAGES = {"docs/install.md", "docs/architecture.md"}
 # Every page of the user's guide; the README must link each one.
 GUIDE_PAGES = ["losses", "client", "analyses", "plugins", "command-line", "monitoring",
                "security", "resilience", "deploy", "open-inference", "performance",
-               "development"]
+               "development", "training"]
 
 # The Markdown files whose relative links are checked.
 LINKED_FILES = ["README.md", "CHANGELOG.md", "bench/results/HISTORY.md",
