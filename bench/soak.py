@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.soak                          # 32 clients, 60 s
     .venv/bin/python -m bench.soak --clients 8 --seconds 10 --out /tmp/soak
+    .venv/bin/python -m bench.soak --processes 2 --name soak_p2   # two serving processes
+    .venv/bin/python -m bench.soak --no-hostile             # honest callers only
 
 Not part of the test suite. It starts ``lossd serve`` in its own process (CPU unless
 ``--device``), then for ``--seconds`` seconds runs, spread over ``--procs`` client
@@ -28,21 +30,34 @@ processes:
 * ``--long-streams`` streams open for the whole run, a batch every 100 ms, each answer
   and the stream's running aggregates checked;
 * callers that die mid-call: every ``--kill-every`` seconds a process that opens shared
-  memory and a stream and evaluates in a loop is SIGKILLed at a random moment.
+  memory and a stream and evaluates in a loop is SIGKILLed at a random moment;
+* hostile callers (issue 19; on unless ``--no-hostile``), in a process of their own, from
+  ``--hostile-after`` seconds (default: a third of the run) to the end: 80 unary calls
+  that never send their message and ``--max-streams`` streams that send nothing (per
+  serving process, 1.5 times that over several), one connection each, renewed as the
+  server ends them; and one thread each, in a loop, sending as raw protobuf: a request
+  with a 2 MiB tag, 8 MiB of empty ``inputs`` or ``options`` map entries, a ``ctc_loss``
+  request past the working-memory bound, one sample with C = 8M classes asking for
+  ``per_class`` and ``top_k`` 1..16, a ~1 s ``ctc_loss`` abandoned at a 0.3 s deadline,
+  and an option name with a newline. Each hostile call's outcome is counted by code
+  against the codes expected of it (``HOSTILE_EXPECTED``: an expected refusal is not a
+  lost call; the tag and huge-C answers are checked).
 
 A RESOURCE_EXHAUSTED answer to a unary call (the server's admission queue is full), or
 to a stream at its door (``--max-streams``), is counted as shed and sent again after the
 server's ``retry-after-ms`` hint, up to 20 times. A batch of an admitted stream is never
 refused: one refused mid-way is a lost call.
 
-Reported (``soak.json`` and ``soak.md`` under ``--out``, default
+Reported (``soak.json`` and ``soak.md``, or ``--name``, under ``--out``, default
 ``bench/results/<machine>/``): calls by kind and final outcome, errors by code, lost calls
-(sent but never answered, answered with wrong numbers or an unexpected code: must be 0),
-server crashes (must be 0), latency percentiles, the server's RSS and open descriptors
-sampled every second with their trend after a warm-up (the median of the run's last
-quarter against its first; targets: RSS < 5 %, descriptors back to their idle level once
-the callers are gone), and the shared-memory mappings
-and descriptors left in the server at the end (must be 0).
+(honest calls sent but never answered, answered with wrong numbers or an unexpected code:
+must be 0), server crashes (must be 0), latency percentiles, and with hostile callers the
+honest calls' rate and p50 / p95 / p99 per kind before and during them with the ratio, the
+server's RSS in both phases and the hostile calls by outcome; the server's RSS and open
+descriptors sampled every second with their trend after a warm-up (the median of the last
+quarter against the first, of the hostile phase when there is one; targets: RSS < 5 %,
+descriptors back to their idle level once the callers are gone), and the shared-memory
+mappings and descriptors left in the server at the end (must be 0).
 """
 
 from __future__ import annotations
@@ -219,24 +234,33 @@ class _Stats:
         self.lat_e2e: list[float] = []
         self.shed = 0
         self.shed_final = 0
-        self.lost: list[dict[str, str]] = []
+        self.lost: list[dict[str, Any]] = []
+        # (wall-clock start, kind, verdict, latency of the answered attempt, latency with
+        # shed retries): the phases before and during the hostile callers are cut from it.
+        self.timeline: list[tuple[float, str, str, float, float]] = []
 
     def record(self, kind: str, outcome: str, detail: str, expected: str, start: float,
                t0: float, *, timed: bool = True) -> None:
         end = time.perf_counter()
+        started = time.time() - (end - start)
         self.calls[kind] += 1
         self.outcomes[f"{kind}:{outcome}"] += 1
+        if timed:
+            verdict = "ok" if outcome == expected else (
+                "refused" if outcome == "RESOURCE_EXHAUSTED" else "lost")
+            self.timeline.append((started, kind, verdict, end - t0, end - start))
         if outcome == expected:
             if timed:
                 self.lat_ok.append(end - t0)
                 self.lat_e2e.append(end - start)
         elif outcome != "RESOURCE_EXHAUSTED":
-            self.lost.append({"kind": kind, "outcome": outcome, "detail": detail})
+            self.lost.append({"kind": kind, "outcome": outcome, "detail": detail,
+                              "started": started})
 
     def as_dict(self) -> dict[str, Any]:
         return {"calls": dict(self.calls), "outcomes": dict(self.outcomes),
                 "lat_ok": self.lat_ok, "lat_e2e": self.lat_e2e, "shed": self.shed,
-                "shed_final": self.shed_final, "lost": self.lost}
+                "shed_final": self.shed_final, "lost": self.lost, "timeline": self.timeline}
 
 
 def _shed(exc: Any) -> bool:
@@ -309,8 +333,9 @@ def _client(address: str, seed: int, stop_at: float, cases: list[dict[str, Any]]
                                                              grpc.StatusCode.NOT_FOUND):
                         outcome = "ERROR"
                 break
-            else:
+            else:  # shed on every attempt: refused in the end, not answered
                 stats.shed_final += 1
+                outcome, detail = "RESOURCE_EXHAUSTED", "shed on every attempt"
             stats.record(kind, outcome, detail, expected, start, t0)
     out.append(stats.as_dict())
 
@@ -475,6 +500,223 @@ def _killer(address: str, every: float, stop: threading.Event, counts: dict[str,
         counts["killed_mid_call" if ready else "died_before_ready"] += 1
 
 
+# ---- hostile callers (issue 19) ------------------------------------------------------
+
+EVALUATE = "/lossd.v1.LossService/Evaluate"
+EVALUATE_STREAM = "/lossd.v1.LossService/EvaluateStream"
+MIB = 1 << 20
+HELD_CALLS = 80  # the issue's count: more than every grpcio pool thread of the old server
+ABANDON_DEADLINE = 0.3
+HOSTILE_PAUSE = 0.2  # between one hostile thread's calls: hostile, not a client-side spin
+# What each hostile call may end with: its refusal (naming the field or limit), or an
+# answer for the calls the server serves by design. Anything else is reported unexpected.
+# ``still_open``: held by us until the end (the server never had to end it); ``SHED``:
+# RESOURCE_EXHAUSTED "server busy" (the admission queue full; hostile callers do not retry).
+HOSTILE_EXPECTED = {
+    "unsent_unary": {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "still_open"},
+    "idle_stream": {"UNAVAILABLE", "SHED", "still_open"},
+    "tag_2mib": {"OK", "SHED"},
+    "map_inputs": {"RESOURCE_EXHAUSTED", "SHED"},
+    "map_options": {"RESOURCE_EXHAUSTED", "SHED"},
+    "ctc_over_bound": {"RESOURCE_EXHAUSTED", "SHED"},
+    "huge_classes": {"OK", "SHED"},
+    "abandon_slow": {"DEADLINE_EXCEEDED", "SHED"},
+    "newline_name": {"INVALID_ARGUMENT", "SHED"},
+}
+
+
+def _tensor(a: np.ndarray) -> Any:
+    from lossd.v1 import loss_service_pb2 as pb
+
+    dtypes = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "int64": pb.INT64}
+    return pb.Tensor(dtype=dtypes[a.dtype.name], shape=a.shape,
+                     data=np.ascontiguousarray(a).tobytes())
+
+
+def _ctc(n: int, steps: int, classes: int, labels: int) -> Any:
+    """A ``ctc_loss`` request: (n, steps, classes) log-probabilities, ``labels`` per target."""
+    from lossd.v1 import loss_service_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((n, steps, classes)).astype(np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return pb.EvaluateRequest(
+        loss="ctc_loss", predictions=_tensor(log_probs.astype(np.float32)),
+        targets=_tensor(rng.integers(1, classes, (n, labels)).astype(np.int64)),
+        inputs={"input_lengths": _tensor(np.full(n, steps, np.int64)),
+                "target_lengths": _tensor(np.full(n, labels, np.int64))})
+
+
+def _hostile_requests() -> dict[str, tuple[bytes, float, Any]]:
+    """Each direct hostile call: (raw request, deadline, check of an answer or None).
+
+    Built from raw protobuf so that no client-side check stands in the way."""
+    from lossd.v1 import loss_service_pb2 as pb
+
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    t = rng.standard_normal((64, 16)).astype(np.float32)
+    want = ((x - t) ** 2).mean(axis=1)
+    mse = pb.EvaluateRequest(loss="mse_loss", predictions=_tensor(x), targets=_tensor(t))
+    tagged = pb.EvaluateRequest()
+    tagged.CopyFrom(mse)
+    tagged.tag = "t" * (2 * MIB)
+    newline = pb.EvaluateRequest()
+    newline.CopyFrom(mse)
+    newline.options["reduction\nlossd worker died pid=1"].string_value = "mean"
+    huge = np.zeros((1, 8 * MIB), np.float16)  # C = 8M declared, 16 MiB
+    huge[0, 3] = 1.0
+    classes = pb.EvaluateRequest(loss="cross_entropy", predictions=_tensor(huge),
+                                 targets=_tensor(np.array([3], np.int64)), per_class=True,
+                                 top_k=list(range(1, 17)))
+    plain = mse.SerializeToString()
+
+    def same_losses(raw: bytes) -> bool:
+        got = np.frombuffer(pb.EvaluateResponse.FromString(raw).per_sample.data, "<f4")
+        return _close(got, want)
+
+    def one_class(raw: bytes) -> bool:
+        table = pb.EvaluateResponse.FromString(raw).analysis.per_class
+        return list(table.classes) == [3] and list(table.top_k_correct) == [1] * 16
+
+    return {
+        "tag_2mib": (tagged.SerializeToString(), CALL_TIMEOUT, same_losses),
+        # 8 MiB of empty map entries (field 11 inputs, field 5 options), after a valid call.
+        "map_inputs": (plain + b"\x5a\x00" * (4 * MIB), CALL_TIMEOUT, None),
+        "map_options": (plain + b"\x2a\x00" * (4 * MIB), CALL_TIMEOUT, None),
+        # ~130 kB whose alpha table would be 8250 x 16501 floats (+544 MiB).
+        "ctc_over_bound": (_ctc(1, 8250, 2, 8250).SerializeToString(), CALL_TIMEOUT, None),
+        "huge_classes": (classes.SerializeToString(), CALL_TIMEOUT, one_class),
+        # Within every bound, ~1 s of CPU: abandoned at 0.3 s, it runs on holding a slot.
+        "abandon_slow": (_ctc(8, 1500, 30, 1200).SerializeToString(), ABANDON_DEADLINE,
+                         None),
+        "newline_name": (newline.SerializeToString(), CALL_TIMEOUT, None),
+    }
+
+
+class _HostileStats:
+    """Hostile calls by kind and how they ended; the unexpected ones with a detail."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.unexpected: list[dict[str, str]] = []
+
+    def record(self, kind: str, outcome: str, detail: str = "") -> None:
+        with self.lock:
+            self.outcomes[f"{kind}:{outcome}"] += 1
+            if outcome not in HOSTILE_EXPECTED[kind] and len(self.unexpected) < 20:
+                self.unexpected.append({"kind": kind, "outcome": outcome,
+                                        "detail": detail[:160]})
+
+
+def _code(call: Any) -> str:
+    """A finished raw call's code, ``SHED`` for a "server busy" RESOURCE_EXHAUSTED."""
+    code = call.code().name
+    return "SHED" if code == "RESOURCE_EXHAUSTED" and "busy" in (call.details() or "") \
+        else code
+
+
+def _ended(call: Any) -> tuple[str, str, float]:
+    """(code, details, retry-after seconds or 0) of a finished raw call."""
+    retry = 0.0
+    for key, value in call.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            retry = int(value) / 1000
+    return _code(call), call.details() or "", retry
+
+
+def _held(address: str, kind: str, count: int, stop: threading.Event,
+          stats: _HostileStats) -> None:
+    """``count`` calls that open and never send a message, one connection each, renewed as
+    the server ends them (after its retry-after hint, if any): ``unsent_unary`` Evaluate
+    calls, or ``idle_stream`` EvaluateStream calls."""
+    import grpc
+
+    release = threading.Event()  # set once every call is cancelled: no call half-closes
+
+    def never() -> Any:
+        release.wait()
+        return
+        yield b""  # a generator that yields nothing
+
+    # Distinct channel arguments: a connection per channel (no subchannel sharing).
+    channels = [grpc.insecure_channel(address, options=[("lossd.soak.hostile", f"{kind}{i}")])
+                for i in range(count)]
+
+    def open_call(ch: Any) -> Any:
+        if kind == "unsent_unary":
+            return ch.stream_unary(EVALUATE).future(never(), timeout=3600)
+        return ch.stream_stream(EVALUATE_STREAM)(never(), timeout=3600)
+
+    calls: list[Any] = [open_call(ch) for ch in channels]
+    not_before = [0.0] * count
+    while not stop.wait(0.1):
+        for i, call in enumerate(calls):
+            if call is None:
+                if time.monotonic() >= not_before[i]:
+                    calls[i] = open_call(channels[i])
+            elif call.done():
+                code, details, retry = _ended(call)
+                stats.record(kind, code, details)
+                calls[i] = None
+                not_before[i] = time.monotonic() + min(2.0, retry)
+    for call in calls:
+        if call is not None:
+            stats.record(kind, "still_open")
+            call.cancel()
+    release.set()
+    for ch in channels:
+        ch.close()
+
+
+def _direct(address: str, kind: str, request: tuple[bytes, float, Any],
+            stop: threading.Event, stats: _HostileStats) -> None:
+    """One hostile caller sending ``kind``'s raw request in a loop until ``stop``."""
+    import grpc
+
+    raw, deadline, check = request
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+               ("lossd.soak.hostile", kind)]
+    with grpc.insecure_channel(address, options=options) as ch:
+        evaluate = ch.unary_unary(EVALUATE)
+        while not stop.is_set():
+            try:
+                answer = evaluate(raw, timeout=deadline)
+                outcome = "OK" if check is None or check(answer) else "WRONG"
+                stats.record(kind, outcome)
+            except grpc.RpcError as exc:
+                stats.record(kind, _code(exc), exc.details() or "")
+            stop.wait(HOSTILE_PAUSE)
+
+
+def _hostile_process(address: str, delay: float, seconds: float, streams: int, go: Any,
+                     queue: Any) -> None:
+    """Every hostile caller of issue 19, from ``delay`` seconds after ``go`` to the end."""
+    requests = _hostile_requests()
+    queue.put("ready")
+    go.wait()
+    stop_at = time.monotonic() + seconds
+    time.sleep(delay)
+    stop = threading.Event()
+    stats = _HostileStats()
+    threads = [threading.Thread(target=_held, args=(address, "unsent_unary", HELD_CALLS,
+                                                    stop, stats), daemon=True),
+               threading.Thread(target=_held, args=(address, "idle_stream", streams, stop,
+                                                    stats), daemon=True)]
+    threads += [threading.Thread(target=_direct, args=(address, kind, request, stop, stats),
+                                 daemon=True) for kind, request in requests.items()]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, stop_at - time.monotonic()))
+    stop.set()
+    for t in threads:
+        t.join(CALL_TIMEOUT + 5)
+    queue.put({"hostile": {"outcomes": dict(sorted(stats.outcomes.items())),
+                           "unexpected": stats.unexpected,
+                           "hung_threads": sum(t.is_alive() for t in threads)}})
+
+
 # ---- the server ----------------------------------------------------------------------
 
 
@@ -561,6 +803,10 @@ def _trend(values: list[float]) -> float:
     return round(100.0 * (last - first) / first, 2) if first else math.nan
 
 
+def _mib(n: float) -> float:
+    return round(float(n) / 2**20, 1)
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 2) if values else None
 
@@ -581,9 +827,19 @@ def _wait_ready(server: subprocess.Popen[str], address: str) -> None:
         time.sleep(0.2)
 
 
+def _stream_limit(server_args: list[str]) -> int:
+    """The server's ``--max-streams`` (per serving process) for these arguments."""
+    from lossd_server import settings
+
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    args, _ = parser.parse_known_args(server_args)
+    return settings.from_args(args, env={}).stream_limit
+
+
 def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
         server_args: list[str], *, shm_clients: int = 8, long_streams: int = 8,
-        kill_every: float = 2.0) -> dict[str, Any]:
+        kill_every: float = 2.0, hostile_after: float | None = None) -> dict[str, Any]:
     port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     cmd = [sys.executable, "-m", "lossd_server.serve", "--port", str(port),
@@ -608,14 +864,21 @@ def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
         workers = [ctx.Process(target=_process, args=(address, 1000 * i, n, shm_per[i],
                                                       long_per[i], seconds, go, queue))
                    for i, n in enumerate(per) if n or long_per[i]]
+        seen = set(_tree(server.pid)[1:])  # the worker processes (none with --processes 1)
+        server_processes = max(1, len(seen))
+        # --max-streams idle streams per serving process; over several processes 1.5 times
+        # as many, since SO_REUSEPORT spreads connections at random.
+        idle_streams = (_stream_limit(server_args) * server_processes
+                        * (3 if server_processes > 1 else 2) // 2)
+        if hostile_after is not None:
+            workers.append(ctx.Process(target=_hostile_process, args=(
+                address, hostile_after, seconds, idle_streams, go, queue)))
         for w in workers:
             w.start()
         for _ in workers:  # each has built its cases and torch's references
             assert queue.get(timeout=300) == "ready"
         idle = _descriptors(server.pid)
         rss_idle = _rss(server.pid)
-        seen = set(_tree(server.pid)[1:])  # the worker processes (none with --processes 1)
-        server_processes = max(1, len(seen))
         gone: set[int] = set()  # workers that died: the supervisor restarts them; a crash
         start_wall = time.time()
         stop_wall = start_wall + seconds
@@ -672,8 +935,48 @@ def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
     return _report(locals())
 
 
+def _phase_latency(timeline: list[tuple[float, str, str, float, float]], start: float,
+                   boundary: float | None, seconds: float) -> dict[str, Any]:
+    """Honest calls' latency in ms, per kind and for all kinds together, ``before`` the
+    hostile callers start and ``during`` them (by the call's start), with the ratio during
+    / before of each percentile. ``p50``..: the answered attempt; ``e2e_p50``..: from the
+    first attempt, shed retries included (a stream waiting at a full door). Calls refused
+    in the end (shed past every retry) and lost ones counted per phase."""
+    cut = math.inf if boundary is None else boundary
+    length = {"before": min(cut, start + seconds) - start,
+              "during": start + seconds - min(cut, start + seconds)}
+    phases: dict[str, dict[str, Any]] = {}
+    for name, during in (("before", False), ("during", True)):
+        rows = [e for e in timeline if (e[0] >= cut) == during]
+        table: dict[str, Any] = {}
+        for kind in ["all", *sorted({e[1] for e in rows})]:
+            mine = [e for e in rows if kind in ("all", e[1])]
+            ok = [e[3] for e in mine if e[2] == "ok"]
+            e2e = [e[4] for e in mine if e[2] == "ok"]
+            table[kind] = {"calls": len(mine),
+                           "calls_per_s": round(len(mine) / max(length[name], 1e-9), 1),
+                           "refused": sum(e[2] == "refused" for e in mine),
+                           "lost": sum(e[2] == "lost" for e in mine),
+                           **{f"p{q}": _pct(ok, q) for q in (50, 95, 99)},
+                           **{f"e2e_p{q}": _pct(e2e, q) for q in (50, 95, 99)}}
+        span = [e[0] - start for e in rows]
+        phases[name] = {"from_s": round(min(span), 1) if span else None,
+                        "to_s": round(max(span), 1) if span else None,
+                        "seconds": round(length[name], 1), "by_kind": table}
+    ratio: dict[str, dict[str, float | None]] = {}
+    for kind, during in phases["during"]["by_kind"].items():
+        before = phases["before"]["by_kind"].get(kind)
+        if before:
+            ratio[kind] = {q: (round(during[q] / before[q], 2) if during[q] and before[q]
+                               else None)
+                           for q in ("p50", "p95", "p99", "e2e_p50", "e2e_p95", "e2e_p99")}
+    return {**phases, "ratio_during_over_before": ratio}
+
+
 def _report(v: dict[str, Any]) -> dict[str, Any]:
-    parts, samples, warmup, seconds = v["parts"], v["samples"], v["warmup"], v["seconds"]
+    samples, warmup, seconds = v["samples"], v["warmup"], v["seconds"]
+    hostile = next((p["hostile"] for p in v["parts"] if "hostile" in p), None)
+    parts = [p for p in v["parts"] if "results" in p]
     results = [r for p in parts for r in p["results"]]
     calls: collections.Counter[str] = collections.Counter()
     outcomes: collections.Counter[str] = collections.Counter()
@@ -683,7 +986,18 @@ def _report(v: dict[str, Any]) -> dict[str, Any]:
     lost = [x for r in results for x in r["lost"]]
     lat = [x for r in results for x in r["lat_ok"]]
     e2e = [x for r in results for x in r["lat_e2e"]]
-    running = [s for s in samples[:-1] if s["t"] >= warmup] or samples[:1]
+    after = v["hostile_after"]
+    # With hostile callers, the RSS trend is their phase's, after its own warm-up.
+    settled = warmup if after is None else after + min(warmup, (seconds - after) / 4)
+    running = [s for s in samples[:-1] if s["t"] >= settled] or samples[:1]
+    for x in lost:
+        x["at_s"] = round(x.pop("started") - v["start_wall"], 1)
+    boundary = None if after is None else v["start_wall"] + after
+    phases = _phase_latency([e for r in results for e in r["timeline"]], v["start_wall"],
+                            boundary, seconds)
+    before_rss = [s["rss"] for s in samples[:-1]
+                  if warmup <= s["t"] < (math.inf if after is None else after)]
+    during_rss = [s["rss"] for s in samples[:-1] if after is not None and s["t"] >= after]
     base = running[0]
     end = samples[-1]
     errors: collections.Counter[str] = collections.Counter()
@@ -732,6 +1046,15 @@ def _report(v: dict[str, Any]) -> dict[str, Any]:
         "memfd_maps_max": max(s["memfd_maps"] for s in samples),
         "left_after_callers": {"memfds": end["memfds"], "memfd_maps": end["memfd_maps"]},
         "warmup_s": warmup,
+        "hostile_after_s": after,
+        "idle_streams": v["idle_streams"] if after is not None else 0,
+        "honest_latency_ms": phases,
+        "rss_phases_mib": {
+            "before_median": _mib(np.median(before_rss)) if before_rss else None,
+            "before_max": _mib(max(before_rss)) if before_rss else None,
+            "during_median": _mib(np.median(during_rss)) if during_rss else None,
+            "during_max": _mib(max(during_rss)) if during_rss else None},
+        "hostile": hostile,
         "samples": samples,
         "server_metrics": v["metrics"],
         "server_exit_code": v["exit_code"],
@@ -779,6 +1102,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(must be 0) | {r['memfds_max']} / {r['memfd_maps_max']}; **"
         f"{r['left_after_callers']['memfds']} / {r['left_after_callers']['memfd_maps']}** |",
         f"| server exit code after SIGTERM | {r['server_exit_code']} |",
+        *_hostile_markdown(r),
         "", "## Calls by kind and outcome", "", "| kind:outcome | calls |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in r["outcomes"].items()),
         "", "## Errors by code (expected: INVALID_ARGUMENT for the invalid calls, "
@@ -792,6 +1116,56 @@ def markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _hostile_markdown(r: dict[str, Any]) -> list[str]:
+    """The honest calls' latency before and during the hostile callers, the server's RSS in
+    both phases, and every hostile call's outcome."""
+    phases = r["honest_latency_ms"]
+    if r["hostile"] is None:
+        return []
+    rows = []
+    for kind, before in phases["before"]["by_kind"].items():
+        during = phases["during"]["by_kind"].get(kind)
+        ratio = phases["ratio_during_over_before"].get(kind, {})
+        if during is None:
+            continue
+        rows.append(
+            f"| {kind} | {before['calls_per_s']} / {during['calls_per_s']} | "
+            f"{before['p50']} / {before['p95']} / {before['p99']} | "
+            f"{during['p50']} / {during['p95']} / {during['p99']} | "
+            f"{ratio.get('p50')} / {ratio.get('p95')} / {ratio.get('p99')} | "
+            f"{before['e2e_p50']} / {before['e2e_p99']} | "
+            f"{during['e2e_p50']} / {during['e2e_p99']} | "
+            f"{before['refused']} / {during['refused']} | "
+            f"**{before['lost']} / {during['lost']}** |")
+    rss, hostile = r["rss_phases_mib"], r["hostile"]
+    expected = ", ".join(f"{k}: {' or '.join(sorted(v))}" for k, v in HOSTILE_EXPECTED.items())
+    return [
+        "", f"## Honest calls before and during the hostile callers (from "
+        f"{r['hostile_after_s']:g} s)", "",
+        f"Before: calls started in {phases['before']['from_s']}..{phases['before']['to_s']} "
+        f"s (honest callers only); during: {phases['during']['from_s']}.."
+        f"{phases['during']['to_s']} s, the hostile callers on. Latency of the answered "
+        f"attempt in ms; \"with retries\": from the first attempt, shed retries "
+        f"included (a stream waiting at a full door); refused: RESOURCE_EXHAUSTED after "
+        f"every retry (not lost). Server "
+        f"RSS median / max before (after warm-up): {rss['before_median']} / "
+        f"{rss['before_max']} MiB; during: {rss['during_median']} / {rss['during_max']} MiB.",
+        "", "| kind | calls/s before / during | before p50 / p95 / p99 | during p50 / p95 "
+        "/ p99 | during / before | with retries before p50 / p99 | with retries during p50 "
+        "/ p99 | refused before / during | lost before / during |",
+        "|---|---|---|---|---|---|---|---|---|", *rows,
+        "", f"## Hostile calls by outcome ({HELD_CALLS} unsent unary calls and "
+        f"{r['idle_streams']} idle streams held, one connection each, renewed as the server "
+        f"ends them; one thread each for the other kinds)", "",
+        f"Expected: {expected}.", "", "| kind:outcome | calls |", "|---|---|",
+        *(f"| {k} | {n} |" for k, n in hostile["outcomes"].items()),
+        "", f"Unexpected hostile outcomes: {len(hostile['unexpected'])}"
+        f"{' (first 20)' if len(hostile['unexpected']) >= 20 else ''}; hostile threads "
+        f"still running at the end: {hostile['hung_threads']}.",
+        *(f"- {x}" for x in hostile["unexpected"]),
+    ]
 
 
 def passed(r: dict[str, Any]) -> bool:
@@ -814,6 +1188,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="streams open the whole run (default 8)")
     p.add_argument("--kill-every", type=float, default=2.0,
                    help="seconds between callers killed mid-call (0: none; default 2)")
+    p.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
+                   help="add issue 19's hostile callers after --hostile-after (default on)")
+    p.add_argument("--hostile-after", type=float, default=None,
+                   help="seconds of honest calls only before the hostile callers start "
+                        "(default: a third of the run)")
+    p.add_argument("--processes", default=None,
+                   help="`lossd serve --processes` (default: the server's own, auto)")
+    p.add_argument("--name", default="soak",
+                   help="file names under --out: NAME.json and NAME.md (default soak)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds before the RSS baseline (default: a sixth of the run, 5..15)")
@@ -825,12 +1208,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.clients < 1 or not 0 < a.seconds <= 3600:
         p.error("--clients >= 1 and 0 < --seconds <= 3600")
     warmup = a.warmup if a.warmup is not None else min(15.0, max(5.0, a.seconds / 6))
+    hostile_after = None if not a.hostile else (
+        a.hostile_after if a.hostile_after is not None else a.seconds / 3)
+    server_args = [*(["--processes", a.processes] if a.processes else []), *a.server_arg]
     machine = _machine(a.device)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"soak: {a.clients} clients x {a.seconds:g} s on {machine['name']}", flush=True)
     result = run(a.clients, a.seconds, min(a.procs, a.clients), a.device, warmup,
-                 a.server_arg, shm_clients=min(a.shm_clients, a.clients),
-                 long_streams=a.long_streams, kill_every=a.kill_every)
+                 server_args, shm_clients=min(a.shm_clients, a.clients),
+                 long_streams=a.long_streams, kill_every=a.kill_every,
+                 hostile_after=hostile_after)
     result.update(machine=machine, started=started, load_avg=os.getloadavg())
     with contextlib.suppress(Exception):
         from bench.run import git_state
@@ -838,10 +1225,10 @@ def main(argv: list[str] | None = None) -> int:
         result["git"] = git_state()
     out = a.out or ROOT / "bench" / "results" / machine["name"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "soak.md").write_text(markdown(result))
+    (out / f"{a.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{a.name}.md").write_text(markdown(result))
     print(markdown(result))
-    print(f"soak: wrote {out / 'soak.json'} and soak.md")
+    print(f"soak: wrote {out / a.name}.json and {a.name}.md")
     return 0 if passed(result) else 1
 
 

@@ -112,3 +112,46 @@ def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -
     assert "scaling: 2 processes >= 0.7 x linear" in targets
     assert (tmp_path / "small.md").read_text().startswith("# Small calls: test-box")
     assert (tmp_path / "small.png").stat().st_size > 10_000
+
+
+def test_soak_cuts_honest_latency_into_before_and_during() -> None:
+    from bench.soak import _phase_latency
+
+    start = 1000.0
+    timeline = [(start + 1, "evaluate", "ok", 0.010, 0.010),
+                (start + 2, "evaluate", "ok", 0.010, 0.010),
+                (start + 3, "stream", "refused", 0.5, 9.0),
+                (start + 6, "evaluate", "ok", 0.030, 0.030),
+                (start + 7, "evaluate", "lost", 0.1, 0.1),
+                (start + 8, "stream", "ok", 0.020, 4.020)]
+    phases = _phase_latency(timeline, start, start + 5, 10.0)
+    before, during = phases["before"]["by_kind"], phases["during"]["by_kind"]
+    assert (before["all"]["calls"], during["all"]["calls"]) == (3, 3)
+    assert before["all"]["calls_per_s"] == 0.6 and before["stream"]["refused"] == 1
+    assert during["evaluate"]["lost"] == 1 and during["evaluate"]["p50"] == 30.0
+    assert during["stream"]["e2e_p50"] == 4020.0
+    assert phases["ratio_during_over_before"]["evaluate"]["p50"] == 3.0
+    assert phases["ratio_during_over_before"]["stream"]["p50"] is None  # none answered before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_soak_hostile_smoke_run(tmp_path: Path) -> None:
+    """bench.soak for a few seconds, hostile callers from the third: every hostile kind
+    sent and answered as expected, no honest call lost, both phases measured."""
+    from bench.soak import HOSTILE_EXPECTED
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--seconds", "8", "--hostile-after", "3",
+         "--clients", "2", "--procs", "1", "--processes", "1", "--shm-clients", "1",
+         "--long-streams", "1", "--kill-every", "0", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=85, check=False)
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["lost_calls"] == 0 and result["server_crashes"] == 0, proc.stdout[-3000:]
+    hostile = result["hostile"]
+    assert hostile["unexpected"] == [] and hostile["hung_threads"] == 0
+    assert {k.split(":")[0] for k in hostile["outcomes"]} == set(HOSTILE_EXPECTED)
+    phases = result["honest_latency_ms"]
+    assert phases["before"]["by_kind"]["all"]["p50"] is not None
+    assert phases["during"]["by_kind"]["all"]["calls"] > 0
+    assert "## Hostile calls by outcome" in (tmp_path / "soak.md").read_text()

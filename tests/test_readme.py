@@ -23,9 +23,9 @@ README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
 
 # Every page of the user's guide; the README must link each one.
-GUIDE_PAGES = ["install", "losses", "client", "analyses", "plugins", "command-line",
-               "monitoring", "security", "resilience", "limits", "deploy", "open-inference",
-               "performance", "development", "architecture"]
+GUIDE_PAGES = ["install", "losses", "client", "analyses", "training", "plugins",
+               "command-line", "monitoring", "security", "resilience", "limits", "deploy",
+               "open-inference", "performance", "development", "architecture"]
 
 # The Markdown files whose relative links are checked.
 LINKED_FILES = ["README.md", "CHANGELOG.md", "bench/results/HISTORY.md",
