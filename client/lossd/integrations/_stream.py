@@ -216,22 +216,29 @@ class StreamedMetrics:
     ``address``: the server, as ``LossClient`` takes it; ``client_options``: more
     ``LossClient`` arguments (``token``, ``root_certificates``, ...). The client is made at
     the first batch and replaced after a stream is abandoned (closing it is what cancels
-    a stuck call). ``timeout``, ``queue_size``: see :data:`DEFAULT_TIMEOUT` and
+    a stuck call). ``per_class`` ... ``quantiles``: the analyses, as :class:`Analyses`
+    takes them. ``timeout``, ``queue_size``: see :data:`DEFAULT_TIMEOUT` and
     :data:`DEFAULT_QUEUE`. ``keep_losses``: keep every per-sample loss (4 bytes a sample;
     the report's histogram needs them). Failures: a :class:`LossdWarning` naming ``what``
-    and the cause, and the aggregates are None; ``strict``: the error is raised.
+    and the cause, and the aggregates are None; ``strict``: the error is raised. The
+    integrations pass their own arguments of the same names straight through.
     """
 
-    def __init__(self, address: str, *, loss: str, analyses: Analyses,
-                 options: Mapping[str, Any], class_names: Sequence[str] | None = None,
+    def __init__(self, address: str, *, loss: str, options: Mapping[str, Any],
+                 per_class: bool | None, accuracy: bool | None, calibration: bool | None,
+                 top_k: int | Iterable[int] | None, hardest: int,
+                 quantiles: bool | Iterable[float] | None,
+                 class_names: Sequence[str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, queue_size: int = DEFAULT_QUEUE,
                  strict: bool = False, keep_losses: bool = False, what: str = "lossd metrics",
                  client_options: Mapping[str, Any] | None = None) -> None:
+        self.analyses = Analyses(per_class=per_class, accuracy=accuracy,
+                                 calibration=calibration, top_k=top_k, hardest=hardest,
+                                 quantiles=quantiles)
         if timeout <= 0 or queue_size < 1:
             raise ValueError("timeout > 0 and queue_size >= 1")
         self.address = address
         self.loss = loss
-        self.analyses = analyses
         self.options = dict(options)
         self.class_names = class_names_of(class_names)
         self.timeout = timeout

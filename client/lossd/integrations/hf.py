@@ -19,7 +19,6 @@ from lossd._result import Aggregates
 from lossd.integrations._stream import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
-    Analyses,
     StreamedMetrics,
     flat_metrics,
 )
@@ -87,12 +86,10 @@ class LossdMetrics:
                  client_options: Mapping[str, Any] | None = None, **options: Any) -> None:
         self.prefix = prefix
         self.metrics = StreamedMetrics(
-            address, loss=loss, options=options, class_names=class_names, timeout=timeout,
-            queue_size=queue_size, strict=strict, client_options=client_options,
-            what="lossd metrics of this evaluation",
-            analyses=Analyses(per_class=per_class, accuracy=accuracy,
-                              calibration=calibration, top_k=top_k, hardest=hardest,
-                              quantiles=quantiles))
+            address, loss=loss, options=options, per_class=per_class, accuracy=accuracy,
+            calibration=calibration, top_k=top_k, hardest=hardest, quantiles=quantiles,
+            class_names=class_names, timeout=timeout, queue_size=queue_size, strict=strict,
+            client_options=client_options, what="lossd metrics of this evaluation")
         self.last: Aggregates | None = None
 
     def __call__(self, eval_pred: Any, compute_result: bool = True) -> dict[str, float]:

@@ -28,7 +28,6 @@ from lossd._result import Aggregates
 from lossd.integrations._stream import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
-    Analyses,
     LossdWarning,
     StreamedMetrics,
     flat_metrics,
@@ -111,12 +110,11 @@ class LossdCallback(pl.Callback):
         self.strict = strict
         self.prefix = prefix
         self.metrics = StreamedMetrics(
-            address, loss=loss, options=options, class_names=class_names, timeout=timeout,
-            queue_size=queue_size, strict=strict, keep_losses=report_dir is not None,
+            address, loss=loss, options=options, per_class=per_class, accuracy=accuracy,
+            calibration=calibration, top_k=top_k, hardest=hardest, quantiles=quantiles,
+            class_names=class_names, timeout=timeout, queue_size=queue_size, strict=strict,
             client_options=client_options, what="lossd metrics of this epoch",
-            analyses=Analyses(per_class=per_class, accuracy=accuracy,
-                              calibration=calibration, top_k=top_k, hardest=hardest,
-                              quantiles=quantiles))
+            keep_losses=report_dir is not None)
         self.last: dict[str, Aggregates] = {}
         self._warned: set[str] = set()
 

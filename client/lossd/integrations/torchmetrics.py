@@ -21,7 +21,6 @@ from lossd._result import Aggregates
 from lossd.integrations._stream import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
-    Analyses,
     LossdWarning,
     StreamedMetrics,
     flat_metrics,
@@ -65,12 +64,10 @@ class LossdMetric(Metric):
                  client_options: Mapping[str, Any] | None = None, **options: Any) -> None:
         super().__init__()
         self.stream = StreamedMetrics(
-            address, loss=loss, options=options, class_names=class_names, timeout=timeout,
-            queue_size=queue_size, strict=strict, client_options=client_options,
-            what="LossdMetric",
-            analyses=Analyses(per_class=per_class, accuracy=accuracy,
-                              calibration=calibration, top_k=top_k, hardest=hardest,
-                              quantiles=quantiles))
+            address, loss=loss, options=options, per_class=per_class, accuracy=accuracy,
+            calibration=calibration, top_k=top_k, hardest=hardest, quantiles=quantiles,
+            class_names=class_names, timeout=timeout, queue_size=queue_size, strict=strict,
+            client_options=client_options, what="LossdMetric")
         self.last: Aggregates | None = None
         self._warned_ranks = False
 
