@@ -205,32 +205,41 @@ def start_server(**overrides: object) -> LossdServer:
     return create_server(Settings(**values)).start()  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LossdServer]:
-    srv = start_server()
+def served(**overrides: object) -> Iterator[LossdServer]:
+    """A server fixture's body (``yield from served(...)``): ``start_server(**overrides)``
+    for the fixture's scope, stopped at its end."""
+    srv = start_server(**overrides)
     yield srv
     srv.stop(0)
 
 
+def connected(srv: LossdServer, timeout: float = 60) -> Iterator[LossClient]:
+    """A client fixture's body (``yield from connected(srv)``): a ``LossClient`` to ``srv``
+    for the fixture's scope, closed at its end."""
+    with LossClient(f"127.0.0.1:{srv.port}", timeout=timeout) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LossdServer]:
+    yield from served()
+
+
 @pytest.fixture(scope="session")
 def client(server: LossdServer) -> Iterator[LossClient]:
-    with LossClient(f"127.0.0.1:{server.port}", timeout=60) as c:
-        yield c
+    yield from connected(server)
 
 
 @pytest.fixture(scope="session")
 def gpu_server() -> Iterator[LossdServer]:
     if not HAS_CUDA:
         pytest.skip("no CUDA device")
-    srv = start_server(device="cuda")
-    yield srv
-    srv.stop(0)
+    yield from served(device="cuda")
 
 
 @pytest.fixture(scope="session")
 def gpu_client(gpu_server: LossdServer) -> Iterator[LossClient]:
-    with LossClient(f"127.0.0.1:{gpu_server.port}", timeout=120) as c:
-        yield c
+    yield from connected(gpu_server, timeout=120)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import torch
 from lossd import Aggregates, LossClient, Unavailable
 from lossd.integrations import LossdWarning, flat_metrics
 from lossd_server.app import LossdServer
-from tests.conftest import ROOT, EngineBlocker, start_server
+from tests.conftest import ROOT, EngineBlocker, served, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")  # lightning on torch 2.13
 
@@ -39,9 +39,7 @@ N_VAL = 80   # 5 validation batches
 
 @pytest.fixture(scope="module")
 def lossd_server() -> Iterator[LossdServer]:
-    srv = start_server()
-    yield srv
-    srv.stop(0)
+    yield from served()
 
 
 @pytest.fixture(scope="module")

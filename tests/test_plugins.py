@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import metric_value, restored_registry, start_server
+from conftest import connected, metric_value, restored_registry, served, start_server
 
 import lossd
 from lossd import LossClient
@@ -438,8 +438,7 @@ def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossdSer
 
 @pytest.fixture(scope="module")
 def faulty(faulty_server: LossdServer) -> Iterator[LossClient]:
-    with LossClient(f"127.0.0.1:{faulty_server.port}", timeout=30) as c:
-        yield c
+    yield from connected(faulty_server, timeout=30)
 
 
 X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
@@ -509,15 +508,12 @@ def test_options_are_type_checked_before_the_plugin_runs(faulty: LossClient) -> 
 @pytest.fixture(scope="module")
 def plugin_server(example_plugin: Path) -> Iterator[LossdServer]:
     """A server serving the example plugin, loaded through its entry point."""
-    srv = start_server()
-    yield srv
-    srv.stop(0)
+    yield from served()
 
 
 @pytest.fixture(scope="module")
 def plugin_client(plugin_server: LossdServer) -> Iterator[LossClient]:
-    with LossClient(f"127.0.0.1:{plugin_server.port}", timeout=60) as c:
-        yield c
+    yield from connected(plugin_server)
 
 
 def distillation(x: Tensor, t: Tensor, teacher: Tensor, temperature: float = 2.0,
