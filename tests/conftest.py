@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import IO, Any
 
@@ -195,6 +196,41 @@ class ServeProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+def sigterm_with_streams_in_flight(serve: ServeProcess, streams: int,
+                                   while_draining: Callable[[], None],
+                                   exit_within: float) -> None:
+    """SIGTERM to ``serve`` with ``streams`` EvaluateStreams in flight, each by construction
+    (:func:`held_stream`: its first batch answered, its other two sent only after the
+    signal). Checks health turns NOT_SERVING, runs ``while_draining`` (a new call's
+    refusal), checks the process is still draining, then that every stream completes with
+    torch's losses and the process exits 0 within ``exit_within`` seconds. The process is
+    killed on the way out, however this ends; its log is the caller's to check."""
+    signalled = threading.Event()
+    answered = threading.Semaphore(0)
+    cases = [[batch(100 * i + j) for j in range(3)] for i in range(streams)]
+    try:
+        with futures.ThreadPoolExecutor(streams) as pool:
+            calls = [pool.submit(held_stream, serve.address, cases[i], signalled, answered)
+                     for i in range(streams)]
+            for _ in range(streams):
+                assert answered.acquire(timeout=60)
+            serve.signal(signal.SIGTERM)
+            wait_for(lambda: health(serve.port)
+                     == health_pb2.HealthCheckResponse.NOT_SERVING)
+            while_draining()
+            assert serve.proc.poll() is None  # still draining: the streams are open
+            signalled.set()
+            for i, call in enumerate(calls):
+                got = call.result(60)
+                assert len(got) == 3
+                for per_sample, (_, _, want) in zip(got, cases[i], strict=True):
+                    np.testing.assert_allclose(per_sample, want, rtol=1e-6)
+        assert serve.wait(exit_within) == 0
+    finally:
+        signalled.set()
+        serve.kill()
 
 
 def start_server(**overrides: object) -> LossdServer:

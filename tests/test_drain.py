@@ -24,7 +24,7 @@ from tests.conftest import (
     ServeProcess,
     batch,
     health,
-    held_stream,
+    sigterm_with_streams_in_flight,
     start_server,
     wait_for,
 )
@@ -106,30 +106,8 @@ def test_sigterm_with_32_calls_in_flight_completes_them_all_and_exits_0() -> Non
     is in flight at that moment by construction (the server logs how many it counted)."""
     serve = ServeProcess("--processes", "1", "--workers", "40", "--max-waiting", "32",
                          "--grace-seconds", "30")
-    signalled = threading.Event()
-    answered = threading.Semaphore(0)
-    cases = [[batch(100 * i + j) for j in range(3)] for i in range(32)]
-
-    try:
-        with futures.ThreadPoolExecutor(32) as pool:
-            calls = [pool.submit(held_stream, f"127.0.0.1:{serve.port}", cases[i], signalled,
-                                 answered) for i in range(32)]
-            for _ in range(32):
-                assert answered.acquire(timeout=60)
-            serve.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda: health(serve.port) == NOT_SERVING)
-            assert_refused_as_draining(serve.port)
-            assert serve.proc.poll() is None  # still draining: 32 streams are open
-            signalled.set()
-            for i, call in enumerate(calls):
-                got = call.result(60)
-                assert len(got) == 3
-                for per_sample, (_, _, want) in zip(got, cases[i], strict=True):
-                    np.testing.assert_allclose(per_sample, want, rtol=1e-6)
-        assert serve.wait(30) == 0
-    finally:
-        signalled.set()
-        serve.kill()
+    sigterm_with_streams_in_flight(serve, 32, lambda: assert_refused_as_draining(serve.port),
+                                   exit_within=30)
     assert serve.record("draining")["signal"] == "SIGTERM"
     assert serve.record("drain started")["in_flight"] == 32
     assert serve.lines[-1]["msg"] == "lossd stopped"

@@ -31,7 +31,15 @@ from lossd_server.health import SERVICES
 from lossd_server.metrics import FLUSH_SECONDS
 from lossd_server.serve import Supervisor, host
 from lossd_server.settings import Settings
-from tests.conftest import ServeProcess, batch, health, held_stream, start_server, wait_for
+from tests.conftest import (
+    ServeProcess,
+    batch,
+    health,
+    held_stream,
+    sigterm_with_streams_in_flight,
+    start_server,
+    wait_for,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -223,31 +231,13 @@ def test_calls_on_a_worker_that_dies_are_retried_and_none_hangs() -> None:
 
 def test_sigterm_drains_every_worker_with_streams_in_flight_and_exits_0() -> None:
     pod = ServeProcess("--processes", "2", "--grace-seconds", "30")
-    signalled = threading.Event()
-    answered = threading.Semaphore(0)
-    cases = [[batch(100 * i + j) for j in range(3)] for i in range(8)]
 
-    try:
-        with futures.ThreadPoolExecutor(8) as pool:
-            calls = [pool.submit(held_stream, pod.address, cases[i], signalled, answered)
-                     for i in range(8)]
-            for _ in range(8):
-                assert answered.acquire(timeout=60)
-            pod.signal(signal.SIGTERM)
-            wait_for(lambda: health(pod.port) == NOT_SERVING)
-            with LossClient(pod.address, timeout=10) as client, \
-                    pytest.raises(lossd.Unavailable, match="draining"):
-                client.evaluate(*batch(0)[:2])
-            assert pod.proc.poll() is None  # still draining: 8 streams are open
-            signalled.set()
-            for i, call in enumerate(calls):
-                got = call.result(60)
-                for per_sample, (_, _, want) in zip(got, cases[i], strict=True):
-                    np.testing.assert_allclose(per_sample, want, rtol=1e-6)
-        assert pod.wait(60) == 0
-    finally:
-        signalled.set()
-        pod.kill()
+    def refused() -> None:
+        with LossClient(pod.address, timeout=10) as client, \
+                pytest.raises(lossd.Unavailable, match="draining"):
+            client.evaluate(*batch(0)[:2])
+
+    sigterm_with_streams_in_flight(pod, 8, refused, exit_within=60)
     assert pod.record("draining")["signal"] == "SIGTERM"
     assert sum(x["in_flight"] for x in pod.records("drain started")) == 8
     assert {x["worker"] for x in pod.records("worker stopped")} == {0, 1}
