@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from lossd_server.app import LossdServer
 from lossd_server.errors import Refused
 from lossd_server.limits import Admission, CallState
 from lossd_server.settings import Settings
-from tests.conftest import EngineBlocker, metric_value, start_server
+from tests.conftest import EngineBlocker, metric_value, served, start_server
 
 LOGITS = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=np.float32)
 LABELS = np.array([0, 2])
@@ -43,6 +44,23 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 Gate = EngineBlocker
 
 
+@contextlib.contextmanager
+def one_call_held(srv: LossdServer, client: LossClient,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    """While the block runs, one evaluation of ``client``'s is held in ``srv``'s engine (on
+    ``narrow``: its one slot taken); the gate counts what reaches the engine. On leaving,
+    the gate opens and the held call must succeed."""
+    gate = Gate(srv.engine, monkeypatch)
+    with futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.evaluate, LOGITS, LABELS)
+        try:
+            wait_for(lambda: gate.entered == 1)
+            yield gate
+        finally:
+            gate.release.set()
+        running.result(30)
+
+
 def request() -> pb.EvaluateRequest:
     from lossd.requests import Requests
 
@@ -52,9 +70,7 @@ def request() -> pb.EvaluateRequest:
 
 @pytest.fixture
 def narrow() -> Iterator[LossdServer]:
-    srv = start_server(concurrency=1, max_waiting=1, metrics_port=0)
-    yield srv
-    srv.stop(0)
+    yield from served(concurrency=1, max_waiting=1, metrics_port=0)
 
 
 def test_a_full_queue_is_refused_with_a_retry_after_hint(
@@ -94,19 +110,13 @@ def test_a_full_queue_is_refused_with_a_retry_after_hint(
 
 def test_calls_beyond_max_rpcs_are_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     srv = start_server(max_rpcs=1)
-    gate = Gate(srv.engine, monkeypatch)
     try:
-        with LossClient(f"127.0.0.1:{srv.port}", timeout=30) as client, \
-                futures.ThreadPoolExecutor(1) as pool:
-            running = pool.submit(client.evaluate, LOGITS, LABELS)
-            wait_for(lambda: gate.entered == 1)
-            with pytest.raises(lossd.ResourceExhausted):
+        with LossClient(f"127.0.0.1:{srv.port}", timeout=30) as client:
+            with one_call_held(srv, client, monkeypatch), \
+                    pytest.raises(lossd.ResourceExhausted):
                 client.losses(timeout=5)
-            gate.release.set()
-            running.result(30)
             assert client.losses()
     finally:
-        gate.release.set()
         srv.stop(0)
 
 
@@ -154,11 +164,8 @@ def test_a_message_over_the_size_limit_is_resource_exhausted() -> None:
 
 def test_a_call_whose_deadline_passes_while_queued_is_dropped_unanswered(
         narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = Gate(narrow.engine, monkeypatch)
     with LossClient(f"127.0.0.1:{narrow.port}", timeout=30) as client, \
-            futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.evaluate, LOGITS, LABELS)
-        wait_for(lambda: gate.entered == 1)
+            one_call_held(narrow, client, monkeypatch) as gate:
         start = time.monotonic()
         with pytest.raises(lossd.DeadlineExceeded):
             client.evaluate(LOGITS, LABELS, timeout=0.3)
@@ -166,9 +173,7 @@ def test_a_call_whose_deadline_passes_while_queued_is_dropped_unanswered(
         wait_for(lambda: metric(narrow, "lossd_cancelled_requests_total", method="Evaluate",
                                 reason="deadline_exceeded") == 1)
         assert narrow.admission.waiting == 0
-        gate.release.set()
-        running.result(30)
-        assert gate.entered == 1  # the expired call never reached the engine
+    assert gate.entered == 1  # the expired call never reached the engine
     assert metric(narrow, "lossd_requests_total", method="Evaluate", loss="cross_entropy",
                   code="DEADLINE_EXCEEDED") == 1
 
@@ -395,11 +400,8 @@ def test_streams_beyond_max_streams_are_refused_at_the_door() -> None:
 
 def test_a_waiting_stream_batch_keeps_its_deadline_and_cancellation(
         narrow: LossdServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = Gate(narrow.engine, monkeypatch)
     with LossClient(f"127.0.0.1:{narrow.port}", timeout=30) as client, \
-            futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.evaluate, LOGITS, LABELS)
-        wait_for(lambda: gate.entered == 1)
+            one_call_held(narrow, client, monkeypatch) as gate:
         with pytest.raises(lossd.DeadlineExceeded):
             list(client.evaluate_stream([(LOGITS, LABELS)], timeout=0.3))
         wait_for(lambda: narrow.admission.waiting == 0 and narrow.admission.streams == 0)
@@ -408,8 +410,6 @@ def test_a_waiting_stream_batch_keeps_its_deadline_and_cancellation(
             wait_for(lambda: narrow.admission.waiting == 1)
             call.cancel()
             wait_for(lambda: narrow.admission.waiting == 0 and narrow.admission.streams == 0)
-        gate.release.set()
-        running.result(30)
     assert gate.entered == 1  # neither reached the engine
 
 
