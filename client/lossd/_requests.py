@@ -222,9 +222,9 @@ def joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
         predicted=cat("predicted"), confidence=cat("confidence"), correct=cat("correct"))
 
 
-BATCH_FORMS = ("a lossd.Batch, or a (predictions, targets), (predictions, targets, weights) or "
-               "(predictions, targets, weights, inputs) tuple (targets and weights may be "
-               "None, inputs is a dict)")
+BATCH_FORMS = ("a (predictions, targets), (predictions, targets, weights) or (predictions, "
+               "targets, weights, inputs) tuple (targets and weights may be None, inputs is "
+               "a dict), or a lossd.Batch")
 """What a stream item must be, as the TypeError for one that is not says it."""
 
 
