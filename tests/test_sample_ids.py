@@ -300,3 +300,18 @@ def test_server_state_holds_k_batches_whatever_the_stream_length() -> None:
         assert kept is not None and len(kept.ordinal) == min(i + 1, 4)
     assert kept.ordinal.tolist() == np.argsort(-np.array(means), kind="stable")[:4].tolist()
     assert kept.mean.tolist() == sorted(means, reverse=True)[:4]
+
+
+def test_coalesced_batches_keep_their_own_ids() -> None:
+    """With --batching on, small calls are evaluated together; each keeps its own ids."""
+    engine = Engine(torch.device("cpu"))
+    request = analysis.Request(hardest=3)
+    parts = [(torch.from_numpy(x), torch.from_numpy(t)) for x, t in batches(100, [7, 9])]
+    ids = [torch.from_numpy(ids_for(7, 1)), torch.from_numpy(ids_for(9, 2))]
+    checked = [engine.check(Batch("cross_entropy", x, t, analyses=request, sample_ids=i))
+               for (x, t), i in zip(parts, ids, strict=True)]
+    for ev, i in zip(engine.evaluate_many(checked), ids, strict=True):
+        assert ev.analysis is not None and ev.analysis.hardest is not None
+        h = ev.analysis.hardest
+        assert h.sample_id is not None
+        np.testing.assert_array_equal(h.sample_id, i.numpy()[h.index])
