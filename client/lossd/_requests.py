@@ -35,7 +35,6 @@ ENVELOPE_BYTES = 64 * 1024
 bytes: a batch is split once its tensors need more than the limit less this."""
 
 
-
 class Batch(NamedTuple):
     """A batch of a stream, named: ``lossd.Batch(predictions, targets, weights=None,
     inputs=None, sample_ids=None, batch_id=None)``; plain ``(predictions, targets)``,
@@ -98,11 +97,11 @@ class Requests:
         ``batch_id``: a stream batch's id, on every message (the server reads the last's).
         """
         reduction = gradient_reduction(gradient)
-        analyses = dict(analyses or {})
+        analyses = analyses or {}
         if batch_id is not None:
             if not isinstance(batch_id, int) or isinstance(batch_id, bool):
                 raise TypeError(f"batch_id={batch_id!r}: an int")
-            analyses["batch_id"] = batch_id
+            analyses = {**analyses, "batch_id": batch_id}  # a small field like them
         tensors: _Tensors = [(_PREDICTIONS, *as_array(predictions, field="predictions"))]
         if targets is not None:
             tensors.append((_TARGETS, *as_array(targets, field="targets")))
