@@ -192,14 +192,15 @@ def test_model_metadata(triton: grpcclient.InferenceServerClient) -> None:
     ce = triton.get_model_metadata("cross_entropy")
     assert (ce.name, list(ce.versions), ce.platform) == ("cross_entropy", ["1"], "lossd")
     assert tensors(ce.inputs) == [("PREDICTIONS", "FP32", [-1, -1]), ("TARGETS", "INT64", [-1]),
-                                  ("WEIGHTS", "FP32", [-1]), ("CLASS_WEIGHTS", "FP32", [-1])]
+                                  ("WEIGHTS", "FP32", [-1]), ("SAMPLE_IDS", "INT64", [-1]),
+                                  ("CLASS_WEIGHTS", "FP32", [-1])]
     assert tensors(ce.outputs)[:len(outputs)] == outputs
     # Class-index models also list the analyses' outputs; value models do not.
     assert [t.name for t in ce.outputs][len(outputs):] == list(ANALYSIS_OUTPUTS)
     mse = triton.get_model_metadata("mse_loss", "1")
     assert tensors(mse.outputs) == outputs
     assert tensors(mse.inputs) == [("PREDICTIONS", "FP32", [-1]), ("TARGETS", "FP32", [-1]),
-                                   ("WEIGHTS", "FP32", [-1])]
+                                   ("WEIGHTS", "FP32", [-1]), ("SAMPLE_IDS", "INT64", [-1])]
     bce = triton.get_model_metadata("binary_cross_entropy_with_logits")
     assert [t.name for t in bce.inputs][-2:] == ["CLASS_WEIGHTS", "POS_WEIGHT"]
     with pytest.raises(InferenceServerException) as exc:
@@ -246,7 +247,8 @@ def test_metadata_is_what_infer_takes_and_gives(triton: grpcclient.InferenceServ
             continue
         meta = triton.get_model_metadata(info.name)
         listed = {t.name: t for t in meta.inputs}
-        optional = {"WEIGHTS", *(o.name.upper() for o in info.options if o.type == "tensor")}
+        optional = {"WEIGHTS", "SAMPLE_IDS",
+                    *(o.name.upper() for o in info.options if o.type == "tensor")}
         assert set(arrays) == set(listed) - optional, info.name
         for name, arr in arrays.items():
             assert listed[name].datatype == np_to_triton_dtype(arr.dtype), (info.name, name)
@@ -488,11 +490,12 @@ def test_extra_inputs_and_no_targets(triton: grpcclient.InferenceServerClient) -
     meta = triton.get_model_metadata("ctc_loss")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
         ("PREDICTIONS", "FP32", [-1, -1, -1]), ("TARGETS", "INT64", [-1, -1]),
-        ("WEIGHTS", "FP32", [-1]), ("INPUT_LENGTHS", "INT64", [-1]),
+        ("WEIGHTS", "FP32", [-1]), ("SAMPLE_IDS", "INT64", [-1]),
+        ("INPUT_LENGTHS", "INT64", [-1]),
         ("TARGET_LENGTHS", "INT64", [-1])]
     triplet = triton.get_model_metadata("triplet_margin_loss")
-    assert [t.name for t in triplet.inputs] == ["PREDICTIONS", "WEIGHTS", "POSITIVE",
-                                                "NEGATIVE"]
+    assert [t.name for t in triplet.inputs] == ["PREDICTIONS", "WEIGHTS", "SAMPLE_IDS",
+                                                "POSITIVE", "NEGATIVE"]
     x = RNG.standard_normal((4, 3)).astype(np.float32)
     cases = [
         ("triplet_margin_loss", {"PREDICTIONS": x, "POSITIVE": x, "NEGATIVE": x, "TARGETS": x},

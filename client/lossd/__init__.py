@@ -29,11 +29,14 @@ from lossd._errors import (
     Unavailable,
     Unimplemented,
 )
+from lossd._requests import Batch
 from lossd._result import (
     Aggregates,
     Calibration,
     ClassAggregates,
+    HardBatch,
     Hardest,
+    HardestBatches,
     HardSample,
     InputInfo,
     LossInfo,
@@ -49,13 +52,16 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregates",
     "AsyncLossClient",
+    "Batch",
     "Calibration",
     "Cancelled",
     "ClassAggregates",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "HardBatch",
     "HardSample",
     "Hardest",
+    "HardestBatches",
     "InputInfo",
     "InternalError",
     "InvalidArgument",

@@ -27,12 +27,13 @@ from lossd._ready import FALL_BACK, HEALTH_CHECK, HEALTH_REQUEST, RAISE, ReadyWa
 from lossd._requests import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SPLIT_BYTES,
-    Batch,
     BatchJoiner,
+    BatchLike,
     Requests,
     StreamGuard,
     analysis_fields,
     joined,
+    sample_ids_of,
 )
 from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd.v1 import loss_service_pb2 as pb
@@ -110,7 +111,7 @@ class AsyncLossClient:
                        per_class: bool = False, accuracy: bool = False,
                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                        hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
-                       class_names: Sequence[str] | None = None,
+                       class_names: Sequence[str] | None = None, sample_ids: Any = None,
                        **options: Any) -> LossResult:
         """As :meth:`LossClient.evaluate`."""
         names = class_names_of(class_names)
@@ -119,12 +120,13 @@ class AsyncLossClient:
                                    quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
                                     self._requests.options(options), gradient,
-                                    analyses=analyses, inputs=inputs)
+                                    analyses=analyses, inputs=inputs, sample_ids=sample_ids)
+        ids = sample_ids_of(sample_ids)
         try:
             if len(reqs) == 1:
                 reply = await self._evaluate(reqs[0], timeout=_or(timeout, self.timeout),
                                              metadata=self._metadata)
-                return LossResult.from_proto(reply).with_class_names(names)
+                return LossResult.from_proto(reply).with_class_names(names).with_sample_ids(ids)
             deadline = _or(timeout, self.timeout if self._requests.one_message(reqs)
                            else self.stream_timeout)
             call = self._evaluate_stream(iter(reqs), metadata=self._metadata,
@@ -132,22 +134,23 @@ class AsyncLossClient:
             replies = [reply async for reply in call]
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return joined(replies, running=False).with_class_names(names)
+        return joined(replies, running=False).with_class_names(names).with_sample_ids(ids)
 
-    async def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+    async def evaluate_stream(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                               tag: str | None = None, timeout: float | None = None,
                               per_class: bool = False, accuracy: bool = False,
                               top_k: int | Iterable[int] | None = None,
                               diagnostics: bool = False, hardest: int = 0,
                               quantiles: bool | Iterable[float] | None = None,
                               class_names: Sequence[str] | None = None,
+                              hardest_batches: int = 0,
                               **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
         names = class_names_of(class_names)
         joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles)
+                                   quantiles=quantiles, hardest_batches=hardest_batches)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, metadata=self._metadata,
@@ -168,19 +171,20 @@ class AsyncLossClient:
                 raise
         guard.raise_error()
 
-    async def evaluate_all(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+    async def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                            tag: str | None = None, timeout: float | None = None,
                            per_class: bool = False, accuracy: bool = False,
                            top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                            hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                            class_names: Sequence[str] | None = None,
-                           **options: Any) -> Aggregates:
+                           hardest_batches: int = 0, **options: Any) -> Aggregates:
         """As :meth:`LossClient.evaluate_all`."""
         running = None
         async for result in self.evaluate_stream(
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
-                quantiles=quantiles, class_names=class_names, **options):
+                quantiles=quantiles, class_names=class_names,
+                hardest_batches=hardest_batches, **options):
             running = result.running
         if running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")

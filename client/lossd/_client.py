@@ -28,12 +28,13 @@ from lossd._ready import FALL_BACK, HEALTH_CHECK, HEALTH_REQUEST, RAISE, ReadyWa
 from lossd._requests import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SPLIT_BYTES,
-    Batch,
     BatchJoiner,
+    BatchLike,
     Requests,
     StreamGuard,
     analysis_fields,
     joined,
+    sample_ids_of,
 )
 from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd._shm import ClientLink, SharedMemory
@@ -145,7 +146,8 @@ class LossClient:
                  accuracy: bool = False, top_k: int | Iterable[int] | None = None,
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
-                 class_names: Sequence[str] | None = None, **options: Any) -> LossResult:
+                 class_names: Sequence[str] | None = None, sample_ids: Any = None,
+                 **options: Any) -> LossResult:
         """Per-sample losses and aggregates of one batch, and the analyses asked for.
 
         ``options`` are the loss's options by their torch.nn.functional names
@@ -167,7 +169,11 @@ class LossClient:
         class-index targets; ``hardest`` (K: the K largest losses) and ``quantiles`` (True
         for 0.5, 0.9, 0.99, or the levels) work for every loss. ``class_names`` (class index
         -> name) name the classes of ``per_class`` and ``hardest`` (``to_pandas()``,
-        ``to_dict()``, ``target_name``); the server never sees them.
+        ``to_dict()``, ``target_name``); the server never sees them. ``sample_ids``: (N,)
+        int64, the caller's id of each sample (e.g. its dataset index): the hardest samples
+        carry them (``h.sample_id``), and so does the result (``result.sample_ids``,
+        ``to_pandas()`` indexed by them); any other dtype or shape is InvalidArgument naming
+        ``sample_ids``.
         """
         names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
@@ -175,43 +181,50 @@ class LossClient:
                                    quantiles=quantiles)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
                                     self._requests.options(options), gradient,
-                                    analyses=analyses, inputs=inputs)
+                                    analyses=analyses, inputs=inputs, sample_ids=sample_ids)
+        ids = sample_ids_of(sample_ids)
         try:
             if len(reqs) == 1:
-                return LossResult.from_proto(self._evaluate(
-                    reqs[0], timeout=self._timeout(timeout))).with_class_names(names)
+                reply = self._evaluate(reqs[0], timeout=self._timeout(timeout))
+                return LossResult.from_proto(reply).with_class_names(names).with_sample_ids(ids)
             deadline = (self._timeout(timeout) if self._requests.one_message(reqs)
                         else self._stream_timeout(timeout))
             replies = list(self._evaluate_stream(iter(reqs), timeout=deadline))
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
-        return joined(replies, running=False).with_class_names(names)
+        return joined(replies, running=False).with_class_names(names).with_sample_ids(ids)
 
-    def evaluate_stream(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+    def evaluate_stream(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                         tag: str | None = None, timeout: float | None = None,
                         per_class: bool = False, accuracy: bool = False,
                         top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                         hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
-                        class_names: Sequence[str] | None = None,
+                        class_names: Sequence[str] | None = None, hardest_batches: int = 0,
                         **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
-        Each batch is ``(predictions, targets)``, ``(predictions, targets, weights)`` or
-        ``(predictions, targets, weights, inputs)`` (targets and weights may be None); any
-        other item is a TypeError. An exception raised by ``batches`` itself (the caller's
-        generator) reaches the caller unchanged, the stream cancelled.
+        Each batch is a :class:`lossd.Batch` (``Batch(predictions, targets, weights=None,
+        inputs=None, sample_ids=None, batch_id=None)``), or ``(predictions, targets)``,
+        ``(predictions, targets, weights)`` or ``(predictions, targets, weights, inputs)``
+        (targets and weights may be None); any other item is a TypeError. Sample ids go on
+        every batch or on none; hardest indices are stream positions either way. An
+        exception raised by ``batches`` itself (the caller's generator) reaches the caller
+        unchanged, the stream cancelled.
         ``result.running`` holds the aggregates over every batch so far, so the last
         result's ``running`` covers the whole set. Batches are sent as they are consumed.
         The analyses (as in :meth:`evaluate`) come per batch (``result.per_class``, ...)
         and over the stream so far (``result.running.per_class``,
         ``result.running.hardest``: indices count from the stream's first sample, ...).
-        ``class_names`` as in :meth:`evaluate`.
+        ``class_names`` as in :meth:`evaluate`. ``hardest_batches`` (K): the stream's K
+        completed batches of the largest mean loss, exact, in
+        ``result.running.hardest_batches`` (batch id, ordinal, count, mean, and with
+        ``hardest`` how many of each batch's samples are among the stream's hardest).
         """
         names = class_names_of(class_names)
         joiner = BatchJoiner()
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles)
+                                   quantiles=quantiles, hardest_batches=hardest_batches)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, timeout=self._stream_timeout(timeout))
@@ -227,12 +240,12 @@ class LossClient:
                 raise self._error(exc) from exc
         guard.raise_error()
 
-    def evaluate_all(self, batches: Iterable[Batch], *, loss: str = "cross_entropy",
+    def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                      tag: str | None = None, timeout: float | None = None,
                      per_class: bool = False, accuracy: bool = False,
                      top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                      hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
-                     class_names: Sequence[str] | None = None,
+                     class_names: Sequence[str] | None = None, hardest_batches: int = 0,
                      **options: Any) -> Aggregates:
         """The aggregates and analyses over every batch of a stream, without iterating it:
         :meth:`evaluate_stream`'s last ``result.running`` (the per-batch results are not
@@ -249,7 +262,8 @@ class LossClient:
         for result in self.evaluate_stream(
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
-                quantiles=quantiles, class_names=class_names, **options):
+                quantiles=quantiles, class_names=class_names,
+                hardest_batches=hardest_batches, **options):
             running = result.running
         if running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")

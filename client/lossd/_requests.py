@@ -14,7 +14,7 @@ import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,11 +34,32 @@ ENVELOPE_BYTES = 64 * 1024
 """Room kept in a message for its own fields (shapes, options, framing) besides the tensor
 bytes: a batch is split once its tensors need more than the limit less this."""
 
-Batch = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Mapping[str, Any]]
-"""A batch of a stream: (predictions, targets), with weights, and with extra inputs (targets
-and weights may be None)."""
+
+class Batch(NamedTuple):
+    """A batch of a stream, named: ``lossd.Batch(predictions, targets, weights=None,
+    inputs=None, sample_ids=None, batch_id=None)``; plain ``(predictions, targets)``,
+    ``(predictions, targets, weights)`` and ``(predictions, targets, weights, inputs)``
+    tuples are read as the same fields.
+
+    ``sample_ids``: (N,) int64, the caller's id of each sample (a dataset index), carried
+    into the hardest samples (``h.sample_id``). ``batch_id``: the caller's id of the batch,
+    carried into ``hardest_batches`` (default: its ordinal in the stream, from 0).
+    """
+
+    predictions: Any
+    targets: Any
+    weights: Any = None
+    inputs: Mapping[str, Any] | None = None
+    sample_ids: Any = None
+    batch_id: int | None = None
+
+
+BatchLike = (Batch | tuple[Any, Any] | tuple[Any, Any, Any]
+             | tuple[Any, Any, Any, Mapping[str, Any]])
+"""A stream item: a :class:`Batch`, or the plain tuples it names."""
 
 _PREDICTIONS, _TARGETS, _WEIGHTS, _INPUTS = 2, 3, 4, 11  # EvaluateRequest field numbers
+_SAMPLE_IDS = 18
 _Tensors = list[tuple[int, np.ndarray, pb.DType]]
 _Entries = list[tuple[int, str, np.ndarray, pb.DType]]
 
@@ -66,20 +87,28 @@ class Requests:
     def build(self, loss: str, predictions: Any, targets: Any, weights: Any, tag: str | None,
               options: dict[str, pb.OptionValue], gradient: str | None = None,
               analyses: Mapping[str, Any] | None = None,
-              inputs: Mapping[str, Any] | None = None) -> list[bytes]:
+              inputs: Mapping[str, Any] | None = None, sample_ids: Any = None,
+              batch_id: int | None = None) -> list[bytes]:
         """One serialised request, or several along N when the payload exceeds the limit.
 
         ``targets`` None: the loss takes none. ``analyses``: EvaluateRequest analysis fields
         (see :func:`analysis_fields`), on every message. ``inputs``: the loss's extra tensors
-        by name (None values are left out), split along N with the rest.
+        by name (None values are left out), and ``sample_ids``, split along N with the rest.
+        ``batch_id``: a stream batch's id, on every message (the server reads the last's).
         """
         reduction = gradient_reduction(gradient)
         analyses = analyses or {}
+        if batch_id is not None:
+            if not isinstance(batch_id, int) or isinstance(batch_id, bool):
+                raise TypeError(f"batch_id={batch_id!r}: an int")
+            analyses = {**analyses, "batch_id": batch_id}  # a small field like them
         tensors: _Tensors = [(_PREDICTIONS, *as_array(predictions, field="predictions"))]
         if targets is not None:
             tensors.append((_TARGETS, *as_array(targets, field="targets")))
         if weights is not None:
             tensors.append((_WEIGHTS, *as_array(weights, field="weights")))
+        if sample_ids is not None:
+            tensors.append((_SAMPLE_IDS, *as_array(sample_ids, field="sample_ids")))
         entries: _Entries = [(_INPUTS, name, *as_array(value, field=f"inputs.{name}"))
                              for name, value in (inputs or {}).items() if value is not None]
         arrays = [a for _, a, _ in tensors] + [a for _, _, a, _ in entries]
@@ -135,11 +164,12 @@ DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
 
 def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
                     top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
-                    hardest: int = 0, quantiles: bool | Iterable[float] | None = None
-                    ) -> dict[str, Any]:
+                    hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
+                    hardest_batches: int = 0) -> dict[str, Any]:
     """The EvaluateRequest analysis fields for the clients' keyword arguments.
 
-    ``top_k``: a k or several; ``quantiles``: True for (0.5, 0.9, 0.99), or the levels.
+    ``top_k``: a k or several; ``quantiles``: True for (0.5, 0.9, 0.99), or the levels;
+    ``hardest_batches`` (streams only): K batches of the largest mean loss.
 
     >>> analysis_fields(top_k=5, quantiles=True)
     {'top_k': [5], 'quantiles': [0.5, 0.9, 0.99]}
@@ -161,6 +191,10 @@ def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
         if not isinstance(hardest, int) or isinstance(hardest, bool):
             raise TypeError(f"hardest={hardest!r}: an int (K)")
         out["hardest"] = hardest
+    if hardest_batches:
+        if not isinstance(hardest_batches, int) or isinstance(hardest_batches, bool):
+            raise TypeError(f"hardest_batches={hardest_batches!r}: an int (K)")
+        out["hardest_batches"] = hardest_batches
     if quantiles is True:
         out["quantiles"] = list(DEFAULT_QUANTILES)
     elif quantiles:
@@ -189,20 +223,23 @@ def joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
 
 BATCH_FORMS = ("a (predictions, targets), (predictions, targets, weights) or (predictions, "
                "targets, weights, inputs) tuple (targets and weights may be None, inputs is "
-               "a dict)")
+               "a dict), or a lossd.Batch")
 """What a stream item must be, as the TypeError for one that is not says it."""
 
 
-def batch_parts(batch: Any, index: int = 0) -> tuple[Any, Any, Any, Mapping[str, Any] | None]:
-    """(predictions, targets, weights, inputs) of a stream's batch number ``index``.
+def batch_parts(batch: Any, index: int = 0) -> Batch:
+    """A stream's batch number ``index`` as a :class:`Batch`.
 
-    A tuple or list of 2 to 4 items; anything else (a bare array, whose rows would
-    otherwise unpack as predictions and targets) is a TypeError saying what a batch is.
+    A :class:`Batch`, or a tuple or list of 2 to 4 items; anything else (a bare array, whose
+    rows would otherwise unpack as predictions and targets) is a TypeError saying what a
+    batch is.
 
-    >>> batch_parts(("x", "t"))
-    ('x', 't', None, None)
+    >>> tuple(batch_parts(("x", "t")))
+    ('x', 't', None, None, None, None)
     """
-    if not isinstance(batch, tuple | list) or not 2 <= len(batch) <= 4:
+    if isinstance(batch, Batch):
+        parts = batch
+    elif not isinstance(batch, tuple | list) or not 2 <= len(batch) <= 4:
         what = type(batch).__name__
         if isinstance(batch, tuple | list):
             what = f"{what} of {len(batch)} items"
@@ -210,13 +247,17 @@ def batch_parts(batch: Any, index: int = 0) -> tuple[Any, Any, Any, Mapping[str,
             what = f"{what} of shape {tuple(shape)}"
         raise TypeError(f"evaluate_stream: batch {index} is a {what}; each batch is "
                         f"{BATCH_FORMS}: yield (predictions, targets), not predictions alone")
-    preds, targs, *rest = batch
-    weights = rest[0] if rest else None
-    inputs = rest[1] if len(rest) > 1 else None
-    if inputs is not None and not isinstance(inputs, Mapping):
+    else:
+        parts = Batch(*batch)
+    if parts.inputs is not None and not isinstance(parts.inputs, Mapping):
         raise TypeError(f"evaluate_stream: batch {index}'s inputs are a "
-                        f"{type(inputs).__name__}; each batch is {BATCH_FORMS}")
-    return preds, targs, weights, inputs
+                        f"{type(parts.inputs).__name__}; each batch is {BATCH_FORMS}")
+    return parts
+
+
+def sample_ids_of(sample_ids: Any) -> np.ndarray | None:
+    """The caller's sample ids as numpy (as they were sent), to keep in the result."""
+    return None if sample_ids is None else as_array(sample_ids, field="sample_ids")[0]
 
 
 class StreamGuard:
@@ -275,29 +316,32 @@ class BatchJoiner:
     (a batch split along N goes as several messages and is answered by as many)."""
 
     def __init__(self) -> None:
-        self._chunks: collections.deque[int] = collections.deque()
+        # Per batch sent and not yet answered: its message count and its sample ids.
+        self._chunks: collections.deque[tuple[int, Any]] = collections.deque()
         self._replies: list[pb.EvaluateResponse] = []
 
-    def requests(self, builder: Requests, batches: Iterable[Batch], loss: str,
+    def requests(self, builder: Requests, batches: Iterable[BatchLike], loss: str,
                  tag: str | None, options: dict[str, pb.OptionValue],
                  analyses: Mapping[str, Any] | None = None) -> Iterator[bytes]:
         """The stream's messages, batch by batch as ``batches`` is consumed (each batch
         built by ``builder``, split along N where it must be)."""
         for index, batch in enumerate(batches):
-            preds, targs, weights, inputs = batch_parts(batch, index)
-            built = builder.build(loss, preds, targs, weights, tag, options,
-                                  analyses=analyses, inputs=inputs)
-            self._chunks.append(len(built))
+            b = batch_parts(batch, index)
+            built = builder.build(loss, b.predictions, b.targets, b.weights, tag, options,
+                                  analyses=analyses, inputs=b.inputs, sample_ids=b.sample_ids,
+                                  batch_id=b.batch_id)
+            self._chunks.append((len(built), b.sample_ids))
             yield from built
 
     def received(self, reply: pb.EvaluateResponse) -> LossResult | None:
         """The batch's result once its last reply is in, else None."""
         self._replies.append(reply)
-        if len(self._replies) < self._chunks[0]:
+        count, sample_ids = self._chunks[0]
+        if len(self._replies) < count:
             return None
         self._chunks.popleft()
         replies, self._replies = self._replies, []
-        return joined(replies, running=True)
+        return joined(replies, running=True).with_sample_ids(sample_ids_of(sample_ids))
 
 
 _REDUCTIONS = {"mean": pb.MEAN, "sum": pb.SUM, "weighted_mean": pb.WEIGHTED_MEAN,

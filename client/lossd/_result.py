@@ -268,7 +268,9 @@ class Calibration:
 class HardSample:
     """One of the hardest samples: its position, loss and, for (N,) class-index targets,
     its target class (and with ``diagnostics`` its predicted class and confidence).
-    ``target_name``/``predicted_name``: those classes by name, where class names are given.
+    ``sample_id``: the caller's id of the sample, where ``sample_ids`` were sent (the
+    ``index`` stays its position). ``target_name``/``predicted_name``: those classes by
+    name, where class names are given.
     """
 
     index: int
@@ -278,6 +280,7 @@ class HardSample:
     confidence: float | None = None
     target_name: str | None = None
     predicted_name: str | None = None
+    sample_id: int | None = None
 
     def named(self, names: ClassNames | None) -> HardSample:
         """This sample with its classes named by ``names`` (None: unnamed)."""
@@ -288,17 +291,20 @@ class HardSample:
                                    predicted_name=name(self.predicted))
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; the ``*_name`` ones only where class names are given."""
+        """The fields; the ``*_name`` ones only where class names are given, ``sample_id``
+        only where sample ids were sent."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__
-                if not (k.endswith("_name") and getattr(self, k) is None)}
+                if not ((k.endswith("_name") or k == "sample_id") and getattr(self, k) is None)}
 
 
 @dataclass(frozen=True)
 class Hardest(Sequence[HardSample]):
     """The K samples with the largest loss, largest first (NaN above every number, equal
     losses by index). Indices are positions in the batch (``r.hardest``) or in the stream
-    from its first sample (``r.running.hardest``). With ``class_names`` each sample's
-    target and predicted class are named too (``target_name``, ``predicted_name``)."""
+    from its first sample (``r.running.hardest``), whether or not sample ids were sent;
+    with ``sample_ids`` each sample carries its id too (``h.sample_id``, ``sample_ids``).
+    With ``class_names`` each sample's target and predicted class are named too
+    (``target_name``, ``predicted_name``)."""
 
     samples: tuple[HardSample, ...] = ()
     class_names: ClassNames | None = None
@@ -314,7 +320,8 @@ class Hardest(Sequence[HardSample]):
             index=h.index, loss=h.loss,
             target=h.target if h.HasField("target") else None,
             predicted=h.predicted if h.HasField("predicted") else None,
-            confidence=h.confidence if h.HasField("confidence") else None) for h in items))
+            confidence=h.confidence if h.HasField("confidence") else None,
+            sample_id=h.sample_id if h.HasField("sample_id") else None) for h in items))
 
     @overload
     def __getitem__(self, i: int) -> HardSample: ...
@@ -338,17 +345,85 @@ class Hardest(Sequence[HardSample]):
         """Their losses, largest first."""
         return np.array([h.loss for h in self.samples], dtype=np.float64)
 
+    @property
+    def sample_ids(self) -> np.ndarray | None:
+        """The samples' ids (as sent), hardest first; None where no ids were sent."""
+        if any(h.sample_id is None for h in self.samples):
+            return None
+        return np.array([h.sample_id for h in self.samples], dtype=np.int64)
+
     def to_dict(self) -> list[dict[str, Any]]:
         return [h.to_dict() for h in self.samples]
 
     def to_pandas(self) -> pandas.DataFrame:
-        """One row per sample, hardest first: index, loss, target, predicted, confidence
-        (and target_name, predicted_name where class names are given)."""
+        """One row per sample, hardest first: index, (sample_id where sample ids were
+        sent), loss, target, predicted, confidence (and target_name, predicted_name where
+        class names are given)."""
         pd = _pandas()
         columns = ["index", "loss", "target", "predicted", "confidence"]
+        if self.samples and self.samples[0].sample_id is not None:
+            columns.insert(1, "sample_id")
         if self.class_names is not None:
             columns += ["target_name", "predicted_name"]
         return pd.DataFrame([h.to_dict() for h in self.samples], columns=columns)
+
+
+@dataclass(frozen=True)
+class HardBatch:
+    """One of a stream's hardest batches: the caller's ``batch_id`` (``lossd.Batch``'s, else
+    its ordinal), its ``ordinal`` in the stream (from 0), the samples that count and their
+    mean loss (exact sum / count, as ``Aggregates``), and with ``hardest`` how many of its
+    samples are among the stream's hardest (``in_hardest``; None without)."""
+
+    batch_id: int
+    ordinal: int
+    count: int
+    mean: float
+    in_hardest: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class HardestBatches(Sequence[HardBatch]):
+    """The K completed batches of a stream with the largest mean loss, largest first (NaN
+    above every number, equal means by ordinal): ``evaluate_stream(...,
+    hardest_batches=K)``'s ``r.running.hardest_batches``, or ``evaluate_all``'s."""
+
+    batches: tuple[HardBatch, ...] = ()
+
+    @classmethod
+    def from_proto(cls, items: Sequence[pb.HardBatch]) -> HardestBatches:
+        return cls(tuple(HardBatch(
+            batch_id=b.batch_id, ordinal=b.ordinal, count=b.count, mean=b.mean,
+            in_hardest=b.in_hardest if b.HasField("in_hardest") else None) for b in items))
+
+    @overload
+    def __getitem__(self, i: int) -> HardBatch: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[HardBatch]: ...
+
+    def __getitem__(self, i: int | slice) -> HardBatch | Sequence[HardBatch]:
+        return self.batches[i]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def batch_ids(self) -> np.ndarray:
+        """The batches' ids, hardest first."""
+        return np.array([b.batch_id for b in self.batches], dtype=np.int64)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [b.to_dict() for b in self.batches]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per batch, hardest first: batch_id, ordinal, count, mean, in_hardest."""
+        pd = _pandas()
+        return pd.DataFrame([b.to_dict() for b in self.batches],
+                            columns=["batch_id", "ordinal", "count", "mean", "in_hardest"])
 
 
 @dataclass(frozen=True)
@@ -410,7 +485,7 @@ class Aggregates:
     Analyses (class-index targets for the class ones): ``per_class``; ``accuracy`` (top-1,
     ``correct`` of ``accuracy_count`` samples, dense: positions); ``top_k_accuracy`` and
     ``top_k_correct`` (k -> value); ``calibration`` and ``ece`` (with ``diagnostics``);
-    ``hardest``; ``quantiles``.
+    ``hardest``; ``quantiles``; ``hardest_batches`` (a stream's running aggregates only).
     """
 
     sum: float
@@ -430,6 +505,7 @@ class Aggregates:
     calibration: Calibration | None = None
     hardest: Hardest | None = None
     quantiles: Quantiles | None = None
+    hardest_batches: HardestBatches | None = None
 
     @classmethod
     def from_proto(cls, a: pb.Aggregates, analysis: pb.Analysis | None = None) -> Aggregates:
@@ -451,6 +527,9 @@ class Aggregates:
                 extra["hardest"] = Hardest.from_proto(analysis.hardest.samples)
             if analysis.HasField("quantiles"):
                 extra["quantiles"] = Quantiles.from_proto(analysis.quantiles)
+            if analysis.HasField("hardest_batches"):
+                extra["hardest_batches"] = HardestBatches.from_proto(
+                    analysis.hardest_batches.batches)
         return cls(
             sum=a.sum,
             mean=a.mean,
@@ -514,7 +593,8 @@ class LossResult:
     the whole stream so far (``evaluate_stream`` only; None from ``evaluate``).
     ``gradient``: d(reduction)/d(predictions) when asked for with ``gradient=``, else None.
     With ``diagnostics=True``: ``predicted`` (int32), ``confidence`` (float32) and
-    ``correct`` (bool), each shaped as the targets. The analyses of the batch are
+    ``correct`` (bool), each shaped as the targets. ``sample_ids``: the caller's ids of the
+    batch's samples, where sent (they index ``to_pandas()``). The analyses of the batch are
     ``r.per_class``, ``r.accuracy``, ... (shortcuts to ``r.aggregates``); of the stream so
     far ``r.running.per_class``, ...
     """
@@ -526,6 +606,7 @@ class LossResult:
     predicted: np.ndarray | None = None
     confidence: np.ndarray | None = None
     correct: np.ndarray | None = None
+    sample_ids: np.ndarray | None = None
 
     @property
     def sum(self) -> float:
@@ -609,6 +690,12 @@ class LossResult:
                    running=running, gradient=gradient, predicted=predicted,
                    confidence=confidence, correct=correct)
 
+    def with_sample_ids(self, sample_ids: np.ndarray | None) -> LossResult:
+        """The same result carrying the caller's ``sample_ids`` (None: as it is)."""
+        if sample_ids is None:
+            return self
+        return dataclasses.replace(self, sample_ids=sample_ids)
+
     def with_class_names(self, names: Any) -> LossResult:
         """The same result, the classes of its analyses (batch and running) named by
         ``names`` (index -> name; None: as it is)."""
@@ -624,19 +711,21 @@ class LossResult:
                 "running": None if self.running is None else self.running.to_dict(),
                 "gradient": None if self.gradient is None else self.gradient.tolist(),
                 "predicted": _plain(self.predicted), "confidence": _plain(self.confidence),
-                "correct": _plain(self.correct)}
+                "correct": _plain(self.correct), "sample_ids": _plain(self.sample_ids)}
 
     def to_pandas(self) -> pandas.DataFrame:
         """One row per sample: ``loss`` and, with (N,) diagnostics, ``predicted``,
-        ``confidence`` and ``correct``; indexed by ``sample``."""
+        ``confidence`` and ``correct``; indexed by ``sample`` (the position), or by
+        ``sample_id`` where sample ids were sent."""
         pd = _pandas()
         columns: dict[str, Any] = {"loss": self.per_sample}
         for name in ("predicted", "confidence", "correct"):
             value = getattr(self, name)
             if value is not None and value.ndim == 1:
                 columns[name] = value
-        return pd.DataFrame(columns, index=pd.RangeIndex(self.per_sample.shape[0],
-                                                         name="sample"))
+        index = (pd.RangeIndex(self.per_sample.shape[0], name="sample")
+                 if self.sample_ids is None else pd.Index(self.sample_ids, name="sample_id"))
+        return pd.DataFrame(columns, index=index)
 
     def __repr__(self) -> str:
         a = self.aggregates

@@ -206,9 +206,10 @@ class SharedMemory:
                  accuracy: bool = False, top_k: int | Iterable[int] | None = None,
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
-                 class_names: Sequence[str] | None = None, **options: Any) -> LossResult:
-        """As ``LossClient.evaluate`` (the same options, analyses, ``gradient`` and
-        ``class_names`` too), with the tensors passed through the region.
+                 class_names: Sequence[str] | None = None, sample_ids: Any = None,
+                 **options: Any) -> LossResult:
+        """As ``LossClient.evaluate`` (the same options, analyses, ``gradient``,
+        ``class_names`` and ``sample_ids`` too), with the tensors passed through the region.
 
         Each input (extra ``inputs`` too) is copied once, into the region; the per-sample
         losses come back through it (the gradient and the analyses in the reply). Calls on
@@ -222,7 +223,7 @@ class SharedMemory:
         names = class_names_of(class_names)
         reduction = gradient_reduction(gradient)
         named = {"predictions": predictions, "targets": targets, "weights": weights,
-                 **{f"inputs.{k}": v for k, v in (inputs or {}).items()}}
+                 "sample_ids": sample_ids, **{f"inputs.{k}": v for k, v in (inputs or {}).items()}}
         arrays = {field: as_array(value, field=field) for field, value in named.items()
                   if value is not None}
         first = arrays["predictions"][0]
@@ -259,8 +260,9 @@ class SharedMemory:
                 raise from_status(reply.code, reply.error, reply.retry_after_ms)
             per_sample = np.frombuffer(buf, dtype="<f4", count=n, offset=out_offset).copy()
             del buf
-        return LossResult.from_proto(reply.evaluation,
-                                     per_sample=per_sample).with_class_names(names)
+        ids = arrays["sample_ids"][0] if "sample_ids" in arrays else None
+        return LossResult.from_proto(reply.evaluation, per_sample=per_sample
+                                     ).with_class_names(names).with_sample_ids(ids)
 
     def _evaluate(self, action: pb.SharedMemoryRequest) -> pb.SharedMemoryResponse:
         """Send an evaluate action; once, if the stream broke, on a new session (evaluating

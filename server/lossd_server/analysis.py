@@ -22,7 +22,11 @@ Definitions:
 * calibration: 15 equal-width confidence bins (b/15, (b+1)/15] (0 falls in the first); ECE =
   sum over bins of |hits - sum of confidences| / counted, i.e. sum_b (n_b / n) |acc_b - conf_b|.
 * hardest: the K counted samples with the largest loss; NaN ranks above every number, and
-  equal losses rank by index (smaller first). Exact; memory K.
+  equal losses rank by index (smaller first). Exact; memory K. With the caller's sample
+  ids, each carries its id; the index stays its position (in the batch, or the stream).
+* hardest batches (streams): the K completed batches with the largest mean loss (the
+  aggregates' exact sum / count), ranked as the hardest samples are, by ordinal on ties;
+  batches where no sample counts are not ranked. Exact; memory K.
 * quantiles: from a log-linear sketch (:class:`LossSketch`) with relative error at most
   ``RELATIVE_ACCURACY`` (2**-8) and at most ``SKETCH_BUCKETS`` buckets; min and max exact.
 """
@@ -43,6 +47,7 @@ from lossd_server.reduce import GroupedSums
 Tensor = torch.Tensor
 
 MAX_HARDEST = 10_000
+MAX_HARDEST_BATCHES = 10_000
 MAX_TOP_K = 16
 MAX_QUANTILES = 32
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
@@ -345,7 +350,8 @@ def calibration_bins(confidence: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Hardest:
     """The ``k`` counted samples with the largest loss (see the module doc for the order),
-    as parallel arrays; ``target``/``predicted``/``confidence`` are None where unknown."""
+    as parallel arrays; ``target``/``predicted``/``confidence`` are None where unknown,
+    ``sample_id`` where the caller sent no ids."""
 
     k: int
     index: np.ndarray
@@ -353,6 +359,7 @@ class Hardest:
     target: np.ndarray | None = None
     predicted: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    sample_id: np.ndarray | None = None
 
     def shifted(self, offset: int) -> Hardest:
         return replace(self, index=self.index + offset) if offset else self
@@ -363,12 +370,25 @@ class Hardest:
         return _top(self.k, np.concatenate([self.index, other.index]),
                     np.concatenate([self.loss, other.loss]), cat(self.target, other.target),
                     cat(self.predicted, other.predicted),
-                    cat(self.confidence, other.confidence))
+                    cat(self.confidence, other.confidence),
+                    cat(self.sample_id, other.sample_id))
 
 
 def _top(k: int, index: np.ndarray, loss: np.ndarray, target: np.ndarray | None,
-         predicted: np.ndarray | None, confidence: np.ndarray | None) -> Hardest:
+         predicted: np.ndarray | None, confidence: np.ndarray | None,
+         sample_id: np.ndarray | None = None) -> Hardest:
     """The k largest (NaN first, then descending loss, then ascending index)."""
+    order = _top_order(k, index, loss)
+
+    def pick(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[order]
+    return Hardest(k, index[order], loss[order], pick(target), pick(predicted),
+                   pick(confidence), pick(sample_id))
+
+
+def _top_order(k: int, index: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Positions of the k largest of ``loss``, in rank order: NaN first, then descending
+    loss, then ascending ``index``."""
     n = loss.shape[0]
     if n > k:
         score = np.where(np.isnan(loss), np.inf, loss)
@@ -378,12 +398,46 @@ def _top(k: int, index: np.ndarray, loss: np.ndarray, target: np.ndarray | None,
         candidates = np.arange(n)
     c_loss = loss[candidates]
     nan = np.isnan(c_loss)
-    order = candidates[np.lexsort((index[candidates], -np.where(nan, 0.0, c_loss), ~nan))][:k]
+    return candidates[np.lexsort((index[candidates], -np.where(nan, 0.0, c_loss), ~nan))][:k]
 
-    def pick(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a[order]
-    return Hardest(k, index[order], loss[order], pick(target), pick(predicted),
-                   pick(confidence))
+
+@dataclass(frozen=True)
+class HardestBatches:
+    """The ``k`` completed batches of a stream with the largest mean loss, as parallel
+    arrays in rank order: the caller's ``batch_id``, the ``ordinal`` in the stream, the
+    batch's first sample position in the stream (``start``) and its size (``samples``), the
+    samples that count (``count``) and their mean loss. Memory K whatever the stream's
+    length: :meth:`add` keeps the top K only."""
+
+    k: int
+    batch_id: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    ordinal: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    start: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    samples: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    mean: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+
+    def add(self, batch_id: int, ordinal: int, start: int, samples: int, count: int,
+            mean: float) -> HardestBatches:
+        """These batches and one more (not ranked when none of its samples count)."""
+        if not count:
+            return self
+
+        def cat(a: np.ndarray, value: float) -> np.ndarray:
+            return np.concatenate([a, np.array([value], a.dtype)])
+        arrays = [cat(self.batch_id, batch_id), cat(self.ordinal, ordinal),
+                  cat(self.start, start), cat(self.samples, samples), cat(self.count, count),
+                  cat(self.mean, mean)]
+        order = _top_order(self.k, arrays[1], arrays[5])
+        return HardestBatches(self.k, *(a[order] for a in arrays))
+
+    def in_hardest(self, hardest: Hardest) -> np.ndarray:
+        """Per kept batch, how many of ``hardest``'s samples (stream positions) it holds."""
+        index = np.sort(hardest.index)
+        ends = np.searchsorted(index, self.start + self.samples, side="left")
+        starts = np.searchsorted(index, self.start, side="left")
+        counts: np.ndarray = (ends - starts).astype(np.int64)
+        return counts
 
 
 @dataclass(frozen=True)
@@ -537,6 +591,8 @@ class BatchData:
     confidence: np.ndarray | None = None
     hit: np.ndarray | None = None
     top_k_hits: tuple[np.ndarray, ...] = ()
+    sample_ids: np.ndarray | None = None
+    """(N,) int64 caller ids of the samples, or None."""
 
 
 def analyse(request: Request, d: BatchData) -> Analysis:
@@ -579,7 +635,8 @@ def analyse(request: Request, d: BatchData) -> Analysis:
         out = replace(out, hardest=_top(
             request.hardest, index, d.losses[index].astype(np.float64),
             at(None if d.targets is None else d.targets.astype(np.int64)),
-            at(d.predicted), at(d.confidence)))
+            at(d.predicted), at(d.confidence),
+            None if d.sample_ids is None else d.sample_ids[index]))
     if request.quantiles:
         out = replace(out, quantiles=LossSketch.of(d.losses[d.keep]))
     return out

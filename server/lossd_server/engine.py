@@ -45,6 +45,8 @@ class Batch:
     """The analyses wanted besides the aggregates (per class, accuracy, hardest, ...)."""
     inputs: Mapping[str, Tensor] = field(default_factory=dict)
     """The loss's extra tensors by name (N first)."""
+    sample_ids: Tensor | None = None
+    """(N,) int64 caller ids of the samples, carried into the hardest samples."""
 
 
 @dataclass(slots=True)
@@ -203,6 +205,8 @@ class Engine:
                                        allow_zero_weight_sum=allow_zero_weight_sum)
         if batch.gradient is not None:
             validate.gradient(batch.gradient, weighted=batch.weights is not None)
+        if batch.sample_ids is not None:
+            validate.sample_ids(batch.predictions.shape[0], batch.sample_ids)
         if batch.analyses.any:
             validate.analyses(batch.analyses, spec, batch.predictions, batch.targets,
                               class_index=class_targets is not None)
@@ -240,7 +244,7 @@ class Engine:
         checked = self.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
         computed = self._run(checked)
         return _evaluation(computed, batch.weights, slice(None), computed.device_seconds,
-                           batch.analyses)
+                           batch.analyses, batch.sample_ids)
 
     def evaluate_many(self, checked: list[Checked]) -> list[Evaluation]:
         """One device call for several validated batches that share loss, options, dtypes
@@ -249,7 +253,8 @@ class Engine:
         if len(checked) == 1:
             computed = self._run(checked[0])
             return [_evaluation(computed, checked[0].batch.weights, slice(None),
-                                computed.device_seconds, checked[0].batch.analyses)]
+                                computed.device_seconds, checked[0].batch.analyses,
+                                checked[0].batch.sample_ids)]
         first = checked[0]
         batches = [c.batch for c in checked]
         weights = None if first.batch.weights is None else torch.cat(
@@ -270,7 +275,7 @@ class Engine:
         for b in batches:
             n = b.predictions.shape[0]
             out.append(_evaluation(computed, b.weights, slice(start, start + n),
-                                   computed.device_seconds, b.analyses))
+                                   computed.device_seconds, b.analyses, b.sample_ids))
             start += n
         return out
 
@@ -604,22 +609,25 @@ def _batch_data(c: Checked, losses: np.ndarray, ignored: np.ndarray | None,
         confidence=confidence, hit=hit, top_k_hits=top_k_hits)
 
 
-def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None
-          ) -> analysis.BatchData:
-    """The samples ``part`` of a batch's analysis data."""
+def _rows(d: analysis.BatchData, part: slice, weights: np.ndarray | None,
+          sample_ids: np.ndarray | None = None) -> analysis.BatchData:
+    """The samples ``part`` of a batch's analysis data, with that batch's own weights and
+    sample ids."""
     def cut(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[part]
     return analysis.BatchData(
         losses=d.losses[part], keep=d.keep[part], targets=cut(d.targets), valid=cut(d.valid),
         elementwise=cut(d.elementwise), weights=weights, predicted=cut(d.predicted),
         confidence=cut(d.confidence), hit=cut(d.hit),
-        top_k_hits=tuple(h[part] for h in d.top_k_hits))
+        top_k_hits=tuple(h[part] for h in d.top_k_hits), sample_ids=sample_ids)
 
 
 def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
                 device_seconds: float | None,
-                analyses: analysis.Request = analysis.NONE) -> Evaluation:
-    """The Evaluation of samples ``part`` of a computed batch."""
+                analyses: analysis.Request = analysis.NONE,
+                sample_ids: Tensor | None = None) -> Evaluation:
+    """The Evaluation of samples ``part`` of a computed batch (``sample_ids``: that
+    batch's own, as sent)."""
     losses = c.losses[part]
     w = None if weights is None else weights.to(torch.float64).numpy()
     aggregate = Aggregate.of_batch(
@@ -628,7 +636,8 @@ def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
         omitted=None if c.omitted is None else c.omitted[part])
     result = None
     if c.analysis is not None and analyses.any:
-        result = analysis.analyse(analyses, _rows(c.analysis, part, w))
+        ids = None if sample_ids is None else sample_ids.numpy()
+        result = analysis.analyse(analyses, _rows(c.analysis, part, w, ids))
     if losses.dtype == np.float32:
         array = losses
     else:

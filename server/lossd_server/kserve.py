@@ -7,10 +7,12 @@ name, version ``"1"``, platform ``"lossd"``.
 ModelInfer, per model (loss):
 
 * inputs ``PREDICTIONS`` and ``TARGETS`` (none for a loss without targets), optional
-  ``WEIGHTS`` (N,), the loss's extra inputs named in capitals (``VAR``, ``INPUT2``,
-  ``INPUT_LENGTHS``...), and one optional input per tensor-valued loss option, named
-  after it in capitals (``CLASS_WEIGHTS``, ``POS_WEIGHT``). Datatypes ``FP32``, ``FP16``,
-  ``BF16``, ``FP64``, ``INT64``, ``INT32``, as the native API accepts them. Data comes as
+  ``WEIGHTS`` (N,), optional ``SAMPLE_IDS`` (INT64 (N,), the caller's ids of the samples,
+  checked as the native ``sample_ids``), the loss's extra inputs named in capitals
+  (``VAR``, ``INPUT2``, ``INPUT_LENGTHS``...), and one optional input per tensor-valued
+  loss option, named after it in capitals (``CLASS_WEIGHTS``, ``POS_WEIGHT``). Datatypes
+  ``FP32``, ``FP16``, ``BF16``, ``FP64``, ``INT64``, ``INT32``, as the native API accepts
+  them. Data comes as
   ``raw_input_contents`` (one entry per input, in input order) or as typed ``contents``
   (``fp32_contents``, ``fp64_contents``, ``int64_contents``, ``int_contents``; FP16 and
   BF16 only raw).
@@ -80,6 +82,7 @@ MODEL_VERSION = "1"
 EXTENSIONS = ("parameters",)
 
 PREDICTIONS, TARGETS, WEIGHTS = "PREDICTIONS", "TARGETS", "WEIGHTS"
+SAMPLE_IDS = "SAMPLE_IDS"
 
 
 @dataclass(frozen=True)
@@ -222,14 +225,16 @@ def extra_inputs(spec: Loss) -> dict[str, str]:
 
 def input_names(spec: Loss) -> list[str]:
     targets = [TARGETS] if spec.takes_targets else []
-    return [PREDICTIONS, *targets, WEIGHTS, *extra_inputs(spec), *tensor_inputs(spec)]
+    return [PREDICTIONS, *targets, WEIGHTS, SAMPLE_IDS, *extra_inputs(spec),
+            *tensor_inputs(spec)]
 
 
 def _field(spec: Loss, field: str) -> str:
     """A native field name (``predictions``, ``options.label_smoothing``, ``inputs.var``) as
     named here."""
     head, _, rest = field.partition(".")
-    native = {"predictions": PREDICTIONS, "targets": TARGETS, "weights": WEIGHTS}
+    native = {"predictions": PREDICTIONS, "targets": TARGETS, "weights": WEIGHTS,
+              "sample_ids": SAMPLE_IDS}
     if head in native:
         return native[head] + (f".{rest}" if rest else "")
     if head == "options" and rest:
@@ -375,7 +380,8 @@ def decode_request(request: pb.ModelInferRequest, *, max_elements: int = 0) -> B
     return Batch(loss=spec.name, predictions=tensors[PREDICTIONS], targets=tensors.get(TARGETS),
                  weights=tensors.get(WEIGHTS), options=options, analyses=analyses,
                  inputs={name: tensors[key] for key, name in extra_inputs(spec).items()
-                         if key in tensors})
+                         if key in tensors},
+                 sample_ids=tensors.get(SAMPLE_IDS))
 
 
 _INT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
@@ -481,7 +487,7 @@ def model_metadata(spec: Loss) -> pb.ModelMetadataResponse:
                        pred_shape if spec.input_by_name[name].shape == "predictions" else [-1])
              for key, name in extra_inputs(spec).items()]
     inputs = [_metadata(PREDICTIONS, "FP32", pred_shape), *targets,
-              _metadata(WEIGHTS, "FP32", [-1]), *extra,
+              _metadata(WEIGHTS, "FP32", [-1]), _metadata(SAMPLE_IDS, "INT64", [-1]), *extra,
               *(_metadata(name, "FP32", [-1]) for name in tensor_inputs(spec))]
     listed = (*OUTPUTS, *ANALYSIS_OUTPUTS) if spec.targets is not Targets.SAME_SHAPE \
         else OUTPUTS

@@ -135,10 +135,12 @@ are looked at. A call whose
 class StreamState:
     """The running state of one stream of batches.
 
-    Every message of a stream asks for the same loss, weights on all or none, and the same
-    analyses as its first (:meth:`check`). A batch may span several messages (``more``):
-    its sample numbers count from the batch's start (:meth:`evaluating`), and the answer to
-    each message carries the batch so far and the whole stream so far (:meth:`add`).
+    Every message of a stream asks for the same loss, weights and sample ids on all or
+    none, and the same analyses as its first (:meth:`check`). A batch may span several
+    messages (``more``): its sample numbers count from the batch's start (:meth:`evaluating`),
+    and the answer to each message carries the batch so far and the whole stream so far
+    (:meth:`add`). With ``hardest_batches`` K, the stream's K completed batches of the
+    largest mean loss are kept (memory K, whatever the stream's length).
     """
 
     running: Aggregate | None = None
@@ -148,19 +150,34 @@ class StreamState:
     batch_analysis: analysis.Analysis | None = None
     offset: int = 0  # samples of the batch in earlier messages
     index: int = 0  # batches completed
-    _first: tuple[str, bool, analysis.Request] | None = None
+    samples: int = 0  # samples of the completed batches
+    hardest_batches: analysis.HardestBatches | None = None
+    _first: tuple[str, bool, bool, int, analysis.Request] | None = None
 
     @property
     def where(self) -> str:
         """Which batch an error is about, for its message."""
         return f"(batch {self.index} of the stream)"
 
-    def check(self, loss: str, weighted: bool, analyses: analysis.Request) -> None:
-        """Raise RequestError when a message asks for something its stream's first did not."""
+    def check(self, loss: str, weighted: bool, analyses: analysis.Request, *,
+              identified: bool = False, hardest_batches: int = 0) -> None:
+        """Raise RequestError when a message asks for something its stream's first did not
+        (``identified``: it carries sample ids), or for ``hardest_batches`` out of range."""
         if self._first is None:
-            self._first = (loss, weighted, analyses)
+            if not 0 <= hardest_batches <= analysis.MAX_HARDEST_BATCHES:
+                raise RequestError("hardest_batches", f"{hardest_batches} out of range "
+                                                      f"[0, {analysis.MAX_HARDEST_BATCHES}]")
+            self._first = (loss, weighted, identified, hardest_batches, analyses)
+            if hardest_batches:
+                self.hardest_batches = analysis.HardestBatches(hardest_batches)
             return
-        first_loss, first_weighted, first_analyses = self._first
+        first_loss, first_weighted, first_identified, first_k, first_analyses = self._first
+        if identified != first_identified:
+            raise RequestError("sample_ids", "must be given on every batch of a stream or on "
+                                             f"none {self.where}")
+        if hardest_batches != first_k:
+            raise RequestError("hardest_batches", "differs from the stream's first batch "
+                                                  f"{self.where}")
         if loss != first_loss:
             raise RequestError("loss", f"{loss!r} differs from the stream's first batch "
                                        f"({first_loss!r}) {self.where}")
@@ -184,11 +201,13 @@ class StreamState:
         finally:
             sample_offset.reset(token)
 
-    def add(self, ev: Evaluation, *, more: bool
+    def add(self, ev: Evaluation, *, more: bool, batch_id: int | None = None
             ) -> tuple[Aggregate, Aggregate, analysis.Analysis | None,
                        analysis.Analysis | None]:
         """Merge one message's evaluation; returns the batch so far, the stream so far and
-        the same for the analyses. ``more``: the next message continues this batch."""
+        the same for the analyses. ``more``: the next message continues this batch;
+        ``batch_id``: the caller's id of the batch (default: its ordinal), read when it
+        completes."""
         self.running = running = (ev.aggregate if self.running is None
                                   else self.running.merge(ev.aggregate))
         self.batch = batch = ev.aggregate if self.batch is None else self.batch.merge(ev.aggregate)
@@ -200,9 +219,15 @@ class StreamState:
             self.batch_analysis = batch_analysis = (
                 ev.analysis if self.batch_analysis is None
                 else self.batch_analysis.merge(ev.analysis))
+        size = ev.per_sample.shape[0]
         if more:
-            self.offset += ev.per_sample.shape[0]
+            self.offset += size
         else:
+            if self.hardest_batches is not None:
+                self.hardest_batches = self.hardest_batches.add(
+                    self.index if batch_id is None else batch_id, self.index, self.samples,
+                    self.offset + size, batch.count, batch.mean)
+            self.samples += self.offset + size
             self.batch, self.batch_analysis, self.offset = None, None, 0
             self.index += 1
         return batch, running, batch_analysis, running_analysis

@@ -88,6 +88,8 @@ def decode_request(req: pb.EvaluateRequest, view: wire.SharedMemoryView | None =
         analyses=wire.decode_analyses(req),
         inputs={name: wire.decode_tensor(t, f"inputs.{name}", view, claim, private=True)
                 for name, t in req.inputs.items()},
+        sample_ids=(wire.decode_tensor(req.sample_ids, "sample_ids", view, claim, private=True)
+                    if req.HasField("sample_ids") else None),
     )
 
 
@@ -162,6 +164,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         call.loss = request.loss
         call.received(request.ByteSize())
         service = self.service
+        if not stream and (request.hardest_batches or request.HasField("batch_id")):
+            field = "hardest_batches" if request.hardest_batches else "batch_id"
+            raise RequestError(field, "EvaluateStream only: it ranks a stream's batches")
         try:
             with call.stage("decode"):
                 batch, out = self.decode(request)
@@ -192,12 +197,15 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             stream = StreamState()
             for request in self._received(request_iterator, context, call.method):
                 stream.check(request.loss, request.HasField("weights"),
-                             wire.decode_analyses(request))
+                             wire.decode_analyses(request),
+                             identified=request.HasField("sample_ids"),
+                             hardest_batches=request.hardest_batches)
                 with stream.evaluating():
                     ev, resp = self._evaluate(call, request, state, stream=True,
                                               admitted=True)
                 batch, running, batch_analysis, running_analysis = stream.add(
-                    ev, more=request.more)
+                    ev, more=request.more,
+                    batch_id=request.batch_id if request.HasField("batch_id") else None)
                 resp.ClearField("aggregates")
                 wire.encode_aggregate(batch, resp.aggregates)
                 wire.encode_aggregate(running, resp.running)
@@ -205,6 +213,11 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                     resp.ClearField("analysis")
                     wire.encode_analysis(batch_analysis, resp.analysis)
                     wire.encode_analysis(running_analysis, resp.running_analysis)
+                if stream.hardest_batches is not None:
+                    wire.encode_hardest_batches(
+                        stream.hardest_batches,
+                        None if running_analysis is None else running_analysis.hardest,
+                        resp.running_analysis.hardest_batches)
                 call.sent(resp.ByteSize())
                 try:
                     yield resp

@@ -323,6 +323,15 @@ def _weights(n: int, w: Tensor, *, allow_zero_sum: bool) -> None:
         raise RequestError("weights", "sum to zero; weighted_mean would be undefined")
 
 
+def sample_ids(n: int, ids: Tensor) -> None:
+    """Sample ids are int64, one per sample: (N,)."""
+    if ids.dtype != torch.int64:
+        raise RequestError("sample_ids", f"dtype {dtype_str(ids.dtype)}; send int64")
+    if tuple(ids.shape) != (n,):
+        raise RequestError("sample_ids", f"shape {shape_str(ids.shape)}; expected ({n},), "
+                                         "one per sample")
+
+
 def gradient(kind: str | None, *, weighted: bool) -> None:
     """A gradient request names a known reduction; weighted ones need weights."""
     if kind is None:

@@ -194,12 +194,14 @@ def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
     if a.hardest is not None:
         h = a.hardest
         columns = [h.index.tolist(), h.loss.tolist()]
-        for extra in (h.target, h.predicted, h.confidence):
+        for extra in (h.target, h.predicted, h.confidence, h.sample_id):
             columns.append(extra.tolist() if extra is not None else [None] * len(columns[0]))
         out.hardest.SetInParent()
-        for index, loss, target, predicted, confidence in zip(*columns, strict=True):
+        for index, loss, target, predicted, confidence, sample_id in zip(*columns,
+                                                                         strict=True):
             out.hardest.samples.add(index=index, loss=loss, target=target,
-                                    predicted=predicted, confidence=confidence)
+                                    predicted=predicted, confidence=confidence,
+                                    sample_id=sample_id)
     if a.quantiles is not None:
         q = a.quantiles
         levels = a.request.quantiles
@@ -208,6 +210,20 @@ def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
             min=q.minimum if q.count else math.nan, max=q.maximum if q.count else math.nan,
             nan_count=q.nan_count, relative_accuracy=analysis.RELATIVE_ACCURACY,
             collapsed=q.collapsed))
+
+
+def encode_hardest_batches(b: analysis.HardestBatches, hardest: analysis.Hardest | None,
+                           out: pb.HardestBatches) -> None:
+    """A stream's hardest batches into their message; with the stream's ``hardest``
+    samples, how many of each batch's are among them."""
+    out.SetInParent()
+    in_hardest = ([None] * len(b.ordinal) if hardest is None
+                  else b.in_hardest(hardest).tolist())
+    for batch_id, ordinal, count, mean, hits in zip(
+            b.batch_id.tolist(), b.ordinal.tolist(), b.count.tolist(), b.mean.tolist(),
+            in_hardest, strict=True):
+        out.batches.add(batch_id=batch_id, ordinal=ordinal, count=count, mean=mean,
+                        in_hardest=hits)
 
 
 def encode_diagnostics(d: analysis.Diagnostics, out: pb.Diagnostics) -> None:
@@ -232,7 +248,7 @@ def wire_array(a: Any, dtype: pb.DType) -> pb.Tensor:
 # most 100 levels of messages and groups; a known field with another wire type than its
 # own is an unknown field, and unknown fields are skipped.
 
-_TENSOR_FIELDS = {2: "predictions", 3: "targets", 4: "weights"}
+_TENSOR_FIELDS = {2: "predictions", 3: "targets", 4: "weights", 18: "sample_ids"}
 _MAX_DEPTH = 100  # upb's default limit of nested messages and groups
 _MASK64 = (1 << 64) - 1
 _START_GROUP, _END_GROUP = 3, 4
@@ -433,8 +449,8 @@ def _input_entry(buf: memoryview, start: int, end: int, budget: _Budget | None =
 def parse_evaluate_request(raw: bytes, max_map_entries: int = 0
                            ) -> tuple[pb.EvaluateRequest, dict[str, TensorView]]:
     """The request's small fields (parsed by protobuf; tensor fields left empty) and its
-    tensors as zero-copy views: predictions, targets, weights, and each of the ``inputs``
-    map as ``inputs.<name>``.
+    tensors as zero-copy views: predictions, targets, weights, sample_ids, and each of the
+    ``inputs`` map as ``inputs.<name>``.
 
     ``max_map_entries`` (0: no limit): the ``inputs`` or ``options`` entry past it is
     :class:`Refused` as it is met, before the rest of the message is walked, and so is the

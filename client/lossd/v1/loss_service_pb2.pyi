@@ -74,7 +74,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "inputs", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "inputs", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles", "sample_ids", "hardest_batches", "batch_id")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,9 @@ class EvaluateRequest(_message.Message):
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     HARDEST_FIELD_NUMBER: _ClassVar[int]
     QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     loss: str
     predictions: Tensor
     targets: Tensor
@@ -123,7 +126,10 @@ class EvaluateRequest(_message.Message):
     diagnostics: bool
     hardest: int
     quantiles: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
+    sample_ids: Tensor
+    hardest_batches: int
+    batch_id: int
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hardest_batches: _Optional[int] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -164,18 +170,20 @@ class EvaluateResponse(_message.Message):
     def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., running_analysis: _Optional[_Union[Analysis, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ...) -> None: ...
 
 class Analysis(_message.Message):
-    __slots__ = ("per_class", "accuracy", "calibration", "hardest", "quantiles")
+    __slots__ = ("per_class", "accuracy", "calibration", "hardest", "quantiles", "hardest_batches")
     PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     HARDEST_FIELD_NUMBER: _ClassVar[int]
     QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_BATCHES_FIELD_NUMBER: _ClassVar[int]
     per_class: PerClass
     accuracy: Accuracy
     calibration: Calibration
     hardest: HardestSamples
     quantiles: Quantiles
-    def __init__(self, per_class: _Optional[_Union[PerClass, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., hardest: _Optional[_Union[HardestSamples, _Mapping]] = ..., quantiles: _Optional[_Union[Quantiles, _Mapping]] = ...) -> None: ...
+    hardest_batches: HardestBatches
+    def __init__(self, per_class: _Optional[_Union[PerClass, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., hardest: _Optional[_Union[HardestSamples, _Mapping]] = ..., quantiles: _Optional[_Union[Quantiles, _Mapping]] = ..., hardest_batches: _Optional[_Union[HardestBatches, _Mapping]] = ...) -> None: ...
 
 class PerClass(_message.Message):
     __slots__ = ("classes", "count", "sum", "mean", "weighted_sum", "weighted_mean", "weight_sum", "correct", "accuracy", "top_k_correct", "top_k_accuracy")
@@ -240,18 +248,40 @@ class HardestSamples(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[HardSample, _Mapping]]] = ...) -> None: ...
 
 class HardSample(_message.Message):
-    __slots__ = ("index", "loss", "target", "predicted", "confidence")
+    __slots__ = ("index", "loss", "target", "predicted", "confidence", "sample_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     index: int
     loss: float
     target: int
     predicted: int
     confidence: float
-    def __init__(self, index: _Optional[int] = ..., loss: _Optional[float] = ..., target: _Optional[int] = ..., predicted: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...
+    sample_id: int
+    def __init__(self, index: _Optional[int] = ..., loss: _Optional[float] = ..., target: _Optional[int] = ..., predicted: _Optional[int] = ..., confidence: _Optional[float] = ..., sample_id: _Optional[int] = ...) -> None: ...
+
+class HardestBatches(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[HardBatch]
+    def __init__(self, batches: _Optional[_Iterable[_Union[HardBatch, _Mapping]]] = ...) -> None: ...
+
+class HardBatch(_message.Message):
+    __slots__ = ("batch_id", "ordinal", "count", "mean", "in_hardest")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    IN_HARDEST_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    ordinal: int
+    count: int
+    mean: float
+    in_hardest: int
+    def __init__(self, batch_id: _Optional[int] = ..., ordinal: _Optional[int] = ..., count: _Optional[int] = ..., mean: _Optional[float] = ..., in_hardest: _Optional[int] = ...) -> None: ...
 
 class Quantiles(_message.Message):
     __slots__ = ("levels", "values", "count", "min", "max", "nan_count", "relative_accuracy", "collapsed")
