@@ -11,7 +11,10 @@ For every workload and concurrency (1 and 8 clients) it measures:
 * the compute floor: the same loss with torch in this process on the same device
   (``bench.workloads.compute_floor_fn``), 1 or 8 threads;
 * lossd end to end through ``lossd.LossClient``, against ``lossd serve`` in its own
-  process (a fresh server per workload, so its idle and peak RSS are the workload's).
+  process (a fresh server per workload, so its idle and peak RSS are the workload's);
+* the Triton peer (``bench.triton``: tritonserver 2.51, python backend, the same loss with
+  torch) with 1 and 2 CPU instances, through ``tritonclient.grpc``, on the workloads of
+  ``--triton`` (default large and xl).
 
 Clients run in forked processes (8 for concurrency 8: Python client threads would share
 one GIL and measure the client, not the server); each has its own channel with the same
@@ -57,6 +60,7 @@ KINDS = ("floor_sync", "floor_async", "lossd", "lossd_1copy")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CALL_TIMEOUT = 300.0
 FLOOR_WORKERS = 8  # the sync floor's thread pool (lossd's default --workers)
+TRITON_INSTANCES = (1, 2)  # the Triton peer's CPU model instances (one stub process each)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -404,6 +408,12 @@ def _make_call(kind: str, w: Workload, address: str
 
     if kind == "kserve":
         return _kserve_call(w, address, pred, targ)
+    if kind == "triton":
+        if w.seq or w.weighted or w.dtype != "float32" or w.options:
+            raise ValueError(f"the Triton peer serves plain fp32 workloads, not {w.name}")
+        from bench.triton import make_call
+
+        return make_call(address, pred, targ, CALL_TIMEOUT)
 
     from bench.workloads import arrays_for_wire, request_bytes
     from lossd.v1 import loss_service_pb2 as pb
@@ -492,6 +502,8 @@ def _worker(index: int, conn: Any) -> None:
                 conn.send(("ok", _wait_ready(msg[1], msg[2])))
                 continue
             _, kind, w, address, warmup, min_calls = msg
+            if w.name not in DATA:  # a spawned client process (see Pool)
+                DATA[w.name] = make_data(w)
             call, close = _make_call(kind, w, address)
             warm = []
             try:
@@ -520,10 +532,15 @@ def _worker(index: int, conn: Any) -> None:
 
 
 class Pool:
-    """Client processes, forked once before any gRPC channel exists in this process."""
+    """Client processes, forked once before any gRPC channel exists in this process.
 
-    def __init__(self, size: int) -> None:
-        ctx = mp.get_context("fork")
+    ``start="spawn"``: fresh interpreters that make the workloads' data themselves, for
+    clients that must not inherit what this process or its other clients imported
+    (tritonclient and lossd's Open Inference protos cannot share a process).
+    """
+
+    def __init__(self, size: int, start: str = "fork") -> None:
+        ctx = mp.get_context(start)
         self.conns = []
         self.procs = []
         for i in range(size):
@@ -597,6 +614,7 @@ class Bench:
         # Server output (warnings, tracebacks) goes to a log beside the results' temp files.
         self.log = Path(tempfile.gettempdir()) / f"lossd-bench-servers-{os.getpid()}.log"
         self.machine: dict[str, Any] = {}
+        self._triton_pool: Pool | None = None
 
     def say(self, text: str) -> None:
         if not self.args.silent:
@@ -748,6 +766,8 @@ class Bench:
             for s in floors.values():
                 s.stop()
             pool.close()
+            if self._triton_pool is not None:
+                self._triton_pool.close()
         self.say("measuring stages and client copies")
         stages = self._stages()
         copies = self._copies()
@@ -761,7 +781,7 @@ class Bench:
                     "device": a.device, "max_message_bytes": MAX_MESSAGE_BYTES,
                     "busy_before_start": quiet, "git": git_state(),
                     "server_env": a.server_env,
-                    "server_args": a.server_arg,
+                    "server_args": a.server_arg, "triton": sorted(a.triton),
                     "client": "one forked process per client, own channel",
                     "server_log": str(self.log),
                     "argv": sys.argv[1:]},
@@ -796,6 +816,33 @@ class Bench:
                          f"{rec['calls_per_s']:9.1f} calls/s  ({rec['calls']} calls)")
         finally:
             lossd.stop()
+        if w.name in a.triton:
+            self._triton(w)
+
+    def triton_pool(self) -> Pool:
+        """The spawned client processes every Triton case uses (see :class:`Pool`)."""
+        if self._triton_pool is None:
+            self._triton_pool = Pool(max(self.args.concurrency), start="spawn")
+        return self._triton_pool
+
+    def _triton(self, w: Workload) -> None:
+        """The Triton peer on ``w`` with 1 and 2 instances, a fresh server for each."""
+        from bench.triton import Triton
+
+        for instances in TRITON_INSTANCES:
+            server = Triton(instances, self.log)
+            try:
+                startup = server.wait_ready()
+                self.servers[f"{server.kind} ({w.name})"] = {"startup_s": round(startup, 2)}
+                for clients in self.args.concurrency:
+                    rec = self.grpc_case(self.triton_pool(), "triton", w, clients, server)
+                    rec["kind"] = server.kind
+                    self.cases.append(rec)
+                    self.say(f"{w.name} c={clients} {server.kind:11s} p50 "
+                             f"{rec['p50_ms']:9.2f} ms  {rec['calls_per_s']:9.1f} calls/s  "
+                             f"server CPU {rec['server_cpu_ms_per_call']:.1f} ms/call")
+            finally:
+                server.stop()
 
     def _stages(self) -> dict[str, Any]:
         if self.args.no_stages:
@@ -849,6 +896,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "MALLOC_MMAP_MAX_=0); repeatable")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument to `lossd serve` (e.g. --server-arg=--concurrency=4)")
+    p.add_argument("--triton", default="large,xl", metavar="WORKLOADS",
+                   help="comma-separated workloads to measure the Triton peer on, with "
+                        f"{' and '.join(map(str, TRITON_INSTANCES))} instances (default "
+                        "large,xl; '' for none; builds its virtualenv on first use)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--no-copies", action="store_true", help="skip the client-copies probe")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png")
@@ -864,6 +915,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     a.workload_list = [WORKLOADS[x] for x in names]
+    a.triton = {x.strip() for x in a.triton.split(",") if x.strip()}
+    unknown = sorted(a.triton - set(WORKLOADS))
+    if unknown:
+        p.error(f"unknown --triton workload(s) {', '.join(unknown)}")
     return a
 
 

@@ -1,9 +1,9 @@
-"""Small calls (issue 10): lossd with 1..N serving processes, the transport floor and
-MLServer 1.7.1, side by side in one run.
+"""Small calls (issues 10 and 20): lossd with 1..N serving processes, the transport floor,
+Triton 2.51 and MLServer 1.7.1, side by side in one run.
 
     python -m bench.small                                  # CPU host, ~3 min
     python -m bench.small --device cuda --processes 1,2,4,8,16
-    python -m bench.small --quick --no-mlserver --out /tmp/s   # smoke run
+    python -m bench.small --quick --no-mlserver --no-triton --out /tmp/s   # smoke run
 
 The workload is ``small`` (N=32, C=10, float32, cross_entropy: what a training step sends).
 For each server, 1 and 8 client processes (``bench.run``'s pool: one forked process and
@@ -12,16 +12,22 @@ channel per client) call for ``--duration`` seconds:
 * the transport floor (``bench.floor_server``, sync and asyncio; the better one counts);
 * lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
   ``lossd serve`` picks on this host) through ``lossd.LossClient``;
+* Triton 2.51 (``bench.triton``: its own virtualenv under /tmp, the python backend with a
+  model computing the same loss with torch) with 1 and 2 CPU instances, through
+  ``tritonclient.grpc`` from spawned client processes (tritonclient and lossd's Open
+  Inference protos cannot share a process);
 * MLServer 1.7.1 (``bench.mlserver``: its own virtualenv under /tmp, a model computing the
   same loss with torch) with ``parallel_workers`` 0 and its default, through an Open
   Inference Protocol client (``bench.run``'s ``kserve`` kind: raw contents, built per call).
 
-Every server process tree's CPU per call is counted (a supervisor and its workers, MLServer
-and its pool). Writes ``small.json``, ``small.md`` and ``small.png`` (latency at one
-client; calls/s at 8 clients against the processes, with linear scaling from one
-process) under ``--out`` (default ``bench/results/<machine>/``). Targets (issue 10):
-p50 <= 1.3 x the transport floor's; calls/s at 8 clients >= 0.8 x the floor's and >= 2 x
-MLServer's best; calls/s with P processes >= 0.7 x P x calls/s with one, up to the cores.
+Every server process tree's CPU per call is counted (a supervisor and its workers,
+tritonserver and its python stubs, MLServer and its pool). Writes ``small.json``,
+``small.md`` and ``small.png`` (latency at one client; calls/s at 8 clients against the
+processes, with linear scaling from one process) under ``--out`` (default
+``bench/results/<machine>/``). Targets (issue 10): p50 <= 1.3 x the transport floor's;
+calls/s at 8 clients >= 0.8 x the floor's and >= 2 x MLServer's best; calls/s with P
+processes >= 0.7 x P x calls/s with one, up to the cores.
+Issue 20's: p50 <= Triton's best; calls/s at 8 clients >= 1.2 x Triton's best.
 """
 
 from __future__ import annotations
@@ -95,7 +101,8 @@ class SmallBench:
             run_argv += ["--duration", str(a.duration)]
         if a.quick:
             run_argv.append("--quick")
-        self.bench = bench_run.Bench(bench_run.parse_args(run_argv), [WORKLOAD], a.out)
+        self.bench = bench_run.Bench(bench_run.parse_args([*run_argv, "--triton", ""]),
+                                     [WORKLOAD], a.out)
         self.bench.t0 = time.monotonic()
         self.cases: list[dict[str, Any]] = []
         self.servers: dict[str, Any] = {}
@@ -110,6 +117,20 @@ class SmallBench:
             self.bench.say(f"{label:16s} c={clients}  p50 {rec['p50_ms']:7.3f} ms  "
                            f"{rec['calls_per_s']:8.1f} calls/s  server CPU "
                            f"{rec['server_cpu_ms_per_call']:.2f} ms/call")
+
+    def triton(self) -> None:
+        """The Triton peer with 1 and 2 instances, a fresh server for each."""
+        from bench.triton import Triton
+
+        for instances in bench_run.TRITON_INSTANCES:
+            server = Triton(instances, self.bench.log)
+            try:
+                label = f"Triton {instances} inst."
+                self.servers[label] = {"startup_s": round(server.wait_ready(), 2)}
+                self.measure(self.bench.triton_pool(), label, "triton", server,
+                             instances=instances)
+            finally:
+                server.stop()
 
     def run(self) -> dict[str, Any]:
         a, log = self.a, self.bench.log
@@ -139,6 +160,8 @@ class SmallBench:
                                  auto=spec == "auto" or n == resolve("auto", a.device))
                 finally:
                     server.stop()
+            if a.triton:
+                self.triton()
             if a.mlserver:
                 from bench.mlserver import MLServer
 
@@ -154,6 +177,8 @@ class SmallBench:
                         server.stop()
         finally:
             pool.close()
+            if self.bench._triton_pool is not None:
+                self.bench._triton_pool.close()
         return {"machine": self.bench.machine, "started": started,
                 "elapsed_s": round(time.monotonic() - self.bench.t0, 1),
                 "workload": {"name": WORKLOAD.name, "n": WORKLOAD.n,
@@ -192,6 +217,16 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"target": f"calls/s at 8 clients >= 0.8 x transport floor ({auto8['server']})",
                 "value": auto8["calls_per_s"] / floor8["calls_per_s"], "limit": 0.8,
                 "le": False})
+    if any(c["server"].startswith("Triton") for c in result["cases"]):
+        t1 = _best(result, "Triton", 1, "p50_ms")
+        t8 = _best(result, "Triton", 8, "calls_per_s")
+        out.append({"target": f"p50 at 1 client <= Triton's best ({auto1['server']} vs "
+                              f"{t1['server']})",
+                    "value": auto1["p50_ms"] / t1["p50_ms"], "limit": 1.0, "le": True})
+        out.append({"target": f"calls/s at 8 clients >= 1.2 x Triton's best ({auto8['server']} "
+                              f"vs {t8['server']})",
+                    "value": auto8["calls_per_s"] / t8["calls_per_s"], "limit": 1.2,
+                    "le": False})
     ml = [c for c in result["cases"] if c["server"].startswith("MLServer")
           and c["concurrency"] == 8]
     if ml:
@@ -222,7 +257,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"`{(cfg.get('git') or {}).get('commit', '?')[:12]}`.", "",
              f"Workload `small`: N={result['workload']['n']}, C={result['workload']['classes']}"
              ", float32, cross_entropy. Clients: forked processes, one channel each. Server "
-             "CPU: the whole process tree (supervisor and workers; MLServer and its pool).",
+             "CPU: the whole process tree (supervisor and workers; tritonserver and its python "
+             "stubs; MLServer and its pool). Triton: tritonserver 2.51, python backend, "
+             "KIND_CPU instances, through `tritonclient.grpc`.",
              "", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets(result):
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['limit']:.2f} | "
@@ -248,9 +285,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ones = [c for c in result["cases"] if c["concurrency"] == 1]
+    colours = {"floor": "#999", "ML": "#c44", "Triton": "#6a4"}
     left.barh([c["server"] for c in ones], [c["p50_ms"] for c in ones], color=[
-        "#999" if c["server"].startswith("floor") else "#c44" if c["server"].startswith("ML")
-        else "#36c" for c in ones])
+        next((v for k, v in colours.items() if c["server"].startswith(k)), "#36c")
+        for c in ones])
     left.set_xlabel("p50 latency at 1 client (ms)")
     left.invert_yaxis()
     lossd8 = sorted((c for c in result["cases"] if c["server"].startswith("lossd")
@@ -267,6 +305,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if ml:
         right.axhline(max(c["calls_per_s"] for c in ml), color="#c44", ls="--",
                       label="MLServer 1.7.1 (best)")
+    tr = [c for c in result["cases"] if c["server"].startswith("Triton")
+          and c["concurrency"] == 8]
+    if tr:
+        right.axhline(max(c["calls_per_s"] for c in tr), color="#6a4", ls="--",
+                      label="Triton 2.51 (best)")
     right.set_xlabel("lossd serving processes")
     right.set_ylabel("calls/s at 8 clients")
     right.set_xticks(ps)
@@ -289,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per case")
     p.add_argument("--mlserver", action=argparse.BooleanOptionalAction, default=True,
                    help="measure MLServer 1.7.1 (builds its virtualenv on first use)")
+    p.add_argument("--triton", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure Triton 2.51 (builds its virtualenv on first use)")
     p.add_argument("--wait-quiet", type=float, default=60.0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None)
