@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.setup:
         print(ensure_venv(a.venv, quiet=False))
     if a.serve is not None:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop Triton on TERM too
         log = Path(tempfile.gettempdir()) / "lossd-bench-triton.log"
         server = Triton(a.serve, log, venv=a.venv)
         try:
