@@ -490,6 +490,15 @@ def _wait_ready(address: str, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def _call_loop(call: Callable[[], int], lat: list[float], min_calls: int,
+               deadline: float) -> None:
+    """Calls until ``deadline`` and at least ``min_calls`` times, appending latencies."""
+    while len(lat) < min_calls or time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t0)
+
+
 def _worker(index: int, conn: Any) -> None:
     """A client process: runs cases on command until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -501,32 +510,42 @@ def _worker(index: int, conn: Any) -> None:
             if msg[0] == "ready":
                 conn.send(("ok", _wait_ready(msg[1], msg[2])))
                 continue
-            _, kind, w, address, warmup, min_calls = msg
+            _, kind, w, address, warmup, min_calls, threads = msg
             if w.name not in DATA:  # a spawned client process (see Pool)
                 DATA[w.name] = make_data(w)
-            call, close = _make_call(kind, w, address)
+            # One client (and channel) per thread, as one per process otherwise.
+            clients = [_make_call(kind, w, address) for _ in range(threads)]
             warm = []
             try:
-                for _ in range(warmup):
-                    t0 = time.perf_counter()
-                    n = call()
-                    warm.append(time.perf_counter() - t0)
-                    if n != w.n:
-                        raise RuntimeError(f"{kind}: {n} results, expected {w.n}")
+                for call, _close in clients:
+                    for _ in range(warmup):
+                        t0 = time.perf_counter()
+                        n = call()
+                        warm.append(time.perf_counter() - t0)
+                        if n != w.n:
+                            raise RuntimeError(f"{kind}: {n} results, expected {w.n}")
                 conn.send(("warm", warm))
                 _, deadline = conn.recv()
-                lat: list[float] = []
+                lats: list[list[float]] = [[] for _ in clients]
                 cpu0 = time.process_time()
                 start = time.monotonic()
-                while len(lat) < min_calls or time.monotonic() < deadline:
-                    t0 = time.perf_counter()
-                    call()
-                    lat.append(time.perf_counter() - t0)
+                if threads == 1:
+                    _call_loop(clients[0][0], lats[0], min_calls, deadline)
+                else:
+                    pool = [threading.Thread(target=_call_loop,
+                                             args=(call, lat, min_calls, deadline))
+                            for (call, _close), lat in zip(clients, lats, strict=True)]
+                    for t in pool:
+                        t.start()
+                    for t in pool:
+                        t.join()
                 end = time.monotonic()
-                conn.send(("done", {"lat": lat, "start": start, "end": end, "warm": warm,
+                conn.send(("done", {"lat": [x for lat in lats for x in lat], "start": start,
+                                    "end": end, "warm": warm,
                                     "cpu": time.process_time() - cpu0}))
             finally:
-                close()
+                for _call, close in clients:
+                    close()
         except Exception as exc:  # reported to the parent, which fails the run
             conn.send(("error", f"worker {index}: {type(exc).__name__}: {exc}"))
 
@@ -563,11 +582,12 @@ class Pool:
         return float(self._recv(self.conns[0], timeout + 10)[1])
 
     def run(self, kind: str, w: Workload, address: str, clients: int, warmup: int,
-            min_calls: int, duration: float, on_start: Callable[[], None] | None = None
-            ) -> list[dict[str, Any]]:
+            min_calls: int, duration: float, on_start: Callable[[], None] | None = None,
+            threads: int = 1) -> list[dict[str, Any]]:
+        """Runs a case on ``clients`` processes, each calling from ``threads`` threads."""
         conns = self.conns[:clients]
         for c in conns:
-            c.send(("case", kind, w, address, warmup, min_calls))
+            c.send(("case", kind, w, address, warmup, min_calls, threads))
         for c in conns:
             self._recv(c, CALL_TIMEOUT * max(1, warmup))
         if on_start:
@@ -660,9 +680,13 @@ class Bench:
                                                   / max(1e-9, span * cores), 3)}
 
     def grpc_case(self, pool: Pool, kind: str, w: Workload, clients: int,
-                  server: Server) -> dict[str, Any]:
+                  server: Server, threads: bool = False) -> dict[str, Any]:
+        """One case with ``clients`` callers: client processes, or with ``threads`` the
+        threads of one client process (each with its own client and channel)."""
+        processes, per_process = (1, clients) if threads else (clients, 1)
         duration, min_calls, warmup = self.durations(w, clients)
-        record: dict[str, Any] = {"workload": w.name, "concurrency": clients, "kind": kind}
+        record: dict[str, Any] = {"workload": w.name, "concurrency": clients,
+                                  "client_processes": processes, "kind": kind}
         marks: dict[str, float] = {}
 
         scraped: dict[str, Any] = {}
@@ -673,11 +697,11 @@ class Bench:
             marks["flt"] = _proc_minflt(server.pid)
 
         pids = [server.pid, *_descendants(server.pid), os.getpid(),
-                *(p.pid or 0 for p in pool.procs[:clients])]
+                *(p.pid or 0 for p in pool.procs[:processes])]
         # RSS is watched from before the first (warm-up) call: its peak covers them all.
         with RssSampler(server.pid) as sampler, self._load(record, pids):
-            results = pool.run(kind, w, server.address, clients, warmup, min_calls, duration,
-                               on_start)
+            results = pool.run(kind, w, server.address, processes, warmup, min_calls,
+                               duration, on_start, per_process)
         lat = [x for r in results for x in r["lat"]]
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
         record.update(stats(w, lat, wall))

@@ -8,6 +8,8 @@ outputs ``PER_SAMPLE`` (FP32 [N]), ``SUM`` and ``MEAN`` (FP64 [1]). The loss is 
 ones), as the MLServer peer's are.
 """
 
+import json
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
@@ -15,6 +17,12 @@ import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
 class TritonPythonModel:
     """One request at a time per instance (``max_batch_size: 0``: no dynamic batching)."""
+
+    def initialize(self, args: dict) -> None:  # type: ignore[type-arg]
+        """Takes the intra-op thread count the config's ``torch_threads`` gives."""
+        params = json.loads(args["model_config"]).get("parameters", {})
+        if "torch_threads" in params:
+            torch.set_num_threads(int(params["torch_threads"]["string_value"]))
 
     def execute(self, requests: list) -> list:  # type: ignore[type-arg]
         responses = []

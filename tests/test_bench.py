@@ -11,6 +11,7 @@ Inference protos, which other test modules import.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -126,6 +127,8 @@ def test_triton_config_serves_the_loss_on_cpu_instances() -> None:
     assert 'name: "cross_entropy"' in text and 'backend: "python"' in text
     assert "max_batch_size: 0" in text
     assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in text
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared out, as lossd does
+    assert f'key: "torch_threads", value: {{ string_value: "{threads}" }}' in text
     for line in ('name: "PREDICTIONS", data_type: TYPE_FP32, dims: [ -1, -1 ]',
                  'name: "TARGETS", data_type: TYPE_INT64, dims: [ -1 ]',
                  'name: "PER_SAMPLE", data_type: TYPE_FP32, dims: [ -1 ]',
