@@ -126,7 +126,12 @@ class SmallBench:
         from bench.triton import Triton
 
         for instances in bench_run.TRITON_INSTANCES:
-            server = Triton(instances, self.bench.log)
+            try:
+                server = Triton(instances, self.bench.log)
+            except (RuntimeError, OSError, bench_run.subprocess.CalledProcessError) as exc:
+                self.servers["Triton"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                self.bench.say(f"Triton peer skipped: {exc}")
+                return
             try:
                 label = f"Triton {instances} inst."
                 self.servers[label] = {"startup_s": round(server.wait_ready(), 2)}
@@ -180,8 +185,7 @@ class SmallBench:
                         server.stop()
         finally:
             pool.close()
-            if self.bench._triton_pool is not None:
-                self.bench._triton_pool.close()
+            self.bench.close_triton_pool()
         return {"machine": self.bench.machine, "started": started,
                 "elapsed_s": round(time.monotonic() - self.bench.t0, 1),
                 "workload": {"name": WORKLOAD.name, "n": WORKLOAD.n,
@@ -297,7 +301,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{c['server_cpu_ms_per_call']:.2f} | {c['client_cpu_ms_per_call']:.2f} |"
                      f" {c['calls']} |")
     lines += ["", "Server start-up (s): " + ", ".join(
-        f"{k} {v['startup_s']}" for k, v in result["servers"].items()), ""]
+        f"{k} {v['startup_s']}" for k, v in result["servers"].items() if "startup_s" in v),
+        ""]
+    lines += [f"{k} skipped: {v['skipped']}" for k, v in result["servers"].items()
+              if "skipped" in v]
     return "\n".join(lines)
 
 
