@@ -26,6 +26,16 @@ def _best_floor(cases: dict[str, dict[str, Any]], clients: int) -> dict[str, Any
     return max(floors, key=lambda c: c["calls_per_s"])
 
 
+def _best_triton(cases: dict[str, dict[str, Any]], clients: int) -> dict[str, Any] | None:
+    """The better Triton peer (1 or 2 instances), chosen as the transport floor is."""
+    peers = [c for k, c in cases.items() if k.startswith("triton-")]
+    if not peers:
+        return None
+    if clients == 1:
+        return min(peers, key=lambda c: c["p50_ms"])
+    return max(peers, key=lambda c: c["calls_per_s"])
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -33,7 +43,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarise(workloads: list[Workload], cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (workload, concurrency): floor, compute, lossd and their ratios."""
+    """One row per (workload, concurrency): floor, compute, lossd, the Triton peer where
+    measured, and their ratios."""
     rows = []
     for w in workloads:
         for clients in sorted({c["concurrency"] for c in cases if c["workload"] == w.name}):
@@ -57,6 +68,14 @@ def summarise(workloads: list[Workload], cases: list[dict[str, Any]]) -> list[di
             row["lossd_over_floor_plus_compute_p50"] = _ratio(l50, row["floor_plus_compute_p50_ms"])
             row["lossd_over_floor_calls"] = _ratio(lc, fc)
             row["lossd_over_combined_calls"] = _ratio(lc, row["combined_calls_per_s"])
+            triton = _best_triton(by_kind, clients)
+            if triton:
+                row["triton_variant"] = triton["kind"]
+                row["triton_p50_ms"] = triton["p50_ms"]
+                row["triton_calls_per_s"] = triton["calls_per_s"]
+                # > 1: lossd is that many times faster than Triton's better configuration.
+                row["triton_over_lossd_p50"] = _ratio(triton["p50_ms"], l50)
+                row["lossd_over_triton_calls"] = _ratio(lc, triton["calls_per_s"])
             rows.append(row)
     return rows
 
@@ -253,19 +272,24 @@ def markdown(result: dict[str, Any]) -> str:
               "| calls |", "|---|---|---|---|---|---|---|---|---|"]
     labels = {"floor_sync": "transport floor (sync)", "floor_async": "transport floor (asyncio)",
               "compute": "compute floor", "lossd": "**lossd**",
-              "lossd_1copy": "lossd server, one-copy client"}
+              "lossd_1copy": "lossd server, one-copy client",
+              "triton-1": "Triton, 1 instance", "triton-2": "Triton, 2 instances"}
     for r in result["summary"]:
-        for kind in ("floor_sync", "floor_async", "compute", "lossd", "lossd_1copy"):
+        for kind in labels:
             c = _case(result["cases"], r["workload"], r["concurrency"], kind)
             if not c:
                 continue
-            label = labels[kind] + (" ★" if kind == r["floor_variant"] else "")
+            label = labels[kind] + (" ★" if kind in (r["floor_variant"],
+                                                     r.get("triton_variant")) else "")
             lines.append(f"| {r['workload']} | {r['concurrency']} | {label} | {_f(c['p50_ms'])} "
                          f"| {_f(c['p99_ms'])} | {_f(c['calls_per_s'])} | "
                          f"{_f(c['samples_per_s'])} | {_f(c['mb_per_s'])} | {c['calls']} |")
-    lines += ["", "★ the transport floor used for the ratios. \"lossd server, one-copy client\": "
-              "the floor's client (request bytes built with one copy) against lossd's server, "
-              "to separate the client library's cost from the server's.", "",
+    lines += ["", "★ the transport floor and the Triton configuration used for the ratios. "
+              "\"lossd server, one-copy client\": the floor's client (request bytes built with "
+              "one copy) against lossd's server, to separate the client library's cost from "
+              "the server's. Triton: tritonserver 2.51, python backend, the same torch "
+              "cross_entropy, KIND_CPU instances, through `tritonclient.grpc` (`bench.triton`)."
+              "", "",
               "## Ratios (lossd / floor)", "",
               "| workload | clients | lossd p50 / transport p50 | lossd p50 / (transport + "
               "compute) p50 | lossd calls/s / transport | lossd calls/s / combined floor |",
@@ -275,6 +299,16 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {_f(r['lossd_over_floor_plus_compute_p50'])} | "
                      f"{_f(r['lossd_over_floor_calls'])} | "
                      f"{_f(r['lossd_over_combined_calls'])} |")
+    peers = [r for r in result["summary"] if r.get("triton_variant")]
+    if peers:
+        lines += ["", "## lossd against the Triton peer (its better configuration)", "",
+                  "| workload | clients | Triton | Triton p50 / lossd p50 | lossd calls/s / "
+                  "Triton's |", "|---|---|---|---|---|"]
+        for r in peers:
+            lines.append(f"| {r['workload']} | {r['concurrency']} | {r['triton_variant']} | "
+                         f"{_f(r['triton_over_lossd_p50'])} | "
+                         f"{_f(r['lossd_over_triton_calls'])} |")
+        lines += ["", "Above 1: lossd is faster (lower p50, more calls/s)."]
 
     lines += ["", "## Server memory (lossd: a fresh server per workload)", "",
               "| workload | payload MiB | lossd idle RSS MiB | lossd peak, 1 client | lossd peak - "
@@ -377,9 +411,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     conc = sorted({r["concurrency"] for r in summary})
     series = [("transport floor", "floor", "#9aa5b1"), ("compute floor", "compute", "#c9b458"),
               ("transport + compute", "both", "#6b8e23"), ("lossd", "lossd", "#d9534f")]
+    if any(r.get("triton_variant") for r in summary):
+        series.append(("Triton (better of 1, 2 instances)", "triton", "#5b7fbf"))
     fig, axes = plt.subplots(2, len(conc), figsize=(6.5 * len(conc), 8.5), squeeze=False)
     x = np.arange(len(names))
-    width = 0.2
+    width = 0.8 / len(series)
     for j, clients in enumerate(conc):
         rows = {r["workload"]: r for r in summary if r["concurrency"] == clients}
         for i, (metric, unit) in enumerate((("p50", "p50 latency, ms (log)"),
@@ -396,7 +432,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                         v = r.get("combined_calls_per_s") if key == "both" \
                             else r.get(f"{key}_calls_per_s")
                     vals.append(v if v else np.nan)
-                bars = ax.bar(x + (k - 1.5) * width, vals, width, label=label, color=color)
+                bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, label=label,
+                              color=color)
                 if key == "lossd":
                     for n, b in zip(names, bars, strict=True):
                         r = rows.get(n, {})

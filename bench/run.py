@@ -11,7 +11,10 @@ For every workload and concurrency (1 and 8 clients) it measures:
 * the compute floor: the same loss with torch in this process on the same device
   (``bench.workloads.compute_floor_fn``), 1 or 8 threads;
 * lossd end to end through ``lossd.LossClient``, against ``lossd serve`` in its own
-  process (a fresh server per workload, so its idle and peak RSS are the workload's).
+  process (a fresh server per workload, so its idle and peak RSS are the workload's);
+* the Triton peer (``bench.triton``: tritonserver 2.51, python backend, the same loss with
+  torch) with 1 and 2 CPU instances, through ``tritonclient.grpc``, on the workloads of
+  ``--triton`` (default large and xl).
 
 Clients run in forked processes (8 for concurrency 8: Python client threads would share
 one GIL and measure the client, not the server); each has its own channel with the same
@@ -57,6 +60,7 @@ KINDS = ("floor_sync", "floor_async", "lossd", "lossd_1copy")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CALL_TIMEOUT = 300.0
 FLOOR_WORKERS = 8  # the sync floor's thread pool (lossd's default --workers)
+TRITON_INSTANCES = (1, 2)  # the Triton peer's CPU model instances (one stub process each)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -404,6 +408,12 @@ def _make_call(kind: str, w: Workload, address: str
 
     if kind == "kserve":
         return _kserve_call(w, address, pred, targ)
+    if kind == "triton":
+        if w.seq or w.weighted or w.dtype != "float32" or w.options:
+            raise ValueError(f"the Triton peer serves plain fp32 workloads, not {w.name}")
+        from bench.triton import make_call
+
+        return make_call(address, pred, targ, CALL_TIMEOUT)
 
     from bench.workloads import arrays_for_wire, request_bytes
     from lossd.v1 import loss_service_pb2 as pb
@@ -480,6 +490,15 @@ def _wait_ready(address: str, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def _call_loop(call: Callable[[], int], lat: list[float], min_calls: int,
+               deadline: float) -> None:
+    """Calls until ``deadline`` and at least ``min_calls`` times, appending latencies."""
+    while len(lat) < min_calls or time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t0)
+
+
 def _worker(index: int, conn: Any) -> None:
     """A client process: runs cases on command until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -491,39 +510,56 @@ def _worker(index: int, conn: Any) -> None:
             if msg[0] == "ready":
                 conn.send(("ok", _wait_ready(msg[1], msg[2])))
                 continue
-            _, kind, w, address, warmup, min_calls = msg
-            call, close = _make_call(kind, w, address)
+            _, kind, w, address, warmup, min_calls, threads = msg
+            if w.name not in DATA:  # a spawned client process (see Pool)
+                DATA[w.name] = make_data(w)
+            # One client (and channel) per thread, as one per process otherwise.
+            clients = [_make_call(kind, w, address) for _ in range(threads)]
             warm = []
             try:
-                for _ in range(warmup):
-                    t0 = time.perf_counter()
-                    n = call()
-                    warm.append(time.perf_counter() - t0)
-                    if n != w.n:
-                        raise RuntimeError(f"{kind}: {n} results, expected {w.n}")
+                for call, _close in clients:
+                    for _ in range(warmup):
+                        t0 = time.perf_counter()
+                        n = call()
+                        warm.append(time.perf_counter() - t0)
+                        if n != w.n:
+                            raise RuntimeError(f"{kind}: {n} results, expected {w.n}")
                 conn.send(("warm", warm))
                 _, deadline = conn.recv()
-                lat: list[float] = []
+                lats: list[list[float]] = [[] for _ in clients]
                 cpu0 = time.process_time()
                 start = time.monotonic()
-                while len(lat) < min_calls or time.monotonic() < deadline:
-                    t0 = time.perf_counter()
-                    call()
-                    lat.append(time.perf_counter() - t0)
+                if threads == 1:
+                    _call_loop(clients[0][0], lats[0], min_calls, deadline)
+                else:
+                    pool = [threading.Thread(target=_call_loop,
+                                             args=(call, lat, min_calls, deadline))
+                            for (call, _close), lat in zip(clients, lats, strict=True)]
+                    for t in pool:
+                        t.start()
+                    for t in pool:
+                        t.join()
                 end = time.monotonic()
-                conn.send(("done", {"lat": lat, "start": start, "end": end, "warm": warm,
+                conn.send(("done", {"lat": [x for lat in lats for x in lat], "start": start,
+                                    "end": end, "warm": warm,
                                     "cpu": time.process_time() - cpu0}))
             finally:
-                close()
+                for _call, close in clients:
+                    close()
         except Exception as exc:  # reported to the parent, which fails the run
             conn.send(("error", f"worker {index}: {type(exc).__name__}: {exc}"))
 
 
 class Pool:
-    """Client processes, forked once before any gRPC channel exists in this process."""
+    """Client processes, forked once before any gRPC channel exists in this process.
 
-    def __init__(self, size: int) -> None:
-        ctx = mp.get_context("fork")
+    ``start="spawn"``: fresh interpreters that make the workloads' data themselves, for
+    clients that must not inherit what this process or its other clients imported
+    (tritonclient and lossd's Open Inference protos cannot share a process).
+    """
+
+    def __init__(self, size: int, start: str = "fork") -> None:
+        ctx = mp.get_context(start)
         self.conns = []
         self.procs = []
         for i in range(size):
@@ -546,11 +582,12 @@ class Pool:
         return float(self._recv(self.conns[0], timeout + 10)[1])
 
     def run(self, kind: str, w: Workload, address: str, clients: int, warmup: int,
-            min_calls: int, duration: float, on_start: Callable[[], None] | None = None
-            ) -> list[dict[str, Any]]:
+            min_calls: int, duration: float, on_start: Callable[[], None] | None = None,
+            threads: int = 1) -> list[dict[str, Any]]:
+        """Runs a case on ``clients`` processes, each calling from ``threads`` threads."""
         conns = self.conns[:clients]
         for c in conns:
-            c.send(("case", kind, w, address, warmup, min_calls))
+            c.send(("case", kind, w, address, warmup, min_calls, threads))
         for c in conns:
             self._recv(c, CALL_TIMEOUT * max(1, warmup))
         if on_start:
@@ -597,6 +634,7 @@ class Bench:
         # Server output (warnings, tracebacks) goes to a log beside the results' temp files.
         self.log = Path(tempfile.gettempdir()) / f"lossd-bench-servers-{os.getpid()}.log"
         self.machine: dict[str, Any] = {}
+        self._triton_pool: Pool | None = None
 
     def say(self, text: str) -> None:
         if not self.args.silent:
@@ -642,9 +680,13 @@ class Bench:
                                                   / max(1e-9, span * cores), 3)}
 
     def grpc_case(self, pool: Pool, kind: str, w: Workload, clients: int,
-                  server: Server) -> dict[str, Any]:
+                  server: Server, threads: bool = False) -> dict[str, Any]:
+        """One case with ``clients`` callers: client processes, or with ``threads`` the
+        threads of one client process (each with its own client and channel)."""
+        processes, per_process = (1, clients) if threads else (clients, 1)
         duration, min_calls, warmup = self.durations(w, clients)
-        record: dict[str, Any] = {"workload": w.name, "concurrency": clients, "kind": kind}
+        record: dict[str, Any] = {"workload": w.name, "concurrency": clients,
+                                  "client_processes": processes, "kind": kind}
         marks: dict[str, float] = {}
 
         scraped: dict[str, Any] = {}
@@ -655,11 +697,11 @@ class Bench:
             marks["flt"] = _proc_minflt(server.pid)
 
         pids = [server.pid, *_descendants(server.pid), os.getpid(),
-                *(p.pid or 0 for p in pool.procs[:clients])]
+                *(p.pid or 0 for p in pool.procs[:processes])]
         # RSS is watched from before the first (warm-up) call: its peak covers them all.
         with RssSampler(server.pid) as sampler, self._load(record, pids):
-            results = pool.run(kind, w, server.address, clients, warmup, min_calls, duration,
-                               on_start)
+            results = pool.run(kind, w, server.address, processes, warmup, min_calls,
+                               duration, on_start, per_process)
         lat = [x for r in results for x in r["lat"]]
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
         record.update(stats(w, lat, wall))
@@ -748,6 +790,7 @@ class Bench:
             for s in floors.values():
                 s.stop()
             pool.close()
+            self.close_triton_pool()
         self.say("measuring stages and client copies")
         stages = self._stages()
         copies = self._copies()
@@ -761,7 +804,7 @@ class Bench:
                     "device": a.device, "max_message_bytes": MAX_MESSAGE_BYTES,
                     "busy_before_start": quiet, "git": git_state(),
                     "server_env": a.server_env,
-                    "server_args": a.server_arg,
+                    "server_args": a.server_arg, "triton": sorted(a.triton),
                     "client": "one forked process per client, own channel",
                     "server_log": str(self.log),
                     "argv": sys.argv[1:]},
@@ -796,6 +839,46 @@ class Bench:
                          f"{rec['calls_per_s']:9.1f} calls/s  ({rec['calls']} calls)")
         finally:
             lossd.stop()
+        if w.name in a.triton:
+            self._triton(w)
+
+    def triton_pool(self) -> Pool:
+        """The spawned client processes every Triton case uses (see :class:`Pool`)."""
+        if self._triton_pool is None:
+            self._triton_pool = Pool(max(self.args.concurrency), start="spawn")
+        return self._triton_pool
+
+    def close_triton_pool(self) -> None:
+        """Ends :meth:`triton_pool`'s client processes, if they were started."""
+        if self._triton_pool is not None:
+            self._triton_pool.close()
+            self._triton_pool = None
+
+    def _triton(self, w: Workload) -> None:
+        """The Triton peer on ``w`` with 1 and 2 instances, a fresh server for each."""
+        from bench.triton import Triton
+
+        for instances in TRITON_INSTANCES:
+            try:
+                server = Triton(instances, self.log)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                # No Python with a shared libpython, or no package index: lossd's own
+                # figures still stand; the run records why the peer is missing.
+                self.servers["triton"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                self.say(f"Triton peer skipped: {exc}")
+                return
+            try:
+                startup = server.wait_ready()
+                self.servers[f"{server.kind} ({w.name})"] = {"startup_s": round(startup, 2)}
+                for clients in self.args.concurrency:
+                    rec = self.grpc_case(self.triton_pool(), "triton", w, clients, server)
+                    rec["kind"] = server.kind
+                    self.cases.append(rec)
+                    self.say(f"{w.name} c={clients} {server.kind:11s} p50 "
+                             f"{rec['p50_ms']:9.2f} ms  {rec['calls_per_s']:9.1f} calls/s  "
+                             f"server CPU {rec['server_cpu_ms_per_call']:.1f} ms/call")
+            finally:
+                server.stop()
 
     def _stages(self) -> dict[str, Any]:
         if self.args.no_stages:
@@ -849,6 +932,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "MALLOC_MMAP_MAX_=0); repeatable")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument to `lossd serve` (e.g. --server-arg=--concurrency=4)")
+    p.add_argument("--triton", default="large,xl", metavar="WORKLOADS",
+                   help="comma-separated workloads to measure the Triton peer on, with "
+                        f"{' and '.join(map(str, TRITON_INSTANCES))} instances (default "
+                        "large,xl; '' for none; builds its virtualenv on first use)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--no-copies", action="store_true", help="skip the client-copies probe")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png")
@@ -864,6 +951,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     a.workload_list = [WORKLOADS[x] for x in names]
+    a.triton = {x.strip() for x in a.triton.split(",") if x.strip()}
+    unknown = sorted(a.triton - set(WORKLOADS))
+    if unknown:
+        p.error(f"unknown --triton workload(s) {', '.join(unknown)}")
     return a
 
 

@@ -1,27 +1,34 @@
-"""Small calls (issue 10): lossd with 1..N serving processes, the transport floor and
-MLServer 1.7.1, side by side in one run.
+"""Small calls (issues 10 and 20): lossd with 1..N serving processes, the transport floor,
+Triton 2.51 and MLServer 1.7.1, side by side in one run.
 
     python -m bench.small                                  # CPU host, ~3 min
     python -m bench.small --device cuda --processes 1,2,4,8,16
-    python -m bench.small --quick --no-mlserver --out /tmp/s   # smoke run
+    python -m bench.small --quick --no-mlserver --no-triton --out /tmp/s   # smoke run
 
 The workload is ``small`` (N=32, C=10, float32, cross_entropy: what a training step sends).
 For each server, 1 and 8 client processes (``bench.run``'s pool: one forked process and
-channel per client) call for ``--duration`` seconds:
+channel per client), then 8 threads of one client process (``--threads``: a client and
+channel per thread, as a threaded trainer would call), call for ``--duration`` seconds:
 
 * the transport floor (``bench.floor_server``, sync and asyncio; the better one counts);
 * lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
   ``lossd serve`` picks on this host) through ``lossd.LossClient``;
+* Triton 2.51 (``bench.triton``: its own virtualenv under /tmp, the python backend with a
+  model computing the same loss with torch) with 1 and 2 CPU instances, through
+  ``tritonclient.grpc`` from spawned client processes (tritonclient and lossd's Open
+  Inference protos cannot share a process);
 * MLServer 1.7.1 (``bench.mlserver``: its own virtualenv under /tmp, a model computing the
   same loss with torch) with ``parallel_workers`` 0 and its default, through an Open
   Inference Protocol client (``bench.run``'s ``kserve`` kind: raw contents, built per call).
 
-Every server process tree's CPU per call is counted (a supervisor and its workers, MLServer
-and its pool). Writes ``small.json``, ``small.md`` and ``small.png`` (latency at one
-client; calls/s at 8 clients against the processes, with linear scaling from one
-process) under ``--out`` (default ``bench/results/<machine>/``). Targets (issue 10):
-p50 <= 1.3 x the transport floor's; calls/s at 8 clients >= 0.8 x the floor's and >= 2 x
-MLServer's best; calls/s with P processes >= 0.7 x P x calls/s with one, up to the cores.
+Every server process tree's CPU per call is counted (a supervisor and its workers,
+tritonserver and its python stubs, MLServer and its pool). Writes ``small.json``,
+``small.md`` and ``small.png`` (latency at one client; calls/s at 8 clients against the
+processes, with linear scaling from one process) under ``--out`` (default
+``bench/results/<machine>/``). Targets (issue 10): p50 <= 1.3 x the transport floor's;
+calls/s at 8 clients >= 0.8 x the floor's and >= 2 x MLServer's best; calls/s with P
+processes >= 0.7 x P x calls/s with one, up to the cores.
+Issue 20's: p50 <= Triton's best; calls/s at 8 clients >= 1.2 x Triton's best.
 """
 
 from __future__ import annotations
@@ -95,21 +102,43 @@ class SmallBench:
             run_argv += ["--duration", str(a.duration)]
         if a.quick:
             run_argv.append("--quick")
-        self.bench = bench_run.Bench(bench_run.parse_args(run_argv), [WORKLOAD], a.out)
+        self.bench = bench_run.Bench(bench_run.parse_args([*run_argv, "--triton", ""]),
+                                     [WORKLOAD], a.out)
         self.bench.t0 = time.monotonic()
         self.cases: list[dict[str, Any]] = []
         self.servers: dict[str, Any] = {}
 
     def measure(self, pool: bench_run.Pool, label: str, kind: str, server: Any,
                 **extra: Any) -> None:
-        for clients in self.a.clients:
-            rec = self.bench.grpc_case(pool, kind, WORKLOAD, clients, server)
-            rec.update(server=label, **extra)
+        runs = [(c, False) for c in self.a.clients] + [(t, True) for t in self.a.threads]
+        for clients, threads in runs:
+            rec = self.bench.grpc_case(pool, kind, WORKLOAD, clients, server, threads=threads)
+            rec.update(server=label, threads=threads, **extra)
             rec.pop("server_rss", None)
             self.cases.append(rec)
-            self.bench.say(f"{label:16s} c={clients}  p50 {rec['p50_ms']:7.3f} ms  "
+            callers = f"{clients} threads" if threads else f"c={clients}"
+            self.bench.say(f"{label:16s} {callers:9s} p50 {rec['p50_ms']:7.3f} ms  "
                            f"{rec['calls_per_s']:8.1f} calls/s  server CPU "
                            f"{rec['server_cpu_ms_per_call']:.2f} ms/call")
+
+    def triton(self) -> None:
+        """The Triton peer with 1 and 2 instances, a fresh server for each."""
+        from bench.triton import Triton
+
+        for instances in bench_run.TRITON_INSTANCES:
+            try:
+                server = Triton(instances, self.bench.log)
+            except (RuntimeError, OSError, bench_run.subprocess.CalledProcessError) as exc:
+                self.servers["Triton"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                self.bench.say(f"Triton peer skipped: {exc}")
+                return
+            try:
+                label = f"Triton {instances} inst."
+                self.servers[label] = {"startup_s": round(server.wait_ready(), 2)}
+                self.measure(self.bench.triton_pool(), label, "triton", server,
+                             instances=instances)
+            finally:
+                server.stop()
 
     def run(self) -> dict[str, Any]:
         a, log = self.a, self.bench.log
@@ -139,6 +168,8 @@ class SmallBench:
                                  auto=spec == "auto" or n == resolve("auto", a.device))
                 finally:
                     server.stop()
+            if a.triton:
+                self.triton()
             if a.mlserver:
                 from bench.mlserver import MLServer
 
@@ -154,12 +185,14 @@ class SmallBench:
                         server.stop()
         finally:
             pool.close()
+            self.bench.close_triton_pool()
         return {"machine": self.bench.machine, "started": started,
                 "elapsed_s": round(time.monotonic() - self.bench.t0, 1),
                 "workload": {"name": WORKLOAD.name, "n": WORKLOAD.n,
                              "classes": WORKLOAD.classes, "payload_bytes":
                              WORKLOAD.payload_bytes},
-                "config": {"clients": list(a.clients), "processes": list(a.processes),
+                "config": {"clients": list(a.clients), "threads": list(a.threads),
+                           "processes": list(a.processes),
                            "device": a.device, "quick": a.quick, "git": bench_run.git_state(),
                            "cores": bench_run.os.cpu_count(), "argv": sys.argv[1:]},
                 "servers": self.servers, "cases": self.cases}
@@ -167,24 +200,32 @@ class SmallBench:
 
 # ---- results --------------------------------------------------------------------------
 
+def _cases(result: dict[str, Any], threads: bool = False) -> list[dict[str, Any]]:
+    """The cases whose callers are client processes (or, with ``threads``, the threads of
+    one client process)."""
+    return [c for c in result["cases"] if bool(c.get("threads")) == threads]
+
+
 def _case(result: dict[str, Any], server: str, clients: int) -> dict[str, Any] | None:
-    return next((c for c in result["cases"] if c["server"] == server
+    return next((c for c in _cases(result) if c["server"] == server
                  and c["concurrency"] == clients), None)
 
 
-def _best(result: dict[str, Any], prefix: str, clients: int, key: str) -> dict[str, Any]:
-    cases = [c for c in result["cases"] if c["server"].startswith(prefix)
+def _best(result: dict[str, Any], prefix: str, clients: int, key: str,
+          threads: bool = False) -> dict[str, Any]:
+    cases = [c for c in _cases(result, threads) if c["server"].startswith(prefix)
              and c["concurrency"] == clients]
     pick = min if key == "p50_ms" else max
     return pick(cases, key=lambda c: c[key])
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 10's small-call targets, from one run's cases."""
+    """Issue 10's and 20's small-call targets, from one run's cases (client processes; the
+    Triton ratio at 8 callers also with client threads, where measured)."""
     out = []
     floor1 = _best(result, "floor", 1, "p50_ms")
     floor8 = _best(result, "floor", 8, "calls_per_s")
-    lossd = [c for c in result["cases"] if c["server"].startswith("lossd")]
+    lossd = [c for c in _cases(result) if c["server"].startswith("lossd")]
     auto1 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 1)
     auto8 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 8)
     out.append({"target": f"p50 at 1 client <= 1.3 x transport floor ({auto1['server']})",
@@ -192,7 +233,26 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"target": f"calls/s at 8 clients >= 0.8 x transport floor ({auto8['server']})",
                 "value": auto8["calls_per_s"] / floor8["calls_per_s"], "limit": 0.8,
                 "le": False})
-    ml = [c for c in result["cases"] if c["server"].startswith("MLServer")
+    if any(c["server"].startswith("Triton") for c in result["cases"]):
+        t1 = _best(result, "Triton", 1, "p50_ms")
+        t8 = _best(result, "Triton", 8, "calls_per_s")
+        out.append({"target": f"p50 at 1 client <= Triton's best ({auto1['server']} vs "
+                              f"{t1['server']})",
+                    "value": auto1["p50_ms"] / t1["p50_ms"], "limit": 1.0, "le": True})
+        out.append({"target": f"calls/s at 8 clients >= 1.2 x Triton's best ({auto8['server']} "
+                              f"vs {t8['server']})",
+                    "value": auto8["calls_per_s"] / t8["calls_per_s"], "limit": 1.2,
+                    "le": False})
+        threads = [c for c in _cases(result, True) if c["concurrency"] == 8]
+        lt = next((c for c in threads if c["server"] == auto8["server"]), None)
+        tt = [c for c in threads if c["server"].startswith("Triton")]
+        if lt and tt:
+            best = max(tt, key=lambda c: c["calls_per_s"])
+            out.append({"target": f"calls/s at 8 client threads >= 1.2 x Triton's best "
+                                  f"({lt['server']} vs {best['server']})",
+                        "value": lt["calls_per_s"] / best["calls_per_s"], "limit": 1.2,
+                        "le": False})
+    ml = [c for c in _cases(result) if c["server"].startswith("MLServer")
           and c["concurrency"] == 8]
     if ml:
         best = max(ml, key=lambda c: c["calls_per_s"])
@@ -221,8 +281,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['elapsed_s']:.0f} s. Code measured: commit "
              f"`{(cfg.get('git') or {}).get('commit', '?')[:12]}`.", "",
              f"Workload `small`: N={result['workload']['n']}, C={result['workload']['classes']}"
-             ", float32, cross_entropy. Clients: forked processes, one channel each. Server "
-             "CPU: the whole process tree (supervisor and workers; MLServer and its pool).",
+             ", float32, cross_entropy. Clients: forked (Triton's: spawned) processes, one "
+             "channel each; \"8 threads\": one client process calling from 8 threads, a "
+             "client and channel each. Server "
+             "CPU: the whole process tree (supervisor and workers; tritonserver and its python "
+             "stubs; MLServer and its pool). Triton: tritonserver 2.51, python backend, "
+             "KIND_CPU instances, through `tritonclient.grpc`.",
              "", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets(result):
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['limit']:.2f} | "
@@ -231,12 +295,16 @@ def markdown(result: dict[str, Any]) -> str:
               "| server | clients | p50 ms | p99 ms | calls/s | server CPU ms/call | "
               "client CPU ms/call | calls |", "|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
-        lines.append(f"| {c['server']} | {c['concurrency']} | {c['p50_ms']:.3f} | "
+        callers = f"{c['concurrency']} threads" if c.get("threads") else c["concurrency"]
+        lines.append(f"| {c['server']} | {callers} | {c['p50_ms']:.3f} | "
                      f"{c['p99_ms']:.3f} | {c['calls_per_s']:.0f} | "
                      f"{c['server_cpu_ms_per_call']:.2f} | {c['client_cpu_ms_per_call']:.2f} |"
                      f" {c['calls']} |")
     lines += ["", "Server start-up (s): " + ", ".join(
-        f"{k} {v['startup_s']}" for k, v in result["servers"].items()), ""]
+        f"{k} {v['startup_s']}" for k, v in result["servers"].items() if "startup_s" in v),
+        ""]
+    lines += [f"{k} skipped: {v['skipped']}" for k, v in result["servers"].items()
+              if "skipped" in v]
     return "\n".join(lines)
 
 
@@ -247,13 +315,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ones = [c for c in result["cases"] if c["concurrency"] == 1]
+    ones = [c for c in _cases(result) if c["concurrency"] == 1]
+    colours = {"floor": "#999", "ML": "#c44", "Triton": "#6a4"}
     left.barh([c["server"] for c in ones], [c["p50_ms"] for c in ones], color=[
-        "#999" if c["server"].startswith("floor") else "#c44" if c["server"].startswith("ML")
-        else "#36c" for c in ones])
+        next((v for k, v in colours.items() if c["server"].startswith(k)), "#36c")
+        for c in ones])
     left.set_xlabel("p50 latency at 1 client (ms)")
     left.invert_yaxis()
-    lossd8 = sorted((c for c in result["cases"] if c["server"].startswith("lossd")
+    lossd8 = sorted((c for c in _cases(result) if c["server"].startswith("lossd")
                      and c["concurrency"] == 8), key=lambda c: c["processes"])
     ps = [c["processes"] for c in lossd8]
     right.plot(ps, [c["calls_per_s"] for c in lossd8], "o-", color="#36c", label="lossd")
@@ -262,11 +331,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
                    label="linear from 1 process")
     floor = _best(result, "floor", 8, "calls_per_s")
     right.axhline(floor["calls_per_s"], color="#999", ls="--", label="transport floor")
-    ml = [c for c in result["cases"] if c["server"].startswith("MLServer")
+    ml = [c for c in _cases(result) if c["server"].startswith("MLServer")
           and c["concurrency"] == 8]
     if ml:
         right.axhline(max(c["calls_per_s"] for c in ml), color="#c44", ls="--",
                       label="MLServer 1.7.1 (best)")
+    tr = [c for c in _cases(result) if c["server"].startswith("Triton")
+          and c["concurrency"] == 8]
+    if tr:
+        right.axhline(max(c["calls_per_s"] for c in tr), color="#6a4", ls="--",
+                      label="Triton 2.51 (best)")
     right.set_xlabel("lossd serving processes")
     right.set_ylabel("calls/s at 8 clients")
     right.set_xticks(ps)
@@ -285,10 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", default=None,
                    help="comma-separated lossd process counts (default: 1 up to the cores, "
                         "and auto)")
-    p.add_argument("--clients", default="1,8")
+    p.add_argument("--clients", default="1,8", help="client process counts")
+    p.add_argument("--threads", default="8",
+                   help="client thread counts, each in one client process ('' for none)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per case")
     p.add_argument("--mlserver", action=argparse.BooleanOptionalAction, default=True,
                    help="measure MLServer 1.7.1 (builds its virtualenv on first use)")
+    p.add_argument("--triton", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure Triton 2.51 (builds its virtualenv on first use)")
     p.add_argument("--wait-quiet", type=float, default=60.0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -296,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     a.clients = tuple(int(x) for x in a.clients.split(","))
+    a.threads = tuple(int(x) for x in a.threads.split(",") if x.strip())
     cores = os.cpu_count() or 1
     a.processes = (a.processes.split(",") if a.processes
                    else [*map(str, range(1, cores + 1)), "auto"])

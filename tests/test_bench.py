@@ -1,12 +1,17 @@
-"""The benchmark suite (bench/): a quick smoke run and the floor's request bytes.
+"""The benchmark suite (bench/): a quick smoke run, the floor's request bytes and the
+Triton peer's model repository.
 
 No timing is asserted: only that one run goes end to end (floor servers, lossd, compute
-floor, stages, client copies) and writes results with the expected shape.
+floor, stages, client copies) and writes results with the expected shape. The Triton peer
+runs live only where its virtualenv has been built (``python -m bench.triton --setup``),
+and its client only in a subprocess: tritonclient cannot share a process with lossd's Open
+Inference protos, which other test modules import.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import triton  # noqa: E402
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
     arrays_for_wire,
@@ -97,10 +103,12 @@ def test_analysis_quick_run_writes_ratios(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -> None:
-    """bench.small end to end (without MLServer, whose virtualenv takes minutes to build):
-    the floors and lossd with 1 and 2 processes, the targets, the table and the plot."""
+    """bench.small end to end (without MLServer and Triton, whose virtualenvs are built on
+    first use): the floors and lossd with 1 and 2 processes, the targets, the table and the
+    plot."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.small", "--quick", "--no-mlserver", "--processes", "1,2",
+        [sys.executable, "-m", "bench.small", "--quick", "--no-mlserver", "--no-triton",
+         "--processes", "1,2",
          "--out", str(tmp_path), "--machine", "test-box", "--wait-quiet", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=230, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,3 +163,65 @@ def test_soak_hostile_smoke_run(tmp_path: Path) -> None:
     assert phases["before"]["by_kind"]["all"]["p50"] is not None
     assert phases["during"]["by_kind"]["all"]["calls"] > 0
     assert "## Hostile calls by outcome" in (tmp_path / "soak.md").read_text()
+
+
+def test_triton_config_serves_the_loss_on_cpu_instances() -> None:
+    text = triton.config_text(2)
+    assert 'name: "cross_entropy"' in text and 'backend: "python"' in text
+    assert "max_batch_size: 0" in text
+    assert "instance_group [ { count: 2, kind: KIND_CPU } ]" in text
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared out, as lossd does
+    assert f'key: "torch_threads", value: {{ string_value: "{threads}" }}' in text
+    for line in ('name: "PREDICTIONS", data_type: TYPE_FP32, dims: [ -1, -1 ]',
+                 'name: "TARGETS", data_type: TYPE_INT64, dims: [ -1 ]',
+                 'name: "PER_SAMPLE", data_type: TYPE_FP32, dims: [ -1 ]',
+                 'name: "SUM", data_type: TYPE_FP64, dims: [ 1 ]',
+                 'name: "MEAN", data_type: TYPE_FP64, dims: [ 1 ]'):
+        assert line in text, line
+    with pytest.raises(ValueError, match="instances"):
+        triton.config_text(0)
+
+
+def test_triton_repository_and_backends_are_laid_out_as_triton_reads_them(
+        tmp_path: Path) -> None:
+    repo = triton.write_repository(tmp_path, 1)
+    model = repo / triton.MODEL_NAME
+    assert (model / "config.pbtxt").read_text() == triton.config_text(1)
+    code = (model / "1" / "model.py").read_text()
+    assert "class TritonPythonModel" in code and 'reduction="none"' in code
+
+    site = tmp_path / "site"  # the wheel's layout, with stand-in files
+    server = site / "pytriton" / "tritonserver"
+    (server / "backends" / "python").mkdir(parents=True)
+    (server / "backends" / "python" / "libtriton_python.so").write_bytes(b"lib")
+    (server / "python_backend_stubs" / "3.11").mkdir(parents=True)
+    (server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub").write_bytes(
+        b"stub")
+    backends = triton.write_backends(tmp_path / "b", site, "3.11")
+    assert (backends / "python" / "libtriton_python.so").read_bytes() == b"lib"
+    assert (backends / "python" / "triton_python_backend_stub").read_bytes() == b"stub"
+    with pytest.raises(RuntimeError, match=r"no python backend stub for Python 3\.9"):
+        triton.write_backends(tmp_path / "c", site, "3.9")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not (triton.VENV / ".lossd-bench").exists(),
+                    reason="the Triton virtualenv is not built (python -m bench.triton --setup)")
+def test_triton_answers_torch_bit_for_bit(tmp_path: Path) -> None:
+    """tritonserver with 2 instances answers small and medium batches with torch's
+    per-sample losses bit for bit (``make_call`` checks them), through tritonclient."""
+    server = triton.Triton(2, tmp_path / "triton.log")
+    try:
+        server.wait_ready()
+        code = ("import sys; from bench.triton import make_call; "
+                "from bench.workloads import WORKLOADS, make_data\n"
+                "for name in ('small', 'medium'):\n"
+                "    w = WORKLOADS[name]; pred, targ, _ = make_data(w).torch()\n"
+                "    call, close = make_call(sys.argv[1], pred, targ, 60.0)\n"
+                "    assert call() == w.n; close()\n")
+        proc = subprocess.run([sys.executable, "-c", code, server.address], cwd=ROOT,
+                              capture_output=True, text=True, timeout=180, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        server.stop()
