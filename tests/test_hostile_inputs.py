@@ -96,7 +96,9 @@ def probabilities(input: Tensor, target: Tensor) -> Tensor:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def hostile_losses() -> Iterator[None]:
+def hostile_losses(example_plugin: Path) -> Iterator[None]:
+    """This module's plugin losses, beside the example plugin's (charbonnier,
+    knowledge_distillation), which some tests send bad input."""
     names = ["testhostile_fails_on_large", "testhostile_scribbles", "testhostile_stateful",
              "testhostile_pure", "testhostile_probabilities"]
     register(names[0], fails_on_large, options={}, targets="values")
