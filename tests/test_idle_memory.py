@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server import limits
 from tests.conftest import ServeProcess
 
 MiB = 1 << 20
@@ -74,10 +75,10 @@ def test_idle_streams_pin_less_than_4_payloads_in_all(srv: ServeProcess) -> None
                ("grpc.max_receive_message_length", 2 * PAYLOAD)]
     with grpc.insecure_channel(srv.address, options=options) as channel:
         IdleStream(channel, raw).close()  # warm up: the allocator's pages, torch's kernels
-        time.sleep(0.5)
+        time.sleep(2 * limits.TRIM_DELAY)
         before = server.memory_info().rss
         streams = [IdleStream(channel, raw) for _ in range(STREAMS)]
-        time.sleep(0.5)
+        time.sleep(2 * limits.TRIM_DELAY)  # idle: what the server freed is given back
         growth = server.memory_info().rss - before
         for s in streams:
             s.close()
