@@ -37,10 +37,10 @@ class EvaluationService:
     they start (at most ``max_streams``); their batches wait for a slot and are never
     refused for contention. A request claiming more than ``max_elements`` elements (0: no
     limit) is refused while a front decodes it (``limits.ElementBudget``), before its bytes
-are looked at. A call whose
-    caller cancelled or whose deadline passed is dropped before compute, or between the
-    chunks of a long evaluation (``Engine.evaluate``'s ``still_wanted``; not for batches
-    coalesced with other callers'), and never answered late; an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
+    are looked at. A call whose caller cancelled or whose deadline passed is dropped before
+    compute, or between the chunks of a long evaluation (``Engine.evaluate``'s
+    ``still_wanted``; not for batches coalesced with other callers'), and never answered
+    late; an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
     With ``batching``, small concurrent calls are evaluated together (:class:`Batcher`).
     """
 
