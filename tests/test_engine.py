@@ -4,6 +4,7 @@ the very same results as in one piece (lossd_server.engine)."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -82,3 +83,57 @@ def test_chunks_bound_the_rows_a_loss_sees_and_start_aligned() -> None:
     assert engine.chunks(bf16, limit=1_000_000) == parts
     odd = torch.zeros(300, 5)  # 5 elements a row: steps of 64 rows
     assert [p.start for p in engine.chunks(odd, limit=1)] == [0, 64, 128, 192, 256]
+
+
+def _slow_ctc(n: int = 40, steps: int = 1000, classes: int = 20, labels: int = 400
+              ) -> Batch:
+    """A ctc_loss batch whose working memory (N x T x (2S + 1)) is 32M elements, its
+    inputs under 1M: just under the default --max-elements."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.log_softmax(torch.randn(n, steps, classes, generator=g), -1)
+    t = torch.randint(1, classes, (n, labels), generator=g)
+    return Batch("ctc_loss", x, t, inputs={"input_lengths": torch.full((n,), steps),
+                                           "target_lengths": torch.full((n,), labels)})
+
+
+def test_ctc_chunks_are_sized_by_its_working_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its inputs fit one chunk, its alpha tables do not: evaluated in chunks whose share of
+    the working memory fits CHUNK_BYTES, bit for bit as in one piece."""
+    batch = _slow_ctc()
+    work = 40 * 1000 * 801
+    parts = engine.chunks(batch.predictions, work=work)
+    assert engine.chunks(batch.predictions) == [slice(None)]
+    assert len(parts) > 4
+    rows = parts[0].stop - parts[0].start
+    assert rows * (1000 * 20 + work // 40) * 4 <= engine.CHUNK_BYTES
+    chunked = CPU.evaluate(batch)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1 << 40)
+    _same(chunked, CPU.evaluate(batch))
+
+
+def test_an_abandoned_chunked_evaluation_stops_at_the_next_chunk() -> None:
+    """``still_wanted`` is asked between chunks (never before the first, never for a batch
+    in one piece); when it raises, the evaluation stops there, computing no further chunk."""
+    batch = _slow_ctc()
+    chunks = len(engine.chunks(batch.predictions, work=40 * 1000 * 801))
+    asked: list[float] = []
+
+    class Gone(Exception):
+        pass
+
+    def still_wanted() -> None:
+        asked.append(time.monotonic())
+        if len(asked) == 2:
+            raise Gone
+
+    start = time.monotonic()
+    with pytest.raises(Gone):
+        CPU.evaluate(batch, still_wanted=still_wanted)
+    stopped = time.monotonic() - start
+    assert len(asked) == 2 < chunks - 1
+    whole_start = time.monotonic()
+    CPU.evaluate(batch)
+    assert stopped < (time.monotonic() - whole_start) * 0.6  # 2 chunks of 10, with slack
+
+    small = Batch("mse_loss", torch.ones(8), torch.zeros(8))
+    CPU.evaluate(small, still_wanted=lambda: pytest.fail("asked for a one-chunk batch"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,17 +133,21 @@ exp or log can round differently by an ulp; with chunks cut at vector-width mult
 element takes the path it takes in one piece, so the values are the same bit for bit."""
 
 
-def chunks(predictions: Tensor, limit: int | None = None) -> list[slice]:
-    """Row ranges of ``predictions`` whose float32 (or float64) size is at most ``limit``
-    (default ``CHUNK_BYTES``; at least one aligned step), cut at ``ALIGN_ELEMENTS``."""
+def chunks(predictions: Tensor, limit: int | None = None, *, work: int = 0) -> list[slice]:
+    """Row ranges of ``predictions`` whose float32 (or float64) size, with their share of
+    the loss's ``work`` elements (``Loss.working_elements`` for the whole batch), is at most
+    ``limit`` (default ``CHUNK_BYTES``; at least one aligned step), cut at
+    ``ALIGN_ELEMENTS``. Counting the work keeps a chunk short in time as well: a
+    ``ctc_loss`` batch just under ``--max-elements`` is a dozen chunks, not one of ~1 s."""
     limit = CHUNK_BYTES if limit is None else limit
     itemsize = 8 if predictions.dtype == torch.float64 else 4
-    if predictions.numel() * itemsize <= limit:
+    if (predictions.numel() + work) * itemsize <= limit:
         return [slice(None)]
     n = predictions.shape[0]
     elements = max(1, predictions[0].numel()) if n else 1
     align = ALIGN_ELEMENTS // math.gcd(ALIGN_ELEMENTS, elements)  # rows a step is made of
-    step = max(align, limit // (elements * itemsize) // align * align)
+    row = elements + (-(-work // n) if n else 0)  # a row's elements with its share of work
+    step = max(align, limit // (row * itemsize) // align * align)
     if step >= n:
         return [slice(None)]
     return [slice(start, min(n, start + step)) for start in range(0, n, step)]
@@ -234,15 +238,18 @@ class Engine:
                    if isinstance(t, Tensor))
         limits.claim_working_memory(spec.name, held, work, self.max_elements)
 
-    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False) -> Evaluation:
+    def evaluate(self, batch: Batch, *, allow_zero_weight_sum: bool = False,
+                 still_wanted: Callable[[], None] | None = None) -> Evaluation:
         """Per-sample losses and aggregates of one batch.
 
         ``allow_zero_weight_sum``: streams accept a batch whose weights are all zero (the
-        running total decides); a single Evaluate does not.
+        running total decides); a single Evaluate does not. ``still_wanted``: called
+        between chunks of a batch evaluated in several (never for one in a single piece);
+        it raises (``errors.Refused``) to stop an evaluation whose caller left.
         Raises ``errors.RequestError`` for bad input.
         """
         checked = self.check(batch, allow_zero_weight_sum=allow_zero_weight_sum)
-        computed = self._run(checked)
+        computed = self._run(checked, still_wanted)
         return _evaluation(computed, batch.weights, slice(None), computed.device_seconds,
                            batch.analyses, batch.sample_ids)
 
@@ -289,10 +296,11 @@ class Engine:
         # Even a no-op .to() is a dispatch: microseconds that add up on small batches.
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
-    def _run(self, c: Checked) -> _Computed:
+    def _run(self, c: Checked, still_wanted: Callable[[], None] | None = None) -> _Computed:
         """One device call for a checked batch, in stages: stage its tensors on the device,
-        compute the per-sample values (in chunks; timed on CUDA), apply the NaN policy,
-        take the gradient, and bring the results to the host (``_results``)."""
+        compute the per-sample values (in chunks, asking ``still_wanted`` between them;
+        timed on CUDA), apply the NaN policy, take the gradient, and bring the results to
+        the host (``_results``)."""
         staged = self._stage(c)
         wants_gradient = bool(c.batch.gradient)
         events = None
@@ -305,7 +313,8 @@ class Engine:
         with (torch.enable_grad() if wants_gradient
               else torch.no_grad() if torch.is_grad_enabled()
               else contextlib.nullcontext()):
-            chunk = self._compute(c, staged, gradient=wants_gradient)
+            chunk = self._compute(c, staged, gradient=wants_gradient,
+                                  still_wanted=still_wanted)
             if events is not None:
                 events[1].record()
             omitted = _nan_policy(chunk, c.nan_policy)
@@ -331,19 +340,31 @@ class Engine:
             pred = pred.to(dtype).detach().requires_grad_(True)
         return _Staged(pred, target, inputs, opts, dtype, ignore_index)
 
-    def _compute(self, c: Checked, s: _Staged, *, gradient: bool) -> _Chunk:
+    def _compute(self, c: Checked, s: _Staged, *, gradient: bool,
+                 still_wanted: Callable[[], None] | None = None) -> _Chunk:
         """Per-sample values of the whole batch: in one piece, or, for a samplewise loss
-        without a gradient, chunk by chunk (see ``chunks``) and joined."""
-        pred, dtype = s.pred, s.dtype
-        pieces = [slice(None)] if gradient or not c.spec.samplewise else chunks(pred)
+        without a gradient, chunk by chunk (see ``chunks``, sized by the inputs and the
+        loss's working memory) and joined. Between chunks ``still_wanted`` may stop it."""
+        pred, dtype, spec = s.pred, s.dtype, c.spec
+        if gradient or not spec.samplewise:
+            pieces = [slice(None)]
+        else:
+            batch = c.batch
+            work = (0 if spec.working_elements is None else spec.working_elements(
+                batch.predictions, batch.targets, batch.inputs, c.options))
+            pieces = chunks(pred, work=work)
         if len(pieces) == 1:  # no slicing: views and no-op casts cost dispatches too
             return self._chunk(c, pred if pred.dtype == dtype else pred.to(dtype), s.target,
                                s.inputs, s.opts, s.ignore_index, gradient=gradient)
-        return _Chunk.cat([self._chunk(c, pred[rows].to(dtype),
-                                       None if s.target is None else s.target[rows],
-                                       {name: t[rows] for name, t in s.inputs.items()},
-                                       s.opts, s.ignore_index, gradient=gradient)
-                           for rows in pieces])
+        parts = []
+        for i, rows in enumerate(pieces):
+            if i and still_wanted is not None:
+                still_wanted()
+            parts.append(self._chunk(c, pred[rows].to(dtype),
+                                     None if s.target is None else s.target[rows],
+                                     {name: t[rows] for name, t in s.inputs.items()},
+                                     s.opts, s.ignore_index, gradient=gradient))
+        return _Chunk.cat(parts)
 
     def _chunk(self, c: Checked, pred: Tensor, target: Tensor | None,
                inputs: Mapping[str, Tensor], opts: dict[str, Any], ignore_index: int | None,

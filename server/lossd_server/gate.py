@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from lossd_server import limits
 from lossd_server.errors import Refused, RequestError, status_of
 from lossd_server.limits import LimitMetrics, MessageWaits, Wait
 from lossd_server.metrics import METHODS, Metrics
@@ -198,8 +199,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
             wait = waits.call(label, context.peer(), _ender(context))
             if streaming_in:  # a stream that fails to parse midway raises in the servicer
-                return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
-                           context)
+                return run(_parsed(deserializer, _messages(wait, received)), context)
             try:
                 raw = waits.receive_first(wait, lambda: next(received))
             except StopIteration:  # as grpcio answers a unary call without its message
@@ -228,6 +228,18 @@ def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
             yield waits.receive_next(wait, lambda: next(received))
         except StopIteration:
             return
+
+
+def _parsed(deserializer: Callable[[bytes], Any] | None, messages: Iterator[bytes]
+            ) -> Iterator[Any]:
+    """A stream's messages parsed, none of them held while the next is awaited: an idle
+    stream must not pin its last message (issue 19, item 2), nor the freed memory a large
+    one leaves (:func:`limits.release_freed_soon`)."""
+    for raw in messages:
+        yield _parse(deserializer, raw)
+        if len(raw) >= limits.TRIM_BYTES:
+            limits.release_freed_soon()
+        del raw
 
 
 def _ender(context: grpc.ServicerContext) -> Callable[[grpc.StatusCode, str], None]:

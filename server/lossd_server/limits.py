@@ -21,6 +21,8 @@
   seconds. A stream idle (waiting for its next message) ``stream_idle`` seconds gives its
   admission up when another stream needs it. So unsent calls and idle streams can never
   hold every thread or every stream admission (docs/limits.md).
+* :func:`release_freed_soon`: memory large stream messages freed goes back to the system
+  once they pause for a second, so idle streams hold only what they really keep.
 * :class:`LimitMetrics`: rejections by reason, dropped (cancelled or expired) calls, the
   admission queue and the ended message waits, registered on the server's metrics registry.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import ctypes
 import gc
 import logging
 import math
@@ -669,6 +672,55 @@ def release_memory(device: torch.device) -> None:
         with contextlib.suppress(RuntimeError):
             torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+TRIM_BYTES = 4 * 1024 * 1024
+"""A stream message at least this large asks for :func:`release_freed_soon` once answered.
+Smaller ones leave too little behind to be worth a trim."""
+TRIM_DELAY = 1.0
+"""Seconds without another large message before the trim: a stream busy with large
+messages is not trimmed, so it goes on reusing warm pages."""
+
+_trim_lock = threading.Lock()
+_trim_last = 0.0  # when release_freed_soon was last called (monotonic)
+_trim_pending = False
+
+
+def release_freed_soon() -> None:
+    """Give the memory that the process freed back to the system once no call has asked
+    for ``TRIM_DELAY`` s (glibc's ``malloc_trim``; nothing elsewhere).
+
+    The server keeps freed memory for reuse (``serve.host.tune_allocator``), and the small
+    objects a call leaves live between its large blocks split the free ones: each stream
+    that sent a large message and then idles would pin most of a payload's worth of freed,
+    unusable pages (issue 19, item 2). The trim returns every free page, wherever it lies.
+    """
+    global _trim_last, _trim_pending
+    with _trim_lock:
+        _trim_last = time.monotonic()
+        if _trim_pending:
+            return
+        _trim_pending = True
+    _trim_later(TRIM_DELAY)
+
+
+def _trim_later(delay: float) -> None:
+    timer = threading.Timer(delay, _trim)
+    timer.daemon = True
+    timer.start()
+
+
+def _trim() -> None:
+    global _trim_pending
+    with _trim_lock:
+        quiet = time.monotonic() - _trim_last
+        if quiet < TRIM_DELAY:  # asked again meanwhile: wait until it is quiet
+            _trim_later(TRIM_DELAY - quiet)
+            return
+        _trim_pending = False
+    # Not glibc: no malloc_trim, and its allocator returns memory by itself.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def out_of_memory(device: torch.device, samples: int, retry_seconds: float) -> Refused:

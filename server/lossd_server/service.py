@@ -37,8 +37,9 @@ class EvaluationService:
     they start (at most ``max_streams``); their batches wait for a slot and are never
     refused for contention. A request claiming more than ``max_elements`` elements (0: no
     limit) is refused while a front decodes it (``limits.ElementBudget``), before its bytes
-are looked at. A call whose
-    caller cancelled or whose deadline passed is dropped before compute and never answered
+    are looked at. A call whose caller cancelled or whose deadline passed is dropped before
+    compute, or between the chunks of a long evaluation (``Engine.evaluate``'s
+    ``still_wanted``; not for batches coalesced with other callers'), and never answered
     late; an evaluation that runs out of memory ends RESOURCE_EXHAUSTED and frees the cache.
     With ``batching``, small concurrent calls are evaluated together (:class:`Batcher`).
     """
@@ -86,8 +87,9 @@ are looked at. A call whose
                                                                   admitted=admitted))
                 else:
                     ev = self._in_slot(call, state, lambda: [self.engine.evaluate(
-                        batch, allow_zero_weight_sum=stream)], compute_stage=True,
-                        admitted=admitted)[0]
+                        batch, allow_zero_weight_sum=stream,
+                        still_wanted=lambda: state.check("while computing"))],
+                        compute_stage=True, admitted=admitted)[0]
             except Exception as exc:
                 if not limits.is_out_of_memory(exc):
                     raise

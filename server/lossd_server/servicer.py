@@ -224,6 +224,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 except GeneratorExit:  # gRPC closed the handler: the caller went away
                     service.refused(call.method, _gone(context))
                     raise
+                # Nothing of this message is held while the next is awaited: an idle
+                # stream pins no payload (its request views the received bytes).
+                del request, ev, resp, batch, running, batch_analysis, running_analysis
 
     def _received(self, requests: Iterator[T], context: grpc.ServicerContext,
                   method: str) -> Iterator[T]:
@@ -241,6 +244,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 self.service.refused(method, exc)
                 raise exc from None
             yield request
+            del request  # not held while the next message is awaited
 
     @stream_errors
     def SharedMemorySession(self, request_iterator: Iterator[pb.SharedMemoryRequest],
@@ -335,6 +339,31 @@ def _gone(context: grpc.ServicerContext) -> Refused:
                    reason="cancelled")
 
 
+class _Sent:
+    """A stream's response as grpcio holds it. grpcio keeps the last response it sent
+    until the handler yields the next, which an idle stream never does; it keeps this box,
+    which its serializer empties, not the message (a payload of per-sample losses)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Any) -> None:
+        self.message: Any = message
+
+    def serialize(self) -> bytes:
+        message, self.message = self.message, None
+        return bytes(message.SerializeToString())
+
+
+def _released(behavior: Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]
+              ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[_Sent]]:
+    """``behavior``'s responses each in a :class:`_Sent`, none held here meanwhile."""
+    def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[_Sent]:
+        for response in behavior(requests, context):
+            yield _Sent(response)
+            del response
+    return run
+
+
 def add_to_server(servicer: LossServicer, server: grpc.Server, *,
                   max_map_entries: int = wire.MAX_MAP_ENTRIES) -> None:
     """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does,
@@ -356,15 +385,15 @@ def add_to_server(servicer: LossServicer, server: grpc.Server, *,
             servicer.Evaluate, request_deserializer=parse("Evaluate"),
             response_serializer=pb.EvaluateResponse.SerializeToString),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, request_deserializer=parse("EvaluateStream"),
-            response_serializer=pb.EvaluateResponse.SerializeToString),
+            _released(servicer.EvaluateStream), request_deserializer=parse("EvaluateStream"),
+            response_serializer=_Sent.serialize),
         "ListLosses": grpc.unary_unary_rpc_method_handler(
             servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
             response_serializer=pb.ListLossesResponse.SerializeToString),
         "SharedMemorySession": grpc.stream_stream_rpc_method_handler(
-            servicer.SharedMemorySession,
+            _released(servicer.SharedMemorySession),
             request_deserializer=pb.SharedMemoryRequest.FromString,
-            response_serializer=pb.SharedMemoryResponse.SerializeToString),
+            response_serializer=_Sent.serialize),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
