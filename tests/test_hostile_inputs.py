@@ -175,6 +175,10 @@ def test_a_coalesced_call_that_fails_fails_only_its_culprit() -> None:
     srv = start_server(batching="on", batch_delay_us=500_000)
     try:
         assert srv.service is not None and srv.service.batcher is not None
+        # The batcher counts calls in flight once their message arrived, so four concurrent
+        # calls may each find the others not yet there; as if all four were, a leader waits
+        # (up to the delay) for the others to join.
+        srv.service.batcher._in_flight = lambda: 4
         with LossClient(f"127.0.0.1:{srv.port}", timeout=30) as client:
             for _ in range(3):  # until the four calls shared a device call
                 results = _four_callers(client)

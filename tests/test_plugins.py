@@ -595,7 +595,7 @@ def test_plugin_and_extra_inputs_on_the_open_inference_protocol(
                                   timeout=30)
         assert [(i.name, i.datatype) for i in meta.inputs] == [
             ("PREDICTIONS", "FP32"), ("TARGETS", "INT64"), ("WEIGHTS", "FP32"),
-            ("TEACHER", "FP32")]
+            ("SAMPLE_IDS", "INT64"), ("TEACHER", "FP32")]
         req = kpb.ModelInferRequest(model_name="knowledge_distillation")
         for name, arr, datatype in (("PREDICTIONS", x, "FP32"), ("TARGETS", t, "INT64"),
                                     ("TEACHER", teacher, "FP32")):
