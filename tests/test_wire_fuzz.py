@@ -640,6 +640,8 @@ def test_kserve_decoding_means_what_the_protocol_says(seed: int) -> None:
         tensors[kserve.TARGETS] = batch.targets
     if batch.weights is not None:
         tensors[kserve.WEIGHTS] = batch.weights
+    if batch.sample_ids is not None:
+        tensors[kserve.SAMPLE_IDS] = batch.sample_ids
     for input_name, option in kserve.tensor_inputs(spec).items():
         if option in batch.options:
             tensors[input_name] = batch.options[option]
