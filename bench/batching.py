@@ -13,7 +13,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,11 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.ports import free_port
 
 
 def _client(port: int, seconds: float, start: Any, out: Any) -> None:
@@ -48,7 +43,7 @@ def _client(port: int, seconds: float, start: Any, out: Any) -> None:
 
 
 def measure(device: str, batching: str, clients: int, seconds: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "lossd_server.serve", "--processes", "1", "--port", str(port),
          "--metrics-port", "-1", "--device", device, "--batching", batching,

@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("LOSSD_BENCH_MLSERVER_VENV", "/tmp/lossd-bench-mlserver"))
@@ -57,10 +58,6 @@ def ensure_venv(venv: Path = VENV, *, quiet: bool = True) -> Path:
     return exe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MLServer:
@@ -71,12 +68,12 @@ class MLServer:
         exe = ensure_venv(venv)
         self.kind = "mlserver" if parallel_workers is None else f"mlserver_pw{parallel_workers}"
         self.folder = Path(tempfile.mkdtemp(prefix="lossd-bench-mlserver-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = None  # lossd's stage scraping does not apply
         settings: dict[str, object] = {
-            "host": "127.0.0.1", "grpc_port": self.port, "http_port": _free_port(),
-            "metrics_port": _free_port(), "debug": False}
+            "host": "127.0.0.1", "grpc_port": self.port, "http_port": free_port(),
+            "metrics_port": free_port(), "debug": False}
         if parallel_workers is not None:
             settings["parallel_workers"] = parallel_workers
         (self.folder / "settings.json").write_text(json.dumps(settings))

@@ -16,24 +16,16 @@ RSS_PAYLOADS = 3  # xl: server peak RSS <= idle RSS + 3 x payload
 MAX_CLIENT_COPIES = 1
 
 
-def _best_floor(cases: dict[str, dict[str, Any]], clients: int) -> dict[str, Any] | None:
-    """The better transport floor: lower p50 at one client, more calls/s with several."""
-    floors = [c for k, c in cases.items() if k.startswith("floor_")]
-    if not floors:
+def _best(cases: dict[str, dict[str, Any]], clients: int, prefix: str
+          ) -> dict[str, Any] | None:
+    """The better of the cases named ``prefix*`` (the transport floors, or the Triton peer's
+    1 and 2 instances): lower p50 at one client, more calls/s with several."""
+    found = [c for k, c in cases.items() if k.startswith(prefix)]
+    if not found:
         return None
     if clients == 1:
-        return min(floors, key=lambda c: c["p50_ms"])
-    return max(floors, key=lambda c: c["calls_per_s"])
-
-
-def _best_triton(cases: dict[str, dict[str, Any]], clients: int) -> dict[str, Any] | None:
-    """The better Triton peer (1 or 2 instances), chosen as the transport floor is."""
-    peers = [c for k, c in cases.items() if k.startswith("triton-")]
-    if not peers:
-        return None
-    if clients == 1:
-        return min(peers, key=lambda c: c["p50_ms"])
-    return max(peers, key=lambda c: c["calls_per_s"])
+        return min(found, key=lambda c: c["p50_ms"])
+    return max(found, key=lambda c: c["calls_per_s"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -50,7 +42,7 @@ def summarise(workloads: list[Workload], cases: list[dict[str, Any]]) -> list[di
         for clients in sorted({c["concurrency"] for c in cases if c["workload"] == w.name}):
             by_kind = {c["kind"]: c for c in cases
                        if c["workload"] == w.name and c["concurrency"] == clients}
-            floor = _best_floor(by_kind, clients)
+            floor = _best(by_kind, clients, "floor_")
             compute = by_kind.get("compute")
             lossd = by_kind.get("lossd")
             row: dict[str, Any] = {"workload": w.name, "concurrency": clients,
@@ -68,7 +60,7 @@ def summarise(workloads: list[Workload], cases: list[dict[str, Any]]) -> list[di
             row["lossd_over_floor_plus_compute_p50"] = _ratio(l50, row["floor_plus_compute_p50_ms"])
             row["lossd_over_floor_calls"] = _ratio(lc, fc)
             row["lossd_over_combined_calls"] = _ratio(lc, row["combined_calls_per_s"])
-            triton = _best_triton(by_kind, clients)
+            triton = _best(by_kind, clients, "triton-")
             if triton:
                 row["triton_variant"] = triton["kind"]
                 row["triton_p50_ms"] = triton["p50_ms"]

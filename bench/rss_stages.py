@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
+from bench.ports import free_port
 from bench.workloads import WORKLOADS, make_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +92,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss(pid: int) -> int:
@@ -113,7 +109,7 @@ def run(workload: str, calls: int, env: dict[str, str]) -> dict[str, Any]:
 
     w = WORKLOADS[workload]
     pred, targ, weights = make_data(w).torch()
-    port = _free_port()
+    port = free_port()
     probe_out = Path(tempfile.mkdtemp()) / "marks.json"
     server_env = {**os.environ, **env, "LOSSD_RSS_PROBE": str(probe_out)}
     proc = subprocess.Popen([sys.executable, "-c", PROBE, "--processes", "1", "--port",

@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
+from bench.ports import free_port
 from bench.workloads import WORKLOADS, Data, Workload, make_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,10 +274,6 @@ class RssSampler:
 
 # ---- servers ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -300,13 +297,13 @@ class Server:
                  processes: str = "1", wrapper: Sequence[str] = ()) -> None:
         """``wrapper``: a command the server runs under (e.g. valgrind and its flags)."""
         self.kind = kind
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         mb = str(MAX_MESSAGE_BYTES / 2**20)
         self.metrics_port: int | None = None
         if kind == "lossd":
             # Metrics on (lossd's default): its stage histograms say where server time goes.
-            self.metrics_port = _free_port()
+            self.metrics_port = free_port()
             cmd = [sys.executable, "-m", "lossd_server.serve", "--processes", processes,
                    "--host", "127.0.0.1",
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port),

@@ -73,7 +73,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,6 +83,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_TIMEOUT = 30.0
@@ -720,12 +721,6 @@ def _hostile_process(address: str, delay: float, seconds: float, streams: int, g
 # ---- the server ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tree(pid: int) -> list[int]:
     """``pid`` and its children: `lossd serve` runs worker processes under a supervisor."""
     children = []
@@ -840,7 +835,7 @@ def _stream_limit(server_args: list[str]) -> int:
 def run(clients: int, seconds: float, procs: int, device: str, warmup: float,
         server_args: list[str], *, shm_clients: int = 8, long_streams: int = 8,
         kill_every: float = 2.0, hostile_after: float | None = None) -> dict[str, Any]:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     cmd = [sys.executable, "-m", "lossd_server.serve", "--port", str(port),
            "--metrics-port", str(metrics_port), "--device", device, "--log-level", "warning",

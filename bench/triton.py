@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +36,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("LOSSD_BENCH_TRITON_VENV", "/tmp/lossd-bench-triton"))
@@ -152,10 +153,6 @@ def write_backends(folder: Path, site: Path, version: str) -> Path:
     return backends
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Triton:
@@ -170,7 +167,7 @@ class Triton:
         self.folder = Path(tempfile.mkdtemp(prefix="lossd-bench-triton-"))
         repo = write_repository(self.folder, instances)
         backends = write_backends(self.folder, site, info["version"])
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = None  # lossd's stage scraping does not apply
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -185,7 +182,7 @@ class Triton:
                "--model-repository", str(repo), "--backend-directory", str(backends),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.port),
                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
-               "--metrics-port", str(_free_port()), "--allow-metrics", "false",
+               "--metrics-port", str(free_port()), "--allow-metrics", "false",
                "--allow-gpu-metrics", "false", "--log-verbose", "0"]
         self._log = log.open("ab")
         self.started = time.monotonic()
