@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ports import free_port
+from bench.peers import free_port
 
 
 def _client(port: int, seconds: float, start: Any, out: Any) -> None:

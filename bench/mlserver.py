@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ports import free_port
+from bench.peers import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("LOSSD_BENCH_MLSERVER_VENV", "/tmp/lossd-bench-mlserver"))
@@ -91,13 +91,7 @@ class MLServer:
         self.pid = self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_group(self.proc, 20)
         self._log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench.ports import free_port
+from bench.peers import free_port
 from bench.workloads import WORKLOADS, make_data
 
 ROOT = Path(__file__).resolve().parent.parent

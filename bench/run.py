@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench.ports import free_port
+from bench.peers import free_port
 from bench.workloads import WORKLOADS, Data, Workload, make_data
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -84,7 +84,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.ports import free_port
+from bench.peers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_TIMEOUT = 30.0

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.ports import free_port
+from bench.peers import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("LOSSD_BENCH_TRITON_VENV", "/tmp/lossd-bench-triton"))
@@ -209,13 +209,7 @@ class Triton:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_group(self.proc, 30)
         self._log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
