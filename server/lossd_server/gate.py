@@ -201,7 +201,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                 return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
                            context)
             try:
-                raw = waits.receive_first(wait, lambda: next(received))
+                raw = waits.receive_first(wait, received.__next__)
             except StopIteration:  # as grpcio answers a unary call without its message
                 context.abort(grpc.StatusCode.UNIMPLEMENTED,
                               f'"{method}" requires exactly one request message.')
@@ -225,7 +225,7 @@ def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
     waits = wait.waits
     while True:
         try:
-            yield waits.receive_next(wait, lambda: next(received))
+            yield waits.receive_next(wait, received.__next__)
         except StopIteration:
             return
 

@@ -421,7 +421,7 @@ class Admission:
         self._door = threading.Condition(self._lock)  # notified when a stream ends
         # When each slot now held was taken (perf_counter -> how many at that instant), for
         # the watchdog: a slot held past a bound is stuck work (lossd_server.watchdog).
-        self._held: collections.Counter[float] = collections.Counter()
+        self._held: dict[float, int] = {}
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
         self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
@@ -460,11 +460,7 @@ class Admission:
     def acquire(self, call: CallState | None = None, *, admitted: bool = False) -> float:
         """Take a slot (waiting in line for one); returns when it was taken, for
         :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
-        self._acquire(call or CallState(), admitted)
-        acquired = time.perf_counter()
-        with self._lock:
-            self._held[acquired] += 1
-        return acquired
+        return self._acquire(call or CallState(), admitted)
 
     def release(self, acquired: float) -> None:
         """Give back a slot taken by :meth:`acquire` at ``acquired``."""
@@ -479,12 +475,12 @@ class Admission:
             f"{self.max_waiting}); retry after {math.ceil(hint * 1000)} ms",
             reason="queue_full", trailers=retry_after(hint))
 
-    def _acquire(self, call: CallState, admitted: bool) -> None:
+    def _acquire(self, call: CallState, admitted: bool) -> float:
         with self._lock:
             if self._free > 0 and not self._queue:
                 self._free -= 1
                 self._gauges()
-                return
+                return self._held_from_now()
             if not admitted and len(self._queue) >= self.max_waiting:
                 raise self._busy()
             waiter = _Waiter()
@@ -497,7 +493,7 @@ class Admission:
             waiter.event.wait(timeout)
             with self._lock:
                 if waiter.granted:
-                    return
+                    return self._held_from_now()
                 try:
                     call.check("while waiting for a compute slot")
                 except Refused:
@@ -505,11 +501,17 @@ class Admission:
                     self._gauges()
                     raise
 
+    def _held_from_now(self) -> float:
+        """Note a slot taken now (under the lock, where it was taken); returns when."""
+        acquired = time.perf_counter()
+        self._held[acquired] = self._held.get(acquired, 0) + 1
+        return acquired
+
     def _release(self, acquired: float, held: float) -> None:
         with self._lock:
-            self._held[acquired] -= 1
-            if self._held[acquired] <= 0:
-                del self._held[acquired]
+            count = self._held.pop(acquired, 1) - 1
+            if count > 0:
+                self._held[acquired] = count
             self._hold = 0.8 * self._hold + 0.2 * held
             if self._queue:
                 waiter = self._queue.popleft()  # the slot passes straight to it

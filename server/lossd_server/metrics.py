@@ -613,15 +613,28 @@ class CallRecord:
                 "method": self.method, "loss": self.loss, "n": self.samples,
                 "code": self.code.name, "duration_s": round(self.duration, 6)})
 
+    # The three below look the method's series up inline and call into _MethodSeries only
+    # the first time (to create them): a call runs them 6 times.
+
     def stage(self, name: str) -> _StageTimer:
         """Time a block as stage ``name`` (a context manager)."""
-        return _StageTimer(self._series.stage(name))
+        series = self._series
+        return _StageTimer(series.stages.get(name) or series.stage(name))
 
     def received(self, nbytes: int) -> None:
-        self._series.received(nbytes)
+        writers = self._series._received
+        if writers is None:
+            self._series.received(nbytes)
+            return
+        writers[0].inc(nbytes)
+        writers[1].observe(nbytes)
 
     def sent(self, nbytes: int) -> None:
-        self._series.sent(nbytes)
+        writer = self._series._sent
+        if writer is None:
+            self._series.sent(nbytes)
+            return
+        writer.inc(nbytes)
 
     def evaluated(self, loss: str, tag: str, per_sample: np.ndarray, mean: float,
                   weighted_mean: float | None, device_seconds: float | None) -> None:
