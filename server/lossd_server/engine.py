@@ -318,7 +318,8 @@ class Engine:
             integer = batch.targets.dtype in validate.INDEX_DTYPES
             target = self._to_device(batch.targets, torch.int64 if integer else dtype)
         inputs = {name: self._to_device(t, torch.int64 if spec.input_by_name[name].dtype == "int"
-                                        else dtype) for name, t in batch.inputs.items()}
+                                        else dtype) for name, t in batch.inputs.items()
+                  } if batch.inputs else {}
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
         ignore_index = _ignore_index(c, target, opts)

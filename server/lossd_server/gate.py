@@ -58,7 +58,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         self.waits = waits if waits is not None else MessageWaits(metrics=self.limits)
         self.tokens = tokens if tokens is not None and tokens.enabled else None
         self._draining = threading.Event()
-        self._idle = threading.Condition()
+        # Every call enters and exits under the plain lock (C-level, unlike a Condition's
+        # with-block); the Condition on it is notified only while wait_idle waits.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0
         self._in_flight = 0
         # method -> (grpc's handler, our wrapped one): wrapping builds closures and a new
         # handler, so it is done once per method, not once per call.
@@ -83,12 +87,16 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         """Wait until no call is in flight or ``timeout`` passed; True when idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._in_flight:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
-            return True
+            self._idle_waiters += 1
+            try:
+                while self._in_flight:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._idle.wait(left)
+                return True
+            finally:
+                self._idle_waiters -= 1
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           details: grpc.HandlerCallDetails) -> Any:
@@ -147,13 +155,13 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
     # -- tracked calls -------------------------------------------------------------------
 
     def _enter(self) -> None:
-        with self._idle:
+        with self._lock:
             self._in_flight += 1
 
     def _exit(self) -> None:
-        with self._idle:
+        with self._lock:
             self._in_flight -= 1
-            if not self._in_flight:
+            if not self._in_flight and self._idle_waiters:
                 self._idle.notify_all()
 
     def _open(self, handler: Any, method: str) -> Any:
