@@ -204,7 +204,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         waits, label = self.waits, LimitMetrics.method_label(method)
 
         def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-            wait = waits.call(label, context.peer(), _ender(context))
+            wait = waits.call(label, context.peer, _ender(context))
             if streaming_in:  # a stream that fails to parse midway raises in the servicer
                 return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
                            context)

@@ -180,11 +180,20 @@ class Wait:
 
     waits: MessageWaits
     method: str  # the metrics label (LimitMetrics.method_label)
-    peer: str  # the caller's address without its port: calls of one host count together
+    # gRPC's peer (``ipv4:1.2.3.4:5678``), or how to read it: only an eviction asks.
+    address: str | Callable[[], str]
     end: Ender
     since: float = 0.0  # when its current wait for a message began
     admitted: bool = False
     ended: Refused | None = None  # the status it was ended with
+
+    @property
+    def peer(self) -> str:
+        """The caller's address without its port: calls of one host count together."""
+        address = self.address
+        if callable(address):
+            address = self.address = address()
+        return address.rsplit(":", 1)[0]
 
 
 # The call this thread serves (grpcio runs each call in a contextvars context of its own),
@@ -240,10 +249,12 @@ class MessageWaits:
         """Unary calls now waiting for their request message."""
         return len(self._unary)
 
-    def call(self, method: str, peer: str, end: Ender) -> Wait:
+    def call(self, method: str, peer: str | Callable[[], str], end: Ender) -> Wait:
         """The :class:`Wait` of a call starting in this thread (see :func:`current_wait`).
-        ``peer`` is gRPC's (``ipv4:1.2.3.4:5678``); ``end`` cancels the call with a status."""
-        wait = Wait(self, method, peer.rsplit(":", 1)[0], end)
+        ``peer`` is gRPC's (``ipv4:1.2.3.4:5678``) or a function returning it (read only
+        when an eviction ranks hosts: most calls never need it); ``end`` cancels the call
+        with a status."""
+        wait = Wait(self, method, peer, end)
         _CURRENT.set(wait)
         return wait
 
