@@ -23,6 +23,7 @@ INVALID_ARGUMENT naming ``request`` (gRPC's own deserializer would answer INTERN
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -204,7 +205,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         waits, label = self.waits, LimitMetrics.method_label(method)
 
         def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-            wait = waits.call(label, context.peer, _ender(context))
+            wait = waits.call(label, context.peer, functools.partial(_end, context))
             if streaming_in:  # a stream that fails to parse midway raises in the servicer
                 return run((_parse(deserializer, raw) for raw in _messages(wait, received)),
                            context)
@@ -238,18 +239,16 @@ def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
             return
 
 
-def _ender(context: grpc.ServicerContext) -> Callable[[grpc.StatusCode, str], None]:
-    """How another thread ends ``context``'s call with a status: cancelling it wakes the
+def _end(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End ``context``'s call with a status from another thread: cancelling it wakes the
     thread waiting for its message. grpcio's ``context.cancel()`` takes no status; its
-    call object does (the caller then reads the status, not a bare CANCELLED)."""
+    call object does (the caller then reads the status, not a bare CANCELLED). Bound to
+    its context with ``functools.partial`` (no closure built per call)."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
-
-    def end(code: grpc.StatusCode, message: str) -> None:
-        if call is not None:
-            call.cancel(code.value[0], message)
-        else:
-            context.cancel()
-    return end
+    if call is not None:
+        call.cancel(code.value[0], message)
+    else:
+        context.cancel()
 
 
 def _unchanged(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -45,9 +45,10 @@ def loss(name: str) -> Loss:
     """The catalogue entry for ``name``."""
     if not name:
         raise RequestError("loss", f"missing; one of {', '.join(sorted(LOSSES))}")
-    if name not in LOSSES:
+    spec = LOSSES.get(name)
+    if spec is None:
         raise RequestError("loss", unknown_loss(name))
-    return LOSSES[name]
+    return spec
 
 
 def _typed(opt: Option, value: Any) -> Any:
