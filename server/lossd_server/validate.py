@@ -133,7 +133,8 @@ def batch(spec: Loss, predictions: Tensor, targets: Tensor | None, weights: Tens
         raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no elements")
 
     found = _targets(spec, predictions, targets, opts)
-    _inputs(spec, predictions, inputs or {})
+    if inputs or spec.inputs:  # (most losses take none, and most requests send none)
+        _inputs(spec, predictions, inputs or {})
     _tensor_options(spec, predictions, opts)
     if weights is not None:
         _weights(predictions.shape[0], weights, allow_zero_sum=allow_zero_weight_sum)
