@@ -276,7 +276,11 @@ class MessageWaits:
                       f" s while {self.max_receiving} calls waited for theirs "
                       "(--max-receiving); this call waited longest", "evicted")
         try:
-            return self._read(wait, read)
+            return read()
+        except grpc.RpcError:  # (read in place, not through a helper: one call per message)
+            if wait.ended is None:
+                raise  # the caller went away: gRPC's own error
+            raise wait.ended from None
         finally:
             with self._lock:
                 self._unary.pop(wait, None)
@@ -288,19 +292,14 @@ class MessageWaits:
         with self._lock:
             self._streams[wait] = None
         try:
-            return self._read(wait, read)
+            return read()
+        except grpc.RpcError:  # (read in place, not through a helper: one call per message)
+            if wait.ended is None:
+                raise  # the caller went away: gRPC's own error
+            raise wait.ended from None
         finally:
             with self._lock:
                 self._streams.pop(wait, None)
-
-    @staticmethod
-    def _read(wait: Wait, read: Callable[[], T]) -> T:
-        try:
-            return read()
-        except grpc.RpcError:
-            if wait.ended is None:
-                raise  # the caller went away: gRPC's own error
-        raise wait.ended from None
 
     def drain(self) -> None:
         """End every unary call still waiting for its request (UNAVAILABLE: the caller

@@ -301,7 +301,7 @@ def _inputs(spec: Loss, predictions: Tensor, inputs: Mapping[str, Tensor]) -> No
 
 
 def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:
-    for o in all_options(spec):
+    for o in spec.accepted_options:  # (all_options(spec), without the call)
         value = opts.get(o.name)
         if o.fits is not None and isinstance(value, Tensor):
             problem = o.fits(value, predictions)
