@@ -286,6 +286,11 @@ class Registry(Mapping[str, Loss]):
     def __getitem__(self, name: str) -> Loss:
         return self._losses[name]
 
+    def get(self, name: str, default: Loss | None = None) -> Loss | None:  # type: ignore[override]
+        """The loss called ``name``, or ``default`` (one dict lookup: Mapping.get's
+        ``self[name]`` and KeyError cost a call's decode two more Python frames)."""
+        return self._losses.get(name, default)
+
     def __contains__(self, name: object) -> bool:
         return name in self._losses
 

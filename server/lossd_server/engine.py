@@ -74,6 +74,10 @@ class Evaluation:
             self.per_sample.numpy())
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+"""Reusable (it holds no state): one fewer object and call per computation."""
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -312,7 +316,7 @@ class Engine:
         # have no version counters, which _call reads to catch in-place writes.
         with (torch.enable_grad() if wants_gradient
               else torch.no_grad() if torch.is_grad_enabled()
-              else contextlib.nullcontext()):
+              else _NO_CONTEXT):
             chunk = self._compute(c, staged, gradient=wants_gradient,
                                   still_wanted=still_wanted)
             if events is not None:
@@ -332,7 +336,8 @@ class Engine:
             integer = batch.targets.dtype in validate.INDEX_DTYPES
             target = self._to_device(batch.targets, torch.int64 if integer else dtype)
         inputs = {name: self._to_device(t, torch.int64 if spec.input_by_name[name].dtype == "int"
-                                        else dtype) for name, t in batch.inputs.items()}
+                                        else dtype) for name, t in batch.inputs.items()
+                  } if batch.inputs else {}
         opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
                 for name, value in c.options.items()}
         ignore_index = _ignore_index(c, target, opts)

@@ -23,6 +23,7 @@ INVALID_ARGUMENT naming ``request`` (gRPC's own deserializer would answer INTERN
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -41,12 +42,11 @@ from lossd_server.security import TokenStore
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = (health.SERVICE_NAME,)
+# Their methods' names: a registered method is "/<service>/<method>" (only those reach the
+# check, so a prefix test answers it without splitting the name per call).
+_OPEN_PREFIXES = tuple(f"/{service}/" for service in OPEN_SERVICES)
 
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _service(method: str) -> str:
-    return method.lstrip("/").split("/", 1)[0]
 
 
 class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -59,7 +59,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         self.waits = waits if waits is not None else MessageWaits(metrics=self.limits)
         self.tokens = tokens if tokens is not None and tokens.enabled else None
         self._draining = threading.Event()
-        self._idle = threading.Condition()
+        # Every call enters and exits under the plain lock (C-level, unlike a Condition's
+        # with-block); the Condition on it is notified only while wait_idle waits.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0
         self._in_flight = 0
         # method -> (grpc's handler, our wrapped one): wrapping builds closures and a new
         # handler, so it is done once per method, not once per call.
@@ -84,19 +88,23 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         """Wait until no call is in flight or ``timeout`` passed; True when idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._in_flight:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(left)
-            return True
+            self._idle_waiters += 1
+            try:
+                while self._in_flight:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._idle.wait(left)
+                return True
+            finally:
+                self._idle_waiters -= 1
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        if _service(details.method) in OPEN_SERVICES:
+        if details.method.startswith(_OPEN_PREFIXES):
             return self._cached(details.method, handler, self._open)
         if self.tokens is not None:
             problem = self.tokens.check(details.invocation_metadata)
@@ -147,14 +155,10 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
 
     # -- tracked calls -------------------------------------------------------------------
 
-    def _enter(self) -> None:
-        with self._idle:
-            self._in_flight += 1
-
     def _exit(self) -> None:
-        with self._idle:
+        with self._lock:
             self._in_flight -= 1
-            if not self._in_flight:
+            if not self._in_flight and self._idle_waiters:
                 self._idle.notify_all()
 
     def _open(self, handler: Any, method: str) -> Any:
@@ -164,7 +168,8 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
     def _tracked(self, handler: Any, method: str) -> Any:
         def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                self._enter()
+                with self._lock:  # (entering inline: one call fewer per call)
+                    self._in_flight += 1
                 try:
                     return behavior(request, context)
                 finally:
@@ -173,7 +178,8 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._enter()
+                with self._lock:  # (entering inline: one call fewer per call)
+                    self._in_flight += 1
                 try:
                     yield from behavior(request, context)
                 finally:
@@ -197,11 +203,11 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         waits, label = self.waits, LimitMetrics.method_label(method)
 
         def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-            wait = waits.call(label, context.peer(), _ender(context))
+            wait = waits.call(label, context.peer, functools.partial(_end, context))
             if streaming_in:  # a stream that fails to parse midway raises in the servicer
                 return run(_parsed(deserializer, _messages(wait, received)), context)
             try:
-                raw = waits.receive_first(wait, lambda: next(received))
+                raw = waits.receive_first(wait, received.__next__)
             except StopIteration:  # as grpcio answers a unary call without its message
                 context.abort(grpc.StatusCode.UNIMPLEMENTED,
                               f'"{method}" requires exactly one request message.')
@@ -225,7 +231,7 @@ def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
     waits = wait.waits
     while True:
         try:
-            yield waits.receive_next(wait, lambda: next(received))
+            yield waits.receive_next(wait, received.__next__)
         except StopIteration:
             return
 
@@ -233,8 +239,8 @@ def _messages(wait: Wait, received: Iterator[bytes]) -> Iterator[bytes]:
 def _parsed(deserializer: Callable[[bytes], Any] | None, messages: Iterator[bytes]
             ) -> Iterator[Any]:
     """A stream's messages parsed, none of them held while the next is awaited: an idle
-    stream must not pin its last message (issue 19, item 2), nor the freed memory a large
-    one leaves (:func:`limits.release_freed_soon`)."""
+    stream must not pin its last message, nor the freed memory a large one leaves
+    (:func:`limits.release_freed_soon`)."""
     for raw in messages:
         yield _parse(deserializer, raw)
         if len(raw) >= limits.TRIM_BYTES:
@@ -242,18 +248,16 @@ def _parsed(deserializer: Callable[[bytes], Any] | None, messages: Iterator[byte
         del raw
 
 
-def _ender(context: grpc.ServicerContext) -> Callable[[grpc.StatusCode, str], None]:
-    """How another thread ends ``context``'s call with a status: cancelling it wakes the
+def _end(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End ``context``'s call with a status from another thread: cancelling it wakes the
     thread waiting for its message. grpcio's ``context.cancel()`` takes no status; its
-    call object does (the caller then reads the status, not a bare CANCELLED)."""
+    call object does (the caller then reads the status, not a bare CANCELLED). Bound to
+    its context with ``functools.partial`` (no closure built per call)."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
-
-    def end(code: grpc.StatusCode, message: str) -> None:
-        if call is not None:
-            call.cancel(code.value[0], message)
-        else:
-            context.cancel()
-    return end
+    if call is not None:
+        call.cancel(code.value[0], message)
+    else:
+        context.cancel()
 
 
 def _unchanged(behavior: Callable[..., Any]) -> Callable[..., Any]:

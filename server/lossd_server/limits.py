@@ -183,11 +183,20 @@ class Wait:
 
     waits: MessageWaits
     method: str  # the metrics label (LimitMetrics.method_label)
-    peer: str  # the caller's address without its port: calls of one host count together
+    # gRPC's peer (``ipv4:1.2.3.4:5678``), or how to read it: only an eviction asks.
+    address: str | Callable[[], str]
     end: Ender
     since: float = 0.0  # when its current wait for a message began
     admitted: bool = False
     ended: Refused | None = None  # the status it was ended with
+
+    @property
+    def peer(self) -> str:
+        """The caller's address without its port: calls of one host count together."""
+        address = self.address
+        if callable(address):
+            address = self.address = address()
+        return address.rsplit(":", 1)[0]
 
 
 # The call this thread serves (grpcio runs each call in a contextvars context of its own),
@@ -243,10 +252,12 @@ class MessageWaits:
         """Unary calls now waiting for their request message."""
         return len(self._unary)
 
-    def call(self, method: str, peer: str, end: Ender) -> Wait:
+    def call(self, method: str, peer: str | Callable[[], str], end: Ender) -> Wait:
         """The :class:`Wait` of a call starting in this thread (see :func:`current_wait`).
-        ``peer`` is gRPC's (``ipv4:1.2.3.4:5678``); ``end`` cancels the call with a status."""
-        wait = Wait(self, method, peer.rsplit(":", 1)[0], end)
+        ``peer`` is gRPC's (``ipv4:1.2.3.4:5678``) or a function returning it (read only
+        when an eviction ranks hosts: most calls never need it); ``end`` cancels the call
+        with a status."""
+        wait = Wait(self, method, peer, end)
         _CURRENT.set(wait)
         return wait
 
@@ -268,7 +279,11 @@ class MessageWaits:
                       f" s while {self.max_receiving} calls waited for theirs "
                       "(--max-receiving); this call waited longest", "evicted")
         try:
-            return self._read(wait, read)
+            return read()
+        except grpc.RpcError:  # (read in place, not through a helper: one call per message)
+            if wait.ended is None:
+                raise  # the caller went away: gRPC's own error
+            raise wait.ended from None
         finally:
             with self._lock:
                 self._unary.pop(wait, None)
@@ -280,19 +295,14 @@ class MessageWaits:
         with self._lock:
             self._streams[wait] = None
         try:
-            return self._read(wait, read)
+            return read()
+        except grpc.RpcError:  # (read in place, not through a helper: one call per message)
+            if wait.ended is None:
+                raise  # the caller went away: gRPC's own error
+            raise wait.ended from None
         finally:
             with self._lock:
                 self._streams.pop(wait, None)
-
-    @staticmethod
-    def _read(wait: Wait, read: Callable[[], T]) -> T:
-        try:
-            return read()
-        except grpc.RpcError:
-            if wait.ended is None:
-                raise  # the caller went away: gRPC's own error
-        raise wait.ended from None
 
     def drain(self) -> None:
         """End every unary call still waiting for its request (UNAVAILABLE: the caller
@@ -424,7 +434,7 @@ class Admission:
         self._door = threading.Condition(self._lock)  # notified when a stream ends
         # When each slot now held was taken (perf_counter -> how many at that instant), for
         # the watchdog: a slot held past a bound is stuck work (lossd_server.watchdog).
-        self._held: collections.Counter[float] = collections.Counter()
+        self._held: dict[float, int] = {}
         # Exponentially weighted mean of how long a slot is held, for the retry-after hint.
         self._hold = 0.05
         self._shown = (0, 0)  # the gauges' values (waiting, running): written on change
@@ -463,11 +473,7 @@ class Admission:
     def acquire(self, call: CallState | None = None, *, admitted: bool = False) -> float:
         """Take a slot (waiting in line for one); returns when it was taken, for
         :meth:`release`. Raises :class:`Refused` as ``slot`` does."""
-        self._acquire(call or CallState(), admitted)
-        acquired = time.perf_counter()
-        with self._lock:
-            self._held[acquired] += 1
-        return acquired
+        return self._acquire(call or CallState(), admitted)
 
     def release(self, acquired: float) -> None:
         """Give back a slot taken by :meth:`acquire` at ``acquired``."""
@@ -482,12 +488,12 @@ class Admission:
             f"{self.max_waiting}); retry after {math.ceil(hint * 1000)} ms",
             reason="queue_full", trailers=retry_after(hint))
 
-    def _acquire(self, call: CallState, admitted: bool) -> None:
+    def _acquire(self, call: CallState, admitted: bool) -> float:
         with self._lock:
             if self._free > 0 and not self._queue:
                 self._free -= 1
                 self._gauges()
-                return
+                return self._held_from_now()
             if not admitted and len(self._queue) >= self.max_waiting:
                 raise self._busy()
             waiter = _Waiter()
@@ -500,7 +506,7 @@ class Admission:
             waiter.event.wait(timeout)
             with self._lock:
                 if waiter.granted:
-                    return
+                    return self._held_from_now()
                 try:
                     call.check("while waiting for a compute slot")
                 except Refused:
@@ -508,11 +514,17 @@ class Admission:
                     self._gauges()
                     raise
 
+    def _held_from_now(self) -> float:
+        """Note a slot taken now (under the lock, where it was taken); returns when."""
+        acquired = time.perf_counter()
+        self._held[acquired] = self._held.get(acquired, 0) + 1
+        return acquired
+
     def _release(self, acquired: float, held: float) -> None:
         with self._lock:
-            self._held[acquired] -= 1
-            if self._held[acquired] <= 0:
-                del self._held[acquired]
+            count = self._held.pop(acquired, 1) - 1
+            if count > 0:
+                self._held[acquired] = count
             self._hold = 0.8 * self._hold + 0.2 * held
             if self._queue:
                 waiter = self._queue.popleft()  # the slot passes straight to it

@@ -87,7 +87,7 @@ def decode_request(req: pb.EvaluateRequest, view: wire.SharedMemoryView | None =
         gradient=wire.decode_reduction(req.gradient),
         analyses=wire.decode_analyses(req),
         inputs={name: wire.decode_tensor(t, f"inputs.{name}", view, claim, private=True)
-                for name, t in req.inputs.items()},
+                for name, t in req.inputs.items()} if req.inputs else {},
         sample_ids=(wire.decode_tensor(req.sample_ids, "sample_ids", view, claim, private=True)
                     if req.HasField("sample_ids") else None),
     )

@@ -45,9 +45,10 @@ def loss(name: str) -> Loss:
     """The catalogue entry for ``name``."""
     if not name:
         raise RequestError("loss", f"missing; one of {', '.join(sorted(LOSSES))}")
-    if name not in LOSSES:
+    spec = LOSSES.get(name)
+    if spec is None:
         raise RequestError("loss", unknown_loss(name))
-    return LOSSES[name]
+    return spec
 
 
 def _typed(opt: Option, value: Any) -> Any:
@@ -132,7 +133,8 @@ def batch(spec: Loss, predictions: Tensor, targets: Tensor | None, weights: Tens
         raise RequestError("predictions", f"shape {shape_str(predictions.shape)} has no elements")
 
     found = _targets(spec, predictions, targets, opts)
-    _inputs(spec, predictions, inputs or {})
+    if inputs or spec.inputs:  # (most losses take none, and most requests send none)
+        _inputs(spec, predictions, inputs or {})
     _tensor_options(spec, predictions, opts)
     if weights is not None:
         _weights(predictions.shape[0], weights, allow_zero_sum=allow_zero_weight_sum)
@@ -299,7 +301,7 @@ def _inputs(spec: Loss, predictions: Tensor, inputs: Mapping[str, Tensor]) -> No
 
 
 def _tensor_options(spec: Loss, predictions: Tensor, opts: Mapping[str, Any]) -> None:
-    for o in all_options(spec):
+    for o in spec.accepted_options:  # (all_options(spec), without the call)
         value = opts.get(o.name)
         if o.fits is not None and isinstance(value, Tensor):
             problem = o.fits(value, predictions)
