@@ -705,7 +705,7 @@ def release_freed_soon() -> None:
     The server keeps freed memory for reuse (``serve.host.tune_allocator``), and the small
     objects a call leaves live between its large blocks split the free ones: each stream
     that sent a large message and then idles would pin most of a payload's worth of freed,
-    unusable pages (issue 19, item 2). The trim returns every free page, wherever it lies.
+    unusable pages. The trim returns every free page, wherever it lies.
     """
     global _trim_last, _trim_pending
     with _trim_lock:
