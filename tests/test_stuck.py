@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -203,13 +204,14 @@ def test_a_sigkilled_supervisor_leaves_no_worker_no_port_and_no_files(tmp_path: 
     with ServeProcess("--processes", "2", "--grace-seconds", "2",
                       env={"TMPDIR": str(temp)}) as pod:
         evaluate_on_fresh_channels(pod.address, channels=2, calls=1)
-        workers = list(worker_pids(pod).values())
-        assert len(workers) == 2 and os.listdir(temp)
+        assert len(worker_pids(pod)) == 2 and os.listdir(temp)
+        # Every process of the pod, a worker the supervisor replaced under load included.
+        workers = [c.pid for c in psutil.Process(pod.proc.pid).children(recursive=True)]
         pod.signal(signal.SIGKILL)
-        killed = time.monotonic()
         pod.wait(10)
         wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=2 + 5)
-        wait_for(lambda: not os.listdir(temp), timeout=max(1.0, killed + 7 - time.monotonic()))
+        # Each process removes what it made before it exits; what is left now stays.
+        wait_for(lambda: not os.listdir(temp), timeout=2.0)
         with socket.socket() as s:  # no SO_REUSEPORT: free only if no one holds it
             s.bind(("127.0.0.1", pod.port))
 
