@@ -689,7 +689,8 @@ def sandbox() -> Iterator[None]:
     pytest.param("gpu", id="gpu-overlay", marks=pytest.mark.gpu),
     pytest.param("plugin", id="plugin-overlay")])
 def test_server_runs_non_root_on_read_only_root(
-        sandbox: None, overlay: str, rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+        sandbox: None, overlay: str, rendered: dict[str, list[Obj]], tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
     """What the image and the pod promise, without a container engine: in a private mount
     namespace the whole root is read-only and /tmp a fresh tmpfs; `lossd serve` runs as
     UID 10001 with the image's ENV overlaid by the overlay's ConfigMap (as envFrom does),
@@ -702,8 +703,14 @@ def test_server_runs_non_root_on_read_only_root(
     image = "cuda" if overlay == "gpu" else "cpu"
     env = image_env(image)
     env.update(config(rendered[overlay]))
-    if overlay == "plugin" and not _has_cuda():
-        env["LOSSD_DEVICE"] = "cpu"  # what is checked here is the plugin loading, not CUDA
+    # The plugin image pip-installs the example plugin into its own site directory; here
+    # it is copied onto the sandbox's /run (the test's /tmp is hidden) and put on the path.
+    plugin_site = ""
+    if overlay == "plugin":
+        plugin_site = str(request.getfixturevalue("example_plugin_dir"))
+        env["PYTHONPATH"] = "/run/lossd-plugins"
+        if not _has_cuda():
+            env["LOSSD_DEVICE"] = "cpu"  # what is checked here is the plugin loading, not CUDA
     port, metrics_port = free_port(), free_port()
     env.update({"LOSSD_PORT": str(port), "LOSSD_METRICS_PORT": str(metrics_port),
                 "LOSSD_GRACE_SECONDS": "5",
@@ -720,10 +727,14 @@ def test_server_runs_non_root_on_read_only_root(
     script = textwrap.dedent(f"""\
         set -u
         mount --bind / / && mount -o remount,bind,ro / || exit 90
-        mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp || exit 91
         # The lossd-run emptyDir (LOSSD_SHM_SOCKET_DIR), group-owned as fsGroup makes it.
-        mount -t tmpfs -o size=1m,mode=0755 tmpfs /run || exit 91
+        mount -t tmpfs -o size=4m,mode=0755 tmpfs /run || exit 91
         mkdir -m 2770 /run/lossd && chown {UID}:{UID} /run/lossd || exit 91
+        if [ -n {shlex.quote(plugin_site)} ]; then
+            cp -r {shlex.quote(plugin_site) or "/nonexistent"} /run/lossd-plugins || exit 92
+            chmod -R a+rX /run/lossd-plugins
+        fi
+        mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp || exit 91
         cd /
         {as_uid} env -i {env_args} lossd serve >/tmp/.server.log 2>&1 &
         pid=$!
