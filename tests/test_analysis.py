@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lossd import InvalidArgument, LossClient, LossResult
+from lossd import InvalidArgument, LossClient, LossResult, state
 from lossd_server import analysis
 from lossd_server.app import LossdServer
 
@@ -349,7 +349,7 @@ def test_grouped_sums_merge_exactly_past_the_bucket_bound(monkeypatch: pytest.Mo
                                                           ) -> None:
     from lossd_server import reduce
 
-    monkeypatch.setattr(reduce, "_MAX_PIECES", 3)  # renormalise all the time
+    monkeypatch.setattr(state, "_MAX_PIECES", 3)  # renormalise all the time
     rng = np.random.default_rng(9)
     g = rng.integers(0, 4, 500)
     v = rng.standard_normal(500) * 10.0 ** rng.integers(-20, 20, 500)
@@ -378,7 +378,7 @@ def test_grouped_sums_match_aggregate(values: list[float], cut: int) -> None:
 
 def test_sketch_collapses_lowest_buckets_split_independently(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(analysis, "SKETCH_BUCKETS", 50)
+    monkeypatch.setattr(state, "SKETCH_BUCKETS", 50)
     rng = np.random.default_rng(10)
     # 2000 losses spread over 25 decades, 1000 in [1, 1.2) (26 buckets): the high ones stay.
     v = rng.permutation(np.r_[10.0 ** rng.uniform(-30, -5, 2000), rng.uniform(1, 1.2, 1000)])

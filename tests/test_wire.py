@@ -22,7 +22,6 @@ from lossd._wire import (
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import wire
 from lossd_server.errors import MalformedMessage, RequestError
-from lossd_server.reduce import Aggregate
 
 TORCH_BY_NAME = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -221,25 +220,6 @@ def test_encode_tensor() -> None:
     msg = wire.encode_tensor(t)
     assert msg.dtype == pb.FLOAT32 and list(msg.shape) == [4, 3]
     assert np.array_equal(tensor_to_numpy(msg), t.numpy())
-
-
-def test_encode_aggregate() -> None:
-    out = pb.Aggregates()
-    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0, 3.0]), None,
-                                             ignored=np.array([False, False])), out)
-    assert (out.sum, out.mean, out.count, out.ignored, out.omitted) == (4.0, 2.0, 2, 0, 0)
-    assert not out.HasField("weighted_sum") and not out.HasField("weighted_mean")
-    assert not out.HasField("weight_sum")
-    out = pb.Aggregates()
-    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0, 3.0, 5.0]), np.array([1.0, 0.0, 2.0]),
-                                             omitted=np.array([False, False, True])), out)
-    assert (out.count, out.omitted, out.sum) == (2, 1, 4.0)
-    assert (out.weighted_sum, out.weight_sum, out.weighted_mean) == (1.0, 1.0, 1.0)
-    empty = pb.Aggregates()
-    wire.encode_aggregate(Aggregate.of_batch(np.array([1.0]), np.array([0.0]),
-                                             ignored=np.array([True])), empty)
-    assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.weighted_mean)
-    assert empty.HasField("weight_sum") and empty.weight_sum == 0.0
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (32, 10), (127, 128), (0, 1 << 40),

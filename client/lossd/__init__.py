@@ -46,6 +46,7 @@ from lossd._result import (
     Quantiles,
 )
 from lossd._shm import SharedMemory
+from lossd.state import MergeError, load_result, merge
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,7 @@ __all__ = [
     "LossInfo",
     "LossResult",
     "LossdError",
+    "MergeError",
     "NotFound",
     "OptionInfo",
     "PerClass",
@@ -80,4 +82,6 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "__version__",
+    "load_result",
+    "merge",
 ]

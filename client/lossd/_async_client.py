@@ -112,12 +112,13 @@ class AsyncLossClient:
                        top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                        hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                        class_names: Sequence[str] | None = None, sample_ids: Any = None,
+                       mergeable: bool = False,
                        **options: Any) -> LossResult:
         """As :meth:`LossClient.evaluate`."""
         names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles)
+                                   quantiles=quantiles, mergeable=mergeable)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
                                     self._requests.options(options), gradient,
                                     analyses=analyses, inputs=inputs, sample_ids=sample_ids)
@@ -144,13 +145,15 @@ class AsyncLossClient:
                               quantiles: bool | Iterable[float] | None = None,
                               class_names: Sequence[str] | None = None,
                               hardest_batches: int = 0,
-                              **options: Any) -> AsyncIterator[LossResult]:
+                              mergeable: bool = True, **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
         names = class_names_of(class_names)
         joiner = BatchJoiner()
+        last: LossResult | None = None
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles, hardest_batches=hardest_batches)
+                                   quantiles=quantiles, hardest_batches=hardest_batches,
+                                   mergeable=mergeable)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, metadata=self._metadata,
@@ -161,7 +164,8 @@ class AsyncLossClient:
                 if guard.error is not None:
                     break
                 if (result := joiner.received(reply)) is not None:
-                    yield result.with_class_names(names)
+                    last = result.with_class_names(names)
+                    yield last
         except grpc.RpcError as exc:
             if guard.error is None:
                 raise self._error(exc) from exc
@@ -170,6 +174,7 @@ class AsyncLossClient:
             if guard.error is None:
                 raise
         guard.raise_error()
+        joiner.settle(last)
 
     async def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                            tag: str | None = None, timeout: float | None = None,
@@ -177,14 +182,15 @@ class AsyncLossClient:
                            top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                            hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                            class_names: Sequence[str] | None = None,
-                           hardest_batches: int = 0, **options: Any) -> Aggregates:
+                           hardest_batches: int = 0, mergeable: bool = True,
+                           **options: Any) -> Aggregates:
         """As :meth:`LossClient.evaluate_all`."""
         running = None
         async for result in self.evaluate_stream(
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
                 quantiles=quantiles, class_names=class_names,
-                hardest_batches=hardest_batches, **options):
+                hardest_batches=hardest_batches, mergeable=mergeable, **options):
             running = result.running
         if running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")

@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
 
+    ev.add_argument("--save", metavar="RESULT.lossd",
+                    help="save the stream's result (exact state) for `lossd merge`")
+    mg = sub.add_parser("merge", help="merge results saved by `lossd eval --save` (shards)",
+                        description="Merge results of disjoint parts of one data set (saved by "
+                        "`lossd eval --save` or result.save) into the result of one stream "
+                        "over all of them, exactly. No server needed.",
+                        formatter_class=HelpFormatter)
+    mg.add_argument("results", nargs="+", metavar="RESULT.lossd", help="saved results, in order")
+    mg.add_argument("--report", metavar="REPORT.html", help="write an HTML report of the merge")
+    mg.add_argument("--json", metavar="OUT.json", help="write the merged result as JSON")
     ls = sub.add_parser("losses", help="print a server's loss catalogue",
                         formatter_class=HelpFormatter)
     ls.add_argument("--target", default="127.0.0.1:50051", help="server address (gRPC target)")
@@ -200,12 +210,14 @@ def _run(argv: Sequence[str] | None) -> int:
         return int(run(args))
     if args.command == "losses":
         return _losses(args.target)
+    if args.command == "merge":
+        return _eval.merge(paths=args.results, report=args.report, json_out=args.json)
     return _eval.run(target=args.target, loss=args.loss, predictions=args.predictions,
                      targets=args.targets, weights=args.weights, inputs=args.input,
                      batch_size=args.batch_size,
                      out=args.out, top=args.top, tag=args.tag, options=args.option,
                      timeout=args.timeout, progress=args.progress, report=args.report,
-                     class_names=args.class_names)
+                     class_names=args.class_names, save=args.save)
 
 
 if __name__ == "__main__":

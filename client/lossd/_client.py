@@ -147,6 +147,7 @@ class LossClient:
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
                  class_names: Sequence[str] | None = None, sample_ids: Any = None,
+                 mergeable: bool = False,
                  **options: Any) -> LossResult:
         """Per-sample losses and aggregates of one batch, and the analyses asked for.
 
@@ -178,7 +179,7 @@ class LossClient:
         names = class_names_of(class_names)
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles)
+                                   quantiles=quantiles, mergeable=mergeable)
         reqs = self._requests.build(loss, predictions, targets, weights, tag,
                                     self._requests.options(options), gradient,
                                     analyses=analyses, inputs=inputs, sample_ids=sample_ids)
@@ -200,7 +201,7 @@ class LossClient:
                         top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                         hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                         class_names: Sequence[str] | None = None, hardest_batches: int = 0,
-                        **options: Any) -> Iterator[LossResult]:
+                        mergeable: bool = True, **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
         Each batch is a :class:`lossd.Batch` (``Batch(predictions, targets, weights=None,
@@ -222,9 +223,11 @@ class LossClient:
         """
         names = class_names_of(class_names)
         joiner = BatchJoiner()
+        last: LossResult | None = None
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles, hardest_batches=hardest_batches)
+                                   quantiles=quantiles, hardest_batches=hardest_batches,
+                                   mergeable=mergeable)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, timeout=self._stream_timeout(timeout))
@@ -234,11 +237,13 @@ class LossClient:
                 if guard.error is not None:
                     break
                 if (result := joiner.received(reply)) is not None:
-                    yield result.with_class_names(names)
+                    last = result.with_class_names(names)
+                    yield last
         except grpc.RpcError as exc:
             if guard.error is None:
                 raise self._error(exc) from exc
         guard.raise_error()
+        joiner.settle(last)
 
     def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                      tag: str | None = None, timeout: float | None = None,
@@ -246,7 +251,7 @@ class LossClient:
                      top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                      hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                      class_names: Sequence[str] | None = None, hardest_batches: int = 0,
-                     **options: Any) -> Aggregates:
+                     mergeable: bool = True, **options: Any) -> Aggregates:
         """The aggregates and analyses over every batch of a stream, without iterating it:
         :meth:`evaluate_stream`'s last ``result.running`` (the per-batch results are not
         kept). The same arguments; no batches at all is a ValueError (nothing to report).
@@ -263,7 +268,7 @@ class LossClient:
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
                 quantiles=quantiles, class_names=class_names,
-                hardest_batches=hardest_batches, **options):
+                hardest_batches=hardest_batches, mergeable=mergeable, **options):
             running = result.running
         if running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")

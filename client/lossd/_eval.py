@@ -1,4 +1,5 @@
-"""``lossd eval``: stream .npy/.pt/.safetensors files through EvaluateStream.
+"""``lossd eval``: stream .npy/.pt/.safetensors files through EvaluateStream; and
+``lossd merge``: merge the results such runs saved (``--save``), one per shard.
 
 Exit codes (also in ``lossd eval --help``): 0 done; 1 the server rejected the input
 (e.g. a class index out of range); 2 usage or local input error (missing file, shape
@@ -8,6 +9,7 @@ mismatch, unknown format); 3 the server could not be reached or timed out.
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +23,8 @@ from lossd import _report
 from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError, Unavailable
 from lossd._result import Aggregates, Hardest, class_names_of
+from lossd.state import MergeError, load_result
+from lossd.state import merge as merge_results
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -227,7 +231,7 @@ REPORT_HARDEST = 20
 def run(*, target: str, loss: str, predictions: str, targets: str | None, weights: str | None,
         batch_size: int, out: str | None, top: int, tag: str | None, options: Sequence[str],
         timeout: float | None, progress: bool | None, report: str | None = None,
-        inputs: Sequence[str] = (), class_names: str | None = None,
+        inputs: Sequence[str] = (), class_names: str | None = None, save: str | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """The body of ``lossd eval``; returns the exit code.
 
@@ -238,7 +242,8 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     per-class breakdown, accuracy (top-1 and top-5) and calibration. ``inputs``: the loss's
     extra tensors, ``name=FILE`` each; ``targets`` None for a loss without targets.
     ``class_names``: ``--class-names`` (a comma list or a file), naming the classes in the
-    hardest samples and the report.
+    hardest samples and the report. ``save``: write the stream's result there (its exact
+    state; ``lossd merge`` combines such shards).
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -263,7 +268,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
             raise InputError("--batch-size must be at least 1")
         if top < 0:
             raise InputError("--top must be at least 0")
-        for path in (out, report):
+        for path in (out, report, save):
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         if report:
@@ -314,6 +319,9 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
         except InputError as exc:
             print(f"lossd eval: {exc}", file=stderr)
             return EXIT_USAGE
+    if save:
+        running.save(save)
+        print(f"\nsaved: {save} (merge shards with `lossd merge`)", file=stdout)
     if report:
         page = _report.render(loss=loss, aggregates=running, losses=losses, options=opts,
                               sources={"predictions": predictions,
@@ -321,6 +329,46 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
                                        **({"weights": weights} if weights else {}),
                                        **dict(map(parse_input, inputs))},
                               target=target, samples=n)
+        Path(report).write_text(page, encoding="utf-8")
+        print(f"\nreport: {report}", file=stdout)
+    return EXIT_OK
+
+
+def merge(*, paths: Sequence[str], report: str | None = None, json_out: str | None = None,
+          stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """The body of ``lossd merge``: the results saved at ``paths`` (``lossd eval --save``,
+    ``result.save``), merged in order and printed as ``lossd eval`` prints a stream's;
+    ``report``: an HTML report of the merge; ``json_out``: its ``to_dict()`` as JSON."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        if report:
+            _report.check()
+        parts = [load_result(p) for p in paths]
+        merged = merge_results(parts)
+    except (OSError, MergeError, _report.ReportError) as exc:
+        what = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else exc
+        print(f"lossd merge: {what}", file=stderr)
+        return EXIT_USAGE
+    assert merged.state is not None
+    loss = merged.state.loss
+    print(format_aggregates(loss, merged), file=stdout)
+    print(f"\nmerged {len(parts)} results: {merged.state.samples} samples, "
+          f"{merged.state.batches} batches", file=stdout)
+    if merged.hardest is not None:
+        print("\n" + format_hardest(merged.hardest), file=stdout)
+    for path in (json_out, report):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(merged.to_dict(), default=str) + "\n",
+                                  encoding="utf-8")
+        print(f"\njson: {json_out}", file=stdout)
+    if report:
+        options = dict(line.split("=", 1) for line in merged.state.options.splitlines())
+        page = _report.render(loss=loss, aggregates=merged, losses=None, options=options,
+                              sources={"merged": ", ".join(paths)}, target="",
+                              samples=merged.state.samples)
         Path(report).write_text(page, encoding="utf-8")
         print(f"\nreport: {report}", file=stdout)
     return EXIT_OK

@@ -189,17 +189,18 @@ def reliability_plot(figure: Any, a: Aggregates) -> str:
     return _png(fig)
 
 
-def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray,
+def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray | None,
            options: Mapping[str, Any], sources: Mapping[str, str], target: str,
            samples: int) -> str:
     """The report's HTML. ``aggregates``: the stream's running aggregates and analyses;
-    ``losses``: every per-sample loss (for the histogram)."""
+    ``losses``: every per-sample loss (for the histogram; None where they were not kept,
+    as in a merge of saved results: the quantiles stand for the distribution)."""
     figure = _matplotlib()
     a = aggregates
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<h1>lossd evaluation: {html.escape(loss)}</h1>",
              f'<p class="meta">{html.escape(", ".join(f"{k}: {v}" for k, v in sources.items()))}'
-             f" · server {html.escape(target)} · {when}"
+             + (f" · server {html.escape(target)}" if target else "") + f" · {when}"
              + (f" · options {html.escape(', '.join(f'{k}={v}' for k, v in options.items()))}"
                 if options else "") + "</p>"]
 
@@ -224,8 +225,12 @@ def render(*, loss: str, aggregates: Aggregates, losses: np.ndarray,
     rows += [("ignored", a.ignored), ("omitted", a.omitted)]
     parts += ["<h2>Summary</h2>", _table(["aggregate", "value"], rows)]
 
-    parts += ["<h2>Loss distribution</h2>", _img(loss_histogram(figure, losses, a),
-                                                   "loss histogram")]
+    parts.append("<h2>Loss distribution</h2>")
+    if losses is not None:
+        parts.append(_img(loss_histogram(figure, losses, a), "loss histogram"))
+    else:
+        parts.append('<p class="note">Per-sample losses are not kept in a merged result; '
+                     "the quantiles below describe their distribution.</p>")
     if a.quantiles is not None:
         q = a.quantiles
         qrows = [*[(f"q{level:g}", value) for level, value in q.items()],

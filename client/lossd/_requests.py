@@ -21,6 +21,8 @@ import numpy as np
 from lossd._errors import InvalidArgument
 from lossd._result import LossResult
 from lossd._wire import as_array, encode_with_tensors, option_value
+from lossd.state import State
+from lossd.state import from_proto as state_from_proto
 from lossd.v1 import loss_service_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -165,11 +167,12 @@ DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
 def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
                     top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                     hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
-                    hardest_batches: int = 0) -> dict[str, Any]:
+                    hardest_batches: int = 0, mergeable: bool = False) -> dict[str, Any]:
     """The EvaluateRequest analysis fields for the clients' keyword arguments.
 
     ``top_k``: a k or several; ``quantiles``: True for (0.5, 0.9, 0.99), or the levels;
-    ``hardest_batches`` (streams only): K batches of the largest mean loss.
+    ``hardest_batches`` (streams only): K batches of the largest mean loss; ``mergeable``:
+    the result carries its exact state (``Aggregates.state``, for :func:`lossd.merge`).
 
     >>> analysis_fields(top_k=5, quantiles=True)
     {'top_k': [5], 'quantiles': [0.5, 0.9, 0.99]}
@@ -199,14 +202,29 @@ def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
         out["quantiles"] = list(DEFAULT_QUANTILES)
     elif quantiles:
         out["quantiles"] = [float(q) for q in quantiles]
+    if mergeable:
+        out["mergeable"] = True
     return out
+
+
+def is_state_only(reply: pb.EvaluateResponse) -> bool:
+    """Whether ``reply`` is a mergeable stream's last message: its state alone, after the
+    answers to its batches."""
+    return reply.HasField("state") and not reply.HasField("per_sample")
 
 
 def joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
     """One batch's result from the replies to its messages (several when it was split):
     the last reply's aggregates and analyses cover the whole batch; per-sample arrays are
-    joined."""
+    joined. A split batch asked ``mergeable`` ends with its state alone: it becomes the
+    result's ``aggregates.state``."""
+    state = None
+    if len(replies) > 1 and is_state_only(replies[-1]):
+        state, replies = state_from_proto(replies[-1].state), replies[:-1]
     last = LossResult.from_proto(replies[-1])
+    if state is not None:
+        last = dataclasses.replace(
+            last, aggregates=dataclasses.replace(last.aggregates, state=state))
     if len(replies) == 1:
         return last if running else dataclasses.replace(last, running=None)
     parts = [LossResult.from_proto(r) for r in replies[:-1]] + [last]
@@ -319,6 +337,8 @@ class BatchJoiner:
         # Per batch sent and not yet answered: its message count and its sample ids.
         self._chunks: collections.deque[tuple[int, Any]] = collections.deque()
         self._replies: list[pb.EvaluateResponse] = []
+        self.state: State | None = None
+        """The stream's exact state, from its last message (a mergeable stream)."""
 
     def requests(self, builder: Requests, batches: Iterable[BatchLike], loss: str,
                  tag: str | None, options: dict[str, pb.OptionValue],
@@ -333,8 +353,17 @@ class BatchJoiner:
             self._chunks.append((len(built), b.sample_ids))
             yield from built
 
+    def settle(self, last: LossResult | None) -> None:
+        """Give the stream's last result its exact state (``last.running.state``): the
+        state comes in the stream's final message, after that result was handed out."""
+        if self.state is not None and last is not None and last.running is not None:
+            object.__setattr__(last.running, "state", self.state)  # frozen, but not yet read
+
     def received(self, reply: pb.EvaluateResponse) -> LossResult | None:
         """The batch's result once its last reply is in, else None."""
+        if not self._chunks and is_state_only(reply):
+            self.state = state_from_proto(reply.state)
+            return None
         self._replies.append(reply)
         count, sample_ids = self._chunks[0]
         if len(self._replies) < count:

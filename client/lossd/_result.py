@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -21,6 +23,13 @@ from lossd.v1 import loss_service_pb2 as pb
 
 if TYPE_CHECKING:
     import pandas
+
+    from lossd.state import State
+
+SAVED_MAGIC = b"lossd-result\n"
+"""The first line of a saved result (:meth:`Aggregates.to_bytes`)."""
+SAVED_FORMAT = 1
+"""The saved-result format this lossd writes and reads (``SavedResult.format``)."""
 
 
 def _pandas() -> Any:
@@ -506,6 +515,9 @@ class Aggregates:
     hardest: Hardest | None = None
     quantiles: Quantiles | None = None
     hardest_batches: HardestBatches | None = None
+    state: State | None = field(default=None, repr=False, compare=False)
+    """The exact state these figures derive from (asked with ``mergeable``): what
+    :func:`lossd.merge`, :meth:`save` and :func:`lossd.distributed.gather` use."""
 
     @classmethod
     def from_proto(cls, a: pb.Aggregates, analysis: pb.Analysis | None = None) -> Aggregates:
@@ -557,6 +569,50 @@ class Aggregates:
         """Expected calibration error (with ``diagnostics``), else None."""
         return None if self.calibration is None else self.calibration.ece
 
+    def to_bytes(self) -> bytes:
+        """These aggregates in lossd's saved-result format (docs/training.md, "Saved
+        results"): the line ``lossd-result``, then a versioned ``lossd.v1.SavedResult``
+        message; not pickle. Needs :attr:`state` (evaluate with ``mergeable=True``)."""
+        from lossd import __version__
+        from lossd.state import to_proto
+
+        state = _needs_state(self)
+        saved = pb.SavedResult(format=SAVED_FORMAT, lossd_version=__version__)
+        to_proto(state, saved.state)
+        names = _class_names(self)
+        if names is not None:
+            saved.class_names.extend(names)
+        return SAVED_MAGIC + saved.SerializeToString()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Aggregates:
+        """Aggregates from :meth:`to_bytes`' format, rebuilt from their state (so exactly
+        as the server derived them). Raises :class:`lossd.MergeError` for anything else
+        (another format, a newer version, a damaged file)."""
+        from google.protobuf.message import DecodeError
+
+        from lossd.state import MergeError, from_proto
+
+        if not data.startswith(SAVED_MAGIC):
+            raise MergeError("not a saved lossd result (it does not start with "
+                             "'lossd-result')")
+        saved = pb.SavedResult()
+        try:
+            saved.ParseFromString(data[len(SAVED_MAGIC):])
+        except DecodeError as exc:
+            raise MergeError(f"a damaged saved lossd result: {exc}") from None
+        if saved.format != SAVED_FORMAT:
+            raise MergeError(f"saved result format {saved.format} (lossd "
+                             f"{saved.lossd_version or '?'}) is not {SAVED_FORMAT}, the one "
+                             "this lossd reads")
+        out = from_proto(saved.state).aggregates()
+        return out.with_class_names(tuple(saved.class_names)) if saved.class_names else out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write these aggregates to ``path`` (:meth:`to_bytes`; read back with
+        :func:`lossd.load_result`, merge with :func:`lossd.merge`)."""
+        Path(path).write_bytes(self.to_bytes())
+
     @property
     def max(self) -> float | None:
         """The largest loss (with ``quantiles``), else None."""
@@ -564,7 +620,7 @@ class Aggregates:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field present (None for those not asked for) as plain Python values."""
-        out = {k: _plain(getattr(self, k)) for k in self.__dataclass_fields__}
+        out = {k: _plain(getattr(self, k)) for k in self.__dataclass_fields__ if k != "state"}
         out["ece"] = self.ece
         return out
 
@@ -583,6 +639,22 @@ class Aggregates:
                 row[f"quantile_{level:g}"] = v
             row["max"] = self.quantiles.max
         return pd.Series({k: v for k, v in row.items() if v is not None}, dtype=object)
+
+
+def _needs_state(a: Aggregates) -> State:
+    if a.state is None:
+        from lossd.state import MergeError
+
+        raise MergeError("this result carries no mergeable state: evaluate with "
+                         "mergeable=True (evaluate_stream and evaluate_all do by default)")
+    return a.state
+
+
+def _class_names(a: Aggregates) -> ClassNames | None:
+    for part in (a.per_class, a.hardest):
+        if part is not None and part.class_names is not None:
+            return part.class_names
+    return None
 
 
 @dataclass(frozen=True)
@@ -686,9 +758,25 @@ class LossResult:
             predicted = tensor_to_numpy(d.predicted).copy()
             confidence = tensor_to_numpy(d.confidence).copy()
             correct = np.frombuffer(d.correct, dtype=np.bool_).reshape(predicted.shape).copy()
-        return cls(per_sample=per_sample, aggregates=Aggregates.from_proto(r.aggregates, analysis),
+        aggregates = Aggregates.from_proto(r.aggregates, analysis)
+        if r.HasField("state"):
+            from lossd.state import from_proto
+
+            aggregates = dataclasses.replace(aggregates, state=from_proto(r.state))
+        return cls(per_sample=per_sample, aggregates=aggregates,
                    running=running, gradient=gradient, predicted=predicted,
                    confidence=confidence, correct=correct)
+
+    @property
+    def whole(self) -> Aggregates:
+        """What this result covers as a whole: a stream's ``running`` aggregates (the stream
+        so far), else the batch's ``aggregates``. What :func:`lossd.merge` and :meth:`save`
+        take."""
+        return self.running if self.running is not None else self.aggregates
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :attr:`whole` to ``path`` (see :meth:`Aggregates.save`)."""
+        self.whole.save(path)
 
     def with_sample_ids(self, sample_ids: np.ndarray | None) -> LossResult:
         """The same result carrying the caller's ``sample_ids`` (None: as it is)."""

@@ -19,77 +19,73 @@ Definitions:
 * top-k hit: fewer than k classes rank ahead of the target class, where class j ranks ahead
   of t when its logit is larger, or equal with j < t, or NaN (a stable descending sort).
   Top-1 hit = predicted class is the target. A NaN target logit is never a hit.
-* calibration: 15 equal-width confidence bins (b/15, (b+1)/15] (0 falls in the first); ECE =
-  sum over bins of |hits - sum of confidences| / counted, i.e. sum_b (n_b / n) |acc_b - conf_b|.
-* hardest: the K counted samples with the largest loss; NaN ranks above every number, and
-  equal losses rank by index (smaller first). Exact; memory K. With the caller's sample
-  ids, each carries its id; the index stays its position (in the batch, or the stream).
-* hardest batches (streams): the K completed batches with the largest mean loss (the
-  aggregates' exact sum / count), ranked as the hardest samples are, by ordinal on ties;
-  batches where no sample counts are not ranked. Exact; memory K.
-* quantiles: from a log-linear sketch (:class:`LossSketch`) with relative error at most
-  ``RELATIVE_ACCURACY`` (2**-8) and at most ``SKETCH_BUCKETS`` buckets; min and max exact.
+
+The host states (per class, accuracy, calibration, hardest samples and batches, the loss
+sketch) and their merge live in :mod:`lossd.state`, shared with ``lossd.merge``; their
+definitions are there. Here: the device part and :func:`analyse`, one batch's states.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from lossd import PerClass
-from lossd_server.reduce import GroupedSums
+from lossd.state import (  # the host states: one implementation, shared with lossd.merge
+    BIN_EDGES,
+    CALIBRATION_BINS,
+    DEFAULT_QUANTILES,
+    MAX_HARDEST,
+    MAX_HARDEST_BATCHES,
+    MAX_QUANTILES,
+    MAX_TOP_K,
+    NONE,
+    RELATIVE_ACCURACY,
+    SKETCH_BUCKETS,
+    Accuracy,
+    Analysis,
+    Calibration,
+    ClassStats,
+    Diagnostics,
+    GroupedSums,
+    Hardest,
+    HardestBatches,
+    LossSketch,
+    Request,
+    calibration_bins,
+    top,
+)
+
+__all__ = [
+    "BIN_EDGES",
+    "CALIBRATION_BINS",
+    "DEFAULT_QUANTILES",
+    "MAX_HARDEST",
+    "MAX_HARDEST_BATCHES",
+    "MAX_QUANTILES",
+    "MAX_TOP_K",
+    "NONE",
+    "RELATIVE_ACCURACY",
+    "SKETCH_BUCKETS",
+    "Accuracy",
+    "Analysis",
+    "BatchData",
+    "Calibration",
+    "ClassOutputs",
+    "ClassStats",
+    "Diagnostics",
+    "Hardest",
+    "HardestBatches",
+    "LossSketch",
+    "Request",
+    "analyse",
+    "calibration_bins",
+    "class_outputs",
+]
 
 Tensor = torch.Tensor
-
-MAX_HARDEST = 10_000
-MAX_HARDEST_BATCHES = 10_000
-MAX_TOP_K = 16
-MAX_QUANTILES = 32
-DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
-CALIBRATION_BINS = 15
-BIN_EDGES = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
-
-# The sketch: 2**_SKETCH_BITS buckets per binade; a bucket [L, U) has U - L <= L * 2**-7, so
-# its midpoint is within 2**-8 of every value in it, relatively.
-_SKETCH_BITS = 7
-_SKETCH_SHIFT = np.uint64(52 - _SKETCH_BITS)
-RELATIVE_ACCURACY = 2.0 ** -(_SKETCH_BITS + 1)
-SKETCH_BUCKETS = 8192
-_TINY = 2.0 ** -1022  # smaller magnitudes (float64 subnormals) count as zero
-
-
-@dataclass(frozen=True)
-class Request:
-    """The analyses a request asks for (all off by default)."""
-
-    per_class: bool = False
-    accuracy: bool = False
-    top_k: tuple[int, ...] = ()
-    diagnostics: bool = False
-    hardest: int = 0
-    quantiles: tuple[float, ...] = ()
-
-    @property
-    def classes(self) -> bool:
-        """Whether any analysis needs class-index targets."""
-        return self.per_class or self.accuracy or bool(self.top_k) or self.diagnostics
-
-    @property
-    def predictions(self) -> bool:
-        """Whether the device must rank the classes (predicted class, hits)."""
-        return self.accuracy or bool(self.top_k) or self.diagnostics
-
-    @property
-    def any(self) -> bool:
-        return self.classes or self.hardest != 0 or bool(self.quantiles)
-
-
-NONE = Request()
 
 
 # --- the device part -----------------------------------------------------------------------
@@ -221,355 +217,6 @@ def _top_k_hits(x: Tensor, t: Tensor, xt: Tensor, ks: Sequence[int]) -> list[Ten
     return out
 
 
-# --- host states -----------------------------------------------------------------------------
-
-def _spread(a: np.ndarray, own: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Columns of ``a`` (one per class of the sorted ``own``) placed at those classes among
-    the sorted ``classes`` (a superset), zeros elsewhere."""
-    out = np.zeros(a.shape[:-1] + classes.shape, np.int64)
-    out[..., np.searchsorted(classes, own)] = a
-    return out
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    """Per class present (``classes``: the sorted class indices with a counted position):
-    counts, exact loss sums and, with the class ranking, hits, each aligned to ``classes``.
-
-    Sparse on purpose: memory O(classes present), whatever class count C the predictions
-    declare (one sample with C = 8M keeps one class, not 8M counters per top-k).
-    """
-
-    classes: np.ndarray
-    count: np.ndarray
-    sums: GroupedSums
-    weighted: GroupedSums | None
-    weights: GroupedSums | None
-    hits: np.ndarray | None  # top-1 hits
-    top_k_hits: np.ndarray | None  # (len(top_k), classes present)
-
-    def merge(self, other: ClassStats) -> ClassStats:
-        classes = np.union1d(self.classes, other.classes)
-
-        def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            total: np.ndarray = (_spread(a, self.classes, classes)
-                                 + _spread(b, other.classes, classes))
-            return total
-        return ClassStats(
-            classes=classes, count=add(self.count, other.count),
-            sums=self.sums.merge(other.sums),
-            weighted=_merge_opt(self.weighted, other.weighted),
-            weights=_merge_opt(self.weights, other.weights),
-            hits=None if self.hits is None or other.hits is None else add(self.hits, other.hits),
-            top_k_hits=(None if self.top_k_hits is None or other.top_k_hits is None
-                        else add(self.top_k_hits, other.top_k_hits)))
-
-    def table(self, top_k: tuple[int, ...] = ()) -> PerClass:
-        """The classes present (count > 0) with their aggregates (the client's type)."""
-        classes, count = self.classes, self.count
-        sums = _gather(self.sums, classes)
-        out = PerClass(classes=classes, count=count, sum=sums, mean=sums / count, top_k=top_k)
-        if self.weighted is not None and self.weights is not None:
-            ws, wt = _gather(self.weighted, classes), _gather(self.weights, classes)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out = replace(out, weighted_sum=ws, weight_sum=wt,
-                              weighted_mean=np.where(wt != 0, ws / np.where(wt != 0, wt, 1),
-                                                     math.nan))
-        if self.hits is not None:
-            out = replace(out, correct=self.hits, accuracy=self.hits / count)
-        if self.top_k_hits is not None:
-            out = replace(out, top_k_correct=self.top_k_hits,
-                          top_k_accuracy=self.top_k_hits / count)
-        return out
-
-
-def _merge_opt(a: GroupedSums | None, b: GroupedSums | None) -> GroupedSums | None:
-    return None if a is None or b is None else a.merge(b)
-
-
-def _gather(s: GroupedSums, classes: np.ndarray) -> np.ndarray:
-    totals = s.totals()
-    return np.array([totals.get(c, 0.0) for c in classes.tolist()], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """Hits over counted samples (dense: positions): top-1 and each k of ``top_k``."""
-
-    count: int
-    hits: int
-    top_k: tuple[int, ...]
-    top_k_hits: tuple[int, ...]
-
-    def merge(self, other: Accuracy) -> Accuracy:
-        return Accuracy(self.count + other.count, self.hits + other.hits, self.top_k,
-                        tuple(a + b for a, b in zip(self.top_k_hits, other.top_k_hits,
-                                                    strict=True)))
-
-    @property
-    def accuracy(self) -> float:
-        return self.hits / self.count if self.count else math.nan
-
-    @property
-    def top_k_accuracy(self) -> tuple[float, ...]:
-        return tuple(h / self.count if self.count else math.nan for h in self.top_k_hits)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Per confidence bin: count, top-1 hits and the exact sum of confidences."""
-
-    count: np.ndarray
-    hits: np.ndarray
-    confidence_sums: GroupedSums
-
-    def merge(self, other: Calibration) -> Calibration:
-        return Calibration(self.count + other.count, self.hits + other.hits,
-                           self.confidence_sums.merge(other.confidence_sums))
-
-    def confidence_sum(self) -> np.ndarray:
-        totals = self.confidence_sums.totals()
-        return np.array([totals.get(b, 0.0) for b in range(CALIBRATION_BINS)])
-
-    @property
-    def ece(self) -> float:
-        """sum_b |hits_b - confidence_sum_b| / n (NaN when nothing counted)."""
-        n = int(self.count.sum())
-        if n == 0:
-            return math.nan
-        gaps = np.abs(self.hits - self.confidence_sum())
-        return math.fsum(gaps.tolist()) / n
-
-
-def calibration_bins(confidence: np.ndarray) -> np.ndarray:
-    """Bin b holds confidences in (b/15, (b+1)/15]; 0 (and below) falls in bin 0."""
-    bins = np.searchsorted(BIN_EDGES, confidence.astype(np.float64), side="left") - 1
-    return np.clip(bins, 0, CALIBRATION_BINS - 1)
-
-
-@dataclass(frozen=True)
-class Hardest:
-    """The ``k`` counted samples with the largest loss (see the module doc for the order),
-    as parallel arrays; ``target``/``predicted``/``confidence`` are None where unknown,
-    ``sample_id`` where the caller sent no ids."""
-
-    k: int
-    index: np.ndarray
-    loss: np.ndarray
-    target: np.ndarray | None = None
-    predicted: np.ndarray | None = None
-    confidence: np.ndarray | None = None
-    sample_id: np.ndarray | None = None
-
-    def shifted(self, offset: int) -> Hardest:
-        return replace(self, index=self.index + offset) if offset else self
-
-    def merge(self, other: Hardest) -> Hardest:
-        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None or b is None else np.concatenate([a, b])
-        return _top(self.k, np.concatenate([self.index, other.index]),
-                    np.concatenate([self.loss, other.loss]), cat(self.target, other.target),
-                    cat(self.predicted, other.predicted),
-                    cat(self.confidence, other.confidence),
-                    cat(self.sample_id, other.sample_id))
-
-
-def _top(k: int, index: np.ndarray, loss: np.ndarray, target: np.ndarray | None,
-         predicted: np.ndarray | None, confidence: np.ndarray | None,
-         sample_id: np.ndarray | None = None) -> Hardest:
-    """The k largest (NaN first, then descending loss, then ascending index)."""
-    order = _top_order(k, index, loss)
-
-    def pick(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a[order]
-    return Hardest(k, index[order], loss[order], pick(target), pick(predicted),
-                   pick(confidence), pick(sample_id))
-
-
-def _top_order(k: int, index: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Positions of the k largest of ``loss``, in rank order: NaN first, then descending
-    loss, then ascending ``index``."""
-    n = loss.shape[0]
-    if n > k:
-        score = np.where(np.isnan(loss), np.inf, loss)
-        threshold = np.partition(score, n - k)[n - k]
-        candidates = np.flatnonzero(score >= threshold)  # ties at the threshold included
-    else:
-        candidates = np.arange(n)
-    c_loss = loss[candidates]
-    nan = np.isnan(c_loss)
-    return candidates[np.lexsort((index[candidates], -np.where(nan, 0.0, c_loss), ~nan))][:k]
-
-
-@dataclass(frozen=True)
-class HardestBatches:
-    """The ``k`` completed batches of a stream with the largest mean loss, as parallel
-    arrays in rank order: the caller's ``batch_id``, the ``ordinal`` in the stream, the
-    batch's first sample position in the stream (``start``) and its size (``samples``), the
-    samples that count (``count``) and their mean loss. Memory K whatever the stream's
-    length: :meth:`add` keeps the top K only."""
-
-    k: int
-    batch_id: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    ordinal: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    start: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    samples: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    mean: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
-
-    def add(self, batch_id: int, ordinal: int, start: int, samples: int, count: int,
-            mean: float) -> HardestBatches:
-        """These batches and one more (not ranked when none of its samples count)."""
-        if not count:
-            return self
-
-        def cat(a: np.ndarray, value: float) -> np.ndarray:
-            return np.concatenate([a, np.array([value], a.dtype)])
-        arrays = [cat(self.batch_id, batch_id), cat(self.ordinal, ordinal),
-                  cat(self.start, start), cat(self.samples, samples), cat(self.count, count),
-                  cat(self.mean, mean)]
-        order = _top_order(self.k, arrays[1], arrays[5])
-        return HardestBatches(self.k, *(a[order] for a in arrays))
-
-    def in_hardest(self, hardest: Hardest) -> np.ndarray:
-        """Per kept batch, how many of ``hardest``'s samples (stream positions) it holds."""
-        index = np.sort(hardest.index)
-        ends = np.searchsorted(index, self.start + self.samples, side="left")
-        starts = np.searchsorted(index, self.start, side="left")
-        counts: np.ndarray = (ends - starts).astype(np.int64)
-        return counts
-
-
-@dataclass(frozen=True)
-class LossSketch:
-    """Counts of loss values in log-linear buckets: 128 per binade, each [L, U) with
-    U - L <= L / 128, so a bucket's midpoint is within ``RELATIVE_ACCURACY`` (2**-8) of any
-    value in it. Keys are signed (their order is the values' order; 0 holds zeros and
-    magnitudes below 2**-1022); NaN is counted apart. At most ``SKETCH_BUCKETS`` buckets: past
-    that, the lowest buckets merge into the lowest kept one (``collapsed``), and quantiles
-    that fall there lose the bound. The state depends only on the multiset of values.
-    """
-
-    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    nan_count: int = 0
-    minimum: float = math.inf
-    maximum: float = -math.inf
-    collapsed: bool = False
-
-    @classmethod
-    def of(cls, values: np.ndarray) -> LossSketch:
-        v = np.asarray(values, dtype=np.float64)
-        nan = np.isnan(v)
-        n_nan = int(nan.sum())
-        if n_nan:
-            v = v[~nan]
-        if v.shape[0] == 0:
-            return cls(nan_count=n_nan)
-        mag = np.abs(v)
-        bucket = (mag.view(np.uint64) >> _SKETCH_SHIFT).astype(np.int64) + 1
-        keys = np.where(mag < _TINY, 0, np.where(v < 0, -bucket, bucket))
-        unique, counts = np.unique(keys, return_counts=True)
-        return cls(unique, counts.astype(np.int64), n_nan, float(v.min()),
-                   float(v.max()))._bounded()
-
-    def merge(self, other: LossSketch) -> LossSketch:
-        keys = np.concatenate([self.keys, other.keys])
-        counts = np.concatenate([self.counts, other.counts])
-        unique, inverse = np.unique(keys, return_inverse=True)
-        merged = np.bincount(inverse, weights=counts, minlength=unique.shape[0])
-        return LossSketch(unique, merged.astype(np.int64), self.nan_count + other.nan_count,
-                          min(self.minimum, other.minimum), max(self.maximum, other.maximum),
-                          self.collapsed or other.collapsed)._bounded()
-
-    def _bounded(self) -> LossSketch:
-        extra = self.keys.shape[0] - SKETCH_BUCKETS
-        if extra <= 0:
-            return self
-        counts = self.counts[extra:].copy()
-        counts[0] += int(self.counts[:extra].sum())
-        return replace(self, keys=self.keys[extra:], counts=counts, collapsed=True)
-
-    @property
-    def count(self) -> int:
-        """Values in the sketch (NaN excluded)."""
-        return int(self.counts.sum())
-
-    def quantile(self, q: float) -> float:
-        """The value of rank floor(q * (count - 1)) (numpy's ``method='lower'``), within
-        ``RELATIVE_ACCURACY``; NaN when the sketch is empty. Level 0 and 1 are exact."""
-        n = self.count
-        if n == 0:
-            return math.nan
-        rank = math.floor(q * (n - 1))
-        if rank <= 0:
-            return self.minimum
-        if rank >= n - 1:
-            return self.maximum
-        i = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
-        return min(max(_bucket_value(int(self.keys[i])), self.minimum), self.maximum)
-
-
-def _bucket_value(key: int) -> float:
-    """The midpoint of a sketch bucket."""
-    if key == 0:
-        return 0.0
-    m = abs(key) - 1
-    lo = float(np.array(m << int(_SKETCH_SHIFT), np.uint64).view(np.float64))
-    hi = float(np.array((m + 1) << int(_SKETCH_SHIFT), np.uint64).view(np.float64))
-    mid = lo if math.isinf(lo) else lo + (hi - lo) / 2 if math.isfinite(hi) else lo
-    return mid if key > 0 else -mid
-
-
-# --- one batch, and merging -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Diagnostics:
-    """Per position (shaped as the targets): predicted class, confidence, top-1 hit."""
-
-    predicted: np.ndarray
-    confidence: np.ndarray
-    correct: np.ndarray
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """The analyses asked for, of one batch or a stream so far; None where not asked.
-
-    ``samples``: samples covered (hardest indices of a merged-in analysis move by it).
-    ``diagnostics``: per-position arrays of one message only (not merged).
-    """
-
-    request: Request
-    samples: int
-    per_class: ClassStats | None = None
-    accuracy: Accuracy | None = None
-    calibration: Calibration | None = None
-    hardest: Hardest | None = None
-    quantiles: LossSketch | None = None
-    diagnostics: Diagnostics | None = None
-
-    def merge(self, later: Analysis) -> Analysis:
-        """This analysis followed by ``later`` (whose sample indices start at 0)."""
-        hardest = (None if self.hardest is None or later.hardest is None
-                   else self.hardest.merge(later.hardest.shifted(self.samples)))
-        return Analysis(self.request, self.samples + later.samples,
-                        per_class=_both(self.per_class, later.per_class),
-                        accuracy=_both(self.accuracy, later.accuracy),
-                        calibration=_both(self.calibration, later.calibration),
-                        hardest=hardest, quantiles=_both(self.quantiles, later.quantiles))
-
-
-class _Mergeable(Protocol):
-    def merge(self: M, other: M) -> M: ...
-
-
-M = TypeVar("M", bound=_Mergeable)
-
-
-def _both(a: M | None, b: M | None) -> M | None:
-    return None if a is None or b is None else a.merge(b)
-
 
 @dataclass(frozen=True)
 class BatchData:
@@ -632,7 +279,7 @@ def analyse(request: Request, d: BatchData) -> Analysis:
 
         def at(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None or not one_d else a[index]
-        out = replace(out, hardest=_top(
+        out = replace(out, hardest=top(
             request.hardest, index, d.losses[index].astype(np.float64),
             at(None if d.targets is None else d.targets.astype(np.int64)),
             at(d.predicted), at(d.confidence),

@@ -154,7 +154,18 @@ class StreamState:
     index: int = 0  # batches completed
     samples: int = 0  # samples of the completed batches
     hardest_batches: analysis.HardestBatches | None = None
+    mergeable: bool = False  # the stream ends with its state (EvaluateRequest.mergeable)
+    options: str = ""  # the canonical options of its messages, where mergeable
     _first: tuple[str, bool, bool, int, analysis.Request] | None = None
+
+    @property
+    def asked(self) -> tuple[str, analysis.Request, int] | None:
+        """What the stream's first message asked: its loss, analyses and hardest batches K
+        (None before it)."""
+        if self._first is None:
+            return None
+        loss, _, _, k, analyses = self._first
+        return loss, analyses, k
 
     @property
     def where(self) -> str:
@@ -162,9 +173,12 @@ class StreamState:
         return f"(batch {self.index} of the stream)"
 
     def check(self, loss: str, weighted: bool, analyses: analysis.Request, *,
-              identified: bool = False, hardest_batches: int = 0) -> None:
+              identified: bool = False, hardest_batches: int = 0, mergeable: bool = False,
+              options: Callable[[], str] = str) -> None:
         """Raise RequestError when a message asks for something its stream's first did not
-        (``identified``: it carries sample ids), or for ``hardest_batches`` out of range."""
+        (``identified``: it carries sample ids; ``mergeable``: it asks for the stream's
+        state, and then ``options()``, its canonical options, must stay the same), or for
+        ``hardest_batches`` out of range."""
         if self._first is None:
             if not 0 <= hardest_batches <= analysis.MAX_HARDEST_BATCHES:
                 raise RequestError("hardest_batches", f"{hardest_batches} out of range "
@@ -172,7 +186,15 @@ class StreamState:
             self._first = (loss, weighted, identified, hardest_batches, analyses)
             if hardest_batches:
                 self.hardest_batches = analysis.HardestBatches(hardest_batches)
+            self.mergeable = mergeable
+            if mergeable:
+                self.options = options()
             return
+        if mergeable != self.mergeable:
+            raise RequestError("mergeable", f"differs from the stream's first batch {self.where}")
+        if mergeable and options() != self.options:
+            raise RequestError("options", "differ from the stream's first batch; a mergeable "
+                                          f"stream keeps one set of options {self.where}")
         first_loss, first_weighted, first_identified, first_k, first_analyses = self._first
         if identified != first_identified:
             raise RequestError("sample_ids", "must be given on every batch of a stream or on "
@@ -227,7 +249,7 @@ class StreamState:
         else:
             if self.hardest_batches is not None:
                 self.hardest_batches = self.hardest_batches.add(
-                    self.index if batch_id is None else batch_id, self.index, self.samples,
+                    batch_id, self.index, self.samples,
                     self.offset + size, batch.count, batch.mean)
             self.samples += self.offset + size
             self.batch, self.batch_analysis, self.offset = None, None, 0

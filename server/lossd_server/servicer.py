@@ -9,6 +9,8 @@ One call reads top to bottom: :meth:`LossServicer.Evaluate` -> :meth:`LossServic
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -16,6 +18,8 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from lossd.state import State, encode_aggregate, encode_analysis, encode_hardest_batches
+from lossd.state import to_proto as state_to_proto
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import limits, losses, wire
@@ -115,14 +119,36 @@ def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.Evaluat
         losses = ev.losses
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(
             dtype=pb.FLOAT32, shape=losses.shape, data=losses.tobytes()))
-    wire.encode_aggregate(ev.aggregate, resp.aggregates)
+    encode_aggregate(ev.aggregate, resp.aggregates)
     if ev.gradient is not None:
         resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
     if ev.analysis is not None:
-        wire.encode_analysis(ev.analysis, resp.analysis)
+        encode_analysis(ev.analysis, resp.analysis)
         if ev.analysis.diagnostics is not None:
             wire.encode_diagnostics(ev.analysis.diagnostics, resp.diagnostics)
     return resp
+
+
+def batch_state(request: pb.EvaluateRequest, batch: Batch, ev: Evaluation) -> State:
+    """The exact state of one evaluated batch (``EvaluateResponse.state``)."""
+    analysis = ev.analysis
+    if analysis is not None and analysis.diagnostics is not None:
+        analysis = dataclasses.replace(analysis, diagnostics=None)  # per message, not state
+    return State(loss=request.loss, options=wire.options_key(request.options),
+                 request=batch.analyses, aggregate=ev.aggregate,
+                 samples=int(ev.per_sample.shape[0]), batches=1, analysis=analysis)
+
+
+def stream_state(stream: StreamState) -> State | None:
+    """The exact state of a stream so far (None before its first message)."""
+    asked = stream.asked
+    if asked is None or stream.running is None:
+        return None
+    loss, analyses, k = asked
+    return State(loss=loss, options=stream.options, request=analyses, aggregate=stream.running,
+                 samples=stream.samples + stream.offset, batches=stream.index,
+                 analysis=stream.running_analysis, hardest_batches_k=k,
+                 hardest_batches=stream.hardest_batches)
 
 
 class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ignore]
@@ -176,6 +202,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         ev = service.evaluate(call, batch, state, stream=stream, admitted=admitted)
         with call.stage("encode"):
             resp = encode_response(ev, out)
+            if request.mergeable and not stream:
+                state_to_proto(batch_state(request, batch, ev), resp.state)
         call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,
                        ev.aggregate.weighted_mean, ev.device_seconds)
         return ev, resp
@@ -199,7 +227,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 stream.check(request.loss, request.HasField("weights"),
                              wire.decode_analyses(request),
                              identified=request.HasField("sample_ids"),
-                             hardest_batches=request.hardest_batches)
+                             hardest_batches=request.hardest_batches,
+                             mergeable=request.mergeable,
+                             options=functools.partial(wire.options_key, request.options))
                 with stream.evaluating():
                     ev, resp = self._evaluate(call, request, state, stream=True,
                                               admitted=True)
@@ -207,14 +237,14 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                     ev, more=request.more,
                     batch_id=request.batch_id if request.HasField("batch_id") else None)
                 resp.ClearField("aggregates")
-                wire.encode_aggregate(batch, resp.aggregates)
-                wire.encode_aggregate(running, resp.running)
+                encode_aggregate(batch, resp.aggregates)
+                encode_aggregate(running, resp.running)
                 if batch_analysis is not None and running_analysis is not None:
                     resp.ClearField("analysis")
-                    wire.encode_analysis(batch_analysis, resp.analysis)
-                    wire.encode_analysis(running_analysis, resp.running_analysis)
+                    encode_analysis(batch_analysis, resp.analysis)
+                    encode_analysis(running_analysis, resp.running_analysis)
                 if stream.hardest_batches is not None:
-                    wire.encode_hardest_batches(
+                    encode_hardest_batches(
                         stream.hardest_batches,
                         None if running_analysis is None else running_analysis.hardest,
                         resp.running_analysis.hardest_batches)
@@ -227,6 +257,13 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                 # Nothing of this message is held while the next is awaited: an idle
                 # stream pins no payload (its request views the received bytes).
                 del request, ev, resp, batch, running, batch_analysis, running_analysis
+            whole = stream_state(stream) if stream.mergeable else None
+            if whole is not None:  # one more message: the stream's exact state
+                final = pb.EvaluateResponse()
+                encode_aggregate(whole.aggregate, final.running)
+                state_to_proto(whole, final.state)
+                call.sent(final.ByteSize())
+                yield final
 
     def _received(self, requests: Iterator[T], context: grpc.ServicerContext,
                   method: str) -> Iterator[T]:

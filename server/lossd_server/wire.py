@@ -8,6 +8,7 @@ cannot be, raises the errors of :mod:`lossd_server.errors` (no validation import
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +24,6 @@ from lossd_server import analysis
 from lossd_server.errors import MalformedMessage, Refused, RequestError
 from lossd_server.logs import MAX_NAME, plain
 from lossd_server.logs import field as name_field
-from lossd_server.reduce import Aggregate
 
 TORCH_DTYPES: dict[pb.DType, torch.dtype] = {k: getattr(torch, d.name)
                                              for k, d in WIRE_DTYPES.items()}
@@ -136,17 +136,21 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=_PROTO_BY_TORCH[t.dtype], shape=t.shape, data=raw.numpy().tobytes())
 
 
-def encode_aggregate(a: Aggregate, out: pb.Aggregates) -> None:
-    out.sum = a.sum
-    out.mean = a.mean
-    out.count = a.count
-    out.ignored = a.ignored
-    out.omitted = a.omitted
-    weighted_sum, weighted_mean, weight_sum = a.weighted_sum, a.weighted_mean, a.weight_sum
-    if weighted_sum is not None and weighted_mean is not None and weight_sum is not None:
-        out.weighted_sum = weighted_sum
-        out.weighted_mean = weighted_mean
-        out.weight_sum = weight_sum
+def options_key(options: Any) -> str:
+    """The canonical text of a request's ``options`` map (``MergeState.options``): one
+    ``name=value`` line per option, sorted by name; a float by its exact ``repr``, a tensor
+    as ``name=<dtype>[shape]:sha256`` of its bytes. Equal options, equal text."""
+    lines = []
+    for name in sorted(options):
+        value = options[name]
+        kind = value.WhichOneof("kind")
+        if kind == "tensor_value":
+            t = value.tensor_value
+            digest = hashlib.sha256(t.data).hexdigest()
+            lines.append(f"{name}=<{dtype_name(t.dtype)}>{list(t.shape)}:{digest}")
+        else:
+            lines.append(f"{name}={getattr(value, kind)!r}" if kind else f"{name}=None")
+    return "\n".join(lines)
 
 
 def decode_analyses(req: Any) -> analysis.Request:
@@ -157,73 +161,6 @@ def decode_analyses(req: Any) -> analysis.Request:
     return analysis.Request(per_class=req.per_class, accuracy=req.accuracy,
                             top_k=tuple(req.top_k), diagnostics=req.diagnostics,
                             hardest=req.hardest, quantiles=tuple(req.quantiles))
-
-
-def encode_analysis(a: analysis.Analysis, out: pb.Analysis) -> None:
-    """An analysis into its message: only the parts it holds."""
-    if a.per_class is not None:
-        t = a.per_class.table(a.request.top_k)
-        pc = out.per_class
-        pc.SetInParent()
-        pc.classes.extend(t.classes.tolist())
-        pc.count.extend(t.count.tolist())
-        pc.sum.extend(t.sum.tolist())
-        pc.mean.extend(t.mean.tolist())
-        if t.weighted_sum is not None and t.weighted_mean is not None \
-                and t.weight_sum is not None:
-            pc.weighted_sum.extend(t.weighted_sum.tolist())
-            pc.weighted_mean.extend(t.weighted_mean.tolist())
-            pc.weight_sum.extend(t.weight_sum.tolist())
-        if t.correct is not None and t.accuracy is not None:
-            pc.correct.extend(t.correct.tolist())
-            pc.accuracy.extend(t.accuracy.tolist())
-        if t.top_k_correct is not None and t.top_k_accuracy is not None:
-            pc.top_k_correct.extend(t.top_k_correct.reshape(-1).tolist())
-            pc.top_k_accuracy.extend(t.top_k_accuracy.reshape(-1).tolist())
-    if a.accuracy is not None:
-        acc = a.accuracy
-        out.accuracy.CopyFrom(pb.Accuracy(
-            count=acc.count, correct=acc.hits, accuracy=acc.accuracy, top_k=acc.top_k,
-            top_k_correct=acc.top_k_hits, top_k_accuracy=acc.top_k_accuracy))
-    if a.calibration is not None:
-        cal = a.calibration
-        out.calibration.CopyFrom(pb.Calibration(
-            edges=analysis.BIN_EDGES.tolist(), count=cal.count.tolist(),
-            correct=cal.hits.tolist(), confidence_sum=cal.confidence_sum().tolist(),
-            ece=cal.ece))
-    if a.hardest is not None:
-        h = a.hardest
-        columns = [h.index.tolist(), h.loss.tolist()]
-        for extra in (h.target, h.predicted, h.confidence, h.sample_id):
-            columns.append(extra.tolist() if extra is not None else [None] * len(columns[0]))
-        out.hardest.SetInParent()
-        for index, loss, target, predicted, confidence, sample_id in zip(*columns,
-                                                                         strict=True):
-            out.hardest.samples.add(index=index, loss=loss, target=target,
-                                    predicted=predicted, confidence=confidence,
-                                    sample_id=sample_id)
-    if a.quantiles is not None:
-        q = a.quantiles
-        levels = a.request.quantiles
-        out.quantiles.CopyFrom(pb.Quantiles(
-            levels=levels, values=[q.quantile(level) for level in levels], count=q.count,
-            min=q.minimum if q.count else math.nan, max=q.maximum if q.count else math.nan,
-            nan_count=q.nan_count, relative_accuracy=analysis.RELATIVE_ACCURACY,
-            collapsed=q.collapsed))
-
-
-def encode_hardest_batches(b: analysis.HardestBatches, hardest: analysis.Hardest | None,
-                           out: pb.HardestBatches) -> None:
-    """A stream's hardest batches into their message; with the stream's ``hardest``
-    samples, how many of each batch's are among them."""
-    out.SetInParent()
-    in_hardest = ([None] * len(b.ordinal) if hardest is None
-                  else b.in_hardest(hardest).tolist())
-    for batch_id, ordinal, count, mean, hits in zip(
-            b.batch_id.tolist(), b.ordinal.tolist(), b.count.tolist(), b.mean.tolist(),
-            in_hardest, strict=True):
-        out.batches.add(batch_id=batch_id, ordinal=ordinal, count=count, mean=mean,
-                        in_hardest=hits)
 
 
 def encode_diagnostics(d: analysis.Diagnostics, out: pb.Diagnostics) -> None:

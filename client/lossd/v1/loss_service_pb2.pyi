@@ -74,7 +74,7 @@ class OptionValue(_message.Message):
     def __init__(self, float_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "inputs", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles", "sample_ids", "hardest_batches", "batch_id")
+    __slots__ = ("loss", "predictions", "targets", "weights", "options", "tag", "gradient", "shared_memory_session", "per_sample_output", "more", "inputs", "per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles", "sample_ids", "hardest_batches", "batch_id", "mergeable")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class EvaluateRequest(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     HARDEST_BATCHES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGEABLE_FIELD_NUMBER: _ClassVar[int]
     loss: str
     predictions: Tensor
     targets: Tensor
@@ -129,7 +130,8 @@ class EvaluateRequest(_message.Message):
     sample_ids: Tensor
     hardest_batches: int
     batch_id: int
-    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hardest_batches: _Optional[int] = ..., batch_id: _Optional[int] = ...) -> None: ...
+    mergeable: bool
+    def __init__(self, loss: _Optional[str] = ..., predictions: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., options: _Optional[_Mapping[str, OptionValue]] = ..., tag: _Optional[str] = ..., gradient: _Optional[_Union[Reduction, str]] = ..., shared_memory_session: _Optional[str] = ..., per_sample_output: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., more: _Optional[bool] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hardest_batches: _Optional[int] = ..., batch_id: _Optional[int] = ..., mergeable: _Optional[bool] = ...) -> None: ...
 
 class Aggregates(_message.Message):
     __slots__ = ("sum", "mean", "weighted_sum", "weighted_mean", "count", "ignored", "omitted", "weight_sum")
@@ -152,7 +154,7 @@ class Aggregates(_message.Message):
     def __init__(self, sum: _Optional[float] = ..., mean: _Optional[float] = ..., weighted_sum: _Optional[float] = ..., weighted_mean: _Optional[float] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., omitted: _Optional[int] = ..., weight_sum: _Optional[float] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("per_sample", "aggregates", "running", "gradient", "analysis", "running_analysis", "diagnostics")
+    __slots__ = ("per_sample", "aggregates", "running", "gradient", "analysis", "running_analysis", "diagnostics", "state")
     PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +162,7 @@ class EvaluateResponse(_message.Message):
     ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     per_sample: Tensor
     aggregates: Aggregates
     running: Aggregates
@@ -167,7 +170,202 @@ class EvaluateResponse(_message.Message):
     analysis: Analysis
     running_analysis: Analysis
     diagnostics: Diagnostics
-    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., running_analysis: _Optional[_Union[Analysis, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ...) -> None: ...
+    state: MergeState
+    def __init__(self, per_sample: _Optional[_Union[Tensor, _Mapping]] = ..., aggregates: _Optional[_Union[Aggregates, _Mapping]] = ..., running: _Optional[_Union[Aggregates, _Mapping]] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ..., running_analysis: _Optional[_Union[Analysis, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., state: _Optional[_Union[MergeState, _Mapping]] = ...) -> None: ...
+
+class MergeState(_message.Message):
+    __slots__ = ("version", "loss", "options", "analyses", "samples", "batches", "aggregate", "per_class", "accuracy", "calibration", "hardest", "quantiles", "hardest_batches")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ANALYSES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    loss: str
+    options: str
+    analyses: AnalysisRequest
+    samples: int
+    batches: int
+    aggregate: ExactAggregate
+    per_class: ClassState
+    accuracy: AccuracyState
+    calibration: CalibrationState
+    hardest: HardestState
+    quantiles: SketchState
+    hardest_batches: HardestBatchesState
+    def __init__(self, version: _Optional[int] = ..., loss: _Optional[str] = ..., options: _Optional[str] = ..., analyses: _Optional[_Union[AnalysisRequest, _Mapping]] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., aggregate: _Optional[_Union[ExactAggregate, _Mapping]] = ..., per_class: _Optional[_Union[ClassState, _Mapping]] = ..., accuracy: _Optional[_Union[AccuracyState, _Mapping]] = ..., calibration: _Optional[_Union[CalibrationState, _Mapping]] = ..., hardest: _Optional[_Union[HardestState, _Mapping]] = ..., quantiles: _Optional[_Union[SketchState, _Mapping]] = ..., hardest_batches: _Optional[_Union[HardestBatchesState, _Mapping]] = ...) -> None: ...
+
+class AnalysisRequest(_message.Message):
+    __slots__ = ("per_class", "accuracy", "top_k", "diagnostics", "hardest", "quantiles", "hardest_batches")
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    HARDEST_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    per_class: bool
+    accuracy: bool
+    top_k: _containers.RepeatedScalarFieldContainer[int]
+    diagnostics: bool
+    hardest: int
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    hardest_batches: int
+    def __init__(self, per_class: _Optional[bool] = ..., accuracy: _Optional[bool] = ..., top_k: _Optional[_Iterable[int]] = ..., diagnostics: _Optional[bool] = ..., hardest: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ..., hardest_batches: _Optional[int] = ...) -> None: ...
+
+class ExactAggregate(_message.Message):
+    __slots__ = ("weighted", "count", "ignored", "omitted", "sum_parts", "weighted_parts", "weight_parts")
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
+    SUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_PARTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_PARTS_FIELD_NUMBER: _ClassVar[int]
+    weighted: bool
+    count: int
+    ignored: int
+    omitted: int
+    sum_parts: _containers.RepeatedScalarFieldContainer[float]
+    weighted_parts: _containers.RepeatedScalarFieldContainer[float]
+    weight_parts: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, weighted: _Optional[bool] = ..., count: _Optional[int] = ..., ignored: _Optional[int] = ..., omitted: _Optional[int] = ..., sum_parts: _Optional[_Iterable[float]] = ..., weighted_parts: _Optional[_Iterable[float]] = ..., weight_parts: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GroupedSumsState(_message.Message):
+    __slots__ = ("keys", "sums", "counts", "nonfinite_groups", "nonfinite_flags")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[int]
+    sums: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    nonfinite_groups: _containers.RepeatedScalarFieldContainer[int]
+    nonfinite_flags: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[int]] = ..., sums: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., nonfinite_groups: _Optional[_Iterable[int]] = ..., nonfinite_flags: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ClassState(_message.Message):
+    __slots__ = ("classes", "count", "sums", "weighted", "weights", "has_hits", "hits", "top_k_hits")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_HITS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_HITS_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    sums: GroupedSumsState
+    weighted: GroupedSumsState
+    weights: GroupedSumsState
+    has_hits: bool
+    hits: _containers.RepeatedScalarFieldContainer[int]
+    top_k_hits: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, classes: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., sums: _Optional[_Union[GroupedSumsState, _Mapping]] = ..., weighted: _Optional[_Union[GroupedSumsState, _Mapping]] = ..., weights: _Optional[_Union[GroupedSumsState, _Mapping]] = ..., has_hits: _Optional[bool] = ..., hits: _Optional[_Iterable[int]] = ..., top_k_hits: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AccuracyState(_message.Message):
+    __slots__ = ("count", "hits", "top_k_hits")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_HITS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    hits: int
+    top_k_hits: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, count: _Optional[int] = ..., hits: _Optional[int] = ..., top_k_hits: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CalibrationState(_message.Message):
+    __slots__ = ("count", "hits", "confidence_sums")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    hits: _containers.RepeatedScalarFieldContainer[int]
+    confidence_sums: GroupedSumsState
+    def __init__(self, count: _Optional[_Iterable[int]] = ..., hits: _Optional[_Iterable[int]] = ..., confidence_sums: _Optional[_Union[GroupedSumsState, _Mapping]] = ...) -> None: ...
+
+class HardestState(_message.Message):
+    __slots__ = ("k", "index", "loss", "has_target", "target", "has_predicted", "predicted", "has_confidence", "confidence", "has_sample_id", "sample_id")
+    K_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    HAS_PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    HAS_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    HAS_SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    index: _containers.RepeatedScalarFieldContainer[int]
+    loss: _containers.RepeatedScalarFieldContainer[float]
+    has_target: bool
+    target: _containers.RepeatedScalarFieldContainer[int]
+    has_predicted: bool
+    predicted: _containers.RepeatedScalarFieldContainer[int]
+    has_confidence: bool
+    confidence: _containers.RepeatedScalarFieldContainer[float]
+    has_sample_id: bool
+    sample_id: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, k: _Optional[int] = ..., index: _Optional[_Iterable[int]] = ..., loss: _Optional[_Iterable[float]] = ..., has_target: _Optional[bool] = ..., target: _Optional[_Iterable[int]] = ..., has_predicted: _Optional[bool] = ..., predicted: _Optional[_Iterable[int]] = ..., has_confidence: _Optional[bool] = ..., confidence: _Optional[_Iterable[float]] = ..., has_sample_id: _Optional[bool] = ..., sample_id: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SketchState(_message.Message):
+    __slots__ = ("keys", "counts", "nan_count", "min", "max", "collapsed")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSED_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    nan_count: int
+    min: float
+    max: float
+    collapsed: bool
+    def __init__(self, keys: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., nan_count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., collapsed: _Optional[bool] = ...) -> None: ...
+
+class HardestBatchesState(_message.Message):
+    __slots__ = ("k", "batch_id", "id_given", "ordinal", "start", "samples", "count", "mean")
+    K_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_GIVEN_FIELD_NUMBER: _ClassVar[int]
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    batch_id: _containers.RepeatedScalarFieldContainer[int]
+    id_given: _containers.RepeatedScalarFieldContainer[bool]
+    ordinal: _containers.RepeatedScalarFieldContainer[int]
+    start: _containers.RepeatedScalarFieldContainer[int]
+    samples: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, k: _Optional[int] = ..., batch_id: _Optional[_Iterable[int]] = ..., id_given: _Optional[_Iterable[bool]] = ..., ordinal: _Optional[_Iterable[int]] = ..., start: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SavedResult(_message.Message):
+    __slots__ = ("format", "lossd_version", "state", "class_names")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LOSSD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    lossd_version: str
+    state: MergeState
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, format: _Optional[int] = ..., lossd_version: _Optional[str] = ..., state: _Optional[_Union[MergeState, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Analysis(_message.Message):
     __slots__ = ("per_class", "accuracy", "calibration", "hardest", "quantiles", "hardest_batches")
