@@ -17,6 +17,7 @@ import pytest
 import lossd
 from lossd import Aggregates, Batch, LossClient, MergeError
 from lossd._cli import main
+from lossd._eval import REPORT_HARDEST
 from lossd.state import Aggregate, encode_aggregate, from_proto, to_proto
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import analysis
@@ -211,8 +212,10 @@ def test_lossd_eval_saves_a_shard(server: LossdServer, client: LossClient,
     saved = tmp_path / "shard.lossd"
     assert main(["eval", "--target", f"127.0.0.1:{server.port}", str(tmp_path / "x.npy"),
                  str(tmp_path / "y.npy"), "--batch-size", "64", "--save", str(saved)]) == 0
-    whole = client.evaluate_all((x[a:min(300, a + 64)], y[a:min(300, a + 64)])
-                                for a in range(0, 300, 64))
+    # A saved shard keeps the analyses a report shows, so a merged report has them all.
+    whole = client.evaluate_all(((x[a:min(300, a + 64)], y[a:min(300, a + 64)])
+                                 for a in range(0, 300, 64)), hardest=REPORT_HARDEST,
+                                quantiles=True, per_class=True, diagnostics=True, top_k=(1, 5))
     assert figures(lossd.load_result(saved)) == figures(whole)
 
 
@@ -233,3 +236,14 @@ def test_encode_aggregate() -> None:
                                              ignored=np.array([True])), empty)
     assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.weighted_mean)
     assert empty.HasField("weight_sum") and empty.weight_sum == 0.0
+
+
+def test_shared_memory_results_merge_too(client: LossClient) -> None:
+    x, y, w, _ = dataset(5)
+    whole = client.evaluate_all(((x[a:a + 200], y[a:a + 200], w[a:a + 200])
+                                 for a in range(0, 600, 200)), per_class=True, hardest=5)
+    with client.shared_memory(1 << 20) as shm:
+        parts = [shm.evaluate(x[a:a + 200], y[a:a + 200], weights=w[a:a + 200],
+                              per_class=True, hardest=5, mergeable=True)
+                 for a in range(0, 600, 200)]
+    assert_same(lossd.merge(parts), whole)

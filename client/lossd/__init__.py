@@ -8,9 +8,10 @@
 Installs without torch; torch tensors are accepted when torch is present.
 
 The names below are the API; the modules behind them are private. For advanced use,
-three public modules: ``lossd.wire`` (the dtype table and tensor encoding, shared with the
-server), ``lossd.requests`` (the clients' request builder) and ``lossd.channel`` (their
-channel options, credentials and gRPC error translation); ``lossd.torch`` adds autograd.
+four public modules: ``lossd.wire`` (the dtype table and tensor encoding, shared with the
+server), ``lossd.requests`` (the clients' request builder), ``lossd.channel`` (their
+channel options, credentials and gRPC error translation) and ``lossd.state`` (a result's
+exact, mergeable state, shared with the server); ``lossd.torch`` adds autograd.
 """
 
 from lossd._async_client import AsyncLossClient

@@ -243,7 +243,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     extra tensors, ``name=FILE`` each; ``targets`` None for a loss without targets.
     ``class_names``: ``--class-names`` (a comma list or a file), naming the classes in the
     hardest samples and the report. ``save``: write the stream's result there (its exact
-    state; ``lossd merge`` combines such shards).
+    state, with the analyses a report shows; ``lossd merge`` combines such shards).
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -280,7 +280,7 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     analyses: dict[str, Any] = {}
     if top:
         analyses["hardest"] = top
-    if report:
+    if report or save:  # a saved shard keeps what a merged report shows
         analyses.update(hardest=top or REPORT_HARDEST, quantiles=True)
         if class_targets(pred, targ):
             classes = pred.shape[1]

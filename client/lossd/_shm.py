@@ -207,9 +207,10 @@ class SharedMemory:
                  diagnostics: bool = False, hardest: int = 0,
                  quantiles: bool | Iterable[float] | None = None,
                  class_names: Sequence[str] | None = None, sample_ids: Any = None,
-                 **options: Any) -> LossResult:
+                 mergeable: bool = False, **options: Any) -> LossResult:
         """As ``LossClient.evaluate`` (the same options, analyses, ``gradient``,
-        ``class_names`` and ``sample_ids`` too), with the tensors passed through the region.
+        ``class_names``, ``sample_ids`` and ``mergeable`` too), with the tensors passed
+        through the region.
 
         Each input (extra ``inputs`` too) is copied once, into the region; the per-sample
         losses come back through it (the gradient and the analyses in the reply). Calls on
@@ -219,7 +220,7 @@ class SharedMemory:
         """
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
-                                   quantiles=quantiles)
+                                   quantiles=quantiles, mergeable=mergeable)
         names = class_names_of(class_names)
         reduction = gradient_reduction(gradient)
         named = {"predictions": predictions, "targets": targets, "weights": weights,
