@@ -579,7 +579,7 @@ class Aggregates:
         state = _needs_state(self)
         saved = pb.SavedResult(format=SAVED_FORMAT, lossd_version=__version__)
         to_proto(state, saved.state)
-        names = _class_names(self)
+        names = class_names_in(self)
         if names is not None:
             saved.class_names.extend(names)
         return SAVED_MAGIC + saved.SerializeToString()
@@ -650,7 +650,8 @@ def _needs_state(a: Aggregates) -> State:
     return a.state
 
 
-def _class_names(a: Aggregates) -> ClassNames | None:
+def class_names_in(a: Aggregates) -> ClassNames | None:
+    """The class names ``a``'s analyses carry (None: none)."""
     for part in (a.per_class, a.hardest):
         if part is not None and part.class_names is not None:
             return part.class_names

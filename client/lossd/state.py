@@ -889,7 +889,7 @@ def merge(parts: Iterable[LossResult | Aggregates]) -> Aggregates:
         whole = lossd.merge(lossd.load_result(p) for p in ["s0.lossd", "s1.lossd", "s2.lossd"])
         whole.mean, whole.per_class.to_pandas()
     """
-    from lossd._result import Aggregates, LossResult
+    from lossd._result import Aggregates, LossResult, class_names_in
 
     wholes = [p.whole if isinstance(p, LossResult) else p for p in parts]
     states = []
@@ -902,7 +902,7 @@ def merge(parts: Iterable[LossResult | Aggregates]) -> Aggregates:
                              "mergeable=True (evaluate_stream and evaluate_all do by default)")
         states.append(a.state)
     merged = merge_states(states).aggregates()
-    names = {n for n in (_names(a) for a in wholes) if n is not None}
+    names = {n for n in map(class_names_in, wholes) if n is not None}
     if len(names) > 1:
         raise MergeError("class_names differ between the parts")
     return merged.with_class_names(names.pop()) if names else merged
@@ -918,13 +918,6 @@ def load_result(path: str | os.PathLike[str]) -> Aggregates:
         return Aggregates.from_bytes(Path(path).read_bytes())
     except MergeError as exc:
         raise MergeError(f"{path}: {exc}") from None
-
-
-def _names(a: Aggregates) -> tuple[str, ...] | None:
-    for part in (a.per_class, a.hardest):
-        if part is not None and part.class_names is not None:
-            return part.class_names
-    return None
 
 
 def _shown(options: str) -> str:
