@@ -3,10 +3,10 @@
 # lossd images. Two targets from one file:
 #   docker build -t lossd:0.1.0-cuda .                # default (last stage): CUDA runtime
 #   docker build -t lossd:0.1.0-cpu --target cpu .    # slim CPU-only image
-# Both install the project from its own pyproject.toml (`pip install "<src>[server]"`);
-# nothing is installed by hand. The server runs as UID/GID 10001, needs no writable path
-# other than /tmp (a volume here, an emptyDir in k8s/), and is configured through LOSSD_*
-# variables (see `lossd serve --help`). See docs/deploy.md.
+# Both install the project from its own pyproject.toml (`pip install
+# "<src>[server,report]"`); nothing is installed by hand. The server runs as UID/GID 10001,
+# needs no writable path other than /tmp (a volume here, an emptyDir in k8s/), and is
+# configured through LOSSD_* variables (see `lossd serve --help`). See docs/deploy.md.
 
 # Base images are written out in the FROM lines (not build args) so that scanners and
 # update bots see the exact tags: python:3.11-slim-bookworm for the CPU image, the official
@@ -35,9 +35,10 @@ RUN python -m venv /opt/lossd
 ENV PATH=/opt/lossd/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 # rw: setuptools writes build/ and *.egg-info next to the sources; those writes are
-# discarded with the mount.
+# discarded with the mount. The report extra (matplotlib) draws `lossd eval --report` and
+# `lossd merge --report`, which the merge Job of k8s/jobs/sharded-eval/ runs.
 RUN --mount=type=bind,from=source,source=/src,target=/src,rw \
-    pip install --no-cache-dir "/src[server]" \
+    pip install --no-cache-dir "/src[server,report]" \
     && lossd serve --help >/dev/null
 
 # ---------------------------------------------------------------------------------------
@@ -72,6 +73,8 @@ ENV PATH=/opt/lossd/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     TRITON_CACHE_DIR=/tmp/triton
 COPY docker/healthcheck.py /usr/local/lib/lossd/healthcheck.py
+# One shard of a sharded evaluation: what the Indexed Job of k8s/jobs/sharded-eval/ runs.
+COPY examples/sharded_eval.py /usr/local/lib/lossd/examples/sharded_eval.py
 # Plugins (docs/plugins.md, "Ship it"): an image FROM this one installs one with a plain
 # `pip install` as the lossd user. PIP_PREFIX sends it to /opt/lossd-plugins (owned by that
 # user; pip leaves torch and lossd where they are), which Python finds, entry points and
@@ -108,7 +111,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 # The base's torch (a CUDA build) satisfies torch>=2.4, so pip only adds what is missing.
 RUN --mount=type=bind,from=source,source=/src,target=/src,rw \
-    pip install --no-cache-dir "/src[server]" \
+    pip install --no-cache-dir "/src[server,report]" \
     && lossd serve --help >/dev/null
 RUN groupadd --system --gid 10001 lossd \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
@@ -129,6 +132,7 @@ ENV PYTHONUNBUFFERED=1 \
     TRITON_CACHE_DIR=/tmp/triton \
     CUDA_CACHE_PATH=/tmp/.nv/ComputeCache
 COPY docker/healthcheck.py /usr/local/lib/lossd/healthcheck.py
+COPY examples/sharded_eval.py /usr/local/lib/lossd/examples/sharded_eval.py
 COPY docker/plugin_site.py /usr/local/lib/lossd/plugin_site.py
 RUN install -d -o 10001 -g 10001 /opt/lossd-plugins \
     && python /usr/local/lib/lossd/plugin_site.py /opt/lossd-plugins
