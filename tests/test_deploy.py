@@ -4,7 +4,8 @@ The lint tools live in their own virtualenv, .venv/tools/ (scripts/bootstrap_too
 run by scripts/bootstrap.sh), so checkov's pins never meet the main environment's. What
 is checked:
 
-- every overlay (gpu, cpu, and plugin: the GPU one running a plugin image) renders with
+- every overlay (gpu, cpu, and plugin: the GPU one running a plugin image) and every Job
+  of k8s/jobs/ (the sharded evaluation and its merge) renders with
   ``kubectl kustomize``, and every rendered object passes
   ``kubernetes-validate --strict`` for Kubernetes 1.31 and 1.37; the ServiceMonitor (a CRD,
   no schema there) is checked against the prometheus-operator models and against what the
@@ -14,6 +15,10 @@ is checked:
   fails (no stale skips); yamllint and hadolint (warning level) are clean;
 - the properties a platform engineer relies on (GPU request, gRPC probes, shutdown
   budget, security context, Services, NetworkPolicy, ...);
+- the sharded evaluation (k8s/jobs/sharded-eval/): an Indexed Job retried per shard, as
+  hardened as the server, reaching the server and nothing else, running
+  examples/sharded_eval.py (which the images carry) with arguments its CLI reads as meant;
+  its merge Job's script hands ``lossd merge`` every shard in index order;
 - the image's runtime contract without a container engine: the build context builds the
   package, and ``lossd serve`` runs as UID 10001 on a read-only root with only /tmp (and
   the shared-memory socket directory) writable, configured by the image's ENV and the
@@ -42,10 +47,18 @@ from typing import Any
 
 import pytest
 
+from examples import sharded_eval
+from lossd._cli import build_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".venv" / "tools" / "bin"
 K8S = ROOT / "k8s"
 OVERLAYS = ("gpu", "cpu", "plugin")
+# Jobs run beside the server (k8s/jobs/), rendered and checked as the overlays are.
+SHARDED_EVAL, MERGE = "jobs/sharded-eval", "jobs/sharded-eval/merge"
+# What `kubectl kustomize` renders: the overlays by name, the Jobs by their path under k8s/.
+KUSTOMIZATIONS = {**{o: K8S / "overlays" / o for o in OVERLAYS},
+                  **{job: K8S / job for job in (SHARDED_EVAL, MERGE)}}
 # Kubernetes versions validated against: an older supported minor and the newest schemas
 # kubernetes-validate ships.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
@@ -118,6 +131,21 @@ def config(objs: list[Obj]) -> dict[str, str]:
     return one(objs, "ConfigMap", refs[0])["data"]  # type: ignore[no-any-return]
 
 
+def assert_restricted(spec: Obj, c: Obj) -> None:
+    """A pod spec and its container as hardened as the server's: UID 10001, not root,
+    read-only root, no privilege or escalation, no capabilities, RuntimeDefault seccomp."""
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] == UID
+    assert pod["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == UID
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc.get("privileged", False) is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -182,11 +210,12 @@ def image_env(name: str) -> dict[str, str]:
 def rendered_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("rendered")
     files: dict[str, Path] = {}
-    for overlay in OVERLAYS:
-        proc = run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], cwd=ROOT)
-        assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay}:\n{proc.stderr}"
-        files[overlay] = out / f"{overlay}.yaml"
-        files[overlay].write_text(proc.stdout)
+    for name, directory in KUSTOMIZATIONS.items():
+        proc = run([kubectl(), "kustomize", str(directory)], cwd=ROOT)
+        assert proc.returncode == 0, (f"kubectl kustomize {directory.relative_to(ROOT)}:\n"
+                                      f"{proc.stderr}")
+        files[name] = out / f"{name.replace('/', '-')}.yaml"
+        files[name].write_text(proc.stdout)
     return files
 
 
@@ -451,16 +480,7 @@ def test_shutdown_budget_covers_prestop_and_drain(objs: list[Obj]) -> None:
 
 def test_security_context(objs: list[Obj]) -> None:
     spec = pod_spec(objs)
-    pod = spec["securityContext"]
-    assert pod["runAsNonRoot"] is True and pod["runAsUser"] == UID
-    assert pod["seccompProfile"]["type"] == "RuntimeDefault"
-    sc = container(objs)["securityContext"]
-    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == UID
-    assert sc["readOnlyRootFilesystem"] is True
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc.get("privileged", False) is False
-    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
-    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert_restricted(spec, container(objs))
     # The only writable paths are emptyDirs: /tmp, and the shared-memory socket directory.
     mounts = {m["mountPath"]: m["name"] for m in container(objs)["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -554,6 +574,187 @@ def test_pod_annotations_for_plain_prometheus(objs: list[Obj]) -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# --------------------------------------------------------------------------------------
+# the sharded evaluation: an Indexed Job, then a merge Job (k8s/jobs/sharded-eval/)
+
+
+def job(rendered: dict[str, list[Obj]], kustomization: str) -> Obj:
+    """The one Job a kustomization of k8s/jobs/ renders."""
+    return one(rendered[kustomization], "Job")
+
+
+def job_container(j: Obj) -> Obj:
+    [c] = j["spec"]["template"]["spec"]["containers"]
+    return c  # type: ignore[no-any-return]
+
+
+def job_env(j: Obj) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in job_container(j).get("env", [])}
+
+
+def results_dir(rendered: dict[str, list[Obj]], j: Obj) -> str:
+    """Where the Job's pods mount the volume of the shards' results: the claim that
+    k8s/jobs/sharded-eval/ creates, ReadWriteMany since the shards' pods share it."""
+    pvc = one(rendered[SHARDED_EVAL], "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    volumes = {v["name"]: v for v in j["spec"]["template"]["spec"]["volumes"]}
+    [path] = [m["mountPath"] for m in job_container(j)["volumeMounts"]
+              if volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName")
+              == pvc["metadata"]["name"]]
+    return path  # type: ignore[no-any-return]
+
+
+def test_sharded_eval_is_an_indexed_job_retried_per_shard(
+        rendered: dict[str, list[Obj]]) -> None:
+    evaluation, merge = job(rendered, SHARDED_EVAL), job(rendered, MERGE)
+    spec = evaluation["spec"]
+    assert spec["completionMode"] == "Indexed"
+    shards = spec["completions"]
+    assert shards > 1 and 1 <= spec["parallelism"] <= shards
+    # Both Jobs count the same shards: the merge refuses fewer files than SHARDS.
+    assert job_env(evaluation)["SHARDS"] == job_env(merge)["SHARDS"] == str(shards)
+    # A failed shard is retried alone; the example's usage errors are not retried at all.
+    assert spec["backoffLimitPerIndex"] >= 1
+    [fail_index] = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailIndex"]
+    assert fail_index["onExitCodes"] == {"containerName": job_container(evaluation)["name"],
+                                         "operator": "In", "values": [sharded_eval.EXIT_USAGE]}
+    for j in (evaluation, merge):
+        assert j["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+        assert j["spec"]["activeDeadlineSeconds"] > 0
+        assert j["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+@pytest.mark.parametrize("kustomization", [SHARDED_EVAL, MERGE])
+def test_sharded_eval_jobs_are_hardened(rendered: dict[str, list[Obj]],
+                                        kustomization: str) -> None:
+    j = job(rendered, kustomization)
+    spec, c = j["spec"]["template"]["spec"], job_container(j)
+    assert_restricted(spec, c)
+    assert spec["automountServiceAccountToken"] is False
+    for part in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][part]), c["resources"]
+    # The server's release, client only: the CPU image, at a fixed tag.
+    assert c["image"] == container(rendered["cpu"])["image"]
+    # Writable: the results volume and a /tmp emptyDir, nothing else.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert set(mounts) == {results_dir(rendered, j), "/tmp"}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    for o in rendered[kustomization]:
+        assert o["metadata"]["namespace"] == NAMESPACE, o["metadata"]
+        assert o["metadata"]["labels"]["app.kubernetes.io/name"] == "lossd", o["metadata"]
+    # Each pod under a NetworkPolicy of its own kustomization, which denies all ingress.
+    labels = j["spec"]["template"]["metadata"]["labels"]
+    [policy] = [p for p in rendered[kustomization] if p["kind"] == "NetworkPolicy"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["ingress"] == []
+
+
+def test_sharded_eval_reaches_the_server_and_nothing_else(
+        rendered: dict[str, list[Obj]]) -> None:
+    server = rendered["cpu"]
+    server_pods = one(server, "Deployment", "lossd")["spec"]["template"]["metadata"]["labels"]
+    for kustomization in (SHARDED_EVAL, MERGE):
+        labels = job(rendered, kustomization)["spec"]["template"]["metadata"]["labels"]
+        # None of the server's selectors picks the Jobs' pods (a Service would send them
+        # calls, the PodDisruptionBudget would count them).
+        for o in server:
+            selector = (o["spec"].get("selector") if o["kind"] == "Service" else
+                        o["spec"].get("selector", {}).get("matchLabels")
+                        if o["kind"] in ("Deployment", "PodDisruptionBudget") else
+                        o["spec"]["podSelector"]["matchLabels"]
+                        if o["kind"] == "NetworkPolicy" else None)
+            assert not (selector and selects(selector, labels)), (kustomization, o["kind"])
+    # The evaluation pods: admitted by the server's NetworkPolicy on gRPC; their own lets
+    # them reach the server pods' gRPC port and the cluster DNS, nothing more.
+    labels = job(rendered, SHARDED_EVAL)["spec"]["template"]["metadata"]["labels"]
+    [grpc_rule] = [r for r in one(server, "NetworkPolicy")["spec"]["ingress"]
+                   if [p["port"] for p in r["ports"]] == [GRPC_PORT]]
+    assert any(selects(f["podSelector"]["matchLabels"], labels) for f in grpc_rule["from"])
+    egress = one(rendered[SHARDED_EVAL], "NetworkPolicy")["spec"]["egress"]
+    assert len(egress) == 2
+    to_server, to_dns = egress
+    assert [selects(t["podSelector"]["matchLabels"], server_pods)
+            for t in to_server["to"]] == [True]
+    assert to_server["ports"] == [{"protocol": "TCP", "port": GRPC_PORT}]
+    assert {(p["protocol"], p["port"]) for p in to_dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    # The merge reads files: no egress at all.
+    assert one(rendered[MERGE], "NetworkPolicy")["spec"]["egress"] == []
+
+
+def test_sharded_eval_runs_the_example_as_its_cli_reads_it(
+        rendered: dict[str, list[Obj]]) -> None:
+    j = job(rendered, SHARDED_EVAL)
+    c = job_container(j)
+    # The script is examples/sharded_eval.py, which both images copy where the Job runs it.
+    python, script = c["command"]
+    assert python == "python"
+    for name in ("cpu", "cuda"):
+        assert ("COPY", f"examples/sharded_eval.py {script}") in stage(name), name
+    assert dockerignore_allows("examples/sharded_eval.py")
+    # Its arguments, read by the example's own parser as Kubernetes runs it.
+    shards = j["spec"]["completions"]
+    last = shards - 1
+    args = sharded_eval.parse_args(c["args"], environ={"JOB_COMPLETION_INDEX": str(last),
+                                                       **job_env(j)})
+    assert (args.index, args.shards) == (last, shards)
+    assert args.out_dir == Path(results_dir(rendered, j))
+    assert args.predictions is None  # the synthetic set: the same in every pod
+    # The address: the server's ClusterIP Service (k8s/base), by its cluster DNS name.
+    host, port = args.address.rsplit(":", 1)
+    service, namespace, *rest = host.split(".")
+    assert rest == ["svc", "cluster", "local"] and namespace == NAMESPACE, host
+    svc = one(rendered["cpu"], "Service", service)
+    assert svc["spec"].get("clusterIP") != "None"
+    assert int(port) == {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+
+
+def test_merge_job_hands_lossd_merge_every_shard_in_order(
+        rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+    """The merge Job's script, run with a stand-in ``lossd`` that records its arguments,
+    over files named as the example names them: every shard, in index order (12 shards
+    too, where names sort by padding), arguments ``lossd merge`` parses, the outputs on the
+    volume; a missing shard stops it before any merge."""
+    j = job(rendered, MERGE)
+    shell, flag, script = job_container(j)["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    volume = results_dir(rendered, j)
+    local = tmp_path / "results"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "lossd").write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "lossd").chmod(0o755)
+    recorded = tmp_path / "args"
+
+    def merge(shards: int) -> subprocess.CompletedProcess[str]:
+        recorded.unlink(missing_ok=True)
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SHARDS": str(shards),
+               "ARGS_OUT": str(recorded)}
+        return run(["/bin/sh", "-c", script.replace(volume, str(local))], env=env, timeout=30)
+
+    for shards in (int(job_env(j)["SHARDS"]), 12):
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir()
+        paths = [sharded_eval.shard_path(local, i, shards) for i in range(shards)]
+        for path in reversed(paths):
+            path.write_bytes(b"")
+        # What a pod killed mid-write leaves behind: not a shard.
+        (local / (paths[0].name + ".partial")).write_bytes(b"")
+        proc = merge(shards)
+        assert proc.returncode == 0, proc.stderr
+        argv = recorded.read_text().splitlines()
+        parsed = build_parser().parse_args(argv)
+        assert parsed.command == "merge"
+        assert parsed.results == [str(p) for p in paths]
+        assert parsed.json and Path(parsed.json).parent == local
+        assert parsed.report and Path(parsed.report).parent == local
+        paths[1].unlink()
+        proc = merge(shards)
+        assert proc.returncode != 0 and f"expected {shards} shard files" in proc.stderr
+        assert not recorded.exists()
 
 
 # --------------------------------------------------------------------------------------
