@@ -10,10 +10,15 @@ examples/lightning_callback.py and examples/hf_trainer.py (docs/training.md): th
 framework integrations, each printing the metrics its framework holds at the end; checked
 for every metric, the whole validation set counted and, for the Trainer, lossd's mean
 equal to the Trainer's own ``eval_loss`` of the same model.
+
+examples/sharded_eval.py (docs/deploy.md, "Sharded evaluation"; the Indexed Job of
+k8s/jobs/sharded-eval/): three shards run as Kubernetes runs them, then ``lossd merge``
+over their files, equal to one evaluation of the whole set, bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,8 +26,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import lossd
+from examples import sharded_eval
+from lossd import Batch, LossClient
+from lossd._cli import main as lossd_main
 from lossd_server.app import LossdServer
 from tests.conftest import ROOT, start_server
 
@@ -120,3 +130,82 @@ def test_hf_trainer_metrics_match_the_trainers_loss(train_server: LossdServer,
     assert logged["eval_lossd/count"] == 500
     # The Trainer's own mean of the model's loss, over 5 batches of 100: the same number.
     assert abs(logged["eval_lossd/loss"] - logged["eval_loss"]) <= 2e-4
+
+
+def test_sharded_eval_reads_its_shard_like_an_indexed_job() -> None:
+    """The shard from JOB_COMPLETION_INDEX and SHARDS, flags over them; the shards cover
+    the set once, in order; their files sort in index order, however many."""
+    env = {"JOB_COMPLETION_INDEX": "2", "SHARDS": "3"}
+    args = sharded_eval.parse_args([], environ=env)
+    assert (args.index, args.shards) == (2, 3)
+    args = sharded_eval.parse_args(["--index", "1", "--shards", "4"], environ=env)
+    assert (args.index, args.shards) == (1, 4)
+    for argv, environ in (([], {}), (["--index", "3"], env), (["--predictions", "x.npy"], env)):
+        with pytest.raises(SystemExit) as exc:
+            sharded_eval.parse_args(argv, environ=environ)
+        assert exc.value.code == sharded_eval.EXIT_USAGE
+    for samples, shards in ((10_000, 3), (7, 3), (5, 5), (1_000, 12)):
+        bounds = [sharded_eval.shard_bounds(i, shards, samples) for i in range(shards)]
+        assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(samples))
+        assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+        names = [sharded_eval.shard_path(Path("r"), i, shards).name for i in range(shards)]
+        assert sorted(names) == names
+
+
+def test_sharded_eval_shards_merge_into_one_evaluation(train_server: LossdServer,
+                                                        tmp_path: Path) -> None:
+    """Three shards, each a process with the environment an Indexed Job's pod gets, then
+    ``lossd merge`` over their files (as the merge Job globs them): the merged result is one
+    ``evaluate_all`` over the whole set, bit for bit (sum, mean, per class, accuracy,
+    quantiles, the hardest samples by data-set index); the JSON says the same and the
+    report is written. A shard read from .npy files saves the same result."""
+    address = f"127.0.0.1:{train_server.port}"
+    out, shards = tmp_path / "results", 3
+    script = [sys.executable, str(ROOT / "examples" / "sharded_eval.py"), "--address", address]
+    pods = [subprocess.Popen([*script, "--out-dir", str(out)], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**ENV, "JOB_COMPLETION_INDEX": str(i), "SHARDS": str(shards)})
+            for i in range(shards)]
+    x, y = sharded_eval.synthetic_dataset()
+    for i, pod in enumerate(pods):
+        stdout, stderr = pod.communicate(timeout=240)
+        assert pod.returncode == 0, stderr
+        lo, hi = sharded_eval.shard_bounds(i, shards, len(x))
+        assert stdout.startswith(f"shard {i} of {shards}: samples {lo} to {hi - 1}, "), stdout
+    files = sorted(out.glob("shard-*.lossd"))
+    assert [f.name for f in files] == [f"shard-{i}.lossd" for i in range(shards)]
+    merged_json, report = out / "merged.json", out / "report.html"
+    assert lossd_main(["merge", *map(str, files), "--json", str(merged_json),
+                       "--report", str(report)]) == 0
+
+    size = sharded_eval.BATCH
+    with LossClient(address) as client:
+        whole = client.evaluate_all(
+            (Batch(x[a:a + size], y[a:a + size], sample_ids=np.arange(a, min(a + size, len(x))))
+             for a in range(0, len(x), size)),
+            per_class=True, accuracy=True, hardest=sharded_eval.HARDEST, quantiles=True)
+    merged = lossd.merge(lossd.load_result(f) for f in files)
+    assert merged.count == whole.count == len(x)
+    assert (merged.sum, merged.mean, merged.accuracy) == (whole.sum, whole.mean, whole.accuracy)
+    assert merged.per_class is not None and whole.per_class is not None
+    assert merged.per_class.to_dict() == whole.per_class.to_dict()
+    assert merged.quantiles is not None and whole.quantiles is not None
+    assert dict(merged.quantiles.items()) == dict(whole.quantiles.items())
+    assert merged.quantiles.max == whole.quantiles.max
+    assert merged.hardest is not None and whole.hardest is not None
+    assert list(merged.hardest.sample_ids) == list(whole.hardest.sample_ids)
+    assert list(merged.hardest.indices) == list(merged.hardest.sample_ids)  # in order
+    assert list(merged.hardest.losses) == list(whole.hardest.losses)
+    figures = json.loads(json.dumps(whole.to_dict(), default=str))
+    assert json.loads(merged_json.read_text()) == figures
+    assert "lossd evaluation: cross_entropy" in report.read_text()
+
+    # The same shard from .npy files, mapped: the same saved result.
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    from_files = subprocess.run(
+        [*script, "--index", "1", "--shards", str(shards), "--out-dir", str(tmp_path / "npy"),
+         "--predictions", str(tmp_path / "x.npy"), "--targets", str(tmp_path / "y.npy")],
+        capture_output=True, text=True, timeout=240, env=ENV)
+    assert from_files.returncode == 0, from_files.stderr
+    assert (tmp_path / "npy" / "shard-1.lossd").read_bytes() == files[1].read_bytes()
