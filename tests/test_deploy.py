@@ -653,6 +653,19 @@ def test_sharded_eval_jobs_are_hardened(rendered: dict[str, list[Obj]],
     assert policy["spec"]["ingress"] == []
 
 
+def pod_selector(o: Obj) -> dict[str, str] | None:
+    """The labels a Service, Deployment, PodDisruptionBudget or NetworkPolicy selects pods
+    by; None for other kinds."""
+    spec = o.get("spec", {})
+    if o["kind"] == "Service":
+        return spec.get("selector")  # type: ignore[no-any-return]
+    if o["kind"] in ("Deployment", "PodDisruptionBudget"):
+        return spec["selector"]["matchLabels"]  # type: ignore[no-any-return]
+    if o["kind"] == "NetworkPolicy":
+        return spec["podSelector"]["matchLabels"]  # type: ignore[no-any-return]
+    return None
+
+
 def test_sharded_eval_reaches_the_server_and_nothing_else(
         rendered: dict[str, list[Obj]]) -> None:
     server = rendered["cpu"]
@@ -662,11 +675,7 @@ def test_sharded_eval_reaches_the_server_and_nothing_else(
         # None of the server's selectors picks the Jobs' pods (a Service would send them
         # calls, the PodDisruptionBudget would count them).
         for o in server:
-            selector = (o["spec"].get("selector") if o["kind"] == "Service" else
-                        o["spec"].get("selector", {}).get("matchLabels")
-                        if o["kind"] in ("Deployment", "PodDisruptionBudget") else
-                        o["spec"]["podSelector"]["matchLabels"]
-                        if o["kind"] == "NetworkPolicy" else None)
+            selector = pod_selector(o)
             assert not (selector and selects(selector, labels)), (kustomization, o["kind"])
     # The evaluation pods: admitted by the server's NetworkPolicy on gRPC; their own lets
     # them reach the server pods' gRPC port and the cluster DNS, nothing more.
