@@ -670,13 +670,15 @@ def test_sharded_eval_reaches_the_server_and_nothing_else(
         rendered: dict[str, list[Obj]]) -> None:
     server = rendered["cpu"]
     server_pods = one(server, "Deployment", "lossd")["spec"]["template"]["metadata"]["labels"]
-    for kustomization in (SHARDED_EVAL, MERGE):
-        labels = job(rendered, kustomization)["spec"]["template"]["metadata"]["labels"]
-        # None of the server's selectors picks the Jobs' pods (a Service would send them
-        # calls, the PodDisruptionBudget would count them).
-        for o in server:
-            selector = pod_selector(o)
-            assert not (selector and selects(selector, labels)), (kustomization, o["kind"])
+    # The server's selectors pick its pods and not the Jobs' (a Service would send them
+    # calls, the PodDisruptionBudget would count them).
+    selectors = [(o["kind"], s) for o in server if (s := pod_selector(o)) is not None]
+    assert len(selectors) == 5, selectors  # 2 Services, Deployment, PDB, NetworkPolicy
+    for kind, selector in selectors:
+        assert selects(selector, server_pods), kind
+        for kustomization in (SHARDED_EVAL, MERGE):
+            labels = job(rendered, kustomization)["spec"]["template"]["metadata"]["labels"]
+            assert not selects(selector, labels), (kustomization, kind)
     # The evaluation pods: admitted by the server's NetworkPolicy on gRPC; their own lets
     # them reach the server pods' gRPC port and the cluster DNS, nothing more.
     labels = job(rendered, SHARDED_EVAL)["spec"]["template"]["metadata"]["labels"]
