@@ -8,9 +8,10 @@ the queue or for the last answers, each wait bounded by ``timeout``; past it, or
 server fails, the evaluation's metrics are left out with a :class:`LossdWarning`
 (``strict=True``: the error is raised instead). Nothing here knows a framework.
 
-No cross-rank merge happens here: a result covers the batches this process put. Where
-ranks meet (the frameworks' epoch ends), the coming exact merge
-(``lossd.distributed.gather``) is the step to add; until then the integrations say so.
+A result covers the batches this process put; where processes meet (a Lightning epoch's
+end, a torchmetrics ``compute``), :meth:`StreamedMetrics.across_ranks` merges every
+process's result exactly (``lossd.distributed.gather``), and a process that failed leaves
+the metrics out on all of them, never a partial merge passed off as the whole.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from lossd._client import LossClient
 from lossd._errors import DeadlineExceeded, LossdError
 from lossd._eval import class_targets
 from lossd._result import Aggregates, class_names_of
+from lossd.state import MergeError, merge
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds the training thread waits at most at any one point (room in the queue, the
@@ -210,8 +212,9 @@ class _Stream:
 
 class StreamedMetrics:
     """An evaluation streamed to a lossd server: :meth:`put` batches, then :meth:`close`
-    (the stream's final aggregates) or :meth:`flush` (the aggregates so far, the stream
-    kept open). A stream opens at the first batch put after a close.
+    (the evaluation's final aggregates) or :meth:`flush` (the aggregates so far, the
+    evaluation going on); :meth:`across_ranks` merges either with every other process's.
+    A stream opens at the first batch put after a close (or a mergeable flush).
 
     ``address``: the server, as ``LossClient`` takes it; ``client_options``: more
     ``LossClient`` arguments (``token``, ``root_certificates``, ...). The client is made at
@@ -222,6 +225,8 @@ class StreamedMetrics:
     the report's histogram needs them). Failures: a :class:`LossdWarning` naming ``what``
     and the cause, and the aggregates are None; ``strict``: the error is raised. The
     integrations pass their own arguments of the same names straight through.
+    ``failure``: the error that left the current evaluation's metrics out (None while
+    they are not), until the next evaluation opens.
     """
 
     def __init__(self, address: str, *, loss: str, options: Mapping[str, Any],
@@ -250,12 +255,18 @@ class StreamedMetrics:
         self._client: LossClient | None = None
         self._stream: _Stream | None = None
         self._failed = False
+        self.failure: Exception | None = None
+        self._kept: Aggregates | None = None
+        """The streams this evaluation ended at mergeable flushes, merged."""
+        self._kept_losses: list[np.ndarray] = []
         self._last_losses: list[np.ndarray] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable (a spawned process gets a copy): the connection and an open stream
-        stay behind; the copy opens its own at its first batch."""
-        return {**self.__dict__, "_client": None, "_stream": None, "_failed": False}
+        """Picklable (a spawned process gets a copy): the connection, an open stream and
+        the evaluation's results so far stay behind; the copy opens its own at its first
+        batch."""
+        return {**self.__dict__, "_client": None, "_stream": None, "_failed": False,
+                "failure": None, "_kept": None, "_kept_losses": []}
 
     def put(self, predictions: Any, targets: Any) -> None:
         """Queue one batch (copied to host memory first), opening the stream at the first
@@ -265,6 +276,7 @@ class StreamedMetrics:
             return
         predictions, targets = to_host(predictions), to_host(targets)
         if self._stream is None:
+            self.failure = None   # a new evaluation, or the next part of one
             if self._client is None:
                 self._client = LossClient(self.address, **self.client_options)
             self._stream = _Stream(self._client, loss=self.loss,
@@ -277,12 +289,32 @@ class StreamedMetrics:
         except DeadlineExceeded as exc:
             self._fail(exc)
 
-    def flush(self) -> Aggregates | None:
-        """The aggregates over every batch put so far, once all are answered (the stream
-        stays open); None when nothing was put or the stream failed."""
+    def flush(self, *, mergeable: bool = False) -> Aggregates | None:
+        """The aggregates over every batch put since the last close, once all are
+        answered; None when nothing was put or the evaluation failed.
+
+        ``mergeable``: with their exact state, as :meth:`across_ranks` needs (a stream's
+        state comes at its end): the open stream is ended and its result kept, and the
+        next :meth:`put` opens a new one. The kept results and the streams after them
+        merge exactly, so later flushes and the close still cover every batch since the
+        last close, as one stream would. Without: the stream stays open (its running
+        aggregates carry no state)."""
         stream = self._stream
-        if self._failed or stream is None:
+        if self._failed:
             return None
+        if stream is None:   # nothing put since the last close or mergeable flush
+            self.failure = None
+            return self._kept
+        if mergeable:
+            self._stream = None
+            self._failed = True   # until the stream ends well: a lost part fails it all
+            last = self._finish(stream)
+            if last is None:
+                return None
+            self._failed = False
+            self._kept = last if self._kept is None else merge([self._kept, last])
+            self._kept_losses += stream.losses
+            return self._kept
         try:
             stream.wait(time.monotonic() + self.timeout, ended=False)
         except DeadlineExceeded as exc:
@@ -294,13 +326,75 @@ class StreamedMetrics:
         return stream.running
 
     def close(self) -> Aggregates | None:
-        """End the stream: its final aggregates, or None when nothing was put or it failed
-        (warned, or raised with ``strict``). The next :meth:`put` opens a new one."""
+        """End the evaluation: its final aggregates, or None when nothing was put or it
+        failed (warned, or raised with ``strict``). The next :meth:`put` opens a new one."""
         stream, self._stream = self._stream, None
         failed, self._failed = self._failed, False
-        if stream is None or failed:
+        kept, self._kept = self._kept, None
+        self._last_losses, self._kept_losses = self._kept_losses, []
+        if failed:
             return None
-        self._last_losses = stream.losses
+        if stream is None:   # nothing put since the last close or mergeable flush
+            self.failure = None
+            return kept
+        last = self._finish(stream)
+        if last is None:
+            return None
+        self._last_losses += stream.losses
+        return last if kept is None else merge([kept, last])
+
+    def across_ranks(self, end: Callable[[], Aggregates | None], group: Any = None
+                     ) -> Aggregates | None:
+        """What ``end()`` (:meth:`close`, or a mergeable :meth:`flush`) gives in this
+        process, merged in rank order with what it gives in every other process of
+        ``group`` (a torch.distributed group; None: the default one) by
+        ``lossd.distributed.gather``; this process's own when torch.distributed is not
+        initialized. A collective: every process of the group calls it at the same point.
+
+        A process whose evaluation failed (or whose result does not merge) leaves the
+        metrics out on every process, after all took part, so none is left waiting: here
+        a :class:`LossdWarning` naming the rank (``strict``: the MergeError is raised),
+        in the failed process its own warning or error. A process that put nothing takes
+        part and is left out of the merge."""
+        from lossd.distributed import gather
+
+        raised: Exception | None = None
+        local: Aggregates | Exception | None
+        try:
+            local = end()
+        except Exception as exc:  # strict, or a bug: raised once every process took part
+            local = raised = exc
+        if local is None and self.failure is not None:
+            local = self.failure  # warned already
+        try:
+            return gather(local, group=group)
+        except MergeError as exc:
+            problem = exc
+        if raised is not None:
+            raise raised
+        if not isinstance(local, Exception):   # another process's failure
+            self._report(problem)
+        return None
+
+    def losses(self) -> np.ndarray:
+        """The per-sample losses of the last closed stream, in order (``keep_losses``)."""
+        parts = self._last_losses
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def discard(self) -> None:
+        """Drop the evaluation, its open stream if any and its results (e.g. a
+        sanity-check pass)."""
+        stream, self._stream = self._stream, None
+        self._failed = False
+        self.failure = None
+        self._kept, self._kept_losses = None, []
+        if stream is not None:
+            stream.abandon()
+            if not stream.done:
+                self._abandon(stream)
+
+    def _finish(self, stream: _Stream) -> Aggregates | None:
+        """End ``stream``: its final aggregates, or None when it failed (reported)."""
         deadline = time.monotonic() + self.timeout   # one wait, however it is spent
         try:
             if stream.put(_END, deadline):
@@ -314,20 +408,6 @@ class StreamedMetrics:
             self._report(stream.error)
             return None
         return stream.running
-
-    def losses(self) -> np.ndarray:
-        """The per-sample losses of the last closed stream, in order (``keep_losses``)."""
-        parts = self._last_losses
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-    def discard(self) -> None:
-        """Drop the open stream, if any, and its results (e.g. a sanity-check pass)."""
-        stream, self._stream = self._stream, None
-        self._failed = False
-        if stream is not None:
-            stream.abandon()
-            if not stream.done:
-                self._abandon(stream)
 
     def _fail(self, exc: Exception | None) -> None:
         """The open stream failed: abandon it and report once; later puts do nothing."""
@@ -345,6 +425,7 @@ class StreamedMetrics:
             self._client = None
 
     def _report(self, exc: Exception) -> None:
+        self.failure = exc
         if self.strict:
             raise exc
         warnings.warn(f"{self.what} left out (lossd server {self.address}): {exc}",

@@ -7,21 +7,24 @@ one stream per epoch by a background thread; the metrics are logged at the epoch
 A slow or dead server costs a :class:`~lossd.integrations.LossdWarning` and that epoch's
 lossd metrics (``strict=True`` raises instead).
 
-Distributed (world size > 1): lossd cannot merge ranks yet (``lossd.distributed.gather``,
-the exact merge, is coming), so only rank 0 streams and logs, its own shard: the metrics
-cover 1/world-size of the data, and a one-time warning says so. When the merge lands,
-every rank streams its shard and the ranks meet in :meth:`LossdCallback._across_ranks`.
+Distributed (DDP, world size > 1): every rank streams its own shard, and at the epoch's end
+the ranks' results merge exactly (``lossd.distributed.gather``, a collective every rank
+takes part in), so every rank logs the same metrics over the whole validation set; a rank
+whose stream failed leaves them out on every rank.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from lossd import _report
 from lossd._result import Aggregates
@@ -86,6 +89,16 @@ class LossdCallback(pl.Callback):
     Lightning runs before training is not evaluated; several validation dataloaders go
     into one evaluation, in the order Lightning runs them.
 
+    Under DDP each rank streams the batches of its shard and the ranks' results merge
+    exactly at the epoch's end, in rank order (the hardest samples' index: the position in
+    rank 0's batches, then rank 1's, ...): every rank logs the same values, so
+    ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them on every rank; the tables
+    and the report (its histogram over every rank's losses) come from rank 0. Lightning's
+    ``DistributedSampler`` pads the set to a multiple of the world size by repeating its
+    first samples, and lossd counts what it is given: ``count`` is the set's size plus
+    that padding (at most world size - 1 samples), unless the set divides evenly or the
+    sampler drops the remainder (``drop_last``).
+
     ``timeout`` (seconds): the longest a step or an epoch's end waits on lossd (room in the
     queue of ``queue_size`` batches, the last answers); ``strict``: raise instead of
     warning. ``client_options``: more ``LossClient`` arguments (``token``, ...).
@@ -120,16 +133,25 @@ class LossdCallback(pl.Callback):
 
     # --- the hooks -----------------------------------------------------------------------
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            # Lightning advises sync_dist=True for epoch-level values under DDP; ours are
+            # merged across ranks already (the same on every rank), so averaging them
+            # again would only cost a collective per key.
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"It is recommended to use `self.log('{self.prefix}"),
+                category=PossibleUserWarning)
+
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
-            self._put(trainer, outputs, batch)
+            self._put(outputs, batch)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                           outputs: Any, batch: Any, batch_idx: int,
                           dataloader_idx: int = 0) -> None:
-        self._put(trainer, outputs, batch)
+        self._put(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer,
                                 pl_module: pl.LightningModule) -> None:
@@ -147,22 +169,7 @@ class LossdCallback(pl.Callback):
 
     # --- the work ------------------------------------------------------------------------
 
-    def _streams_here(self, trainer: pl.Trainer) -> bool:
-        """Whether this process streams: every process of a single-process run; rank 0
-        only under DDP until the merge exists (the warning says what is missing)."""
-        if trainer.world_size <= 1:
-            return True
-        if trainer.global_rank == 0:
-            self._warn_once("ddp", (
-                f"LossdCallback: world size {trainer.world_size}, but lossd cannot merge "
-                "ranks yet (lossd.distributed.gather, the exact merge, is not available): "
-                f"the lossd metrics are rank 0's shard only, 1/{trainer.world_size} of the "
-                "data, and cannot be monitored by other callbacks"))
-        return trainer.global_rank == 0
-
-    def _put(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
-        if not self._streams_here(trainer):
-            return
+    def _put(self, outputs: Any, batch: Any) -> None:
         picked = self.select(outputs, batch) if self.select else pick(outputs)
         if picked is None:
             if self.select is None:
@@ -180,37 +187,42 @@ class LossdCallback(pl.Callback):
             raise TypeError(message)
         self._warn_once("outputs", message + "; those batches are skipped")
 
-    def _across_ranks(self, trainer: pl.Trainer, local: Aggregates | None
-                      ) -> Aggregates | None:
-        """Where the ranks' results meet: today the local result (rank 0's, under DDP); the
-        exact merge (``lossd.distributed.gather``) goes here once it exists."""
-        return local
-
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
                    ) -> None:
-        if not self._streams_here(trainer):
-            return
-        result = self._across_ranks(trainer, self.metrics.close())
+        # Every rank, under DDP: a collective (each rank's stream ends and all merge).
+        result = self.metrics.across_ranks(self.metrics.close)
         if result is None:
             return
         self.last[stage] = result
         key = f"{self.prefix}{stage}/"
         # float64 tensors: Lightning would store plain floats as float32.
         pl_module.log_dict({k: torch.tensor(v, dtype=torch.float64)
-                            for k, v in flat_metrics(result, key).items()},
-                           rank_zero_only=trainer.world_size > 1)
-        if result.hardest is not None and len(result.hardest):
+                            for k, v in flat_metrics(result, key).items()})
+        if trainer.is_global_zero and result.hardest is not None and len(result.hardest):
             columns, rows = hardest_table(result)
             for logger in trainer.loggers:
                 log_table = getattr(logger, "log_table", None)
                 if callable(log_table):
                     log_table(key=f"{key}hardest", columns=columns, data=rows)
         if self.report_dir is not None:
-            self._write_report(trainer, stage, result)
+            losses = self._every_ranks_losses(trainer)
+            if losses is not None:
+                self._write_report(trainer, stage, result, losses)
 
-    def _write_report(self, trainer: pl.Trainer, stage: str, result: Aggregates) -> None:
-        assert self.report_dir is not None
+    def _every_ranks_losses(self, trainer: pl.Trainer) -> np.ndarray | None:
+        """The per-sample losses of every rank, in rank order (the merged result's
+        positions), on rank 0; None on the others. A collective under DDP."""
         losses = self.metrics.losses()
+        if trainer.world_size <= 1:
+            return losses
+        parts: list[Any] | None = [None] * trainer.world_size if trainer.is_global_zero \
+            else None
+        torch.distributed.gather_object(losses, parts, dst=0)
+        return None if parts is None else np.concatenate(parts)
+
+    def _write_report(self, trainer: pl.Trainer, stage: str, result: Aggregates,
+                      losses: np.ndarray) -> None:
+        assert self.report_dir is not None
         page = _report.render(
             loss=self.metrics.loss, aggregates=result, losses=losses,
             options=self.metrics.options,

@@ -1,17 +1,19 @@
 """A torchmetrics ``Metric`` whose state lives on a lossd server: ``update`` queues a
-batch on one stream, ``compute`` reads the stream's running aggregates, ``reset`` ends it.
-Needs ``torchmetrics`` (``pip install 'lossd[torchmetrics]'``).
+batch on a stream, ``compute`` returns the metrics of every batch since the last
+``reset``, which ends the evaluation. Needs ``torchmetrics`` (``pip install
+'lossd[torchmetrics]'``).
 
-The rule: no state on this side, so nothing for torchmetrics to sync. Across processes
-that means each process's ``compute`` covers its own updates only: ``dist_sync`` needs
-the coming exact merge (``lossd.distributed.gather``), the step to add in :meth:`compute`;
-until then a one-time warning says so.
+The rule: no tensor state on this side, so torchmetrics has nothing of ours to sync; the
+processes meet in :meth:`LossdMetric.compute` instead, where each one's exact result (the
+stream it had open is ended for its state, and later updates go on a new one) merges with
+every other's (``lossd.distributed.gather``), so every process returns the metrics of all
+the processes' batches.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +23,6 @@ from lossd._result import Aggregates
 from lossd.integrations._stream import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
-    LossdWarning,
     StreamedMetrics,
     flat_metrics,
 )
@@ -47,8 +48,18 @@ class LossdMetric(Metric):
     last ``reset``; it waits for the batches still queued, and ``update`` may go on after
     it. The arguments are :class:`~lossd.integrations.lightning.LossdCallback`'s. Calling
     the metric (``forward``) updates it and returns None: a per-batch value would cost a
-    wait on the server each step. A server that fails: a :class:`LossdWarning` and an
-    empty dict (``strict=True`` raises). ``last``: the aggregates of the last compute.
+    wait on the server each step. A server that fails: a
+    :class:`~lossd.integrations.LossdWarning` and an empty dict (``strict=True`` raises).
+    ``last``: the aggregates of the last compute.
+
+    Distributed (torch.distributed initialized): ``compute`` is a collective, as
+    torchmetrics' own sync is: every process of ``process_group`` (None: the default
+    group) calls it, and each returns the metrics of every process's batches, merged
+    exactly in rank order (one ``evaluate_all`` over rank 0's batches, then rank 1's,
+    ...). A process whose stream failed leaves them out in every process (warned; with
+    ``strict`` raised). ``sync_on_compute=False``: each process its own batches, no
+    collective. The result is not cached (torchmetrics' ``compute_with_cache``), so that
+    every call is the same collective in every process.
     """
 
     full_state_update = False
@@ -61,30 +72,28 @@ class LossdMetric(Metric):
                  hardest: int = 0, quantiles: bool | Iterable[float] | None = True,
                  class_names: Sequence[str] | None = None, strict: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, queue_size: int = DEFAULT_QUEUE,
-                 client_options: Mapping[str, Any] | None = None, **options: Any) -> None:
-        super().__init__()
+                 client_options: Mapping[str, Any] | None = None,
+                 sync_on_compute: bool = True, process_group: Any = None,
+                 **options: Any) -> None:
+        super().__init__(sync_on_compute=sync_on_compute, process_group=process_group,
+                         compute_with_cache=False)
         self.stream = StreamedMetrics(
             address, loss=loss, options=options, per_class=per_class, accuracy=accuracy,
             calibration=calibration, top_k=top_k, hardest=hardest, quantiles=quantiles,
             class_names=class_names, timeout=timeout, queue_size=queue_size, strict=strict,
             client_options=client_options, what="LossdMetric")
         self.last: Aggregates | None = None
-        self._warned_ranks = False
 
     def update(self, preds: Any, target: Any) -> None:
         """Queue one batch (predictions, targets) on the stream."""
         self.stream.put(preds, target)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The metrics over every batch since the last reset (this process's only: see the
-        module's note on distributed runs)."""
-        if (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1 and not self._warned_ranks):
-            self._warned_ranks = True
-            warnings.warn("LossdMetric: this process's batches only; syncing ranks needs "
-                          "the exact merge (lossd.distributed.gather), not available yet",
-                          LossdWarning, stacklevel=2)
-        result = self.stream.flush()
+        """The metrics over every batch since the last reset; under torch.distributed,
+        every process's (a collective: see the class)."""
+        flush = partial(self.stream.flush, mergeable=True)
+        result = (self.stream.across_ranks(flush, group=self.process_group)
+                  if self.sync_on_compute else flush())
         if result is None:
             return {}
         self.last = result
