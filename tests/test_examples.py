@@ -14,10 +14,16 @@ equal to the Trainer's own ``eval_loss`` of the same model.
 examples/sharded_eval.py (docs/deploy.md, "Sharded evaluation"; the Indexed Job of
 k8s/jobs/sharded-eval/): three shards run as Kubernetes runs them, then ``lossd merge``
 over their files, equal to one evaluation of the whole set, bit for bit.
+
+examples/ddp_eval.py (docs/training.md, DDP), under ``torchrun --standalone
+--nproc_per_node 2`` on gloo: rank 0 prints the merge of both ranks' shards, checked
+against local torch over the example's own whole set and model (the loss, accuracy and
+each class's, the hardest samples by dataset index).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -209,3 +215,45 @@ def test_sharded_eval_shards_merge_into_one_evaluation(train_server: LossdServer
         capture_output=True, text=True, timeout=240, env=ENV)
     assert from_files.returncode == 0, from_files.stderr
     assert (tmp_path / "npy" / "shard-1.lossd").read_bytes() == files[1].read_bytes()
+
+
+def test_ddp_eval_merges_both_ranks_shards(train_server: LossdServer) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    script = ROOT / "examples" / "ddp_eval.py"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", str(script), "--address", f"127.0.0.1:{train_server.port}"],
+        capture_output=True, text=True, timeout=240, env=ENV)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "ranks 2 (gloo), rank 0's shard 500 samples, merged 1000 samples"
+    hardest_at = lines.index("hardest samples (dataset index, loss, target, predicted):")
+    logged = metrics(lines[1:hardest_at])
+    assert len(logged) == hardest_at - 1, lines
+
+    # The whole set, in one process, with the example's own data and model.
+    spec = importlib.util.spec_from_file_location("ddp_eval", script)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    x, y, _ = example.make_data(1000).tensors
+    with torch.no_grad():
+        logits = example.make_model()(x)
+    losses = F.cross_entropy(logits, y, reduction="none").double()
+    hit = (logits.argmax(dim=1) == y).double()
+    assert logged["count"] == 1000
+    assert logged["loss"] == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert logged["accuracy"] == pytest.approx(hit.mean().item(), abs=1e-6)
+    assert 0.7 < logged["accuracy"] < 0.95, lines        # a classifier, not a constant
+    for c, name in enumerate(example.CLASSES):
+        assert logged[f"class/{name}/loss"] == pytest.approx(
+            losses[y == c].mean().item(), abs=1e-6), name
+        assert logged[f"class/{name}/accuracy"] == pytest.approx(
+            hit[y == c].mean().item(), abs=1e-6), name
+    rows = [line.split() for line in lines[hardest_at + 1:]]
+    top = torch.topk(losses, 5)
+    assert [int(r[0]) for r in rows] == top.indices.tolist()
+    assert [float(r[1]) for r in rows] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert [r[2] for r in rows] == [example.CLASSES[int(y[i])] for i in top.indices]

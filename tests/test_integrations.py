@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -81,32 +82,30 @@ def assert_same(logged: dict[str, float], want: dict[str, float]) -> None:
 
 # --- Lightning ------------------------------------------------------------------------------
 
-def lightning_module() -> Any:
-    import lightning.pytorch as pl
+class Tiny(pl.LightningModule):
+    """A linear classifier that keeps its validation logits (at module level, so that a
+    spawned DDP process can unpickle it)."""
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torch.nn.Linear(FEATURES, len(CLASSES))
-            self.seen: list[torch.Tensor] = []   # the validation logits, to check against
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(FEATURES, len(CLASSES))
+        self.seen: list[torch.Tensor] = []   # the validation logits, to check against
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self(x), y)
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
 
-        def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-            x, y = batch
-            logits = self(x)
-            self.seen.append(logits.detach().clone())
-            return {"logits": logits, "targets": y}
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        self.seen.append(logits.detach().clone())
+        return {"logits": logits, "targets": y}
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    return Tiny()
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class TableLogger:
@@ -144,11 +143,10 @@ class TableLogger:
 
 
 def fit(tmp_path: Path, callback: Any, epochs: int = 2) -> tuple[Any, Any, Any]:
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
-    model = lightning_module()
+    model = Tiny()
     logger = TableLogger()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=[callback],
@@ -191,6 +189,46 @@ def test_lightning_logs_what_one_stream_gives(address: str, tmp_path: Path) -> N
     reports = sorted(p.name for p in (tmp_path / "reports").iterdir())
     assert reports == ["val-epoch0.html", "val-epoch1.html"]
     assert "Hardest samples (5)" in (tmp_path / "reports" / "val-epoch1.html").read_text()
+
+
+def test_lightning_ddp_merges_every_ranks_shard(address: str, tmp_path: Path) -> None:
+    """Two DDP processes (ddp_spawn, gloo on CPU): each streams its shard of the validation
+    set (Lightning's DistributedSampler; N_VAL divides evenly, so no padding) and the
+    epoch's metrics merge across them: the whole set counted, every metric as one
+    evaluation of the whole set with the trained model gives it, the report's histogram
+    over every rank's losses."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lossd.integrations.lightning import LossdCallback
+
+    torch.manual_seed(0)
+    model = Tiny()
+    callback = LossdCallback(address, class_names=CLASSES, hardest=5, top_k=2,
+                             report_dir=tmp_path / "reports")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1,
+        callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        num_sanity_val_steps=2)
+    train = DataLoader(TensorDataset(*data(64, 1)), batch_size=BATCH)
+    val = DataLoader(TensorDataset(*data(N_VAL, 2)), batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, train, val)                       # rank 0's weights come back
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()
+              if k.startswith("lossd/")}
+    assert logged["lossd/val/count"] == N_VAL
+    x, y = data(N_VAL, 2)
+    with torch.no_grad():
+        want = direct(address, [(model(x), y)], per_class=True, accuracy=True,
+                      diagnostics=True, top_k=2, hardest=5, quantiles=True)
+    expected = flat_metrics(want, "lossd/val/")
+    assert set(logged) == set(expected)
+    for k, v in expected.items():                # the logits of other batch shapes
+        assert logged[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    page = (tmp_path / "reports" / "val-epoch0.html").read_text()
+    assert f'<div class="v">{N_VAL}</div><div class="l">samples</div>' in page
+    assert 'alt="loss histogram"' in page                   # every rank's losses, on rank 0
 
 
 def test_lightning_dead_server_warns_and_training_completes(dead_address: str,
