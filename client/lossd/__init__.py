@@ -11,7 +11,8 @@ The names below are the API; the modules behind them are private. For advanced u
 four public modules: ``lossd.wire`` (the dtype table and tensor encoding, shared with the
 server), ``lossd.requests`` (the clients' request builder), ``lossd.channel`` (their
 channel options, credentials and gRPC error translation) and ``lossd.state`` (a result's
-exact, mergeable state, shared with the server); ``lossd.torch`` adds autograd.
+exact, mergeable state, shared with the server); ``lossd.torch`` adds autograd (it needs
+torch) and ``lossd.distributed`` merges results across torch.distributed ranks.
 """
 
 from lossd._async_client import AsyncLossClient

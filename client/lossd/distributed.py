@@ -62,8 +62,8 @@ def gather(result: LossResult | Aggregates | BaseException | None,
     and gets it, the others get None (``gather_object``).
 
     Raises :class:`lossd.MergeError` on every rank that merges when a rank failed, sent a
-    result without state, or sent one that does not merge with rank 0's (another loss,
-    options, analyses or class names): the message names the rank (its rank in
+    result without state, or sent one that does not merge with the first rank's result
+    (another loss, options, analyses or class names): the message names the rank (its rank in
     ``group``). A ``result`` of any other type is a TypeError, raised before the
     collective.
 
