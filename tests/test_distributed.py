@@ -10,7 +10,8 @@ hardest samples by sample id (the dataset index). A rank with nothing takes part
 left out; a rank that failed, sent no state or a result of other analyses makes every
 merging rank raise MergeError naming it. ``LossdMetric.compute`` across the same ranks
 returns the whole set's metrics on each, and leaves them out on both when one rank's server
-is dead. Without torch.distributed, ``gather`` is the local merge, and needs no torch.
+is dead (``strict``: raised on both, after both took part). Without torch.distributed,
+``gather`` is the local merge, and needs no torch.
 """
 
 from __future__ import annotations
@@ -138,6 +139,14 @@ def rank_main(rank: int, init: str, address: str, dead: str, out: str) -> None:
             warnings.simplefilter("always")
             got["broken"] = {k: v.item() for k, v in broken.compute().items()}
         got["broken_warnings"] = [str(w.message) for w in caught]
+        strict = LossdMetric(dead if second else address, strict=True,
+                             client_options={"retry_attempts": 1})
+        strict.update(*shard(rank)[0][:2])
+        try:
+            strict.compute()
+            got["strict"] = "no error"
+        except Exception as exc:
+            got["strict"] = f"{type(exc).__name__}: {exc}"
         Path(out, f"rank{rank}.pickle").write_bytes(pickle.dumps(got))
     finally:
         dist.destroy_process_group()
@@ -222,6 +231,10 @@ def test_torchmetrics_compute_merges_the_ranks(address: str,
                for w in ranks[0]["broken_warnings"]), ranks[0]["broken_warnings"]
     assert any("LossdMetric left out" in w and "UNAVAILABLE" in w
                for w in ranks[1]["broken_warnings"]), ranks[1]["broken_warnings"]
+    # strict: each raises, once both took part: the failed rank its error, the other
+    # a MergeError naming it.
+    assert ranks[0]["strict"].startswith("MergeError: rank 1 failed: Unavailable:")
+    assert ranks[1]["strict"].startswith("Unavailable: UNAVAILABLE:")
 
 
 def test_without_torch_distributed_gather_is_the_local_merge(address: str) -> None:
