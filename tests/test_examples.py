@@ -23,7 +23,6 @@ each class's, the hardest samples by dataset index).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -221,6 +220,8 @@ def test_ddp_eval_merges_both_ranks_shards(train_server: LossdServer) -> None:
     import torch
     import torch.nn.functional as F
 
+    from examples import ddp_eval as example  # here: it imports torch.distributed
+
     script = ROOT / "examples" / "ddp_eval.py"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -234,10 +235,6 @@ def test_ddp_eval_merges_both_ranks_shards(train_server: LossdServer) -> None:
     assert len(logged) == hardest_at - 1, lines
 
     # The whole set, in one process, with the example's own data and model.
-    spec = importlib.util.spec_from_file_location("ddp_eval", script)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     x, y, _ = example.make_data(1000).tensors
     with torch.no_grad():
         logits = example.make_model()(x)
