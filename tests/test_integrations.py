@@ -407,6 +407,32 @@ def test_torchmetrics_over_batches_equals_one_stream(address: str) -> None:
     assert copy.compute()["count"].item() == BATCH            # its own stream
 
 
+def test_mergeable_flushes_cover_the_whole_evaluation(address: str) -> None:
+    """A mergeable flush ends the stream for its state and keeps its result; the flushes
+    and the close after it still cover every batch since the last close, as one stream."""
+    from lossd.integrations._stream import StreamedMetrics
+
+    batches = [data(BATCH, seed) for seed in range(20, 24)]
+    batches = [(torch.randn(BATCH, len(CLASSES), generator=torch.Generator().manual_seed(s)),
+                y) for s, (_, y) in enumerate(batches)]
+    metrics = StreamedMetrics(address, loss="cross_entropy", options={}, per_class=None,
+                              accuracy=None, calibration=None, top_k=2, hardest=3,
+                              quantiles=True, class_names=CLASSES)
+    analyses = dict(per_class=True, accuracy=True, diagnostics=True, top_k=2, hardest=3,
+                    quantiles=True)
+    for b in batches[:2]:
+        metrics.put(*b)
+    first = metrics.flush(mergeable=True)
+    assert first is not None and first.state is not None
+    assert same(first, direct(address, batches[:2], **analyses))
+    assert same(metrics.flush(mergeable=True), first)       # nothing new: what is kept
+    metrics.put(*batches[2])
+    assert same(metrics.flush(), direct(address, batches[:3], **analyses))  # merges too
+    metrics.put(*batches[3])
+    assert same(metrics.close(), direct(address, batches, **analyses))
+    assert metrics.close() is None and metrics.failure is None
+
+
 def test_torchmetrics_dead_server(dead_address: str) -> None:
     from lossd.integrations.torchmetrics import LossdMetric
 

@@ -297,15 +297,15 @@ class StreamedMetrics:
         state comes at its end): the open stream is ended and its result kept, and the
         next :meth:`put` opens a new one. The kept results and the streams after them
         merge exactly, so later flushes and the close still cover every batch since the
-        last close, as one stream would. Without: the stream stays open (its running
-        aggregates carry no state)."""
+        last close, as one stream would. Without (and nothing kept): the stream stays
+        open, its running aggregates without state."""
         stream = self._stream
         if self._failed:
             return None
         if stream is None:   # nothing put since the last close or mergeable flush
             self.failure = None
             return self._kept
-        if mergeable:
+        if mergeable or self._kept is not None:   # only states merge with what is kept
             self._stream = None
             self._failed = True   # until the stream ends well: a lost part fails it all
             last = self._finish(stream)
