@@ -5,7 +5,8 @@ when it evaluated nothing, or the exception its evaluation raised), because it i
 collective: a rank that skips it, or raises before it, leaves the others waiting. What
 travels is each rank's saved result (:meth:`lossd.Aggregates.to_bytes`: the exact state,
 whose size grows with the classes, the hardest samples and the quantile sketch, never with
-the samples) over torch.distributed's object collectives; the ranks' results merge with
+the samples) over torch.distributed's object collectives (which pickle what they carry:
+the ranks of one job trust one another); the ranks' results merge with
 :func:`lossd.merge` in rank order. torch is imported only when :func:`gather` runs:
 ``import lossd`` needs no torch.
 
