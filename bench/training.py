@@ -486,6 +486,33 @@ def _cell(s: dict[str, Any], key: str, spec: str, scale: float = 1.0, unit: str 
     return "-" if key not in s else f"{scale * s[key]:{spec}}{unit}"
 
 
+def where_it_goes(lt: dict[str, Any]) -> list[str]:
+    """Markdown: what each callback variant added, per batch and per epoch, by part (the
+    medians of the paired differences, CPU time, so the machine's load does not inflate
+    them)."""
+    n = lt["batches"]
+    lines = ["### Where the added time goes", "",
+             f"Per batch (the epoch's figure / {n}) and per epoch; CPU time, medians of the "
+             "differences from the same round's run without the callback. Server: its CPU "
+             "per batch. Sender: the job's other threads (encoding, gRPC, decoding the "
+             "answers). Training thread: what the callback added to the thread running the "
+             "steps (the hook, the logging, Lightning's handling of the logged scalars, "
+             "interference with the sender); the hook and the logging (`log_dict`) apart.",
+             "", "| placement | variant | server ms/batch | sender ms/batch | training thread "
+             "ms/batch | hook CPU ms/batch | logging ms/epoch | wait ms/epoch (wall) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for placement, p in lt["placements"].items():
+        for variant, s in p["summary"].items():
+            if "added" not in s:
+                continue
+            lines.append(
+                f"| {placement} | {variant} | {1e3 * s['server_cpu_added_s'] / n:.2f} | "
+                f"{1e3 * s['threads_cpu_added_s'] / n:.2f} | "
+                f"{1e3 * s['train_cpu_added_s'] / n:.2f} | {1e3 * s['hook_cpu_s'] / n:.3f} | "
+                f"{1e3 * s['end_cpu_s']:.0f} | {1e3 * s['wait_s']:.0f} |")
+    return [*lines, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, cfg, lt, hf = result["machine"], result["config"], result["lightning"], result["hf"]
     lines = [f"# Training integrations: {m['name']}", "",
@@ -542,6 +569,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_cell(s, 'cpu_added_s', '+.3f')} | {_cell(s, 'cpu_added', '+.1f', 100, ' %')}"
                 f" | {_cell(s, 'end_cpu_s', '.3f')} |")
         lines.append("")
+    lines += where_it_goes(lt)
     hs = hf["summary"]
     lines += ["## Hugging Face Trainer.evaluate, peak RSS", "",
               f"{hf['samples']:,} samples x {hf['classes']:,} classes (logits "
@@ -575,7 +603,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a smoke run: 2 rounds of 4 small batches, HF 2,000 x 100 once")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--machine", default=None)
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only write training.md again beside this training.json")
     a = p.parse_args(argv)
+    if a.render:
+        (a.render.parent / "training.md").write_text(markdown(json.loads(a.render.read_text())))
+        return 0
     if a.quick:
         a.rounds, a.batches, a.hidden = 2, 4, 64
         a.hf_rounds, a.hf_samples, a.hf_classes = 1, 2_000, 100
