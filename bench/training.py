@@ -8,8 +8,8 @@ PyTorch Lightning validation epoch, and the peak memory of a Hugging Face
 
 **Lightning.** ``lossd serve`` (``bench.run.Server``: a subprocess on a loopback port,
 CPU, one serving process) and a job process (spawned) that runs ``Trainer.validate`` on
-one CPU model over one DataLoader (MODEL_ below: an MLP whose validation step costs what a
-small real model's does, ~5-20 ms here), with each variant of ``VARIANTS``: no callback,
+one CPU model over one DataLoader (MODEL_HIDDEN below: an MLP whose validation step costs
+what a small real model's does, 10-20 ms here), with each variant of ``VARIANTS``: no callback,
 and ``LossdCallback`` asking for the loss only, for its defaults, and for every analysis.
 Variants alternate run by run (the order rotating each round, after one warm-up run
 each), so a neighbour's load hits them alike; per variant the medians over rounds, and the
@@ -19,7 +19,10 @@ pinned to its own cores (``taskset``) with the job on the others (``sched_setaff
 on 2 cores one each). Each run records where the time goes: the model's forward passes,
 the callback's batch hook (the step-side cost: the copy to host memory, a no-op for CPU
 tensors, and the queue put), its epoch end (waiting for the last answers, logging), and
-the CPU seconds of the server, the job and every other process on the machine.
+CPU seconds: the job's training thread, its other threads (the callback's sender), the
+server and every other process on the machine. CPU time is what the machine's other load
+inflates least, so each callback variant's CPU added over the same round's no-callback
+run, split by part, says which part costs what where wall times are noisy.
 
 **Hugging Face.** ``Trainer.evaluate`` over HF_SAMPLES samples x HF_CLASSES classes (a
 one-layer ``nn.Module`` producing the logits: nothing downloaded), each run in a fresh
@@ -29,7 +32,7 @@ gathers first) and ``LossdMetrics`` with ``batch_eval_metrics=True``. Peak RSS (
 every 5 ms, and VmHWM reset at the start) above the RSS just before ``evaluate``.
 
 Writes ``training.json`` and ``training.md`` under ``--out`` (default
-``bench/results/<machine>/``).
+``bench/results/<machine>/``); ``--render training.json`` writes the table again.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ TARGET_ADDED = 0.02
 
 MODEL_FEATURES, MODEL_HIDDEN, MODEL_CLASSES = 256, 1024, 100
 """The Lightning job's model: an MLP 256 -> 1024 -> 1024 -> 100 (1.4 M parameters, 1.4
-GFLOP per batch of 512): on one core of the 2-core Xeon VM its forward pass takes 10-15
+GFLOP per batch of 512): on one core of the 2-core Xeon VM its forward pass takes 10-20
 ms, what a small real model's validation step costs."""
 BATCH, BATCHES = 512, 40
 """A validation epoch: 40 batches of 512 samples, so 512 x 100 float32 logits (200 kB) a
@@ -406,7 +409,7 @@ def run_lightning(a: argparse.Namespace, log: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": f"MLP {MODEL_FEATURES} -> {a.hidden} -> {a.hidden} -> {MODEL_CLASSES}",
         "batch": BATCH, "batches": a.batches, "rounds": a.rounds,
-        "variants": {k: v for k, v in VARIANTS.items()}, "placements": {}}
+        "variants": dict(VARIANTS), "placements": {}}
     for name, (server_cpus, job_cpus) in placements().items():
         load0 = os.getloadavg()
         server = _server(server_cpus, log)
