@@ -122,6 +122,41 @@ def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -
     assert (tmp_path / "small.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_training_quick_run_measures_both_placements_and_the_peak_rss(tmp_path: Path) -> None:
+    """bench.training end to end on a tiny configuration: every Lightning variant in both
+    placements (each callback run counting every sample), the Hugging Face variants' peak
+    RSS, the targets and the table. Shapes only, no timings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.training", "--quick", "--out", str(tmp_path),
+         "--machine", "test-box"],
+        cwd=ROOT, capture_output=True, text=True, timeout=290, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "training.json").read_text())
+    assert result["machine"]["name"] == "test-box" and result["config"]["quick"] is True
+    placements = result["lightning"]["placements"]
+    assert set(placements) == ({"shared", "pinned"} if len(os.sched_getaffinity(0)) > 1
+                               else {"shared"})
+    for p in placements.values():
+        summary = p["summary"]
+        assert set(summary) == {"none", "loss only", "default", "every analysis"}
+        assert all(s["rounds"] == 2 and s["epoch_s"] > 0 for s in summary.values())
+        for name in ("loss only", "default", "every analysis"):
+            s = summary[name]
+            assert s["counted_every_sample"] and s["lossd_warnings"] == 0, (name, s)
+            for key in ("added", "hook_ms", "wait_s", "log_s", "server_cpu_s"):
+                assert isinstance(s[key], float), (name, key)
+    hf = result["hf"]["summary"]
+    assert set(hf) == {"none", "default", "lossd"}
+    assert all(s["peak_above_start_mib"] >= 0 and s["runs"] == 1 for s in hf.values())
+    lossd_run = next(r for r in result["hf"]["runs"] if r["variant"] == "lossd")
+    assert lossd_run["metrics"]["eval_lossd/count"] == result["hf"]["samples"]
+    assert len(result["targets"]) == 3 * len(placements)
+    md = (tmp_path / "training.md").read_text()
+    assert md.startswith("# Training integrations: test-box") and "## Targets" in md
+
+
 def test_soak_cuts_honest_latency_into_before_and_during() -> None:
     from bench.soak import _phase_latency
 
