@@ -422,10 +422,10 @@ def test_mergeable_flushes_cover_the_whole_evaluation(address: str) -> None:
                     quantiles=True)
     for b in batches[:2]:
         metrics.put(*b)
-    first = metrics.flush(mergeable=True)
+    first = metrics.flush()
     assert first is not None and first.state is not None
     assert same(first, direct(address, batches[:2], **analyses))
-    assert same(metrics.flush(mergeable=True), first)       # nothing new: what is kept
+    assert same(metrics.flush(), first)       # nothing new: what is kept
     metrics.put(*batches[2])
     assert same(metrics.flush(), direct(address, batches[:3], **analyses))  # merges too
     metrics.put(*batches[3])

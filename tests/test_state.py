@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ import lossd
 from lossd import Aggregates, Batch, LossClient, MergeError
 from lossd._cli import main
 from lossd._eval import REPORT_HARDEST
+from lossd.requests import DEFAULT_MAX_MESSAGE_BYTES, Requests
 from lossd.state import Aggregate, encode_aggregate, from_proto, to_proto
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import analysis
@@ -247,3 +249,43 @@ def test_shared_memory_results_merge_too(client: LossClient) -> None:
                               per_class=True, hardest=5, mergeable=True)
                  for a in range(0, 600, 200)]
     assert_same(lossd.merge(parts), whole)
+
+
+def test_a_stream_can_leave_its_figures_to_its_end(client: LossClient) -> None:
+    every = list(client.evaluate_stream(batches(0, 300, 64), **ANALYSES))
+    at_end = list(client.evaluate_stream(batches(0, 300, 64), running=False, **ANALYSES))
+    assert [r.per_sample.tolist() for r in at_end] == [r.per_sample.tolist() for r in every]
+    assert [r.sum for r in at_end] == [r.sum for r in every]          # each batch's own
+    assert all(r.running is None and r.per_class is None for r in at_end[:-1])
+    assert at_end[-1].running is not None and every[-1].running is not None
+    assert_same(at_end[-1].running, every[-1].running)
+    assert at_end[-1].running.state is not None
+    with pytest.raises(ValueError, match="running=False needs mergeable=True"):
+        list(client.evaluate_stream(batches(0, 64, 64), running=False, mergeable=False))
+
+
+def test_the_server_keeps_analyses_at_end_to_mergeable_streams(client: LossClient) -> None:
+    x, y, *_ = dataset(2)
+    [raw] = Requests(DEFAULT_MAX_MESSAGE_BYTES).build("cross_entropy", x[:8], y[:8], None,
+                                                      None, {})
+    req = pb.EvaluateRequest.FromString(raw)
+    with grpc.insecure_channel(client.target) as channel:
+        evaluate = channel.unary_unary("/lossd.v1.LossService/Evaluate",
+                                       request_serializer=pb.EvaluateRequest.SerializeToString,
+                                       response_deserializer=pb.EvaluateResponse.FromString)
+        stream = channel.stream_stream(
+            "/lossd.v1.LossService/EvaluateStream",
+            request_serializer=pb.EvaluateRequest.SerializeToString,
+            response_deserializer=pb.EvaluateResponse.FromString)
+        req.analyses_at_end = True
+        with pytest.raises(grpc.RpcError) as unary:
+            evaluate(req)
+        assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "analyses_at_end" in str(unary.value.details())
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(stream(iter([req])))
+        assert "needs mergeable" in str(streamed.value.details())
+        req.mergeable = True
+        replies = list(stream(iter([req, req])))
+        assert len(replies) == 3 and not replies[0].HasField("running")
+        assert replies[-1].HasField("state") and replies[-1].running.count == 16

@@ -145,7 +145,8 @@ class AsyncLossClient:
                               quantiles: bool | Iterable[float] | None = None,
                               class_names: Sequence[str] | None = None,
                               hardest_batches: int = 0,
-                              mergeable: bool = True, **options: Any) -> AsyncIterator[LossResult]:
+                              mergeable: bool = True, running: bool = True,
+                        **options: Any) -> AsyncIterator[LossResult]:
         """As :meth:`LossClient.evaluate_stream`, as an async iterator."""
         names = class_names_of(class_names)
         joiner = BatchJoiner()
@@ -153,7 +154,7 @@ class AsyncLossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles, hardest_batches=hardest_batches,
-                                   mergeable=mergeable)
+                                   mergeable=mergeable, analyses_at_end=not running)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, metadata=self._metadata,
@@ -174,7 +175,7 @@ class AsyncLossClient:
             if guard.error is None:
                 raise
         guard.raise_error()
-        joiner.settle(last)
+        joiner.settle(last, names)
 
     async def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                            tag: str | None = None, timeout: float | None = None,
@@ -185,16 +186,17 @@ class AsyncLossClient:
                            hardest_batches: int = 0, mergeable: bool = True,
                            **options: Any) -> Aggregates:
         """As :meth:`LossClient.evaluate_all`."""
-        running = None
+        last: LossResult | None = None
         async for result in self.evaluate_stream(
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
                 quantiles=quantiles, class_names=class_names,
-                hardest_batches=hardest_batches, mergeable=mergeable, **options):
-            running = result.running
-        if running is None:
+                hardest_batches=hardest_batches, mergeable=mergeable,
+                running=not mergeable, **options):
+            last = result
+        if last is None or last.running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
-        return running
+        return last.running
 
     async def wait_for_ready(self, timeout: float | None = None) -> None:
         """As :meth:`LossClient.wait_for_ready`."""

@@ -201,7 +201,8 @@ class LossClient:
                         top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                         hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
                         class_names: Sequence[str] | None = None, hardest_batches: int = 0,
-                        mergeable: bool = True, **options: Any) -> Iterator[LossResult]:
+                        mergeable: bool = True, running: bool = True,
+                        **options: Any) -> Iterator[LossResult]:
         """Evaluate many batches over one stream; yields one result per batch.
 
         Each batch is a :class:`lossd.Batch` (``Batch(predictions, targets, weights=None,
@@ -220,6 +221,13 @@ class LossClient:
         completed batches of the largest mean loss, exact, in
         ``result.running.hardest_batches`` (batch id, ordinal, count, mean, and with
         ``hardest`` how many of each batch's samples are among the stream's hardest).
+
+        ``mergeable`` (default True): the last result's ``running.state`` is the stream's
+        exact state once the stream has ended (for :func:`lossd.merge`, ``save``).
+        ``running=False``: each result carries its batch's per-sample losses and
+        aggregates only (``running`` None, no analyses), and the stream's figures come
+        once, at its end, as the last result's ``running``: the server encodes, and the
+        client decodes, the analyses once instead of per batch (needs ``mergeable``).
         """
         names = class_names_of(class_names)
         joiner = BatchJoiner()
@@ -227,7 +235,7 @@ class LossClient:
         analyses = analysis_fields(per_class=per_class, accuracy=accuracy, top_k=top_k,
                                    diagnostics=diagnostics, hardest=hardest,
                                    quantiles=quantiles, hardest_batches=hardest_batches,
-                                   mergeable=mergeable)
+                                   mergeable=mergeable, analyses_at_end=not running)
         guard = StreamGuard(joiner.requests(self._requests, batches, loss, tag,
                                             self._requests.options(options), analyses))
         call = self._evaluate_stream(guard, timeout=self._stream_timeout(timeout))
@@ -243,7 +251,7 @@ class LossClient:
             if guard.error is None:
                 raise self._error(exc) from exc
         guard.raise_error()
-        joiner.settle(last)
+        joiner.settle(last, names)
 
     def evaluate_all(self, batches: Iterable[BatchLike], *, loss: str = "cross_entropy",
                      tag: str | None = None, timeout: float | None = None,
@@ -254,7 +262,9 @@ class LossClient:
                      mergeable: bool = True, **options: Any) -> Aggregates:
         """The aggregates and analyses over every batch of a stream, without iterating it:
         :meth:`evaluate_stream`'s last ``result.running`` (the per-batch results are not
-        kept). The same arguments; no batches at all is a ValueError (nothing to report).
+        kept; with ``mergeable``, the default, the figures come once, at the stream's
+        end, with their state). The same arguments; no batches at all is a ValueError
+        (nothing to report).
 
         Example::
 
@@ -263,16 +273,17 @@ class LossClient:
                                         hardest=10, class_names=dataset.classes)
             r.mean, r.accuracy, r.per_class.to_pandas(), r.hardest.to_pandas()
         """
-        running = None
+        last: LossResult | None = None
         for result in self.evaluate_stream(
                 batches, loss=loss, tag=tag, timeout=timeout, per_class=per_class,
                 accuracy=accuracy, top_k=top_k, diagnostics=diagnostics, hardest=hardest,
                 quantiles=quantiles, class_names=class_names,
-                hardest_batches=hardest_batches, mergeable=mergeable, **options):
-            running = result.running
-        if running is None:
+                hardest_batches=hardest_batches, mergeable=mergeable,
+                running=not mergeable, **options):
+            last = result
+        if last is None or last.running is None:
             raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
-        return running
+        return last.running
 
     def wait_for_ready(self, timeout: float | None = None) -> None:
         """Wait until the server is ready: the channel connects and the server's health

@@ -289,16 +289,16 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
     keep = bool(out or report)
     bar = Progress(n, stderr, stderr.isatty() if progress is None else progress)
     per_sample: list[np.ndarray] = []
-    running: Aggregates | None = None
+    last = None
     try:
         with LossClient(target, timeout=timeout) as client:
-            for result in client.evaluate_stream(_batches(pred, targ, w, extra, batch_size),
-                                                 loss=loss, tag=tag, class_names=names,
-                                                 **analyses, **opts):
+            # The stream's figures come once, at its end (running=False): only they print.
+            for last in client.evaluate_stream(_batches(pred, targ, w, extra, batch_size),
+                                               loss=loss, tag=tag, class_names=names,
+                                               running=False, **analyses, **opts):
                 if keep:
-                    per_sample.append(result.per_sample)
-                running = result.running
-                bar.update(result.per_sample.shape[0])
+                    per_sample.append(last.per_sample)
+                bar.update(last.per_sample.shape[0])
     except (Unavailable, DeadlineExceeded) as exc:
         bar.close()
         print(f"lossd eval: cannot reach {target}: {exc}", file=stderr)
@@ -308,7 +308,8 @@ def run(*, target: str, loss: str, predictions: str, targets: str | None, weight
         print(f"lossd eval: {exc}", file=stderr)
         return EXIT_REJECTED
     bar.close()
-    assert running is not None
+    assert last is not None and last.running is not None
+    running = last.running
     losses = np.concatenate(per_sample) if per_sample else np.zeros(0, np.float32)
     print(format_aggregates(loss, running), file=stdout)
     if top > 0 and running.hardest is not None:

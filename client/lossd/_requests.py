@@ -167,12 +167,15 @@ DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
 def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
                     top_k: int | Iterable[int] | None = None, diagnostics: bool = False,
                     hardest: int = 0, quantiles: bool | Iterable[float] | None = None,
-                    hardest_batches: int = 0, mergeable: bool = False) -> dict[str, Any]:
+                    hardest_batches: int = 0, mergeable: bool = False,
+                    analyses_at_end: bool = False) -> dict[str, Any]:
     """The EvaluateRequest analysis fields for the clients' keyword arguments.
 
     ``top_k``: a k or several; ``quantiles``: True for (0.5, 0.9, 0.99), or the levels;
     ``hardest_batches`` (streams only): K batches of the largest mean loss; ``mergeable``:
-    the result carries its exact state (``Aggregates.state``, for :func:`lossd.merge`).
+    the result carries its exact state (``Aggregates.state``, for :func:`lossd.merge`);
+    ``analyses_at_end`` (streams, with ``mergeable``): the analyses and running aggregates
+    come once, at the stream's end.
 
     >>> analysis_fields(top_k=5, quantiles=True)
     {'top_k': [5], 'quantiles': [0.5, 0.9, 0.99]}
@@ -204,6 +207,11 @@ def analysis_fields(*, per_class: bool = False, accuracy: bool = False,
         out["quantiles"] = [float(q) for q in quantiles]
     if mergeable:
         out["mergeable"] = True
+    if analyses_at_end:
+        if not mergeable:
+            raise ValueError("running=False needs mergeable=True: the stream's figures come "
+                             "with its state, at its end")
+        out["analyses_at_end"] = True
     return out
 
 
@@ -353,11 +361,19 @@ class BatchJoiner:
             self._chunks.append((len(built), b.sample_ids))
             yield from built
 
-    def settle(self, last: LossResult | None) -> None:
-        """Give the stream's last result its exact state (``last.running.state``): the
-        state comes in the stream's final message, after that result was handed out."""
-        if self.state is not None and last is not None and last.running is not None:
-            object.__setattr__(last.running, "state", self.state)  # frozen, but not yet read
+    def settle(self, last: LossResult | None, class_names: Any = None) -> None:
+        """Give the stream's last result its exact state (``last.running.state``), and,
+        where the answers carried no running aggregates (``analyses_at_end``), the stream's
+        figures derived from it (``last.running``, named by ``class_names``): the state
+        comes in the stream's final message, after that result was handed out."""
+        if self.state is None or last is None:
+            return
+        # The result is frozen, but its caller reads it only once the stream has ended.
+        if last.running is None:
+            object.__setattr__(last, "running",
+                               self.state.aggregates().with_class_names(class_names))
+        else:
+            object.__setattr__(last.running, "state", self.state)
 
     def received(self, reply: pb.EvaluateResponse) -> LossResult | None:
         """The batch's result once its last reply is in, else None."""

@@ -155,6 +155,7 @@ class StreamState:
     samples: int = 0  # samples of the completed batches
     hardest_batches: analysis.HardestBatches | None = None
     mergeable: bool = False  # the stream ends with its state (EvaluateRequest.mergeable)
+    at_end: bool = False  # answers carry no analyses: the state does (analyses_at_end)
     options: str = ""  # the canonical options of its messages, where mergeable
     _first: tuple[str, bool, bool, int, analysis.Request] | None = None
 
@@ -174,11 +175,12 @@ class StreamState:
 
     def check(self, loss: str, weighted: bool, analyses: analysis.Request, *,
               identified: bool = False, hardest_batches: int = 0, mergeable: bool = False,
-              options: Callable[[], str] = str) -> None:
+              at_end: bool = False, options: Callable[[], str] = str) -> None:
         """Raise RequestError when a message asks for something its stream's first did not
         (``identified``: it carries sample ids; ``mergeable``: it asks for the stream's
-        state, and then ``options()``, its canonical options, must stay the same), or for
-        ``hardest_batches`` out of range."""
+        state, and then ``options()``, its canonical options, must stay the same;
+        ``at_end``: its analyses only at the stream's end, which needs ``mergeable``), or
+        for ``hardest_batches`` out of range."""
         if self._first is None:
             if not 0 <= hardest_batches <= analysis.MAX_HARDEST_BATCHES:
                 raise RequestError("hardest_batches", f"{hardest_batches} out of range "
@@ -186,12 +188,18 @@ class StreamState:
             self._first = (loss, weighted, identified, hardest_batches, analyses)
             if hardest_batches:
                 self.hardest_batches = analysis.HardestBatches(hardest_batches)
-            self.mergeable = mergeable
+            if at_end and not mergeable:
+                raise RequestError("analyses_at_end", "needs mergeable: the stream's final "
+                                                      "message (its state) carries them")
+            self.mergeable, self.at_end = mergeable, at_end
             if mergeable:
                 self.options = options()
             return
         if mergeable != self.mergeable:
             raise RequestError("mergeable", f"differs from the stream's first batch {self.where}")
+        if at_end != self.at_end:
+            raise RequestError("analyses_at_end", "differs from the stream's first batch "
+                                                  f"{self.where}")
         if mergeable and options() != self.options:
             raise RequestError("options", "differ from the stream's first batch; a mergeable "
                                           f"stream keeps one set of options {self.where}")

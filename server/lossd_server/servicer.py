@@ -109,8 +109,10 @@ def output_view(req: pb.EvaluateRequest, view: wire.SharedMemoryView, samples: i
     return out
 
 
-def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.EvaluateResponse:
-    """The response; the per-sample losses go to ``out`` (see :func:`output_view`) if given."""
+def encode_response(ev: Evaluation, out: memoryview | None = None, *,
+                    analyses: bool = True) -> pb.EvaluateResponse:
+    """The response; the per-sample losses go to ``out`` (see :func:`output_view`) if given.
+    ``analyses`` False: the batch's analyses are left out (diagnostics stay)."""
     if out is not None:
         torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32,
@@ -123,7 +125,8 @@ def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.Evaluat
     if ev.gradient is not None:
         resp.gradient.CopyFrom(wire.encode_tensor(ev.gradient))
     if ev.analysis is not None:
-        encode_analysis(ev.analysis, resp.analysis)
+        if analyses:
+            encode_analysis(ev.analysis, resp.analysis)
         if ev.analysis.diagnostics is not None:
             wire.encode_diagnostics(ev.analysis.diagnostics, resp.diagnostics)
     return resp
@@ -184,7 +187,8 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                   ) -> tuple[Evaluation, pb.EvaluateResponse]:
         """decode -> service (queue, compute) -> encode for one message, recorded on ``call``.
 
-        ``stream``: a batch of an EvaluateStream (its weights may sum to zero);
+        ``stream``: a batch of an EvaluateStream (its weights may sum to zero; its answer
+        gets its analyses from the stream, so none are encoded here);
         ``admitted``: a batch of an admitted stream (it waits for a slot, never refused).
         """
         call.loss = request.loss
@@ -193,6 +197,9 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         if not stream and (request.hardest_batches or request.HasField("batch_id")):
             field = "hardest_batches" if request.hardest_batches else "batch_id"
             raise RequestError(field, "EvaluateStream only: it ranks a stream's batches")
+        if not stream and request.analyses_at_end:
+            raise RequestError("analyses_at_end", "EvaluateStream only: a single answer "
+                                                  "carries its analyses")
         try:
             with call.stage("decode"):
                 batch, out = self.decode(request)
@@ -201,7 +208,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
             raise
         ev = service.evaluate(call, batch, state, stream=stream, admitted=admitted)
         with call.stage("encode"):
-            resp = encode_response(ev, out)
+            resp = encode_response(ev, out, analyses=not stream)
             if request.mergeable and not stream:
                 state_to_proto(batch_state(request, batch, ev), resp.state)
         call.evaluated(request.loss, request.tag, ev.losses, ev.aggregate.mean,
@@ -228,7 +235,7 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                              wire.decode_analyses(request),
                              identified=request.HasField("sample_ids"),
                              hardest_batches=request.hardest_batches,
-                             mergeable=request.mergeable,
+                             mergeable=request.mergeable, at_end=request.analyses_at_end,
                              options=functools.partial(wire.options_key, request.options))
                 with stream.evaluating():
                     ev, resp = self._evaluate(call, request, state, stream=True,
@@ -238,12 +245,13 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                     batch_id=request.batch_id if request.HasField("batch_id") else None)
                 resp.ClearField("aggregates")
                 encode_aggregate(batch, resp.aggregates)
-                encode_aggregate(running, resp.running)
-                if batch_analysis is not None and running_analysis is not None:
-                    resp.ClearField("analysis")
+                if not stream.at_end:
+                    encode_aggregate(running, resp.running)
+                if (batch_analysis is not None and running_analysis is not None
+                        and not stream.at_end):
                     encode_analysis(batch_analysis, resp.analysis)
                     encode_analysis(running_analysis, resp.running_analysis)
-                if stream.hardest_batches is not None:
+                if stream.hardest_batches is not None and not stream.at_end:
                     encode_hardest_batches(
                         stream.hardest_batches,
                         None if running_analysis is None else running_analysis.hardest,

@@ -3,7 +3,7 @@ bounded queue by the training thread, and the metrics it ends with.
 
 The rule of this module: the training thread never waits on the network. ``put`` copies a
 batch to host memory and queues it; a background thread sends the queue over one stream
-and keeps the stream's running aggregates. The training thread waits only for room in
+and keeps what the stream ends with. The training thread waits only for room in
 the queue or for the last answers, each wait bounded by ``timeout``; past it, or when the
 server fails, the evaluation's metrics are left out with a :class:`LossdWarning`
 (``strict=True``: the error is raised instead). Nothing here knows a framework.
@@ -130,7 +130,8 @@ class Analyses:
 
 class _Stream:
     """One ``evaluate_stream`` over the batches :meth:`put` queues, run by a daemon
-    thread that keeps the running aggregates (and the per-sample losses, for a report)."""
+    thread; once it ends, ``running`` holds its aggregates and their state (and
+    ``losses`` the per-sample losses, for a report)."""
 
     def __init__(self, client: LossClient, *, loss: str, analyses: Mapping[str, Any],
                  options: Mapping[str, Any], class_names: Sequence[str] | None,
@@ -162,13 +163,17 @@ class _Stream:
 
     def _run(self, client: LossClient, arguments: dict[str, Any]) -> None:
         try:
-            for result in client.evaluate_stream(self._batches(), **arguments):
+            # running=False: the answers carry no analyses, the stream's end all of them
+            # (the server encodes them once, and this thread decodes them once).
+            last = None
+            for last in client.evaluate_stream(self._batches(), running=False, **arguments):
                 with self._changed:
                     self.answered += 1
-                    self.running = result.running
                     if self._keep_losses:
-                        self.losses.append(result.per_sample)
+                        self.losses.append(last.per_sample)
                     self._changed.notify_all()
+            with self._changed:
+                self.running = None if last is None else last.running
         except Exception as exc:  # handed to the training thread, which decides
             with self._changed:
                 self.error = exc
@@ -214,7 +219,7 @@ class StreamedMetrics:
     """An evaluation streamed to a lossd server: :meth:`put` batches, then :meth:`close`
     (the evaluation's final aggregates) or :meth:`flush` (the aggregates so far, the
     evaluation going on); :meth:`across_ranks` merges either with every other process's.
-    A stream opens at the first batch put after a close (or a mergeable flush).
+    A stream opens at the first batch put after a close (or a flush).
 
     ``address``: the server, as ``LossClient`` takes it; ``client_options``: more
     ``LossClient`` arguments (``token``, ``root_certificates``, ...). The client is made at
@@ -257,7 +262,7 @@ class StreamedMetrics:
         self._failed = False
         self.failure: Exception | None = None
         self._kept: Aggregates | None = None
-        """The streams this evaluation ended at mergeable flushes, merged."""
+        """The streams this evaluation ended at flushes, merged."""
         self._kept_losses: list[np.ndarray] = []
         self._last_losses: list[np.ndarray] = []
 
@@ -289,41 +294,30 @@ class StreamedMetrics:
         except DeadlineExceeded as exc:
             self._fail(exc)
 
-    def flush(self, *, mergeable: bool = False) -> Aggregates | None:
+    def flush(self) -> Aggregates | None:
         """The aggregates over every batch put since the last close, once all are
-        answered; None when nothing was put or the evaluation failed.
+        answered, with their exact state (as :meth:`across_ranks` needs); None when nothing
+        was put or the evaluation failed.
 
-        ``mergeable``: with their exact state, as :meth:`across_ranks` needs (a stream's
-        state comes at its end): the open stream is ended and its result kept, and the
-        next :meth:`put` opens a new one. The kept results and the streams after them
-        merge exactly, so later flushes and the close still cover every batch since the
-        last close, as one stream would. Without (and nothing kept): the stream stays
-        open, its running aggregates without state."""
+        A stream's figures and state come at its end, so the open stream is ended and its
+        result kept, and the next :meth:`put` opens a new one. The kept results and the
+        streams after them merge exactly: later flushes and the close still cover every
+        batch since the last close, as one stream would."""
         stream = self._stream
         if self._failed:
             return None
-        if stream is None:   # nothing put since the last close or mergeable flush
+        if stream is None:   # nothing put since the last close or flush
             self.failure = None
             return self._kept
-        if mergeable or self._kept is not None:   # only states merge with what is kept
-            self._stream = None
-            self._failed = True   # until the stream ends well: a lost part fails it all
-            last = self._finish(stream)
-            if last is None:
-                return None
-            self._failed = False
-            self._kept = last if self._kept is None else merge([self._kept, last])
-            self._kept_losses += stream.losses
-            return self._kept
-        try:
-            stream.wait(time.monotonic() + self.timeout, ended=False)
-        except DeadlineExceeded as exc:
-            self._fail(exc)
+        self._stream = None
+        self._failed = True   # until the stream ends well: a lost part fails it all
+        last = self._finish(stream)
+        if last is None:
             return None
-        if stream.error is not None:
-            self._fail(stream.error)
-            return None
-        return stream.running
+        self._failed = False
+        self._kept = last if self._kept is None else merge([self._kept, last])
+        self._kept_losses += stream.losses
+        return self._kept
 
     def close(self) -> Aggregates | None:
         """End the evaluation: its final aggregates, or None when nothing was put or it
@@ -334,7 +328,7 @@ class StreamedMetrics:
         self._last_losses, self._kept_losses = self._kept_losses, []
         if failed:
             return None
-        if stream is None:   # nothing put since the last close or mergeable flush
+        if stream is None:   # nothing put since the last close or flush
             self.failure = None
             return kept
         last = self._finish(stream)
@@ -345,7 +339,7 @@ class StreamedMetrics:
 
     def across_ranks(self, end: Callable[[], Aggregates | None], group: Any = None
                      ) -> Aggregates | None:
-        """What ``end()`` (:meth:`close`, or a mergeable :meth:`flush`) gives in this
+        """What ``end()`` (:meth:`close` or :meth:`flush`) gives in this
         process, merged in rank order with what it gives in every other process of
         ``group`` (a torch.distributed group; None: the default one) by
         ``lossd.distributed.gather``; this process's own when torch.distributed is not

@@ -13,7 +13,6 @@ the processes' batches.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -91,7 +90,7 @@ class LossdMetric(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         """The metrics over every batch since the last reset; under torch.distributed,
         every process's (a collective: see the class)."""
-        flush = partial(self.stream.flush, mergeable=True)
+        flush = self.stream.flush
         result = (self.stream.across_ranks(flush, group=self.process_group)
                   if self.sync_on_compute else flush())
         if result is None:
