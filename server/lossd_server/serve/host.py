@@ -155,7 +155,7 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
         return False
 
 
-_PF_EXITING = 0x4  # linux/sched.h: the task is exiting (set before any signal is sent)
+_PF_EXITING = 0x4  # linux/sched.h: the task is exiting (set before its death signals)
 
 
 def parent_gone(pid: int) -> bool:
@@ -171,8 +171,8 @@ def parent_gone(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()  # state is field 3, flags field 9
         return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
-    except (OSError, IndexError, ValueError):
-        return True
+    except (OSError, IndexError, ValueError):  # no /proc: getppid() is all there is
+        return False
 
 
 POD_DIRECTORY_PREFIX = "lossd-metrics-"
