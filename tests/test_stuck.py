@@ -9,9 +9,12 @@ supervisor killed with SIGKILL. Each bound is the issue's.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import textwrap
 import time
@@ -27,6 +30,7 @@ from grpc_health.v1 import health_pb2
 
 import lossd
 from lossd import LossClient
+from lossd_server.serve.host import POD_DIRECTORY_PREFIX
 from tests.conftest import ServeProcess, batch, health, metric_value, wait_for
 from tests.test_serve import evaluate_on_fresh_channels, worker_pids
 
@@ -195,6 +199,42 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def left_behind(temp: Path, pod: ServeProcess, killed: float) -> str:
+    """What is left under ``temp``, for a failure message: each path with its kind, size,
+    change time relative to the SIGKILL (``killed``, epoch seconds) and its maker (a pid in
+    its name; the pod directory and its lock file are the supervisor's), then the pod's
+    log from the kill on, its worker lines (a worker replaced or still starting) and any
+    line that is not a log record (a traceback)."""
+    makers = {pod.proc.pid: "supervisor"}
+    for line in pod.records("worker started"):
+        makers[int(line["pid"])] = f"worker {line['worker']}"
+    entries = []
+    for path in sorted(temp.rglob("*")):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "file")
+        pids = [int(n) for n in re.findall(r"\d+", path.name) if int(n) in makers]
+        if pids:
+            maker = makers[pids[0]]
+        elif path.name.startswith(POD_DIRECTORY_PREFIX) or path.name == ".owners":
+            maker = "supervisor"
+        else:
+            maker = "a worker"  # the tags directory and its files
+        entries.append(f"{path.relative_to(temp)} ({kind}, {st.st_size} B, changed "
+                       f"{st.st_ctime - killed:+.3f} s after the kill, by {maker})")
+    log = [line for line in pod.lines if line.get("raw") or str(line["msg"]).startswith(
+        "worker") or ("ts" in line and _timestamp(line["ts"]) > killed - 0.5)]
+    return f"left in TMPDIR: {entries}; pids: {makers}; log: {log}"
+
+
+def _timestamp(ts: str) -> float:
+    """A log record's time (``2026-12-03T18:40:44.373Z``) in seconds since the epoch."""
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
 def test_a_sigkilled_supervisor_leaves_no_worker_no_port_and_no_files(tmp_path: Path
                                                                       ) -> None:
     """Workers gone within grace + 5 s, the port free, nothing left in the temp
@@ -208,10 +248,14 @@ def test_a_sigkilled_supervisor_leaves_no_worker_no_port_and_no_files(tmp_path: 
         # Every process of the pod, a worker the supervisor replaced under load included.
         workers = [c.pid for c in psutil.Process(pod.proc.pid).children(recursive=True)]
         pod.signal(signal.SIGKILL)
+        killed = time.time()
         pod.wait(10)
         wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=2 + 5)
         # Each process removes what it made before it exits; what is left now stays.
-        wait_for(lambda: not os.listdir(temp), timeout=2.0)
+        deadline = time.monotonic() + 2.0
+        while os.listdir(temp) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not os.listdir(temp), left_behind(temp, pod, killed)
         with socket.socket() as s:  # no SO_REUSEPORT: free only if no one holds it
             s.bind(("127.0.0.1", pod.port))
 

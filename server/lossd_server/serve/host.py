@@ -5,7 +5,8 @@ Probing never initialises CUDA (the supervisor never touches a device): it reads
 affinity, the cgroup CPU quota, ``CUDA_VISIBLE_DEVICES`` and the driver's device list.
 
 A pod's processes share one metrics directory; whoever is last out of it removes it, even
-when the supervisor was killed outright (:func:`make_pod_directory`).
+when the supervisor was killed outright (:func:`make_pod_directory`, and
+:func:`leave_pod_directory`'s ``wait``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -153,6 +155,26 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
         return False
 
 
+_PF_EXITING = 0x4  # linux/sched.h: the task is exiting (set before its death signals)
+
+
+def parent_gone(pid: int) -> bool:
+    """Whether ``pid``, this process's parent when it started, has died.
+
+    Already once its main thread is exiting: the kernel sends :func:`die_with_parent`'s
+    signal then, while the parent's other threads may still be exiting (on a loaded host,
+    for a while), and until the last of them is gone ``getppid()`` still returns ``pid``
+    and the parent's files, its lock on the pod directory among them, stay open."""
+    if os.getppid() != pid:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # state is field 3, flags field 9
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):  # no /proc: getppid() is all there is
+        return False
+
+
 POD_DIRECTORY_PREFIX = "lossd-metrics-"
 _OWNERS = ".owners"
 """A pod directory's lock file: each process of the pod holds a shared ``flock`` on it for
@@ -184,12 +206,26 @@ def join_pod_directory(directory: str) -> int:
     return fd
 
 
-def leave_pod_directory(directory: str, fd: int) -> bool:
+LEAVE_RETRY_SECONDS = 0.02
+"""How often a process leaving with ``wait`` tries again to be the last one out."""
+
+
+def leave_pod_directory(directory: str, fd: int, wait: float = 0.0) -> bool:
     """Let go of ``directory``; the last process out removes it. Returns whether this one
-    did."""
+    did.
+
+    ``wait``: for up to this many seconds, keep trying while another process still holds
+    it, until one has removed it: what a worker whose supervisor died does, since the dying
+    supervisor's hold may outlast every worker's own (:func:`parent_gone`)."""
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
-    return _remove_if_unheld(directory)
+    deadline = time.monotonic() + wait
+    while not _remove_if_unheld(directory):
+        if time.monotonic() >= deadline or not os.path.exists(
+                os.path.join(directory, _OWNERS)):  # a sibling removed it
+            return False
+        time.sleep(LEAVE_RETRY_SECONDS)
+    return True
 
 
 def _remove_if_unheld(directory: str) -> bool:

@@ -41,6 +41,7 @@ from lossd_server.serve.host import (
     exit_now,
     join_pod_directory,
     leave_pod_directory,
+    parent_gone,
     prepare_process,
 )
 from lossd_server.settings import Settings
@@ -53,13 +54,20 @@ ENV_PARENT = "LOSSD_WORKER_PARENT"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HEARTBEAT_FRACTION = 0.25
 """A worker beats four times per ``--heartbeat-seconds``: one late beat is no alarm."""
+ORPHAN_LEAVE_SECONDS = 5.0
+"""How long a worker whose supervisor died tries to be the last one out of the pod
+directory (:func:`host.leave_pod_directory`'s ``wait``): the supervisor's hold on it goes
+only once its last thread has exited, which under load came after both workers of an idle
+pod had drained and left (so neither removed it). Longer than that, the next start
+sweeps it."""
 
 
 def main() -> NoReturn:
     """The worker process's whole life: serve, then exit with :func:`serve`'s code (at
     once: a thread stuck in a loss must not keep the process)."""
     die_with_parent()
-    if str(os.getppid()) != os.environ.get(ENV_PARENT):  # it died before the line above
+    parent = int(os.environ.get(ENV_PARENT, "0"))
+    if parent_gone(parent):  # it died before the line above
         exit_now(0)
     directory = os.environ[MULTIPROC_ENV]
     try:
@@ -69,7 +77,8 @@ def main() -> NoReturn:
               file=sys.stderr)
         exit_now(EXIT_CONFIG)
     code = serve()
-    leave_pod_directory(directory, held)
+    leave_pod_directory(directory, held, wait=ORPHAN_LEAVE_SECONDS if parent_gone(parent)
+                        else 0.0)
     exit_now(code)
 
 
