@@ -9,7 +9,8 @@ quantiles and each class's loss and accuracy by name; ``--report-dir`` adds an H
 report per epoch. Nothing else in the module knows about lossd.
 
 It prints the last epoch's lossd metrics as Lightning holds them
-(``trainer.callback_metrics``), then the hardest validation samples.
+(``trainer.callback_metrics``), each class's as the loggers get them (from
+``callback.last``, here with no logger), then the hardest validation samples.
 """
 
 from __future__ import annotations
@@ -83,7 +84,13 @@ def main() -> None:
     for key, value in sorted(trainer.callback_metrics.items()):
         if key.startswith("lossd/"):
             print(f"{key} {float(value):.4f}")
-    hardest = callback.last["val"].hardest or ()
+    last = callback.last["val"]
+    if last.per_class is not None and last.per_class.accuracy is not None:
+        for name, loss, accuracy in zip(last.per_class.labels, last.per_class.mean,
+                                        last.per_class.accuracy, strict=True):
+            print(f"lossd/val/class/{name}/loss {loss:.4f}")
+            print(f"lossd/val/class/{name}/accuracy {accuracy:.4f}")
+    hardest = last.hardest or ()
     print("hardest validation samples (index, loss, target, predicted):")
     for h in hardest:
         print(f"{h.index} {h.loss:.4f} {h.target_name} {h.predicted_name}")
