@@ -59,19 +59,18 @@ class Evaluation:
     the batch (sample indices from 0).
     """
 
-    per_sample: Tensor
+    losses: np.ndarray
+    """The per-sample losses, float32 (N,): what the fronts encode and the metrics read."""
     aggregate: Aggregate
     device_seconds: float | None = None
     gradient: Tensor | None = None
     analysis: analysis.Analysis | None = None
-    per_sample_array: np.ndarray | None = None
-    """``per_sample`` as numpy (the same memory), where the engine made it."""
 
     @property
-    def losses(self) -> np.ndarray:
-        """The per-sample losses as a float32 numpy array (a view where possible)."""
-        return self.per_sample_array if self.per_sample_array is not None else (
-            self.per_sample.numpy())
+    def per_sample(self) -> Tensor:
+        """``losses`` as a tensor (the same memory), made when asked for: most calls never
+        ask, and making one is a torch call."""
+        return torch.from_numpy(self.losses)
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -669,6 +668,5 @@ def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
     else:
         with np.errstate(over="ignore"):  # float64 losses beyond float32 become inf
             array = losses.astype(np.float32)
-    return Evaluation(per_sample=torch.from_numpy(array), aggregate=aggregate,
-                      device_seconds=device_seconds, gradient=c.gradient, analysis=result,
-                      per_sample_array=array)
+    return Evaluation(losses=array, aggregate=aggregate, device_seconds=device_seconds,
+                      gradient=c.gradient, analysis=result)

@@ -110,7 +110,7 @@ def encode_response(ev: Evaluation, out: memoryview | None = None) -> pb.Evaluat
     if out is not None:
         torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32,
-                                                        shape=[ev.per_sample.shape[0]]))
+                                                        shape=[ev.losses.shape[0]]))
     else:
         losses = ev.losses
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(
