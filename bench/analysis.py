@@ -136,8 +136,8 @@ def in_process(ws: dict[str, Workload], rounds: int, reps: int, device: str
                                           analyses=analysis_fields(**kw))
 
     def call(raw: bytes) -> None:
-        reply = handler.Evaluate(wire.ParsedRequest(raw), None)
-        LossResult.from_proto(pb.EvaluateResponse.FromString(reply.SerializeToString()))
+        reply = handler.Evaluate(wire.ParsedRequest(raw), None)  # serialised
+        LossResult.from_proto(pb.EvaluateResponse.FromString(reply))
 
     times: dict[str, list[float]] = {name: [] for name in ws}
     for name in ws:  # warm up

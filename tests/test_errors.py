@@ -9,7 +9,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from lossd_server import analysis, errors
 from lossd_server.describe import sample_offset
@@ -129,8 +128,7 @@ def test_errors_is_a_leaf() -> None:
 # -- a stream's running state ------------------------------------------------------------
 
 def _evaluation(losses: list[float]) -> Evaluation:
-    per_sample = torch.tensor(losses, dtype=torch.float32)
-    return Evaluation(per_sample=per_sample,
+    return Evaluation(losses=np.asarray(losses, np.float32),
                       aggregate=Aggregate.of_batch(np.asarray(losses, np.float64), None))
 
 

@@ -217,7 +217,7 @@ def test_dashboard_queries_only_metrics_the_server_exports(metered: LossdServer)
 def test_histogram_writer_observes_as_prometheus_client_does() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from lossd_server.metrics import HistogramWriter
+    from lossd_server.metrics import HistogramWriter, PendingHistogram
 
     bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
     values = [0.0, 0.001, 0.0010001, 0.05, 0.1, 1.0, 3.0, 10.0, 11.0, float("inf"), -1.0]
@@ -240,7 +240,18 @@ def test_histogram_writer_observes_as_prometheus_client_does() -> None:
         return {(s.name, s.labels.get("le", "")): s.value for f in r.collect()
                 for s in f.samples if not s.name.endswith("_created")}
 
+    pending_registry = CollectorRegistry()
+    pending = PendingHistogram(HistogramWriter(Histogram(
+        "h", "h", ("a",), buckets=bounds, registry=pending_registry).labels("x")))
+    for v in values[:1]:  # one value drains as observe does, the rest in bulk
+        pending.observe(v)
+    pending.drain()
+    for v in values[1:]:
+        pending.observe(v)
+    pending.drain()
+
     assert exposed(ours) == exposed(theirs) == exposed(bulk)
+    assert exposed(pending_registry) == exposed(theirs)
 
 
 def test_flushed_values_lose_no_increment_across_threads() -> None:

@@ -323,3 +323,12 @@ def test_inputs_key_must_be_utf8() -> None:
         pb.EvaluateRequest.FromString(raw)
     with pytest.raises(MalformedMessage, match="inputs: a key is not valid UTF-8"):
         wire.ParsedRequest(raw)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 127, 128, 255, 300, 16383, 16384, 2**21 + 5, 2**40])
+def test_tensor_headers_are_protobufs_own_bytes_when_kept_too(dim: int) -> None:
+    from lossd._wire import _tensor_header
+
+    want = pb.Tensor(dtype=pb.INT64, shape=[dim, 3]).SerializeToString()
+    assert _tensor_header(pb.INT64, (dim, 3)) == want
+    assert _tensor_header(pb.INT64, (dim, 3)) == want  # the kept one

@@ -157,6 +157,8 @@ _ONE_BYTE = [bytes((i,)) for i in range(128)]
 def _varint(value: int) -> bytes:
     if 0 <= value < 128:
         return _ONE_BYTE[value]
+    if 0 < value < 1 << 14:  # (a small tensor's byte count or a message's length)
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     value &= (1 << 64) - 1
     while True:
@@ -169,12 +171,25 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+_HEADERS: dict[tuple[int, tuple[int, ...]], bytes] = {}
+MAX_CACHED_HEADERS = 64
+"""(dtype, shape) headers kept: a training loop sends a few shapes over and over."""
+
+
 def _tensor_header(dtype: pb.DType, shape: tuple[int, ...]) -> bytes:
-    """``Tensor(dtype=dtype, shape=shape).SerializeToString()``, written directly."""
+    """``Tensor(dtype=dtype, shape=shape).SerializeToString()``, written directly (and
+    kept for the next request of that dtype and shape)."""
+    key = (dtype, shape)
+    header = _HEADERS.get(key)
+    if header is not None:
+        return header
     header = b"\x08" + _varint(dtype) if dtype else b""  # field 1, varint
     if shape:  # field 2, packed varints
         packed = b"".join([_varint(d) for d in shape])
         header += b"\x12" + _varint(len(packed)) + packed
+    if len(_HEADERS) >= MAX_CACHED_HEADERS:
+        _HEADERS.clear()
+    _HEADERS[key] = header
     return header
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,21 +60,22 @@ class Evaluation:
     the batch (sample indices from 0).
     """
 
-    per_sample: Tensor
+    losses: np.ndarray
+    """The per-sample losses, float32 (N,): what the fronts encode and the metrics read."""
     aggregate: Aggregate
     device_seconds: float | None = None
     gradient: Tensor | None = None
     analysis: analysis.Analysis | None = None
-    per_sample_array: np.ndarray | None = None
-    """``per_sample`` as numpy (the same memory), where the engine made it."""
 
     @property
-    def losses(self) -> np.ndarray:
-        """The per-sample losses as a float32 numpy array (a view where possible)."""
-        return self.per_sample_array if self.per_sample_array is not None else (
-            self.per_sample.numpy())
+    def per_sample(self) -> Tensor:
+        """``losses`` as a tensor (the same memory), made when asked for: most calls never
+        ask, and making one is a torch call."""
+        return torch.from_numpy(self.losses)
 
 
+_VERSION = operator.attrgetter("_version")
+"""A tensor's version counter (bumped by every in-place write)."""
 _NO_CONTEXT = contextlib.nullcontext()
 """Reusable (it holds no state): one fewer object and call per computation."""
 
@@ -338,8 +340,10 @@ class Engine:
         inputs = {name: self._to_device(t, torch.int64 if spec.input_by_name[name].dtype == "int"
                                         else dtype) for name, t in batch.inputs.items()
                   } if batch.inputs else {}
-        opts = {name: (value.to(self.device, dtype) if isinstance(value, Tensor) else value)
-                for name, value in c.options.items()}
+        opts = dict(c.options)
+        for name, value in opts.items():  # (replacing values only: the loop may)
+            if isinstance(value, Tensor):
+                opts[name] = value.to(self.device, dtype)
         ignore_index = _ignore_index(c, target, opts)
         if batch.gradient:
             pred = pred.to(dtype).detach().requires_grad_(True)
@@ -421,9 +425,13 @@ class Engine:
             args = tuple(map(own, args))
             inputs = {name: own(t) for name, t in inputs.items()}
             opts = {name: (own(v) if isinstance(v, Tensor) else v) for name, v in opts.items()}
-        arguments = [*args, *inputs.values(), *(v for v in opts.values()
-                                                if isinstance(v, Tensor))]
-        versions = [t._version for t in arguments]
+        # Their version counters, read before and after: in place writes show. (Loops and
+        # map, not comprehensions: each of those is a frame of its own, every call.)
+        arguments = [*args, *inputs.values()]
+        for value in opts.values():
+            if isinstance(value, Tensor):
+                arguments.append(value)
+        versions = list(map(_VERSION, arguments))
         try:
             if spec.lock is None:
                 out = spec.fn(*args, **inputs, **opts)
@@ -438,7 +446,7 @@ class Engine:
                                         "traceback is in the server log)") from exc
         problem = self._output_problem(out, pred, valid, gradient=gradient,
                                        exact_positions=spec.engine_ignore_index)
-        if problem is None and [t._version for t in arguments] != versions:
+        if problem is None and list(map(_VERSION, arguments)) != versions:
             problem = ("its function modified its arguments in place (they are views of the "
                        "request's memory)")
         if problem is not None:
@@ -669,6 +677,5 @@ def _evaluation(c: _Computed, weights: Tensor | None, part: slice,
     else:
         with np.errstate(over="ignore"):  # float64 losses beyond float32 become inf
             array = losses.astype(np.float32)
-    return Evaluation(per_sample=torch.from_numpy(array), aggregate=aggregate,
-                      device_seconds=device_seconds, gradient=c.gradient, analysis=result,
-                      per_sample_array=array)
+    return Evaluation(losses=array, aggregate=aggregate, device_seconds=device_seconds,
+                      gradient=c.gradient, analysis=result)

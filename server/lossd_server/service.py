@@ -251,7 +251,7 @@ class StreamState:
             self.batch_analysis = batch_analysis = (
                 ev.analysis if self.batch_analysis is None
                 else self.batch_analysis.merge(ev.analysis))
-        size = ev.per_sample.shape[0]
+        size = ev.losses.shape[0]
         if more:
             self.offset += size
         else:

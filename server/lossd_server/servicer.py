@@ -116,7 +116,7 @@ def encode_response(ev: Evaluation, out: memoryview | None = None, *,
     if out is not None:
         torch.frombuffer(out, dtype=torch.float32).copy_(ev.per_sample)
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32,
-                                                        shape=[ev.per_sample.shape[0]]))
+                                                        shape=[ev.losses.shape[0]]))
     else:
         losses = ev.losses
         resp = pb.EvaluateResponse(per_sample=pb.Tensor(
@@ -216,12 +216,14 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
         return ev, resp
 
     @unary_errors
-    def Evaluate(self, request: pb.EvaluateRequest,
-                 context: grpc.ServicerContext) -> pb.EvaluateResponse:
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> bytes:
+        """The serialised EvaluateResponse: serialised here, once, its length is the sent
+        bytes' metric (``ByteSize()`` would walk the message a second time)."""
         with self.service.call("Evaluate") as call:
             _, resp = self._evaluate(call, request, CallState.of(context))
-            call.sent(resp.ByteSize())
-            return resp
+            data: bytes = resp.SerializeToString()
+            call.sent(len(data))
+            return data
 
     @stream_errors
     def EvaluateStream(self, request_iterator: Iterator[pb.EvaluateRequest],
@@ -415,7 +417,8 @@ def add_to_server(servicer: LossServicer, server: grpc.Server, *,
     except that Evaluate and EvaluateStream parse their requests with
     :func:`wire.parse_request`, which views the tensors of a large request in the received
     bytes instead of copying them out, and refuses (counted) a request with more than
-    ``max_map_entries`` inputs or options before it parses the rest."""
+    ``max_map_entries`` inputs or options before it parses the rest; and except that
+    Evaluate answers its response serialised (see :meth:`LossServicer.Evaluate`)."""
     def parse(method: str) -> Callable[[bytes], Any]:
         def deserialize(raw: bytes) -> Any:
             try:
@@ -426,9 +429,8 @@ def add_to_server(servicer: LossServicer, server: grpc.Server, *,
         return deserialize
 
     handlers = {
-        "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, request_deserializer=parse("Evaluate"),
-            response_serializer=pb.EvaluateResponse.SerializeToString),
+        "Evaluate": grpc.unary_unary_rpc_method_handler(  # (it answers serialised)
+            servicer.Evaluate, request_deserializer=parse("Evaluate")),
         "EvaluateStream": grpc.stream_stream_rpc_method_handler(
             _released(servicer.EvaluateStream), request_deserializer=parse("EvaluateStream"),
             response_serializer=_Sent.serialize),
