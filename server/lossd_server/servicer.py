@@ -139,7 +139,7 @@ def batch_state(request: pb.EvaluateRequest, batch: Batch, ev: Evaluation) -> St
         analysis = dataclasses.replace(analysis, diagnostics=None)  # per message, not state
     return State(loss=request.loss, options=wire.options_key(request.options),
                  request=batch.analyses, aggregate=ev.aggregate,
-                 samples=int(ev.per_sample.shape[0]), batches=1, analysis=analysis)
+                 samples=int(ev.losses.shape[0]), batches=1, analysis=analysis)
 
 
 def stream_state(stream: StreamState) -> State | None:
