@@ -267,6 +267,12 @@ def client(server: LossdServer) -> Iterator[LossClient]:
 
 
 @pytest.fixture(scope="session")
+def address(server: LossdServer) -> str:
+    """The session server's address, for what takes one (the training integrations)."""
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
 def gpu_server() -> Iterator[LossdServer]:
     if not HAS_CUDA:
         pytest.skip("no CUDA device")

@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,7 @@ import torch
 
 from lossd import Aggregates, Batch, LossClient, MergeError, Unavailable, merge
 from lossd.distributed import gather
-from lossd_server.app import LossdServer
-from tests.conftest import ROOT, served
+from tests.conftest import ROOT
 
 WORLD = 2
 N = 64          # divides by WORLD: no padding, each rank 32 samples, 4 batches of 8
@@ -41,16 +39,6 @@ CLASSES = ("ant", "bee", "cat", "dog")
 BATCH = 8
 ANALYSES: dict[str, Any] = dict(per_class=True, accuracy=True, diagnostics=True, top_k=2,
                                 hardest=6, quantiles=True, hardest_batches=3)
-
-
-@pytest.fixture(scope="module")
-def lossd_server() -> Iterator[LossdServer]:
-    yield from served()
-
-
-@pytest.fixture(scope="module")
-def address(lossd_server: LossdServer) -> str:
-    return f"127.0.0.1:{lossd_server.port}"
 
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:

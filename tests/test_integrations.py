@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,8 +26,7 @@ import torch
 
 from lossd import Aggregates, LossClient, Unavailable
 from lossd.integrations import LossdWarning, flat_metrics
-from lossd_server.app import LossdServer
-from tests.conftest import ROOT, EngineBlocker, served, start_server
+from tests.conftest import ROOT, EngineBlocker, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")  # lightning on torch 2.13
 
@@ -36,16 +34,6 @@ CLASSES = ("cat", "dog", "emu")
 FEATURES = 8
 BATCH = 16
 N_VAL = 80   # 5 validation batches
-
-
-@pytest.fixture(scope="module")
-def lossd_server() -> Iterator[LossdServer]:
-    yield from served()
-
-
-@pytest.fixture(scope="module")
-def address(lossd_server: LossdServer) -> str:
-    return f"127.0.0.1:{lossd_server.port}"
 
 
 @pytest.fixture
