@@ -122,19 +122,26 @@ def rank_main(rank: int, init: str, address: str, dead: str, out: str) -> None:
         got["metric_half"] = {k: v.item() for k, v in half.items()}
         got["metric"] = {k: v.item() for k, v in metric.compute().items()}
         broken = LossdMetric(dead if second else address, client_options={"retry_attempts": 1})
-        broken.update(*shard(rank)[0][:2])
+        # The dead server's warning comes at the update or at the compute, whichever
+        # meets the failed stream first.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            broken.update(*shard(rank)[0][:2])
             got["broken"] = {k: v.item() for k, v in broken.compute().items()}
         got["broken_warnings"] = [str(w.message) for w in caught]
         strict = LossdMetric(dead if second else address, strict=True,
                              client_options={"retry_attempts": 1})
-        strict.update(*shard(rank)[0][:2])
+        # As above, the error comes at the update or at the compute; a rank whose update
+        # raised still takes part in the compute, a collective.
         try:
-            strict.compute()
-            got["strict"] = "no error"
+            strict.update(*shard(rank)[0][:2])
         except Exception as exc:
             got["strict"] = f"{type(exc).__name__}: {exc}"
+        try:
+            strict.compute()
+            got.setdefault("strict", "no error")
+        except Exception as exc:
+            got.setdefault("strict", f"{type(exc).__name__}: {exc}")
         Path(out, f"rank{rank}.pickle").write_bytes(pickle.dumps(got))
     finally:
         dist.destroy_process_group()
