@@ -289,3 +289,14 @@ def test_the_server_keeps_analyses_at_end_to_mergeable_streams(client: LossClien
         replies = list(stream(iter([req, req])))
         assert len(replies) == 3 and not replies[0].HasField("running")
         assert replies[-1].HasField("state") and replies[-1].running.count == 16
+
+
+def test_parts_named_differently_do_not_merge(client: LossClient) -> None:
+    a = client.evaluate_all(batches(0, 100, 50), per_class=True,
+                            class_names=[f"a{i}" for i in range(6)])
+    b = client.evaluate_all(batches(100, 200, 50), per_class=True,
+                            class_names=[f"b{i}" for i in range(6)])
+    with pytest.raises(MergeError, match="class_names differ between part 0, part 1"):
+        lossd.merge([a, b])
+    unnamed = client.evaluate_all(batches(100, 200, 50), per_class=True)
+    assert lossd.merge([a, unnamed]).per_class.class_names == a.per_class.class_names

@@ -643,10 +643,9 @@ class Aggregates:
 
 def _needs_state(a: Aggregates) -> State:
     if a.state is None:
-        from lossd.state import MergeError
+        from lossd.state import NO_STATE_HINT, MergeError
 
-        raise MergeError("this result carries no mergeable state: evaluate with "
-                         "mergeable=True (evaluate_stream and evaluate_all do by default)")
+        raise MergeError(f"this result carries no mergeable state: {NO_STATE_HINT}")
     return a.state
 
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lossd._result import Aggregates, LossResult
-from lossd.state import MergeError, merge
+from lossd.state import NO_STATE_HINT, MergeError, merge_labelled
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -101,33 +101,22 @@ def _payload(result: LossResult | Aggregates | BaseException | None) -> Payload:
         raise TypeError(f"gather: a {type(result).__name__}, not a LossResult, Aggregates, "
                         "an exception or None")
     if whole.state is None:
-        return ("sent a result without mergeable state: evaluate with mergeable=True "
-                "(evaluate_stream and evaluate_all keep it by default)")
+        return f"sent a result without mergeable state: {NO_STATE_HINT}"
     return whole.to_bytes()
 
 
 def _merged(payloads: Sequence[Payload]) -> Aggregates | None:
     """The ranks' payloads (by rank) merged; a rank's problem is a MergeError naming it."""
-    parts: list[tuple[int, Aggregates]] = []
+    parts: list[tuple[str, Aggregates]] = []
     for rank, payload in enumerate(payloads):
         if isinstance(payload, str):
             raise MergeError(f"rank {rank} {payload}")
         if payload is not None:
             try:
-                parts.append((rank, Aggregates.from_bytes(payload)))
+                parts.append((f"rank {rank}", Aggregates.from_bytes(payload)))
             except MergeError as exc:
                 raise MergeError(f"rank {rank}: {exc}") from None
-    if not parts:
-        return None
-    first_rank, first = parts[0]
-    for rank, part in parts[1:]:
-        assert first.state is not None and part.state is not None  # from_bytes keeps it
-        first.state.check_mergeable(part.state, where=f"(rank {rank}, against rank "
-                                                      f"{first_rank})")
-    try:
-        return merge(part for _, part in parts)
-    except MergeError as exc:  # the states agree: what is left is the class names
-        raise MergeError(f"ranks {[rank for rank, _ in parts]}: {exc}") from None
+    return merge_labelled(parts) if parts else None
 
 
 def _initialized() -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -826,10 +826,11 @@ class State:
         if self.aggregate.weighted != other.aggregate.weighted:
             raise MergeError(f"weights: sent with one part and not another{suffix}")
 
-    def merge(self, later: State) -> State:
+    def merge(self, later: State, *, where: str = "") -> State:
         """This part followed by ``later``: later's sample positions and batch ordinals
-        start after this part's. Equal to one stream over both, bit for bit."""
-        self.check_mergeable(later)
+        start after this part's. Equal to one stream over both, bit for bit. A mismatch
+        (:meth:`check_mergeable`) names ``where`` it was found."""
+        self.check_mergeable(later, where=where)
         analysis = (None if self.analysis is None or later.analysis is None
                     else self.analysis.merge(replace(later.analysis, diagnostics=None)))
         batches = None
@@ -858,19 +859,24 @@ class State:
         return dataclasses.replace(Aggregates.from_proto(agg, analysis), state=self)
 
 
-def merge_states(states: Iterable[State]) -> State:
+def merge_states(states: Iterable[State], labels: Sequence[str] = ()) -> State:
     """The states of consecutive parts, merged in order (:meth:`State.merge`); a mismatch
-    names the part (from 0) it was found in."""
+    names the part it was found in by its label (default: "part i", from 0)."""
     merged: State | None = None
+    first = ""
     for i, state in enumerate(states):
+        label = labels[i] if i < len(labels) else f"part {i}"
         if merged is None:
-            merged = state
-            continue
-        merged.check_mergeable(state, where=f"(part {i}, against part 0)")
-        merged = merged.merge(state)
+            merged, first = state, label
+        else:
+            merged = merged.merge(state, where=f"({label}, against {first})")
     if merged is None:
         raise MergeError("nothing to merge: no parts were given")
     return merged
+
+
+NO_STATE_HINT = "evaluate with mergeable=True (evaluate_stream and evaluate_all do by default)"
+"""How a result gets the state a merge needs, for the errors that find none."""
 
 
 def merge(parts: Iterable[LossResult | Aggregates]) -> Aggregates:
@@ -889,22 +895,30 @@ def merge(parts: Iterable[LossResult | Aggregates]) -> Aggregates:
         whole = lossd.merge(lossd.load_result(p) for p in ["s0.lossd", "s1.lossd", "s2.lossd"])
         whole.mean, whole.per_class.to_pandas()
     """
-    from lossd._result import Aggregates, LossResult, class_names_in
+    from lossd._result import LossResult
 
     wholes = [p.whole if isinstance(p, LossResult) else p for p in parts]
+    return merge_labelled([(f"part {i}", a) for i, a in enumerate(wholes)])
+
+
+def merge_labelled(parts: Sequence[tuple[str, Aggregates]]) -> Aggregates:
+    """:func:`merge` of ``(label, aggregates)`` pairs, each error naming its part by its
+    label ("part 2", "rank 1")."""
+    from lossd._result import Aggregates, class_names_in
+
     states = []
-    for i, a in enumerate(wholes):
+    for label, a in parts:
         if not isinstance(a, Aggregates):
-            raise TypeError(f"merge: part {i} is a {type(a).__name__}, not a LossResult or "
+            raise TypeError(f"merge: {label} is a {type(a).__name__}, not a LossResult or "
                             "Aggregates")
         if a.state is None:
-            raise MergeError(f"part {i} carries no mergeable state: evaluate with "
-                             "mergeable=True (evaluate_stream and evaluate_all do by default)")
+            raise MergeError(f"{label} carries no mergeable state: {NO_STATE_HINT}")
         states.append(a.state)
-    merged = merge_states(states).aggregates()
-    names = {n for n in map(class_names_in, wholes) if n is not None}
+    merged = merge_states(states, [label for label, _ in parts]).aggregates()
+    names = {n for n in (class_names_in(a) for _, a in parts) if n is not None}
     if len(names) > 1:
-        raise MergeError("class_names differ between the parts")
+        raise MergeError("class_names differ between "
+                         f"{', '.join(label for label, _ in parts)}")
     return merged.with_class_names(names.pop()) if names else merged
 
 
