@@ -247,17 +247,16 @@ class LossServicer(pb_grpc.LossServiceServicer):  # type: ignore[misc,unused-ign
                     batch_id=request.batch_id if request.HasField("batch_id") else None)
                 resp.ClearField("aggregates")
                 encode_aggregate(batch, resp.aggregates)
-                if not stream.at_end:
+                if not stream.at_end:  # else the stream's final message carries them
                     encode_aggregate(running, resp.running)
-                if (batch_analysis is not None and running_analysis is not None
-                        and not stream.at_end):
-                    encode_analysis(batch_analysis, resp.analysis)
-                    encode_analysis(running_analysis, resp.running_analysis)
-                if stream.hardest_batches is not None and not stream.at_end:
-                    encode_hardest_batches(
-                        stream.hardest_batches,
-                        None if running_analysis is None else running_analysis.hardest,
-                        resp.running_analysis.hardest_batches)
+                    if batch_analysis is not None and running_analysis is not None:
+                        encode_analysis(batch_analysis, resp.analysis)
+                        encode_analysis(running_analysis, resp.running_analysis)
+                    if stream.hardest_batches is not None:
+                        encode_hardest_batches(
+                            stream.hardest_batches,
+                            None if running_analysis is None else running_analysis.hardest,
+                            resp.running_analysis.hardest_batches)
                 call.sent(resp.ByteSize())
                 try:
                     yield resp
