@@ -321,21 +321,14 @@ class StreamedMetrics:
 
     def close(self) -> Aggregates | None:
         """End the evaluation: its final aggregates, or None when nothing was put or it
-        failed (warned, or raised with ``strict``). The next :meth:`put` opens a new one."""
-        stream, self._stream = self._stream, None
-        failed, self._failed = self._failed, False
-        kept, self._kept = self._kept, None
-        self._last_losses, self._kept_losses = self._kept_losses, []
-        if failed:
-            return None
-        if stream is None:   # nothing put since the last close or flush
-            self.failure = None
-            return kept
-        last = self._finish(stream)
-        if last is None:
-            return None
-        self._last_losses += stream.losses
-        return last if kept is None else merge([kept, last])
+        failed (warned, or raised with ``strict``). The next :meth:`put` opens a new one:
+        the last :meth:`flush`, then the evaluation forgotten (its losses kept for
+        :meth:`losses`), whatever the flush gave or raised."""
+        try:
+            return self.flush()
+        finally:
+            self._failed, self._kept = False, None
+            self._last_losses, self._kept_losses = self._kept_losses, []
 
     def across_ranks(self, end: Callable[[], Aggregates | None], group: Any = None
                      ) -> Aggregates | None:
