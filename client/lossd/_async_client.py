@@ -34,6 +34,7 @@ from lossd._requests import (
     analysis_fields,
     joined,
     sample_ids_of,
+    stream_end,
 )
 from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd.v1 import loss_service_pb2 as pb
@@ -194,9 +195,7 @@ class AsyncLossClient:
                 hardest_batches=hardest_batches, mergeable=mergeable,
                 running=not mergeable, **options):
             last = result
-        if last is None or last.running is None:
-            raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
-        return last.running
+        return stream_end(last)
 
     async def wait_for_ready(self, timeout: float | None = None) -> None:
         """As :meth:`LossClient.wait_for_ready`."""

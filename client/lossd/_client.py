@@ -35,6 +35,7 @@ from lossd._requests import (
     analysis_fields,
     joined,
     sample_ids_of,
+    stream_end,
 )
 from lossd._result import Aggregates, LossInfo, LossResult, class_names_of
 from lossd._shm import ClientLink, SharedMemory
@@ -281,9 +282,7 @@ class LossClient:
                 hardest_batches=hardest_batches, mergeable=mergeable,
                 running=not mergeable, **options):
             last = result
-        if last is None or last.running is None:
-            raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
-        return last.running
+        return stream_end(last)
 
     def wait_for_ready(self, timeout: float | None = None) -> None:
         """Wait until the server is ready: the channel connects and the server's health

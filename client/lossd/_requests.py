@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lossd._errors import InvalidArgument
-from lossd._result import LossResult
+from lossd._result import Aggregates, LossResult
 from lossd._wire import as_array, encode_with_tensors, option_value
 from lossd.state import State
 from lossd.state import from_proto as state_from_proto
@@ -219,6 +219,14 @@ def is_state_only(reply: pb.EvaluateResponse) -> bool:
     """Whether ``reply`` is a mergeable stream's last message: its state alone, after the
     answers to its batches."""
     return reply.HasField("state") and not reply.HasField("per_sample")
+
+
+def stream_end(last: LossResult | None) -> Aggregates:
+    """What ``evaluate_all`` returns: the last result's ``running`` aggregates, the whole
+    stream's; a ValueError when there was no batch."""
+    if last is None or last.running is None:
+        raise ValueError("evaluate_all: the batches were empty; nothing was evaluated")
+    return last.running
 
 
 def joined(replies: list[pb.EvaluateResponse], *, running: bool) -> LossResult:
