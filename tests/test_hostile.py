@@ -237,6 +237,47 @@ def test_an_unsent_call_does_not_hold_a_drain_up() -> None:
         assert time.monotonic() - started < 5.0
 
 
+def test_a_drain_ends_unsent_calls_but_leaves_health_checks_to_be_answered() -> None:
+    """Unit level: a probe whose message is still on its way when the drain starts is
+    answered (NOT_SERVING), not refused UNAVAILABLE as an unsent Evaluate is."""
+    from lossd_server.errors import Refused
+    from lossd_server.limits import MessageWaits, Wait
+
+    waits = MessageWaits(max_receiving=8, timeout=60)
+    ended: dict[str, grpc.StatusCode] = {}
+    arrived = {name: threading.Event() for name in ("Evaluate", "Check")}
+    got: dict[str, str] = {}
+
+    def run(name: str) -> None:
+        def end(code: grpc.StatusCode, _message: str) -> None:
+            ended[name] = code
+            arrived[name].set()
+
+        def read() -> str:
+            arrived[name].wait()
+            if name in ended:   # as grpcio's read fails once the call was ended
+                raise grpc.RpcError()
+            return "message"
+        wait = Wait(waits, name, "ipv4:10.0.0.1:1000", end, probe=name == "Check")
+        with contextlib.suppress(Refused):
+            got[name] = waits.receive_first(wait, read)
+
+    threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in arrived]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while waits.receiving != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    waits.drain()
+    assert arrived["Evaluate"].wait(5)
+    assert ended == {"Evaluate": grpc.StatusCode.UNAVAILABLE} and waits.receiving == 1
+    arrived["Check"].set()   # the probe's message arrives after the drain began
+    for t in threads:
+        t.join(5)
+    assert got == {"Check": "message"} and "Check" not in ended
+
+
 def test_a_full_wait_list_ends_the_longest_wait_of_the_host_holding_most() -> None:
     """Unit level (every loopback caller is one host): the host with most unsent calls
     loses its longest wait, not the older wait of a host with fewer."""

@@ -163,7 +163,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _open(self, handler: Any, method: str) -> Any:
         """A health service handler: messages bounded like any call's, nothing else."""
-        return self._receiving(handler, method, _unchanged, _unchanged)
+        return self._receiving(handler, method, _unchanged, _unchanged, probe=True)
 
     def _tracked(self, handler: Any, method: str) -> Any:
         def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,12 +189,13 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
         return self._receiving(handler, method, unary_response, stream_response)
 
     def _receiving(self, handler: Any, method: str, unary_response: Wrapper,
-                   stream_response: Wrapper) -> Any:
+                   stream_response: Wrapper, *, probe: bool = False) -> Any:
         """``handler`` as a request-streaming handler that reads its messages through
         :attr:`waits` and parses them (a message that does not parse ends
         INVALID_ARGUMENT), then runs its behavior wrapped by ``unary_response`` or
         ``stream_response``: a unary request's call starts (is counted in flight) once its
-        message arrived, so an unsent call never holds a drain up."""
+        message arrived, so an unsent call never holds a drain up. ``probe``: a health
+        check, which a drain does not end while it waits for its message."""
         deserializer = handler.request_deserializer
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
         kind = ("stream" if streaming_in else "unary") + "_" + ("stream" if streaming_out
@@ -211,7 +212,7 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
             # needs no place in the call's contextvars context, which grpcio's call state
             # holds: the Wait's reference back to that state would make each call a cycle
             # of ~20 objects left to the garbage collector.
-            wait = Wait(waits, label, context.peer, end)
+            wait = Wait(waits, label, context.peer, end, probe=probe)
             try:
                 raw = waits.receive_first(wait, received.__next__)
             except StopIteration:  # as grpcio answers a unary call without its message

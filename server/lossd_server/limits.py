@@ -189,6 +189,7 @@ class Wait:
     since: float = 0.0  # when its current wait for a message began
     admitted: bool = False
     ended: Refused | None = None  # the status it was ended with
+    probe: bool = False  # a health check: a drain leaves it to be answered (NOT_SERVING)
 
     @property
     def peer(self) -> str:
@@ -307,10 +308,12 @@ class MessageWaits:
     def drain(self) -> None:
         """End every unary call still waiting for its request (UNAVAILABLE: the caller
         retries elsewhere), so that unsent calls do not hold a drain for its grace period.
-        Streams are left to finish."""
+        Streams are left to finish, and health checks to be answered: a probe during a
+        drain is told NOT_SERVING, not refused."""
         with self._lock:
-            waiting = list(self._unary)
-            self._unary.clear()
+            waiting = [w for w in self._unary if not w.probe]
+            for w in waiting:
+                del self._unary[w]
         for w in waiting:
             self._end(w, grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down) and "
                       "the request message had not arrived; retry on another replica",
