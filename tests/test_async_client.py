@@ -351,3 +351,38 @@ def test_wait_for_ready_without_a_health_service_asks_listlosses(
     f.target = f"127.0.0.1:{port}"
     f.wait_for_ready(10)
     assert asked.is_set()
+
+
+def test_each_client_has_a_connection_of_its_own(request: pytest.FixtureRequest) -> None:
+    """Clients of one process to one address do not share a connection (grpc would, for
+    channels with the same options): a threaded job's clients spread over the serving
+    processes of ``lossd serve --processes N``, which the kernel assigns per connection."""
+    peers: list[str] = []
+
+    def list_losses(req: pb.ListLossesRequest, ctx: grpc.ServicerContext
+                    ) -> pb.ListLossesResponse:
+        peers.append(ctx.peer())
+        return pb.ListLossesResponse()
+
+    bare = grpc.server(futures.ThreadPoolExecutor(2))
+    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "lossd.v1.LossService", {"ListLosses": grpc.unary_unary_rpc_method_handler(
+            list_losses, request_deserializer=pb.ListLossesRequest.FromString,
+            response_serializer=pb.ListLossesResponse.SerializeToString)})])
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    request.addfinalizer(lambda: bare.stop(0))
+    target = f"127.0.0.1:{port}"
+
+    with LossClient(target) as a, LossClient(target) as b:
+        for client in (a, b, a, b):
+            client.losses()
+    assert peers[0] != peers[1] and peers[2:] == peers[:2]  # one connection each, kept
+
+    async def two_async_clients() -> None:
+        async with AsyncLossClient(target) as a, AsyncLossClient(target) as b:
+            for client in (a, b, a, b):
+                await client.losses()
+    peers.clear()
+    asyncio.run(two_async_clients())
+    assert peers[0] != peers[1] and peers[2:] == peers[:2]

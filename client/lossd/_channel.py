@@ -77,6 +77,10 @@ def channel_options(max_message_bytes: int, *, keepalive_seconds: float = KEEPAL
         ("grpc.enable_retries", 1 if retry_attempts > 1 else 0),
         # The service config above wins over one published in DNS TXT records.
         ("grpc.service_config_disable_resolution", 1),
+        # A connection of its own: grpc otherwise shares one among the channels of a process
+        # that have the same target and options, so every client of a threaded job would
+        # reach the same serving process of a server run with ``--processes``.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if keepalive_seconds > 0:
         options += [
