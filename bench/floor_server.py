@@ -8,8 +8,13 @@ holding N float32 zeros (serialised once per N). What a call costs beyond this i
 transport: parsing, decoding, validation, compute, aggregation, encoding, scheduling.
 
 Two variants, chosen with ``--mode``: ``sync`` (``grpc.server`` on a thread pool of
-``--workers`` threads, like lossd) and ``async`` (``grpc.aio.server``). Run as a
-subprocess by ``bench.run``::
+``--workers`` threads, like lossd) and ``async`` (``grpc.aio.server``). A third, ``torch``,
+is the least a Python service computing the loss does: the sync server, whose Evaluate
+views the request's predictions and targets in place (numpy, then torch, no copy), runs
+``torch.nn.functional.cross_entropy(reduction="none")`` on one torch thread and answers the
+per-sample losses, their count, sum and mean; no checks, no metrics, no options (it serves
+the plain ``small`` and ``large`` workloads). What lossd costs beyond it is lossd's own
+work. Run as a subprocess by ``bench.run``::
 
     python -m bench.floor_server --mode sync --port 50100
 """
@@ -21,7 +26,7 @@ import asyncio
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -94,18 +99,61 @@ def reply(raw: bytes) -> bytes:
     return out
 
 
+_NUMPY = {pb.FLOAT32: "<f4", pb.INT64: "<i8"}
+
+
+def _tensor(buf: memoryview, start: int, end: int) -> Any:
+    """A Tensor message's data as a numpy view of its shape (dtype 1, shape 2, data 3)."""
+    import numpy as np  # (imported once by main: a dictionary lookup here)
+
+    dtype, shape, data = pb.FLOAT32, [], (0, 0)
+    for number, kind, value in _fields(buf, start, end):
+        if number == 1:
+            dtype = value
+        elif number == 2 and kind == 0:
+            shape.append(value)
+        elif number == 2:  # packed
+            i, stop = value
+            while i < stop:
+                dim, i = _varint(buf, i)
+                shape.append(dim)
+        elif number == 3:
+            data = value
+    return np.frombuffer(buf[data[0]:data[1]], dtype=_NUMPY[dtype]).reshape(shape)
+
+
+def computed(raw: bytes) -> bytes:
+    """cross_entropy of the request's predictions (field 2) and targets (field 3), and
+    the answer lossd gives a plain request: per-sample losses, count, sum and mean."""
+    import torch  # (imported once by main: a dictionary lookup here)
+    import torch.nn.functional as F
+
+    buf = memoryview(raw)
+    tensors = {number: _tensor(buf, *where) for number, kind, where in _fields(buf, 0, len(buf))
+               if number in (2, 3) and kind == 2}
+    losses = F.cross_entropy(torch.from_numpy(tensors[2]), torch.from_numpy(tensors[3]),
+                             reduction="none")
+    values = losses.numpy()
+    total = float(values.sum(dtype="f8"))
+    resp = pb.EvaluateResponse(per_sample=pb.Tensor(dtype=pb.FLOAT32, shape=[len(values)],
+                                                    data=values.tobytes()))
+    agg = resp.aggregates
+    agg.count, agg.sum, agg.mean = len(values), total, total / max(1, len(values))
+    return bytes(resp.SerializeToString())
+
+
 def _identity(b: bytes) -> bytes:
     return b
 
 
-def sync_handler() -> grpc.GenericRpcHandler:
+def sync_handler(answer: Callable[[bytes], bytes] = reply) -> grpc.GenericRpcHandler:
     def evaluate(req: bytes, context: grpc.ServicerContext) -> bytes:
-        return reply(req)
+        return answer(req)
 
     def evaluate_stream(reqs: Iterator[bytes], context: grpc.ServicerContext
                         ) -> Iterator[bytes]:
         for req in reqs:
-            yield reply(req)
+            yield answer(req)
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Evaluate": grpc.unary_unary_rpc_method_handler(
@@ -132,9 +180,10 @@ def async_handler() -> grpc.GenericRpcHandler:
     })
 
 
-def serve_sync(host: str, port: int, workers: int, options: list[tuple[str, Any]]) -> None:
+def serve_sync(host: str, port: int, workers: int, options: list[tuple[str, Any]],
+               answer: Callable[[bytes], bytes] = reply) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    server.add_generic_rpc_handlers((sync_handler(),))
+    server.add_generic_rpc_handlers((sync_handler(answer),))
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     print(f"floor sync serving on {host}:{bound}", flush=True)
@@ -161,7 +210,7 @@ async def serve_async(host: str, port: int, options: list[tuple[str, Any]]) -> N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--mode", choices=("sync", "async", "torch"), default="sync")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--workers", type=int, default=8, help="sync: thread pool size")
@@ -173,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     for kv in a.option:
         name, _, value = kv.partition("=")
         options.append((name, int(value)))
-    if a.mode == "sync":
+    if a.mode == "torch":
+        import torch
+
+        torch.set_num_threads(1)  # a small batch gains nothing from a second thread
+        serve_sync(a.host, a.port, a.workers, options, computed)
+    elif a.mode == "sync":
         serve_sync(a.host, a.port, a.workers, options)
     else:
         asyncio.run(serve_async(a.host, a.port, options))

@@ -11,6 +11,10 @@ channel per client), then 8 threads of one client process (``--threads``: a clie
 channel per thread, as a threaded trainer would call), call for ``--duration`` seconds:
 
 * the transport floor (``bench.floor_server``, sync and asyncio; the better one counts);
+* the bare torch service (``bench.floor_server --mode torch``): the sync floor computing the
+  same cross_entropy with torch on zero-copy views, with no checks, limits or metrics, the
+  least a Python grpcio service computing the loss does (not a target: what pure Python
+  reaches, against Triton's figures);
 * lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
   ``lossd serve`` picks on this host) through ``lossd.LossClient``;
 * Triton 2.51 (``bench.triton``: its own virtualenv under /tmp, the python backend with a
@@ -148,11 +152,11 @@ class SmallBench:
         bench_run.DATA[WORKLOAD.name] = make_data(WORKLOAD)
         pool = bench_run.Pool(max(a.clients))
         try:
-            for kind in ("floor_sync", "floor_async"):
+            for kind in ("floor_sync", "floor_async", "floor_torch"):
                 server = bench_run.Server(kind, a.device, None, log)
                 try:
                     pool.wait_ready(server.address)
-                    self.measure(pool, kind, kind, server)
+                    self.measure(pool, BARE if kind == "floor_torch" else kind, kind, server)
                 finally:
                     server.stop()
             for spec in a.processes:
@@ -199,6 +203,11 @@ class SmallBench:
 
 
 # ---- results --------------------------------------------------------------------------
+
+BARE = "bare torch service"
+"""The label of ``bench.floor_server --mode torch`` (not a transport floor: its name must not
+start with ``floor``, which :func:`targets` takes the best of)."""
+
 
 def _cases(result: dict[str, Any], threads: bool = False) -> list[dict[str, Any]]:
     """The cases whose callers are client processes (or, with ``threads``, the threads of
@@ -273,6 +282,21 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def bare_against_triton(result: dict[str, Any]) -> list[tuple[str, float]]:
+    """The bare torch service's figures over Triton's best (empty without both): how far
+    a Python grpcio service gets with none of lossd's work."""
+    out: list[tuple[str, float]] = []
+    for what, clients, key, threads in (("p50 at 1 client", 1, "p50_ms", False),
+                                        ("calls/s at 8 clients", 8, "calls_per_s", False),
+                                        ("calls/s at 8 client threads", 8, "calls_per_s", True)):
+        bare = [c for c in _cases(result, threads) if c["server"] == BARE
+                and c["concurrency"] == clients]
+        if bare and any(c["server"].startswith("Triton") for c in _cases(result, threads)):
+            best = _best(result, "Triton", clients, key, threads)
+            out.append((what, round(bare[0][key] / best[key], 3)))
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, cfg = result["machine"], result["config"]
     lines = [f"# Small calls: {m['name']}", "",
@@ -291,6 +315,11 @@ def markdown(result: dict[str, Any]) -> str:
     for t in targets(result):
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['limit']:.2f} | "
                      f"{'yes' if t['met'] else '**no**'} |")
+    bare = bare_against_triton(result)
+    if bare:
+        lines += ["", f"The {BARE} (the sync transport floor computing the same "
+                  "cross_entropy with torch, no checks, limits or metrics) over Triton's "
+                  "best: " + "; ".join(f"{what} {v:.2f} x" for what, v in bare) + "."]
     lines += ["", "## Latency and throughput", "",
               "| server | clients | p50 ms | p99 ms | calls/s | server CPU ms/call | "
               "client CPU ms/call | calls |", "|---|---|---|---|---|---|---|---|"]
@@ -316,7 +345,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ones = [c for c in _cases(result) if c["concurrency"] == 1]
-    colours = {"floor": "#999", "ML": "#c44", "Triton": "#6a4"}
+    colours = {"floor": "#999", BARE: "#bbb", "ML": "#c44", "Triton": "#6a4"}
     left.barh([c["server"] for c in ones], [c["p50_ms"] for c in ones], color=[
         next((v for k, v in colours.items() if c["server"].startswith(k)), "#36c")
         for c in ones])

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import triton  # noqa: E402
+from bench import floor_server, triton  # noqa: E402
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
     arrays_for_wire,
@@ -30,6 +30,7 @@ from bench.workloads import (  # noqa: E402
     request_bytes,
     wire_bytes,
 )
+from lossd import LossClient  # noqa: E402
 from lossd.requests import Requests  # noqa: E402
 from lossd.v1 import loss_service_pb2 as pb  # noqa: E402
 
@@ -100,6 +101,20 @@ def test_analysis_quick_run_writes_ratios(tmp_path: Path) -> None:
     assert "| per_class |" in (tmp_path / "analysis.md").read_text()
 
 
+def test_the_bare_torch_service_answers_what_lossd_answers(client: LossClient) -> None:
+    """bench.small's bare torch service does the work lossd does for a plain request (the
+    same per-sample losses, bit for bit), so what lossd costs beyond it is its own."""
+    w = WORKLOADS["small"]
+    pred, targ, weights = make_data(w).torch()
+    got = pb.EvaluateResponse.FromString(
+        floor_server.computed(request_bytes(w, *arrays_for_wire(pred, targ, weights))))
+    want = client.evaluate(pred, targ, loss=w.loss, weights=weights, **w.options)
+    assert got.per_sample.data == want.per_sample.astype("<f4").tobytes()
+    assert list(got.per_sample.shape) == [w.n] and got.aggregates.count == w.n
+    assert got.aggregates.sum == pytest.approx(want.sum, rel=1e-12)
+    assert got.aggregates.mean == pytest.approx(want.mean, rel=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -> None:
@@ -114,7 +129,8 @@ def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "small.json").read_text())
     servers = {(c["server"], c["concurrency"]) for c in result["cases"]}
-    assert {("floor_sync", 1), ("lossd p=1", 8), ("lossd p=2", 8)} <= servers
+    assert {("floor_sync", 1), ("bare torch service", 8), ("lossd p=1", 8),
+            ("lossd p=2", 8)} <= servers
     assert all(c["calls"] > 0 and c["server_cpu_ms_per_call"] > 0 for c in result["cases"])
     targets = {t["target"].split(" (")[0] for t in result["targets"]}
     assert "scaling: 2 processes >= 0.7 x linear" in targets
