@@ -231,7 +231,9 @@ def _best(result: dict[str, Any], prefix: str, clients: int, key: str,
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 10's and 20's small-call targets, from one run's cases (client processes; the
     Triton ratio at 8 callers also with client threads, where measured)."""
-    out = []
+    out: list[dict[str, Any]] = []
+    if {1, 8} - {c["concurrency"] for c in _cases(result)}:
+        return out  # the targets are at 1 and 8 client processes (--clients)
     floor1 = _best(result, "floor", 1, "p50_ms")
     floor8 = _best(result, "floor", 8, "calls_per_s")
     lossd = [c for c in _cases(result) if c["server"].startswith("lossd")]
