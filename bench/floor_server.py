@@ -106,7 +106,7 @@ def _tensor(buf: memoryview, start: int, end: int) -> Any:
     """A Tensor message's data as a numpy view of its shape (dtype 1, shape 2, data 3)."""
     import numpy as np  # (imported once by main: a dictionary lookup here)
 
-    dtype, shape, data = pb.FLOAT32, [], (0, 0)
+    dtype, shape, data = pb.DTYPE_UNSPECIFIED, [], (0, 0)
     for number, kind, value in _fields(buf, start, end):
         if number == 1:
             dtype = value
