@@ -328,15 +328,13 @@ def test_wait_for_ready_waits_for_serving(request: pytest.FixtureRequest) -> Non
         srv.set_serving(False)
 
 
-def test_wait_for_ready_without_a_health_service_asks_listlosses(
-        front: Callable[..., SyncFront], request: pytest.FixtureRequest) -> None:
-    """A server without the health service (behind a proxy that does not route it) is
-    ready once it answers ListLosses."""
-    asked = threading.Event()
-
+def listlosses_only_server(request: pytest.FixtureRequest,
+                           on_call: Callable[[str], object]) -> str:
+    """The address of a bare grpc server (stopped after the test) serving only ListLosses,
+    empty, calling ``on_call`` with each caller's peer (``ipv4:host:port``)."""
     def list_losses(req: pb.ListLossesRequest, ctx: grpc.ServicerContext
                     ) -> pb.ListLossesResponse:
-        asked.set()
+        on_call(ctx.peer())
         return pb.ListLossesResponse()
 
     bare = grpc.server(futures.ThreadPoolExecutor(2))
@@ -347,8 +345,16 @@ def test_wait_for_ready_without_a_health_service_asks_listlosses(
     port = bare.add_insecure_port("127.0.0.1:0")
     bare.start()
     request.addfinalizer(lambda: bare.stop(0))
+    return f"127.0.0.1:{port}"
+
+
+def test_wait_for_ready_without_a_health_service_asks_listlosses(
+        front: Callable[..., SyncFront], request: pytest.FixtureRequest) -> None:
+    """A server without the health service (behind a proxy that does not route it) is
+    ready once it answers ListLosses."""
+    asked = threading.Event()
     f = front()
-    f.target = f"127.0.0.1:{port}"
+    f.target = listlosses_only_server(request, lambda peer: asked.set())
     f.wait_for_ready(10)
     assert asked.is_set()
 
@@ -358,21 +364,7 @@ def test_each_client_has_a_connection_of_its_own(request: pytest.FixtureRequest)
     channels with the same options): a threaded job's clients spread over the serving
     processes of ``lossd serve --processes N``, which the kernel assigns per connection."""
     peers: list[str] = []
-
-    def list_losses(req: pb.ListLossesRequest, ctx: grpc.ServicerContext
-                    ) -> pb.ListLossesResponse:
-        peers.append(ctx.peer())
-        return pb.ListLossesResponse()
-
-    bare = grpc.server(futures.ThreadPoolExecutor(2))
-    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "lossd.v1.LossService", {"ListLosses": grpc.unary_unary_rpc_method_handler(
-            list_losses, request_deserializer=pb.ListLossesRequest.FromString,
-            response_serializer=pb.ListLossesResponse.SerializeToString)})])
-    port = bare.add_insecure_port("127.0.0.1:0")
-    bare.start()
-    request.addfinalizer(lambda: bare.stop(0))
-    target = f"127.0.0.1:{port}"
+    target = listlosses_only_server(request, peers.append)
 
     with LossClient(target) as a, LossClient(target) as b:
         for client in (a, b, a, b):
