@@ -40,6 +40,13 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 RUN --mount=type=bind,from=source,source=/src,target=/src,rw \
     pip install --no-cache-dir "/src[server,report]" \
     && lossd serve --help >/dev/null
+# The native gRPC front (LOSSD_FRONT=auto picks it): built here against Debian's gRPC C++,
+# into /opt/lossd-native, which the runtime image loads (it installs the shared libraries).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 pkg-config=1.8.1-1 \
+       libgrpc++-dev=1.51.1-3+b1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && LOSSD_NATIVE_CACHE=/opt/lossd-native python -m lossd_server.native
 
 # ---------------------------------------------------------------------------------------
 # cpu: slim runtime with only the virtualenv from cpu-build.
@@ -52,8 +59,12 @@ LABEL org.opencontainers.image.title="lossd" \
       org.opencontainers.image.base.name="python:3.11-slim-bookworm"
 RUN groupadd --system --gid 10001 lossd \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
-       --home-dir /tmp --shell /usr/sbin/nologin lossd
+       --home-dir /tmp --shell /usr/sbin/nologin lossd \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends libgrpc++1.51=1.51.1-3+b1 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=cpu-build /opt/lossd /opt/lossd
+COPY --from=cpu-build /opt/lossd-native /opt/lossd-native
 # Settings: every LOSSD_* variable maps to a `lossd serve` flag. Bind all interfaces in a
 # container. HOME and the cache variables point at /tmp, the only writable path.
 # LOSSD_PROCESSES=auto: one serving process per core the container may use (its CPU quota,
@@ -67,6 +78,7 @@ ENV PATH=/opt/lossd/bin:$PATH \
     LOSSD_DEVICE=cpu \
     LOSSD_PROCESSES=auto \
     LOSSD_LOG_FORMAT=json \
+    LOSSD_NATIVE_CACHE=/opt/lossd-native \
     TMPDIR=/tmp \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
@@ -98,7 +110,9 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["lossd", "serve"]
 
 # ---------------------------------------------------------------------------------------
-# cuda (default target): the official PyTorch CUDA runtime image plus lossd[server].
+# cuda (default target): the official PyTorch CUDA runtime image plus lossd[server]. It
+# serves with the grpcio front (LOSSD_FRONT=auto says so at start): its Ubuntu base has no
+# gRPC C++ recent enough for the native front (docs/deploy.md).
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime AS cuda
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="lossd" \

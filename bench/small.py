@@ -16,7 +16,9 @@ channel per thread, as a threaded trainer would call), call for ``--duration`` s
   least a Python grpcio service computing the loss does (not a target: what pure Python
   reaches, against Triton's figures);
 * lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
-  ``lossd serve`` picks on this host) through ``lossd.LossClient``;
+  ``lossd serve`` picks on this host) through ``lossd.LossClient``, with each front of
+  ``--fronts`` (``native`` first: the targets are its; ``grpcio``, labelled so, is the
+  baseline measured in the same run);
 * Triton 2.51 (``bench.triton``: its own virtualenv under /tmp, the python backend with a
   model computing the same loss with torch) with 1 and 2 CPU instances, through
   ``tritonclient.grpc`` from spawned client processes (tritonclient and lossd's Open
@@ -159,19 +161,23 @@ class SmallBench:
                     self.measure(pool, BARE if kind == "floor_torch" else kind, kind, server)
                 finally:
                     server.stop()
-            for spec in a.processes:
-                n = resolve(spec, a.device)
-                label = f"lossd p={n}" + (" (auto)" if spec == "auto" else "")
-                if spec == "auto" and str(n) in a.processes:
-                    continue  # measured already under its number
-                server = bench_run.Server("lossd", a.device, None, log, processes=str(n))
-                try:
-                    startup = _grpc_wait(server.address, _serving)
-                    self.servers[label] = {"startup_s": round(startup, 2)}
-                    self.measure(pool, label, "lossd", server, processes=n,
-                                 auto=spec == "auto" or n == resolve("auto", a.device))
-                finally:
-                    server.stop()
+            for front in a.fronts:
+                for spec in a.processes:
+                    n = resolve(spec, a.device)
+                    label = (f"lossd p={n}" + ("" if front == a.fronts[0] else f" {front}")
+                             + (" (auto)" if spec == "auto" else ""))
+                    if spec == "auto" and str(n) in a.processes:
+                        continue  # measured already under its number
+                    server = bench_run.Server("lossd", a.device, None, log, processes=str(n),
+                                              extra=["--front", front])
+                    try:
+                        startup = _grpc_wait(server.address, _serving)
+                        self.servers[label] = {"startup_s": round(startup, 2)}
+                        self.measure(pool, label, "lossd", server, processes=n, front=front,
+                                     auto=front == a.fronts[0] and (
+                                         spec == "auto" or n == resolve("auto", a.device)))
+                    finally:
+                        server.stop()
             if a.triton:
                 self.triton()
             if a.mlserver:
@@ -196,6 +202,7 @@ class SmallBench:
                              "classes": WORKLOAD.classes, "payload_bytes":
                              WORKLOAD.payload_bytes},
                 "config": {"clients": list(a.clients), "threads": list(a.threads),
+                           "fronts": list(a.fronts),
                            "processes": list(a.processes),
                            "device": a.device, "quick": a.quick, "git": bench_run.git_state(),
                            "cores": bench_run.os.cpu_count(), "argv": sys.argv[1:]},
@@ -236,7 +243,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         return out  # the targets are at 1 and 8 client processes (--clients)
     floor1 = _best(result, "floor", 1, "p50_ms")
     floor8 = _best(result, "floor", 8, "calls_per_s")
-    lossd = [c for c in _cases(result) if c["server"].startswith("lossd")]
+    first = (result["config"].get("fronts") or [None])[0]  # (runs before --fronts: None)
+    lossd = [c for c in _cases(result) if c["server"].startswith("lossd")
+             and c.get("front") == first]
     auto1 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 1)
     auto8 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 8)
     out.append({"target": f"p50 at 1 client <= 1.3 x transport floor ({auto1['server']})",
@@ -391,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated lossd process counts (default: 1 up to the cores, "
                         "and auto)")
     p.add_argument("--clients", default="1,8", help="client process counts")
+    p.add_argument("--fronts", default="native,grpcio",
+                   help="lossd's --front values to measure; the targets take the first")
     p.add_argument("--threads", default="8",
                    help="client thread counts, each in one client process ('' for none)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per case")
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.clients = tuple(int(x) for x in a.clients.split(","))
     a.threads = tuple(int(x) for x in a.threads.split(",") if x.strip())
+    a.fronts = tuple(x.strip() for x in a.fronts.split(",") if x.strip())
     cores = os.cpu_count() or 1
     a.processes = (a.processes.split(",") if a.processes
                    else [*map(str, range(1, cores + 1)), "auto"])

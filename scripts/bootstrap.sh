@@ -6,6 +6,7 @@
 #
 #   serve  torch and the project with its `server` extra (editable): what `lossd serve` needs,
 #          nothing else. No plugin: `lossd serve` serves the built-ins and what you install.
+#          With it, the native front's build tools (scripts/bootstrap_native.sh).
 #   dev    + the `dev` extra (pytest, ruff, mypy, build, the test-only libraries).
 #   test   + the Debian packages the tests use (scripts/bootstrap_system.sh: prometheus,
 #          chromium) and the deploy lint tools in .venv/tools/ (scripts/bootstrap_tools.sh).
@@ -64,6 +65,8 @@ if stale serve; then
     rm -f "$VENV/.lossd-setup"  # the single stamp of those set-ups
     done_with serve
 fi
+# The native front's build tools and its module (idempotent, quick when built).
+VENV=$VENV bash scripts/bootstrap_native.sh
 [ "$level" = serve ] && exit 0
 
 if stale dev; then

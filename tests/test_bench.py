@@ -119,8 +119,8 @@ def test_the_bare_torch_service_answers_what_lossd_answers(client: LossClient) -
 @pytest.mark.timeout(240)
 def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -> None:
     """bench.small end to end (without MLServer and Triton, whose virtualenvs are built on
-    first use): the floors and lossd with 1 and 2 processes, the targets, the table and the
-    plot."""
+    first use): the floors and lossd with 1 and 2 processes on both fronts, the targets,
+    the table and the plot."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench.small", "--quick", "--no-mlserver", "--no-triton",
          "--processes", "1,2",
@@ -130,7 +130,9 @@ def test_small_quick_run_measures_every_server_and_the_targets(tmp_path: Path) -
     result = json.loads((tmp_path / "small.json").read_text())
     servers = {(c["server"], c["concurrency"]) for c in result["cases"]}
     assert {("floor_sync", 1), ("bare torch service", 8), ("lossd p=1", 8),
-            ("lossd p=2", 8)} <= servers
+            ("lossd p=2", 8), ("lossd p=1 grpcio", 8), ("lossd p=2 grpcio", 8)} <= servers
+    assert {c["front"] for c in result["cases"] if c["server"].startswith("lossd")} == {
+        "native", "grpcio"}
     assert all(c["calls"] > 0 and c["server_cpu_ms_per_call"] > 0 for c in result["cases"])
     targets = {t["target"].split(" (")[0] for t in result["targets"]}
     assert "scaling: 2 processes >= 0.7 x linear" in targets

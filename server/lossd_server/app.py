@@ -45,7 +45,8 @@ from lossd_server.gate import Gate
 from lossd_server.health import Health, bind
 from lossd_server.limits import Admission, LimitMetrics, MessageWaits
 from lossd_server.metrics import Metrics, TagPolicy, parse_buckets
-from lossd_server.security import TokenStore, server_credentials
+from lossd_server.native import NativeServer, NativeUnavailable, TlsPems
+from lossd_server.security import TokenStore, server_credentials, tls_pems
 from lossd_server.service import EvaluationService
 from lossd_server.servicer import LossServicer, add_to_server
 from lossd_server.settings import Settings
@@ -97,7 +98,7 @@ class LossdServer:
     """A created (bound, not yet started) server: ``start()``, then ``stop(grace)``."""
 
     settings: Settings
-    server: grpc.Server
+    server: grpc.Server  # or a NativeServer (--front)
     port: int
     engine: Engine
     metrics: Metrics
@@ -172,6 +173,8 @@ class LossdServer:
         self.ready.clear()
         if self.gate is not None:
             self.gate.drain()
+        if isinstance(self.server, NativeServer):
+            self.server.drain()
         self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None = None) -> None:
@@ -244,23 +247,11 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
         torch.cuda.set_per_process_memory_fraction(
             settings.cuda_memory_fraction,
             torch.cuda.current_device() if index is None else index)
-    credentials = server_credentials(settings)
     gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings),
                 waits=MessageWaits(max_receiving=settings.max_receiving,
                                    timeout=settings.message_timeout_seconds,
                                    stream_idle=settings.stream_idle_seconds,
                                    metrics=LimitMetrics.of(metrics.registry)))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.threads,
-                                                    thread_name_prefix="lossd",
-                                                    initializer=_serving_thread),
-                         options=server_options(settings, reuse_port=reuse_port),
-                         interceptors=[gate],
-                         maximum_concurrent_rpcs=settings.rpc_limit)
-    registry, fd_socket = None, None
-    if settings.shared_memory:
-        registry = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes)
-        fd_socket = DescriptorSocket(registry, Path(settings.shm_socket_dir
-                                                    or tempfile.gettempdir()))
     # One evaluation service under both fronts: one admission queue, one set of metrics.
     service = EvaluationService(engine, metrics=metrics, slots=settings.concurrency,
                                 max_waiting=settings.max_waiting,
@@ -270,6 +261,15 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                                                           settings.batch_delay_us / 1e6)
                                 if settings.batching == "on" else None,
                                 in_flight=lambda: gate.in_flight)
+    pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="lossd",
+                                      initializer=_serving_thread)
+    server, credentials = _front(settings, pool, gate, reuse_port=reuse_port,
+                                 can_inline=service.admission.has_free_slot)
+    registry, fd_socket = None, None
+    if settings.shared_memory:
+        registry = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes)
+        fd_socket = DescriptorSocket(registry, Path(settings.shm_socket_dir
+                                                    or tempfile.gettempdir()))
     servicer = LossServicer(service, max_message_bytes=settings.max_message_bytes,
                             shared_memory=registry,
                             descriptor_socket=os.fspath(fd_socket.path) if fd_socket else "")
@@ -295,6 +295,34 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                                   StallMetrics(metrics.registry))
     lossd.set_serving(False)
     return lossd
+
+
+def _front(settings: Settings, pool: futures.ThreadPoolExecutor, gate: Gate, *,
+           reuse_port: bool, can_inline: Callable[[], bool]) -> tuple[Any, Any]:
+    """The gRPC server carrying the calls (``--front``) and its TLS credentials (None:
+    plaintext). ``auto`` falls back to grpcio, saying why, where the native front cannot
+    be built."""
+    options = server_options(settings, reuse_port=reuse_port)
+    if settings.front != "grpcio":
+        try:
+            server = NativeServer(pool, options=options, interceptors=[gate],
+                                  maximum_concurrent_rpcs=settings.rpc_limit,
+                                  initializer=_serving_thread, can_inline=can_inline,
+                                  waits=gate.waits, require_auth=gate.tokens is not None)
+        except NativeUnavailable as exc:
+            if settings.front == "native":
+                raise
+            log.warning("native front unavailable; serving with grpcio",
+                        extra={"reason": str(exc).splitlines()[0]})
+        else:
+            pems = tls_pems(settings)
+            if pems is None:
+                return server, None
+            key, cert, client_ca = pems
+            return server, TlsPems(key, cert, client_ca, client_ca is not None)
+    server = grpc.server(pool, options=options, interceptors=[gate],
+                         maximum_concurrent_rpcs=settings.rpc_limit)
+    return server, server_credentials(settings)
 
 
 def _serving_thread() -> None:

@@ -258,8 +258,13 @@ def _parsed(deserializer: Callable[[bytes], Any] | None, messages: Iterator[byte
 def _end(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     """End ``context``'s call with a status from another thread: cancelling it wakes the
     thread waiting for its message. grpcio's ``context.cancel()`` takes no status; its
-    call object does (the caller then reads the status, not a bare CANCELLED). Bound to
-    its context with ``functools.partial`` (no closure built per call)."""
+    call object does (the caller then reads the status, not a bare CANCELLED); the native
+    front's context has ``end_with_status``. Bound to its context with
+    ``functools.partial`` (no closure built per call)."""
+    end_with_status = getattr(context, "end_with_status", None)
+    if end_with_status is not None:
+        end_with_status(code, message)
+        return
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     if call is not None:
         call.cancel(code.value[0], message)

@@ -450,6 +450,11 @@ class Admission:
     def running(self) -> int:
         return self.slots - self._free
 
+    def has_free_slot(self) -> bool:
+        """Whether an evaluation would start now, without waiting (read without the lock:
+        a hint, as the native front uses it to run a small call on its dispatcher)."""
+        return self._free > 0 and not self._queue
+
     @property
     def streams(self) -> int:
         return self._streams

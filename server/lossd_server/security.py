@@ -42,6 +42,17 @@ def _read(path: str, flag: str) -> bytes:
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the settings, or None when TLS is off (plaintext)."""
+    pems = tls_pems(settings)
+    if pems is None:
+        return None
+    key, cert, client_ca = pems
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def tls_pems(settings: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """The PEMs of the server's TLS (private key, certificate chain, client CA bundle or
+    None), each checked; None when TLS is off."""
     if not settings.tls:
         return None
     cert = _read(settings.tls_cert, "--tls-cert")
@@ -55,8 +66,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         client_ca = _read(settings.tls_client_ca, "--tls-client-ca")
         if b"-----BEGIN" not in client_ca:
             raise ValueError(f"--tls-client-ca: {settings.tls_client_ca} is not a PEM bundle")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return key, cert, client_ca
 
 
 def parse_tokens(text: str, *, separators: str = ",\n") -> list[str]:

@@ -441,8 +441,11 @@ def add_to_server(servicer: LossServicer, server: grpc.Server, *,
             request_deserializer=pb.SharedMemoryRequest.FromString,
             response_serializer=_Sent.serialize),
     }
+    # Registered as the generated code registers them: looked up by exact name, and the
+    # native front knows which methods stream before their first message arrives.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("lossd.v1.LossService", handlers),))
+    server.add_registered_method_handlers("lossd.v1.LossService", handlers)
 
 
 def catalogue_response(max_message_bytes: int) -> pb.ListLossesResponse:

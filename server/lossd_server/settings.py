@@ -45,6 +45,10 @@ class Settings:
     max_message_mb: float = _setting(64.0, "largest request message accepted, in MiB; larger "
                                            "ones get RESOURCE_EXHAUSTED (the client splits "
                                            "batches to fit)")
+    front: str = _setting("auto", "what carries gRPC calls: native (gRPC C++, built once on "
+                                  "first use: needs g++, pkg-config and libgrpc++-dev), "
+                                  "grpcio (Python's gRPC server), or auto (native where it "
+                                  "builds, else grpcio)", choices=("auto", "native", "grpcio"))
     workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
                                "--max-waiting + --max-streams + --max-receiving + 2 when "
                                "lower, so waiting evaluations, open streams and unsent "
@@ -298,8 +302,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "network": ("host", "port", "metrics_host", "metrics_port", "health_port", "reflection",
                 "keepalive_seconds", "min_client_ping_seconds",
                 "max_connection_age_seconds", "shared_memory", "shm_socket_dir"),
-    "processes": ("processes", "torch_threads", "workers", "concurrency", "grace_seconds",
-                  "malloc_reuse"),
+    "processes": ("processes", "torch_threads", "front", "workers", "concurrency",
+                  "grace_seconds", "malloc_reuse"),
     "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
                "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
                "max_map_entries", "shm_max_mb", "stall_seconds", "heartbeat_seconds"),
