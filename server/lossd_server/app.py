@@ -315,6 +315,7 @@ def _front(settings: Settings, pool: futures.ThreadPoolExecutor, gate: Gate, *,
             log.warning("native front unavailable; serving with grpcio",
                         extra={"reason": str(exc).splitlines()[0]})
         else:
+            gate.received = True  # gRPC C++ reads (and bounds) a unary call's message
             pems = tls_pems(settings)
             if pems is None:
                 return server, None

@@ -50,11 +50,16 @@ Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
-    """See the module docstring. ``drain()`` starts refusing; ``wait_idle`` waits out calls."""
+    """See the module docstring. ``drain()`` starts refusing; ``wait_idle`` waits out calls.
+    ``received``: the transport hands unary calls over with their message, the wait for it
+    bounded already (the native front); they are parsed here, not read."""
 
     def __init__(self, *, metrics: Metrics, tokens: TokenStore | None = None,
-                 waits: MessageWaits | None = None) -> None:
+                 waits: MessageWaits | None = None, received: bool = False) -> None:
         self.metrics = metrics
+        # The transport hands a unary call over with its request message, having bounded
+        # the wait for it itself (the native front): only parsing is left to do here.
+        self.received = received
         self.limits = LimitMetrics.of(metrics.registry)
         self.waits = waits if waits is not None else MessageWaits(metrics=self.limits)
         self.tokens = tokens if tokens is not None and tokens.enabled else None
@@ -202,6 +207,16 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
                                                                 else "unary")
         run = (stream_response if streaming_out else unary_response)(getattr(handler, kind))
         waits, label = self.waits, LimitMetrics.method_label(method)
+
+        if self.received and not streaming_in:
+            def parse(raw: bytes, context: grpc.ServicerContext) -> Any:
+                try:
+                    request = _parse(deserializer, raw)
+                except (RequestError, Refused) as exc:  # as receive() below
+                    status = status_of(exc)
+                    context.abort(status.code, status.message)
+                return run(request, context)
+            return handler._replace(**{kind: parse, "request_deserializer": None})
 
         def receive(received: Iterator[bytes], context: grpc.ServicerContext) -> Any:
             end = functools.partial(_end, context)

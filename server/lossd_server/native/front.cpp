@@ -8,8 +8,11 @@
 // giving the GIL up, and no Python runs while a call waits for its message.
 //
 // Threads: gRPC's callbacks (OnReadDone, OnWriteDone, OnCancel, OnDone) never take the GIL,
-// except OnDone for a call with Python done-callbacks. Python's blocking calls (next_call,
-// read, write, shutdown) release it while they wait.
+// except OnDone for a call with Python done-callbacks (and report() for a call the bounds on
+// unsent calls end). Python's blocking calls (next_call, read, write, shutdown) release it
+// while they wait. Two threads of our own: the reaper (the bounds on calls whose message
+// has not arrived) and the finisher, which sends the answers Python hands over in
+// Call.finish, so that gRPC's work to send one runs beside the next call's Python.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -21,6 +24,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <iterator>
 #include <list>
 #include <thread>
@@ -80,13 +84,19 @@ struct Queue {
   size_t max_unsent = 32;
   double unsent_timeout = 30.0;
   size_t reported = 0;
-  PyObject* on_event = nullptr;
+  PyObject* on_event = nullptr;  // on_event(method, reason or None, unsent calls)
   // Request-streaming methods: handed to Python at once, their messages all read there
   // (a stream's waits are Python's, as on grpcio). Set before the server starts.
   std::unordered_set<std::string> streaming;
   // Tokens required: a call without an authorization header is handed to Python at once,
   // whose gate refuses it before any message (no message is read for it here).
-  bool auth_required = false;  // on_event(method, reason or None, unsent calls)
+  bool auth_required = false;
+  // Finishes Python asked for, carried out by the finisher thread: gRPC's work to send an
+  // answer runs beside the next call's Python instead of under the GIL.
+  std::mutex fin_mu;
+  std::condition_variable fin_cv;
+  std::deque<std::function<void()>> finishing;
+  bool fin_stop = false;
 };
 
 // Tell Python (with the GIL) that a call waiting for its message was ended, or how many
@@ -294,6 +304,7 @@ class Service : public grpc::CallbackGenericService {
 struct CallObject {
   PyObject_HEAD
   std::shared_ptr<CallState>* state;
+  std::shared_ptr<Queue>* queue;  // the server's: its finisher ends the call
   PyObject* method;
   PyObject* peer;
   PyObject* metadata;
@@ -304,6 +315,7 @@ struct CallObject {
 
 void call_dealloc(CallObject* self) {
   delete self->state;
+  delete self->queue;
   Py_XDECREF(self->method);
   Py_XDECREF(self->peer);
   Py_XDECREF(self->metadata);
@@ -364,26 +376,51 @@ PyObject* call_write(CallObject* self, PyObject* arg) {
 }
 
 // End the call with status (and response, written with it) unless it has ended already.
-bool finish(CallState& s, const grpc::Status& status, const Trailers& trailing,
-            const Py_buffer* response) {
+// Claim the end of the call: no operation starts after it. False if it had ended; *write:
+// whether a response goes with the status.
+bool claim(CallState& s, const grpc::Status& status, bool with_response, bool* write) {
+  std::lock_guard<std::mutex> l(s.mu);
+  if (s.reactor == nullptr || s.finished) return false;
+  s.finished = true;
+  *write = with_response && status.ok() && !s.writing;
+  return true;
+}
+
+// End a claimed call: its trailers, then the status (with the response when write).
+void perform(CallState& s, const grpc::Status& status, const Trailers& trailing, bool write,
+             const grpc::Slice& response) {
   std::lock_guard<std::mutex> ops(s.op_mu);
-  bool write;
-  {
-    std::lock_guard<std::mutex> l(s.mu);
-    if (s.reactor == nullptr || s.finished) return false;
-    s.finished = true;
-    write = response != nullptr && status.ok() && !s.writing;
-  }
   Reactor* r = s.reactor;  // alive until Finish completes (OnDone)
   for (const auto& kv : trailing) r->context()->AddTrailingMetadata(kv.first, kv.second);
   if (write) {
-    grpc::Slice slice(response->buf, static_cast<size_t>(response->len));
-    s.last_buf = grpc::ByteBuffer(&slice, 1);
+    s.last_buf = grpc::ByteBuffer(&response, 1);
     r->StartWriteAndFinish(&s.last_buf, grpc::WriteOptions(), status);
   } else {
     r->Finish(status);
   }
+}
+
+bool finish(CallState& s, const grpc::Status& status, const Trailers& trailing,
+            const Py_buffer* response) {
+  bool write;
+  if (!claim(s, status, response != nullptr, &write)) return false;
+  perform(s, status, trailing, write,
+          write ? grpc::Slice(response->buf, static_cast<size_t>(response->len)) : grpc::Slice());
   return true;
+}
+
+void finisher(std::shared_ptr<Queue> queue) {
+  Queue& q = *queue;
+  std::unique_lock<std::mutex> l(q.fin_mu);
+  while (true) {
+    q.fin_cv.wait(l, [&q] { return q.fin_stop || !q.finishing.empty(); });
+    if (q.finishing.empty()) return;  // stopping, and nothing left
+    auto work = std::move(q.finishing.front());
+    q.finishing.pop_front();
+    l.unlock();
+    work();
+    l.lock();
+  }
 }
 
 // finish(code, details, trailing_metadata, response=None): end the call; with a response,
@@ -429,9 +466,23 @@ PyObject* call_finish(CallObject* self, PyObject* args) {
   Py_buffer view;
   bool has_response = response != Py_None;
   if (has_response && PyObject_GetBuffer(response, &view, PyBUF_SIMPLE) != 0) return nullptr;
-  bool done = finish(**self->state,
-                     grpc::Status(static_cast<grpc::StatusCode>(code), std::string(details, details_len)),
-                     md, has_response ? &view : nullptr);
+  grpc::Status status(static_cast<grpc::StatusCode>(code), std::string(details, details_len));
+  bool write = false;
+  bool done = claim(**self->state, status, has_response, &write);
+  if (done) {
+    grpc::Slice slice = write ? grpc::Slice(view.buf, static_cast<size_t>(view.len)) : grpc::Slice();
+    Queue& q = **self->queue;
+    // Sent by the finisher thread: even with no call waiting, handing it over measured
+    // faster than sending from here (the answer goes out while this thread returns).
+    {
+      std::lock_guard<std::mutex> l(q.fin_mu);
+      q.finishing.emplace_back(
+          [state = *self->state, status, md = std::move(md), write, slice = std::move(slice)] {
+            perform(*state, status, md, write, slice);
+          });
+    }
+    q.fin_cv.notify_one();
+  }
   if (has_response) PyBuffer_Release(&view);
   return PyBool_FromLong(done);
 }
@@ -513,12 +564,13 @@ PyGetSetDef call_getset[] = {
 
 PyTypeObject CallType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-PyObject* make_call(std::shared_ptr<CallState> state) {
+PyObject* make_call(std::shared_ptr<CallState> state, const std::shared_ptr<Queue>& queue) {
   Reactor* r = state->reactor;  // alive: the call finishes only once Python ends it
   auto* ctx = r->context();
   CallObject* self = PyObject_New(CallObject, &CallType);
   if (self == nullptr) return nullptr;
   self->state = new std::shared_ptr<CallState>(state);
+  self->queue = new std::shared_ptr<Queue>(queue);
   self->method = PyUnicode_FromStringAndSize(ctx->method().data(), static_cast<Py_ssize_t>(ctx->method().size()));
   std::string peer = ctx->peer();
   self->peer = PyUnicode_FromStringAndSize(peer.data(), static_cast<Py_ssize_t>(peer.size()));
@@ -561,6 +613,7 @@ struct ServerObject {
   std::shared_ptr<Queue>* queue;
   std::vector<int*>* ports;
   std::thread* reaper;
+  std::thread* finisher;
 };
 
 // Every 100 ms: end the calls whose first message is overdue, and report how many wait.
@@ -593,6 +646,22 @@ void reap(std::shared_ptr<Queue> queue) {
   }
 }
 
+// Stop the finisher once it has carried out every finish asked of it.
+void stop_finisher(ServerObject* self) {
+  if (self->finisher == nullptr) return;
+  Queue& q = **self->queue;
+  {
+    std::lock_guard<std::mutex> l(q.fin_mu);
+    q.fin_stop = true;
+  }
+  q.fin_cv.notify_all();
+  Py_BEGIN_ALLOW_THREADS
+  self->finisher->join();
+  Py_END_ALLOW_THREADS
+  delete self->finisher;
+  self->finisher = nullptr;
+}
+
 void stop_reaper(ServerObject* self) {
   if (self->reaper == nullptr) return;
   Queue& q = **self->queue;
@@ -610,6 +679,7 @@ void stop_reaper(ServerObject* self) {
 
 void server_dealloc(ServerObject* self) {
   stop_reaper(self);
+  stop_finisher(self);
   if (self->queue != nullptr) Py_CLEAR((*self->queue)->on_event);
   if (self->server != nullptr) {
     Py_BEGIN_ALLOW_THREADS
@@ -640,6 +710,7 @@ int server_init(ServerObject* self, PyObject* args, PyObject*) {
   if (!PyArg_ParseTuple(args, "OndO", &options, &max_unsent, &unsent_timeout, &on_event))
     return -1;
   self->reaper = nullptr;
+  self->finisher = nullptr;
   self->queue = new std::shared_ptr<Queue>(std::make_shared<Queue>());
   (*self->queue)->max_unsent = static_cast<size_t>(std::max<Py_ssize_t>(1, max_unsent));
   (*self->queue)->unsent_timeout = unsent_timeout;
@@ -729,6 +800,7 @@ PyObject* server_start(ServerObject* self, PyObject*) {
   }
   self->server = server.release();
   self->reaper = new std::thread(reap, *self->queue);
+  self->finisher = new std::thread(finisher, *self->queue);
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(self->ports->size()));
   for (size_t i = 0; i < self->ports->size(); ++i)
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), PyLong_FromLong(*(*self->ports)[i]));
@@ -776,7 +848,7 @@ PyObject* server_next_call(ServerObject* self, PyObject* args) {
     Py_END_ALLOW_THREADS
   }
   if (!state) Py_RETURN_NONE;
-  return make_call(std::move(state));
+  return make_call(std::move(state), *self->queue);
 }
 
 // shutdown(grace): refuse new calls (UNAVAILABLE, calls still queued for Python too), wait
@@ -819,6 +891,7 @@ PyObject* server_shutdown(ServerObject* self, PyObject* arg) {
   self->server->Shutdown(std::chrono::system_clock::now());
   self->server->Wait();
   Py_END_ALLOW_THREADS
+  stop_finisher(self);
   Py_RETURN_NONE;
 }
 

@@ -15,8 +15,10 @@ which front it runs on. What differs is who carries a call:
   does a call the dispatcher has not taken within ``SPILL_SECONDS``: a spill thread hands
   it over, so a dispatcher held up (a slow evaluation, a stalled device) holds up no call.
 
-With grpcio every call moves between its polling thread and a pool thread, each move a
-GIL hand-off; here a small call makes none (docs/performance.md, "Small calls").
+A C++ thread sends each answer (``Call.finish`` returns at once), so the dispatcher goes on
+to the next call while gRPC writes. With grpcio every call moves between its polling thread
+and a pool thread, each move a GIL hand-off; here a small call makes none
+(docs/performance.md, "Small calls").
 """
 
 from __future__ import annotations
@@ -381,7 +383,9 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
         deserialize = handler.request_deserializer
         if handler.request_streaming:
             return _messages(call, deserialize)
-        raw = call.take_request()
+        # (Not read yet for a call handed over before its message: a refusal's, see
+        # ``require_auth``.)
+        raw = call.read() if call.streaming else call.take_request()
         if raw is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
                           f'"{call.method}" requires exactly one request message.')
