@@ -362,13 +362,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for c in ones])
     left.set_xlabel("p50 latency at 1 client (ms)")
     left.invert_yaxis()
-    lossd8 = sorted((c for c in _cases(result) if c["server"].startswith("lossd")
-                     and c["concurrency"] == 8), key=lambda c: c["processes"])
-    ps = [c["processes"] for c in lossd8]
-    right.plot(ps, [c["calls_per_s"] for c in lossd8], "o-", color="#36c", label="lossd")
-    if lossd8 and lossd8[0]["processes"] == 1:
-        right.plot(ps, [p * lossd8[0]["calls_per_s"] for p in ps], ":", color="#36c",
-                   label="linear from 1 process")
+    fronts = result["config"].get("fronts") or [None]
+    ps: list[int] = []
+    for front, style in zip(fronts, ("o-", "s--"), strict=False):  # one line per front
+        lossd8 = sorted((c for c in _cases(result) if c["server"].startswith("lossd")
+                         and c["concurrency"] == 8 and c.get("front") == front),
+                        key=lambda c: c["processes"])
+        ps = ps or [c["processes"] for c in lossd8]
+        name = "lossd" if front is None else f"lossd, {front} front"
+        right.plot([c["processes"] for c in lossd8], [c["calls_per_s"] for c in lossd8],
+                   style, color="#36c", label=name)
+        if front == fronts[0] and lossd8 and lossd8[0]["processes"] == 1:
+            right.plot(ps, [p * lossd8[0]["calls_per_s"] for p in ps], ":", color="#36c",
+                       label=f"linear from 1 process ({name})")
     floor = _best(result, "floor", 8, "calls_per_s")
     right.axhline(floor["calls_per_s"], color="#999", ls="--", label="transport floor")
     ml = [c for c in _cases(result) if c["server"].startswith("MLServer")
