@@ -28,10 +28,21 @@ from lossd_server.settings import Settings
 from tests.conftest import EngineBlocker, batch, metric_value, served, start_server, wait_for
 
 EVALUATE = "/lossd.v1.LossService/Evaluate"
-FRONTS = ("native", "grpcio")
 
 
-@pytest.fixture(scope="module", params=FRONTS)
+def _unavailable() -> str:
+    try:
+        native.load()
+    except NativeUnavailable as exc:
+        return str(exc).splitlines()[0]
+    return ""
+
+
+# Where gRPC C++ cannot be built (`make test` installs it as root), say what to install.
+needs_native = pytest.mark.skipif(bool(_unavailable()), reason=f"native front: {_unavailable()}")
+
+
+@pytest.fixture(scope="module", params=[pytest.param("native", marks=needs_native), "grpcio"])
 def front_server(request: pytest.FixtureRequest) -> Iterator[LossdServer]:
     yield from served(front=request.param, metrics_port=0)
 
@@ -53,6 +64,7 @@ def unsent(address: str, n: int) -> tuple[list[grpc.Future], threading.Event, gr
 # ---- the build -------------------------------------------------------------------------
 
 
+@needs_native
 def test_the_module_is_built_once_and_cached(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOSSD_NATIVE_CACHE", str(tmp_path))
@@ -90,6 +102,7 @@ def test_auto_falls_back_to_grpcio_saying_why_and_native_fails_loudly(
         create_server(Settings(**settings, front="native"))  # type: ignore[arg-type]
 
 
+@needs_native
 def test_auto_serves_on_the_native_front_where_it_builds() -> None:
     srv = start_server()
     try:
@@ -139,6 +152,7 @@ def test_both_fronts_refuse_a_unary_call_without_its_message(front_server: Lossd
 # ---- what gRPC C++ bounds: a call's first message -----------------------------------------
 
 
+@needs_native
 def test_unsent_calls_beyond_max_receiving_are_evicted_and_counted() -> None:
     srv = start_server(front="native", max_receiving=2, message_timeout_seconds=60,
                        metrics_port=0)
@@ -166,6 +180,7 @@ def test_unsent_calls_beyond_max_receiving_are_evicted_and_counted() -> None:
         srv.stop(0)
 
 
+@needs_native
 def test_an_unsent_call_ends_unavailable_after_the_message_timeout() -> None:
     srv = start_server(front="native", message_timeout_seconds=1, metrics_port=0)
     calls, release, ch = unsent(f"127.0.0.1:{srv.port}", 1)
@@ -182,6 +197,7 @@ def test_an_unsent_call_ends_unavailable_after_the_message_timeout() -> None:
         srv.stop(0)
 
 
+@needs_native
 def test_a_drain_ends_unsent_calls_and_still_answers_health() -> None:
     srv = start_server(front="native")
     calls, release, ch = unsent(f"127.0.0.1:{srv.port}", 3)
@@ -206,6 +222,7 @@ def test_a_drain_ends_unsent_calls_and_still_answers_health() -> None:
 # ---- the dispatcher -----------------------------------------------------------------------
 
 
+@needs_native
 def test_calls_go_on_while_the_dispatcher_waits_on_a_stalled_evaluation(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The first small call runs on the dispatcher and stalls there (held compute): the next
