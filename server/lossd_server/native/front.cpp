@@ -27,10 +27,10 @@
 #include <functional>
 #include <iterator>
 #include <list>
-#include <thread>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -375,7 +375,6 @@ PyObject* call_write(CallObject* self, PyObject* arg) {
   return PyBool_FromLong(ok);
 }
 
-// End the call with status (and response, written with it) unless it has ended already.
 // Claim the end of the call: no operation starts after it. False if it had ended; *write:
 // whether a response goes with the status.
 bool claim(CallState& s, const grpc::Status& status, bool with_response, bool* write) {
@@ -400,6 +399,7 @@ void perform(CallState& s, const grpc::Status& status, const Trailers& trailing,
   }
 }
 
+// End the call with status (and response, written with it) unless it has ended already.
 bool finish(CallState& s, const grpc::Status& status, const Trailers& trailing,
             const Py_buffer* response) {
   bool write;
