@@ -46,7 +46,6 @@ waits, or calls come faster than it runs them) goes to the thread pool."""
 
 _OK = grpc.StatusCode.OK.value[0]
 _UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class TlsPems(NamedTuple):
