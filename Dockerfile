@@ -111,8 +111,8 @@ ENTRYPOINT ["lossd", "serve"]
 
 # ---------------------------------------------------------------------------------------
 # cuda (default target): the official PyTorch CUDA runtime image plus lossd[server]. It
-# serves with the grpcio front (LOSSD_FRONT=auto says so at start): its Ubuntu base has no
-# gRPC C++ recent enough for the native front (docs/deploy.md).
+# serves with the grpcio front (LOSSD_FRONT=auto says so at start): its Ubuntu 22.04 base
+# ships gRPC C++ 1.30, older than the 1.51 the native front is built against (docs/deploy.md).
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime AS cuda
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="lossd" \
