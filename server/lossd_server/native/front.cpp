@@ -646,35 +646,32 @@ void reap(std::shared_ptr<Queue> queue) {
   }
 }
 
-// Stop the finisher once it has carried out every finish asked of it.
-void stop_finisher(ServerObject* self) {
-  if (self->finisher == nullptr) return;
-  Queue& q = **self->queue;
+// Set *flag under mu, wake the thread and join it (without the GIL); none is fine.
+void stop_thread(std::thread*& thread, std::mutex& mu, std::condition_variable& cv,
+                 bool& flag) {
+  if (thread == nullptr) return;
   {
-    std::lock_guard<std::mutex> l(q.fin_mu);
-    q.fin_stop = true;
+    std::lock_guard<std::mutex> l(mu);
+    flag = true;
   }
-  q.fin_cv.notify_all();
+  cv.notify_all();
   Py_BEGIN_ALLOW_THREADS
-  self->finisher->join();
+  thread->join();
   Py_END_ALLOW_THREADS
-  delete self->finisher;
-  self->finisher = nullptr;
+  delete thread;
+  thread = nullptr;
 }
 
-void stop_reaper(ServerObject* self) {
-  if (self->reaper == nullptr) return;
+// The finisher stops once it has carried out every finish asked of it.
+void stop_finisher(ServerObject* self) {
   Queue& q = **self->queue;
-  {
-    std::lock_guard<std::mutex> l(q.mu);
-    q.closed = true;
-  }
-  q.cv.notify_all();
-  Py_BEGIN_ALLOW_THREADS
-  self->reaper->join();
-  Py_END_ALLOW_THREADS
-  delete self->reaper;
-  self->reaper = nullptr;
+  stop_thread(self->finisher, q.fin_mu, q.fin_cv, q.fin_stop);
+}
+
+// The reaper stops with the queue closed (no call is queued for Python after it).
+void stop_reaper(ServerObject* self) {
+  Queue& q = **self->queue;
+  stop_thread(self->reaper, q.mu, q.cv, q.closed);
 }
 
 void server_dealloc(ServerObject* self) {
