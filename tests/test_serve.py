@@ -380,3 +380,19 @@ def test_bad_process_settings_are_refused() -> None:
     for bad in ("0", "-1", "many"):
         with pytest.raises(ValueError, match="--processes"):
             Settings(processes=bad).check()
+
+
+def test_a_signal_while_the_main_thread_holds_the_events_lock_does_not_hang() -> None:
+    """A SIGTERM handled just as the main thread wakes from ``Event.wait`` (holding the
+    event's lock): ``Event.set`` in the handler would wait for that lock for ever, as it
+    did for workers left on the port after their supervisor exited. The handlers set their
+    events through ``host.set_from_signal``, which must return at once and set them soon."""
+    stop, close = threading.Event(), threading.Event()
+    logged: list[str] = []
+    with stop._cond:  # what the interrupted main thread holds (Event's own lock)
+        started = time.monotonic()
+        host.set_from_signal(stop, close, then=lambda: logged.append("draining"))
+        assert time.monotonic() - started < 1.0
+        assert not stop.is_set()  # it waits for the lock, on its own thread
+    assert stop.wait(5) and close.wait(5)
+    wait_for(lambda: logged == ["draining"])

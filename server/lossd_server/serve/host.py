@@ -21,7 +21,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -143,6 +145,23 @@ def exit_now(code: int) -> NoReturn:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def set_from_signal(*events: threading.Event, then: Callable[[], None] | None = None
+                    ) -> None:
+    """Set ``events`` (then call ``then``) from a signal handler, on a thread of its own.
+
+    A handler runs in the main thread between two of its bytecodes, possibly while that
+    thread holds an Event's lock (waking from ``wait``, it takes the lock back): an
+    ``Event.set`` in the handler would then wait for itself for ever. A worker stranded so
+    kept its listener on the pod's port after its supervisor had gone."""
+    def run() -> None:
+        for event in events:
+            event.set()
+        if then is not None:
+            then()
+
+    threading.Thread(target=run, name="lossd-signal", daemon=True).start()
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> bool:

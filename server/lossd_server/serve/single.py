@@ -14,7 +14,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from lossd_server.serve.host import exit_now, prepare_process
+from lossd_server.serve.host import exit_now, prepare_process, set_from_signal
 from lossd_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ def _wait_for_signal(settings: Settings) -> str:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         got.append(signal.Signals(signum).name)
-        log.info("draining", extra={"signal": got[-1], "grace_seconds": settings.grace_seconds})
-        stopped.set()
+        set_from_signal(stopped, then=lambda: log.info("draining", extra={
+            "signal": got[-1], "grace_seconds": settings.grace_seconds}))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -43,6 +43,7 @@ from lossd_server.serve.host import (
     leave_pod_directory,
     parent_gone,
     prepare_process,
+    set_from_signal,
 )
 from lossd_server.settings import Settings
 
@@ -99,8 +100,7 @@ def serve() -> int:
     close = threading.Event()  # every worker of the pod is idle: close the listener
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # a worker signalled on its own drains on its own
-        close.set()
+        set_from_signal(stop, close)  # a worker signalled on its own drains on its own
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
