@@ -39,7 +39,8 @@ def _unavailable() -> str:
 
 
 # Where gRPC C++ cannot be built (`make test` installs it as root), say what to install.
-needs_native = pytest.mark.skipif(bool(_unavailable()), reason=f"native front: {_unavailable()}")
+UNAVAILABLE = _unavailable()
+needs_native = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"native front: {UNAVAILABLE}")
 
 
 @pytest.fixture(scope="module", params=[pytest.param("native", marks=needs_native), "grpcio"])
@@ -86,10 +87,10 @@ def test_a_machine_without_a_compiler_is_told_what_to_install(
 
 def test_auto_falls_back_to_grpcio_saying_why_and_native_fails_loudly(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def unavailable(*args: object, **kwargs: object) -> None:
+    def unavailable() -> None:
         raise NativeUnavailable("no gRPC C++ here")
 
-    monkeypatch.setattr(NativeServer, "__init__", unavailable)
+    monkeypatch.setattr(native, "load", unavailable)
     settings = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "device": "cpu"}
     with caplog.at_level(logging.WARNING, logger="lossd"):
         srv = create_server(Settings(**settings, front="auto"))  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lossd.v1 import loss_service_pb2 as pb
-from lossd_server import kserve, plugins
+from lossd_server import kserve, native, plugins
 from lossd_server import metrics as metrics_mod
 from lossd_server.batching import BatchingSettings
 from lossd_server.engine import Batch, Engine
@@ -247,11 +247,15 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
         torch.cuda.set_per_process_memory_fraction(
             settings.cuda_memory_fraction,
             torch.cuda.current_device() if index is None else index)
+    on_native = _native_front(settings)
+    # On the native front gRPC C++ reads (and bounds) a unary call's message: the gate
+    # only parses it.
     gate = Gate(metrics=metrics, tokens=TokenStore.from_settings(settings),
                 waits=MessageWaits(max_receiving=settings.max_receiving,
                                    timeout=settings.message_timeout_seconds,
                                    stream_idle=settings.stream_idle_seconds,
-                                   metrics=LimitMetrics.of(metrics.registry)))
+                                   metrics=LimitMetrics.of(metrics.registry)),
+                received=on_native)
     # One evaluation service under both fronts: one admission queue, one set of metrics.
     service = EvaluationService(engine, metrics=metrics, slots=settings.concurrency,
                                 max_waiting=settings.max_waiting,
@@ -263,7 +267,8 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                                 in_flight=lambda: gate.in_flight)
     pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="lossd",
                                       initializer=_serving_thread)
-    server, credentials = _front(settings, pool, gate, reuse_port=reuse_port,
+    server, credentials = _front(settings, pool, gate, on_native=on_native,
+                                 reuse_port=reuse_port,
                                  can_inline=service.admission.has_free_slot)
     registry, fd_socket = None, None
     if settings.shared_memory:
@@ -297,33 +302,40 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
     return lossd
 
 
+def _native_front(settings: Settings) -> bool:
+    """Whether the calls go over the native front (``--front``): ``auto`` falls back to
+    grpcio, saying why, where it cannot be built; ``native`` fails then."""
+    if settings.front == "grpcio":
+        return False
+    try:
+        native.load()
+    except NativeUnavailable as exc:
+        if settings.front == "native":
+            raise
+        log.warning("native front unavailable; serving with grpcio",
+                    extra={"reason": str(exc).splitlines()[0]})
+        return False
+    return True
+
+
 def _front(settings: Settings, pool: futures.ThreadPoolExecutor, gate: Gate, *,
-           reuse_port: bool, can_inline: Callable[[], bool]) -> tuple[Any, Any]:
-    """The gRPC server carrying the calls (``--front``) and its TLS credentials (None:
-    plaintext). ``auto`` falls back to grpcio, saying why, where the native front cannot
-    be built."""
+           on_native: bool, reuse_port: bool, can_inline: Callable[[], bool]
+           ) -> tuple[grpc.Server, grpc.ServerCredentials | TlsPems | None]:
+    """The gRPC server carrying the calls and its TLS credentials (None: plaintext)."""
     options = server_options(settings, reuse_port=reuse_port)
-    if settings.front != "grpcio":
-        try:
-            server = NativeServer(pool, options=options, interceptors=[gate],
-                                  maximum_concurrent_rpcs=settings.rpc_limit,
-                                  initializer=_serving_thread, can_inline=can_inline,
-                                  waits=gate.waits, require_auth=gate.tokens is not None)
-        except NativeUnavailable as exc:
-            if settings.front == "native":
-                raise
-            log.warning("native front unavailable; serving with grpcio",
-                        extra={"reason": str(exc).splitlines()[0]})
-        else:
-            gate.received = True  # gRPC C++ reads (and bounds) a unary call's message
-            pems = tls_pems(settings)
-            if pems is None:
-                return server, None
-            key, cert, client_ca = pems
-            return server, TlsPems(key, cert, client_ca, client_ca is not None)
-    server = grpc.server(pool, options=options, interceptors=[gate],
-                         maximum_concurrent_rpcs=settings.rpc_limit)
-    return server, server_credentials(settings)
+    if not on_native:
+        return (grpc.server(pool, options=options, interceptors=[gate],
+                            maximum_concurrent_rpcs=settings.rpc_limit),
+                server_credentials(settings))
+    server = NativeServer(pool, options=options, interceptors=[gate],
+                          maximum_concurrent_rpcs=settings.rpc_limit,
+                          initializer=_serving_thread, can_inline=can_inline,
+                          waits=gate.waits, require_auth=gate.tokens is not None)
+    pems = tls_pems(settings)
+    if pems is None:
+        return server, None
+    key, cert, client_ca = pems
+    return server, TlsPems(key, cert, client_ca, client_ca is not None)
 
 
 def _serving_thread() -> None:

@@ -57,8 +57,6 @@ class Gate(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, *, metrics: Metrics, tokens: TokenStore | None = None,
                  waits: MessageWaits | None = None, received: bool = False) -> None:
         self.metrics = metrics
-        # The transport hands a unary call over with its request message, having bounded
-        # the wait for it itself (the native front): only parsing is left to do here.
         self.received = received
         self.limits = LimitMetrics.of(metrics.registry)
         self.waits = waits if waits is not None else MessageWaits(metrics=self.limits)

@@ -106,7 +106,7 @@ class NativeContext(grpc.ServicerContext):  # type: ignore[misc]
         return True
 
     def cancel(self) -> None:
-        self._call.finish(grpc.StatusCode.CANCELLED.value[0], "Cancelled", ())
+        self.end_with_status(grpc.StatusCode.CANCELLED, "Cancelled")
 
     def end_with_status(self, code: grpc.StatusCode, message: str) -> None:
         """End the call now with a status, from any thread (a blocked read returns)."""
@@ -411,9 +411,10 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
 
     @staticmethod
     def _failed(context: NativeContext, exc: Exception) -> tuple[int, str]:
+        """The status of a call whose handler raised: its ``abort``'s, or grpcio's
+        UNKNOWN "Exception calling application" (its code and details when set)."""
         if context.aborted:
-            assert context.code_ is not None
-            return context.code_.value[0], context.details_ or ""
+            return context.status()
         try:
             details = f"Exception calling application: {exc}"
         except Exception:
