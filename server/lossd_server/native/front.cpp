@@ -69,7 +69,12 @@ bool finish(CallState& s, const grpc::Status& status, const Trailers& trailing,
 
 struct Queue {
   std::mutex mu;
-  std::condition_variable cv;
+  // Each waiter on mu has a condition of its own, so that a queued call wakes only the
+  // thread that takes it: cv the dispatcher (min_age 0); aged_cv a spill thread (min_age
+  // > 0), woken by a call only when it sleeps on an empty queue (aged_idle) and else by
+  // its own timer, when the oldest call comes of age; reap_cv the reaper (its timer).
+  std::condition_variable cv, aged_cv, reap_cv;
+  bool aged_idle = false;
   std::deque<std::pair<std::shared_ptr<CallState>, Clock::time_point>> calls;  // FIFO
   bool closed = false;
   // Every call gRPC has not finished with (for a shutdown whose grace runs out); guarded by
@@ -144,6 +149,32 @@ PyObject* bytes_of(grpc::ByteBuffer& buf) {
   return out;
 }
 
+// Queue a call for Python (mu held); true when a spill thread sleeps on the empty queue
+// and must be woken to time the call (see Queue::aged_cv).
+bool push(Queue& q, std::shared_ptr<CallState> state) {
+  q.calls.emplace_back(std::move(state), Clock::now());
+  bool spill = q.aged_idle;
+  q.aged_idle = false;
+  return spill;
+}
+
+// After push (mu released): the dispatcher, and the spill thread if push said so.
+void wake(Queue& q, bool spill) {
+  q.cv.notify_all();
+  if (spill) q.aged_cv.notify_all();
+}
+
+// Close the queue: every thread waiting on it returns.
+void close(Queue& q) {
+  {
+    std::lock_guard<std::mutex> l(q.mu);
+    q.closed = true;
+  }
+  q.cv.notify_all();
+  q.aged_cv.notify_all();
+  q.reap_cv.notify_all();
+}
+
 class Reactor : public grpc::ServerGenericBidiReactor {
  public:
   Reactor(grpc::GenericCallbackServerContext* ctx, std::shared_ptr<Queue> queue)
@@ -161,17 +192,17 @@ class Reactor : public grpc::ServerGenericBidiReactor {
          ctx->client_metadata().find("authorization") == ctx->client_metadata().end())) {
       // (Operations Python starts before gRPC binds the reactor wait in its backlog.)
       queued_ = streaming_ = true;
-      bool closed;
+      bool closed, spill = false;
       {
         std::lock_guard<std::mutex> l(queue_->mu);
         closed = queue_->closed;
-        if (!closed) queue_->calls.emplace_back(state_, Clock::now());
+        if (!closed) spill = push(*queue_, state_);
       }
       if (closed) {
         finish(*state_, grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"),
                {}, nullptr);
       } else {
-        queue_->cv.notify_all();
+        wake(*queue_, spill);
       }
       return;
     }
@@ -210,7 +241,7 @@ class Reactor : public grpc::ServerGenericBidiReactor {
     if (!queued_) {  // the first message (or its absence): the call goes to Python now
       queued_ = true;
       has_first_ = ok;
-      bool closed, ended;
+      bool closed, ended, spill = false;
       {
         std::lock_guard<std::mutex> l(state_->mu);
         ended = state_->finished;  // evicted, timed out or drained while it waited
@@ -219,7 +250,7 @@ class Reactor : public grpc::ServerGenericBidiReactor {
         std::lock_guard<std::mutex> l(queue_->mu);
         take_unsent(*queue_, *state_);
         closed = queue_->closed;
-        if (!closed && !ended) queue_->calls.emplace_back(state_, Clock::now());
+        if (!closed && !ended) spill = push(*queue_, state_);
       }
       if (ended) return;
       if (closed) {
@@ -227,7 +258,7 @@ class Reactor : public grpc::ServerGenericBidiReactor {
                {}, nullptr);
         return;
       }
-      queue_->cv.notify_all();  // the dispatcher, and a spill thread waiting for age
+      wake(*queue_, spill);
       return;
     }
     std::lock_guard<std::mutex> l(state_->mu);
@@ -623,7 +654,7 @@ void reap(std::shared_ptr<Queue> queue) {
       std::chrono::duration<double>(q.unsent_timeout));
   std::unique_lock<std::mutex> l(q.mu);
   while (!q.closed) {
-    q.cv.wait_for(l, std::chrono::milliseconds(100));
+    q.reap_cv.wait_for(l, std::chrono::milliseconds(100));
     std::vector<std::shared_ptr<CallState>> expired;
     auto cutoff = Clock::now() - timeout;
     while (!q.unsent.empty() && q.unsent.front()->since <= cutoff) {
@@ -670,8 +701,13 @@ void stop_finisher(ServerObject* self) {
 
 // The reaper stops with the queue closed (no call is queued for Python after it).
 void stop_reaper(ServerObject* self) {
-  Queue& q = **self->queue;
-  stop_thread(self->reaper, q.mu, q.cv, q.closed);
+  if (self->reaper == nullptr) return;
+  close(**self->queue);
+  Py_BEGIN_ALLOW_THREADS
+  self->reaper->join();
+  Py_END_ALLOW_THREADS
+  delete self->reaper;
+  self->reaper = nullptr;
 }
 
 void server_dealloc(ServerObject* self) {
@@ -837,9 +873,15 @@ PyObject* server_next_call(ServerObject* self, PyObject* args) {
           break;
         }
         if (now >= end) break;
-        auto wake = end;
-        if (!q.calls.empty() && q.calls.front().second + age < wake) wake = q.calls.front().second + age;
-        q.cv.wait_until(l, wake);
+        auto until = end;
+        if (!q.calls.empty() && q.calls.front().second + age < until)
+          until = q.calls.front().second + age;
+        if (min_age > 0) {
+          q.aged_idle = q.calls.empty();
+          q.aged_cv.wait_until(l, until);
+        } else {
+          q.cv.wait_until(l, until);
+        }
       }
     }
     Py_END_ALLOW_THREADS
@@ -871,7 +913,7 @@ PyObject* server_shutdown(ServerObject* self, PyObject* arg) {
       left.emplace_back(std::move(st), Clock::now());
     }
   }
-  q.cv.notify_all();
+  close(q);  // (closed already: this wakes its waiters)
   for (auto& item : left)
     finish(*item.first, grpc::Status(grpc::StatusCode::UNAVAILABLE, "server is shutting down"), {}, nullptr);
   std::vector<std::shared_ptr<CallState>> running;

@@ -23,6 +23,7 @@ and a pool thread, each move a GIL hand-off; here a small call makes none
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -344,11 +345,15 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
 
     def _intercepted(self, details: _Details, found: grpc.RpcMethodHandler | None
                      ) -> grpc.RpcMethodHandler | None:
-        def chain(index: int) -> Callable[[Any], Any]:
-            if index == len(self._interceptors):
-                return lambda _details: found
-            return lambda d: self._interceptors[index].intercept_service(chain(index + 1), d)
-        return chain(0)(details)
+        # Built from the last interceptor back, as partials: a recursive closure would make
+        # each call a reference cycle for the garbage collector.
+        def handler(_details: _Details) -> grpc.RpcMethodHandler | None:
+            return found
+
+        continuation: Callable[[Any], Any] = handler
+        for interceptor in reversed(self._interceptors):
+            continuation = functools.partial(interceptor.intercept_service, continuation)
+        return continuation(details)
 
     def _run(self, call: Any, handler: grpc.RpcMethodHandler) -> None:
         """One call, as grpcio's server runs it: the handler's behaviour for its kind, its
