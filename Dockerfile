@@ -40,13 +40,15 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 RUN --mount=type=bind,from=source,source=/src,target=/src,rw \
     pip install --no-cache-dir "/src[server,report]" \
     && lossd serve --help >/dev/null
-# The native gRPC front (LOSSD_FRONT=auto picks it): built here against Debian's gRPC C++,
-# into /opt/lossd-native, which the runtime image loads (it installs the shared libraries).
+# The native gRPC front (LOSSD_FRONT=auto picks it) and the client's native transport (for
+# `lossd eval` and clients run from the image): built here against Debian's gRPC C++, into
+# /opt/lossd-native, which the runtime image loads (it installs the shared libraries).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++=4:12.2.0-3 pkg-config=1.8.1-1 \
        libgrpc++-dev=1.51.1-3+b1 \
     && rm -rf /var/lib/apt/lists/* \
-    && LOSSD_NATIVE_CACHE=/opt/lossd-native python -m lossd_server.native
+    && LOSSD_NATIVE_CACHE=/opt/lossd-native python -m lossd_server.native \
+    && LOSSD_NATIVE_CACHE=/opt/lossd-native python -m lossd.native
 
 # ---------------------------------------------------------------------------------------
 # cpu: slim runtime with only the virtualenv from cpu-build.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# What the native gRPC front builds from (`lossd serve --front native`, picked by the
-# default `auto`): a C++ compiler, pkg-config and gRPC C++ (Debian's libgrpc++-dev). Called
+# What the native gRPC front (`lossd serve --front native`, picked by the default `auto`)
+# and the client's native transport (`LossClient(transport=)`) build from: a C++ compiler,
+# pkg-config and gRPC C++ (Debian's libgrpc++-dev). Called
 # by `scripts/bootstrap.sh serve` (and so by every level). Installed only where missing
 # and where apt-get can run (root, or sudo without a password); elsewhere `lossd serve`
-# says why it serves with grpcio instead. Then builds the module once (cached).
+# says why it serves with grpcio instead. Then builds both modules once (cached).
 set -euo pipefail
 VENV=${VENV:-.venv}
 
@@ -30,4 +31,8 @@ if ! { command -v "${CXX:-c++}" >/dev/null 2>&1 && pkg-config --exists grpc++ 2>
 fi
 if ! "$VENV/bin/python" -m lossd_server.native >/dev/null; then
     echo "bootstrap: the native front did not build (above); lossd serve uses grpcio" >&2
+fi
+if ! "$VENV/bin/python" -m lossd.native >/dev/null; then
+    echo "bootstrap: the client's native transport did not build (above); LossClient uses" \
+         "grpcio" >&2
 fi
