@@ -392,10 +392,11 @@ def _make_call(kind: str, w: Workload, address: str
     from lossd.requests import ENVELOPE_BYTES
 
     pred, targ, weights = DATA[w.name].torch()
-    if kind == "lossd":
+    if kind.partition("/")[0] == "lossd":  # "lossd/grpcio": through that client transport
         from lossd import LossClient
 
-        client = LossClient(address, timeout=CALL_TIMEOUT, max_message_bytes=MAX_MESSAGE_BYTES)
+        client = LossClient(address, timeout=CALL_TIMEOUT, max_message_bytes=MAX_MESSAGE_BYTES,
+                            transport=kind.partition("/")[2] or None)
 
         def call() -> int:
             r = client.evaluate(pred, targ, loss=w.loss, weights=weights, **w.options)

@@ -18,7 +18,9 @@ channel per thread, as a threaded trainer would call), call for ``--duration`` s
 * lossd (``lossd serve --processes P`` for each P of ``--processes``; ``auto`` is what
   ``lossd serve`` picks on this host) through ``lossd.LossClient``, with each front of
   ``--fronts`` (``native`` first: the targets are its; ``grpcio``, labelled so, is the
-  baseline measured in the same run);
+  baseline measured in the same run), and for the first front with each client transport
+  of ``--transports`` (``auto`` first: the targets are its; ``grpcio``, labelled
+  "grpcio client", is the baseline);
 * Triton 2.51 (``bench.triton``: its own virtualenv under /tmp, the python backend with a
   model computing the same loss with torch) with 1 and 2 CPU instances, through
   ``tritonclient.grpc`` from spawned client processes (tritonclient and lossd's Open
@@ -92,6 +94,16 @@ def _model_ready(ch: Any) -> bool:
     return bool(ready(kpb.ModelReadyRequest(name=WORKLOAD.loss), timeout=2).ready)
 
 
+def client_transport(asked: str) -> str:
+    """What ``LossClient(transport=asked)`` uses here (``auto``: native where it builds).
+    Asked in this process only after its client processes are forked: a native channel
+    must not exist in a process that forks (see ``lossd._transport``)."""
+    from lossd import LossClient
+
+    with LossClient("127.0.0.1:1", transport=asked) as client:
+        return client.transport
+
+
 def resolve(processes: str, device: str) -> int:
     from lossd_server.serve import resolve_processes
     from lossd_server.settings import Settings
@@ -161,6 +173,7 @@ class SmallBench:
                     self.measure(pool, BARE if kind == "floor_torch" else kind, kind, server)
                 finally:
                     server.stop()
+            transports = [client_transport(t) for t in a.transports]
             for front in a.fronts:
                 for spec in a.processes:
                     n = resolve(spec, a.device)
@@ -173,9 +186,15 @@ class SmallBench:
                     try:
                         startup = _grpc_wait(server.address, _serving)
                         self.servers[label] = {"startup_s": round(startup, 2)}
-                        self.measure(pool, label, "lossd", server, processes=n, front=front,
-                                     auto=front == a.fronts[0] and (
-                                         spec == "auto" or n == resolve("auto", a.device)))
+                        for i, (asked, used) in enumerate(zip(a.transports, transports,
+                                                              strict=True)):
+                            if i and front != a.fronts[0]:
+                                break  # the baseline transport: on the first front only
+                            self.measure(pool, label + (f" {used} client" if i else ""),
+                                         f"lossd/{asked}", server, processes=n, front=front,
+                                         transport=used, auto=front == a.fronts[0] and (
+                                             spec == "auto"
+                                             or n == resolve("auto", a.device)))
                     finally:
                         server.stop()
             if a.triton:
@@ -203,6 +222,7 @@ class SmallBench:
                              WORKLOAD.payload_bytes},
                 "config": {"clients": list(a.clients), "threads": list(a.threads),
                            "fronts": list(a.fronts),
+                           "transports": [client_transport(t) for t in a.transports],
                            "processes": list(a.processes),
                            "device": a.device, "quick": a.quick, "git": bench_run.git_state(),
                            "cores": bench_run.os.cpu_count(), "argv": sys.argv[1:]},
@@ -244,8 +264,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     floor1 = _best(result, "floor", 1, "p50_ms")
     floor8 = _best(result, "floor", 8, "calls_per_s")
     first = (result["config"].get("fronts") or [None])[0]  # (runs before --fronts: None)
+    transport = (result["config"].get("transports") or [None])[0]  # (and --transports)
     lossd = [c for c in _cases(result) if c["server"].startswith("lossd")
-             and c.get("front") == first]
+             and c.get("front") == first and c.get("transport") == transport]
     auto1 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 1)
     auto8 = next(c for c in lossd if c.get("auto") and c["concurrency"] == 8)
     out.append({"target": f"p50 at 1 client <= 1.3 x transport floor ({auto1['server']})",
@@ -321,7 +342,9 @@ def markdown(result: dict[str, Any]) -> str:
              "client and channel each. Server "
              "CPU: the whole process tree (supervisor and workers; tritonserver and its python "
              "stubs; MLServer and its pool). Triton: tritonserver 2.51, python backend, "
-             "KIND_CPU instances, through `tritonclient.grpc`.",
+             "KIND_CPU instances, through `tritonclient.grpc`. lossd: through `LossClient`, "
+             f"transport `{(cfg.get('transports') or ['grpcio'])[0]}` (\"grpcio client\": "
+             "the grpcio transport).",
              "", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for t in targets(result):
         lines.append(f"| {t['target']} | {t['value']:.2f} | {t['limit']:.2f} | "
@@ -366,7 +389,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ps: list[int] = []
     for front, style in zip(fronts, ("o-", "s--"), strict=False):  # one line per front
         lossd8 = sorted((c for c in _cases(result) if c["server"].startswith("lossd")
-                         and c["concurrency"] == 8 and c.get("front") == front),
+                         and c["concurrency"] == 8 and c.get("front") == front
+                         and c.get("transport") == (result["config"].get("transports")
+                                                    or [None])[0]),
                         key=lambda c: c["processes"])
         ps = ps or [c["processes"] for c in lossd8]
         name = "lossd" if front is None else f"lossd, {front} front"
@@ -408,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8", help="client process counts")
     p.add_argument("--fronts", default="native,grpcio",
                    help="lossd's --front values to measure; the targets take the first")
+    p.add_argument("--transports", default="auto,grpcio",
+                   help="LossClient transports to measure on the first front; the targets "
+                        "take the first")
     p.add_argument("--threads", default="8",
                    help="client thread counts, each in one client process ('' for none)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per case")
@@ -424,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     a.clients = tuple(int(x) for x in a.clients.split(","))
     a.threads = tuple(int(x) for x in a.threads.split(",") if x.strip())
     a.fronts = tuple(x.strip() for x in a.fronts.split(",") if x.strip())
+    a.transports = tuple(x.strip() for x in a.transports.split(",") if x.strip())
     cores = os.cpu_count() or 1
     a.processes = (a.processes.split(",") if a.processes
                    else [*map(str, range(1, cores + 1)), "auto"])
