@@ -105,17 +105,17 @@ class NativeModule:
                 os.unlink(tmp)
         return target
 
+    def cached(self) -> Path | None:
+        """The newest build of this source for this Python, if any (no build tools asked:
+        pkg-config alone takes about a second on gRPC C++'s dependency tree)."""
+        built = sorted(self._home().glob(f"{self.name}-grpc*{_SUFFIX}"),
+                       key=lambda p: p.stat().st_mtime)
+        return built[-1] if built else None
+
     def find(self) -> Path:
-        """The module to load: built (or found built) with the build tools where they are;
-        without them (a runtime image holding only gRPC's shared libraries), the build made
-        for this source and Python, if one is cached."""
-        try:
-            return self.build()
-        except NativeUnavailable:
-            built = sorted(self._home().glob(f"{self.name}-grpc*{_SUFFIX}"))
-            if not built:
-                raise
-            return built[-1]
+        """The module to load: a cached build where there is one (a runtime image holding
+        only gRPC's shared libraries has no build tools), else built now."""
+        return self.cached() or self.build()
 
     def load(self) -> ModuleType:
         """The module, built first if needed (see :meth:`find`). A process tries once: a
@@ -132,7 +132,15 @@ class NativeModule:
             return self._loaded
 
     def _load(self) -> ModuleType:
-        path = self.find()
+        cached = self.cached()
+        if cached is not None:
+            try:
+                return self._import(cached)
+            except NativeUnavailable:  # built against a gRPC C++ no longer installed
+                pass
+        return self._import(self.build(force=cached is not None))
+
+    def _import(self, path: Path) -> ModuleType:
         spec = importlib.util.spec_from_file_location(self.import_name, path)
         if spec is None or spec.loader is None:  # pragma: no cover
             raise NativeUnavailable(f"cannot load {path}")

@@ -75,6 +75,10 @@ struct Queue {
   // its own timer, when the oldest call comes of age; reap_cv the reaper (its timer).
   std::condition_variable cv, aged_cv, reap_cv;
   bool aged_idle = false;
+  // When the dispatcher last took a call: a spill thread takes one only while the
+  // dispatcher has taken none for min_age (it is held up), not merely because calls queue
+  // behind a busy one (spilling those adds no capacity, only GIL hand-offs).
+  Clock::time_point last_take{};
   std::deque<std::pair<std::shared_ptr<CallState>, Clock::time_point>> calls;  // FIFO
   bool closed = false;
   // Every call gRPC has not finished with (for a shutdown whose grace runs out); guarded by
@@ -842,22 +846,31 @@ PyObject* server_start(ServerObject* self, PyObject*) {
 
 // next_call(timeout, min_age=0) -> the oldest queued call, or None when timeout seconds
 // passed or the server closed. With min_age, only a call queued at least that many seconds
-// ago is taken: a spill thread takes what the dispatcher has not got to in time.
+// ago, while the dispatcher (min_age 0) has taken none for as long: a spill thread takes
+// what a held-up dispatcher has not got to.
 PyObject* server_next_call(ServerObject* self, PyObject* args) {
   double timeout, min_age = 0.0;
   if (!PyArg_ParseTuple(args, "d|d", &timeout, &min_age)) return nullptr;
   Queue& q = **self->queue;
   auto age = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(min_age));
-  auto ready = [&q, age](Clock::time_point now) {
-    return !q.calls.empty() && now - q.calls.front().second >= age;
+  bool spill = min_age > 0;
+  // (Under q.mu.) When the oldest call may be taken: at once for the dispatcher; for a
+  // spill thread once it is min_age old and the dispatcher has taken nothing for as long.
+  auto due = [&q, age, spill]() {
+    auto since = q.calls.front().second;
+    if (spill && q.last_take > since) since = q.last_take;
+    return since + age;
+  };
+  auto take = [&q, spill](std::shared_ptr<CallState>& state, Clock::time_point now) {
+    state = std::move(q.calls.front().first);
+    q.calls.pop_front();
+    if (!spill) q.last_take = now;
   };
   std::shared_ptr<CallState> state;
   {
     std::lock_guard<std::mutex> l(q.mu);
-    if (ready(Clock::now())) {  // under load: taken without giving the GIL up
-      state = std::move(q.calls.front().first);
-      q.calls.pop_front();
-    }
+    auto now = Clock::now();
+    if (!q.calls.empty() && now >= due()) take(state, now);  // under load: the GIL kept
   }
   if (!state) {
     Py_BEGIN_ALLOW_THREADS
@@ -867,16 +880,14 @@ PyObject* server_next_call(ServerObject* self, PyObject* args) {
       std::unique_lock<std::mutex> l(q.mu);
       while (!q.closed) {
         auto now = Clock::now();
-        if (ready(now)) {
-          state = std::move(q.calls.front().first);
-          q.calls.pop_front();
+        if (!q.calls.empty() && now >= due()) {
+          take(state, now);
           break;
         }
         if (now >= end) break;
         auto until = end;
-        if (!q.calls.empty() && q.calls.front().second + age < until)
-          until = q.calls.front().second + age;
-        if (min_age > 0) {
+        if (!q.calls.empty() && due() < until) until = due();
+        if (spill) {
           q.aged_idle = q.calls.empty();
           q.aged_cv.wait_until(l, until);
         } else {
