@@ -41,7 +41,8 @@ from lossd.v1 import loss_service_pb2 as pb
 
 
 class AsyncLossClient:
-    """An asyncio client for a lossd server; the same options as :class:`LossClient`.
+    """An asyncio client for a lossd server; the same options as :class:`LossClient`, but
+    ``channel`` and ``transport``: every call goes through grpc.aio.
 
     Example::
 

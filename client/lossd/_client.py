@@ -115,7 +115,8 @@ class LossClient:
             private_key=private_key, tls=tls, server_name=server_name,
             retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds,
             load_balancing=load_balancing, env=env)
-        custom_channel = channel is not None
+        self.transport = choose(transport, custom_channel=channel is not None,
+                                tls=setup.credentials is not None, env=env)
         if channel is None:
             channel = (grpc.secure_channel(address, setup.credentials, options=setup.options)
                        if setup.credentials is not None
@@ -124,8 +125,6 @@ class LossClient:
         self._channel = (grpc.intercept_channel(channel, MetadataInterceptor(setup.metadata))
                          if setup.metadata else channel)
         self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self.transport = choose(transport, custom_channel=custom_channel,
-                                tls=setup.credentials is not None, env=env)
         # Evaluate and EvaluateStream take requests already serialised by Requests.
         self._native: NativeChannel | None = None
         if self.transport == "native":

@@ -34,7 +34,7 @@ _CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 # inherits gRPC C++'s state without its threads, so clients there use grpcio.
 _started_in: int | None = None
 
-Metadata = tuple[tuple[str, str | bytes], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]  # as grpcio gives it: bytes for -bin keys
 
 
 class NativeRpcError(grpc.RpcError):  # type: ignore[misc]
@@ -62,13 +62,11 @@ class NativeRpcError(grpc.RpcError):  # type: ignore[misc]
 
 
 class NativeChannel:
-    """Unary calls over one gRPC C++ channel (a connection of its own).
-
-    >>> ch = NativeChannel("127.0.0.1:1", [("grpc.enable_retries", 0)])  # doctest: +SKIP
-    """
+    """Unary calls over one gRPC C++ channel (a connection of its own), opened with
+    grpcio's channel ``options`` and sending ``metadata`` (the bearer token) on each."""
 
     def __init__(self, address: str, options: Sequence[tuple[str, Any]],
-                 metadata: Metadata = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         global _started_in
         if _started_in is None:
             _started_in = os.getpid()
