@@ -267,9 +267,12 @@ def create_server(settings: Settings, *, metrics: Metrics | None = None,
                                 in_flight=lambda: gate.in_flight)
     pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="lossd",
                                       initializer=_serving_thread)
+    # With dynamic batching every call goes to the pool, where concurrent calls meet in the
+    # batcher; on the native front's dispatcher they would run one after another, alone.
     server, credentials = _front(settings, pool, gate, on_native=on_native,
                                  reuse_port=reuse_port,
-                                 can_inline=service.admission.has_free_slot)
+                                 can_inline=(_never if service.batcher is not None
+                                             else service.admission.has_free_slot))
     registry, fd_socket = None, None
     if settings.shared_memory:
         registry = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes)
@@ -336,6 +339,10 @@ def _front(settings: Settings, pool: futures.ThreadPoolExecutor, gate: Gate, *,
         return server, None
     key, cert, client_ca = pems
     return server, TlsPems(key, cert, client_ca, client_ca is not None)
+
+
+def _never() -> bool:
+    return False
 
 
 def _serving_thread() -> None:

@@ -12,8 +12,10 @@ which front it runs on. What differs is who carries a call:
   up, and runs a small unary call itself (``inline_bytes``, and only while ``can_inline()``
   says a compute slot is free, so it never waits behind a long evaluation);
 - every other call (streams, large requests) runs on the thread pool, as on grpcio, and so
-  does a call the dispatcher has not taken within ``SPILL_SECONDS``: a spill thread hands
-  it over, so a dispatcher held up (a slow evaluation, a stalled device) holds up no call.
+  do the queued calls while the dispatcher has taken none for ``SPILL_SECONDS``: a spill
+  thread hands them over, so a dispatcher held up (a slow evaluation, a stalled device)
+  holds up no call. (Calls merely queued behind a busy dispatcher stay: on the pool they
+  would only contend for the GIL.)
 
 A C++ thread sends each answer (``Call.finish`` returns at once), so the dispatcher goes on
 to the next call while gRPC writes. With grpcio every call moves between its polling thread
