@@ -1,7 +1,7 @@
 """The client's transports (``lossd._transport``): evaluate's unary calls over gRPC C++
-(``native``) or grpcio. The rest of the suite runs on ``auto`` (native where it builds);
-these tests hold the two to the same answers, errors, deadlines, retries, trailers and
-token, and check the choice and its fallbacks."""
+(``native``) or grpcio (the default; the rest of the suite runs on it). These tests hold
+the two to the same answers, errors, deadlines, retries, trailers and token, and check the
+choice and its fallbacks."""
 
 from __future__ import annotations
 
@@ -67,11 +67,15 @@ def test_grpcio_tls_and_a_callers_channel_stay_on_grpcio_and_native_says_why() -
         transport.choose("http3", custom_channel=False, tls=False)
 
 
-def test_the_environment_chooses_when_the_client_does_not() -> None:
-    env = {transport.ENV_TRANSPORT: "grpcio"}
-    assert transport.choose(None, custom_channel=False, tls=False, env=env) == "grpcio"
-    with LossClient("127.0.0.1:1", env=env) as client:
+def test_grpcio_by_default_and_the_environment_chooses_when_the_client_does_not() -> None:
+    assert transport.choose(None, custom_channel=False, tls=False, env={}) == "grpcio"
+    with LossClient("127.0.0.1:1", env={}) as client:
         assert client.transport == "grpcio"
+    env = {transport.ENV_TRANSPORT: "auto"}
+    expected = "grpcio" if UNAVAILABLE else "native"
+    assert transport.choose(None, custom_channel=False, tls=False, env=env) == expected
+    with LossClient("127.0.0.1:1", env=env) as client:
+        assert client.transport == expected
 
 
 def test_auto_falls_back_where_it_cannot_build_and_native_fails_loudly(

@@ -58,11 +58,11 @@ class LossClient:
     "grpcs://host[:port]" (TLS, as ``tls=True``; port 443 by default), or any gRPC target:
     "dns:///lossd-headless.<ns>.svc.cluster.local:50051" (every resolved address is used,
     round robin), "ipv4:10.0.0.1:50051,10.0.0.2:50051", ... Other schemes are a ValueError.
-    ``transport`` (``LOSSD_TRANSPORT``, default "auto"): "native" sends ``evaluate``'s
-    single-message calls through gRPC C++ on a plaintext channel, at a fraction of grpcio's
-    CPU a call (the module is built on first use where a C++ compiler and gRPC C++ are
-    installed); "grpcio" never; "auto" where it builds. The rest (streams, ``losses``,
-    TLS, a caller's ``channel``) goes through grpcio.
+    ``transport`` (``LOSSD_TRANSPORT``, default "grpcio"): "native" sends ``evaluate``'s
+    single-message calls through gRPC C++ on a plaintext channel, at half grpcio's CPU a
+    call and a lower latency (the module is built on first use where a C++ compiler and
+    gRPC C++ are installed); "auto" does where it builds; "grpcio" never. The rest
+    (streams, ``losses``, TLS, a caller's ``channel``) goes through grpcio.
     ``max_message_bytes`` must not exceed the server's ``--max-message-mb``; larger batches
     are split along N and reassembled, and so are batches over ``split_bytes`` (16 MiB; None
     turns it off): the server then holds one part at a time (a 65 MB batch's server peak

@@ -8,11 +8,13 @@ grpcio's (message limits, the service config with its retries and load balancing
 keepalive), so a call behaves the same: the same deadline, retries on UNAVAILABLE, status
 and trailing metadata, raised as an ``RpcError`` like grpcio's.
 
-It carries plaintext channels (a bearer token too); a TLS channel, a channel the caller
+It is opt-in (``transport="native"``, or ``"auto"``: native where it builds; the default
+is grpcio, or ``$LOSSD_TRANSPORT``). It carries plaintext channels (a bearer token too);
+a TLS channel, a channel the caller
 built, and the clients of a process forked after a native channel was opened (gRPC C++
-does not survive a fork) stay on grpcio. A blocked call still ends on Ctrl-C. ``auto``
-picks native where its module builds (a C++ compiler and gRPC C++ with pkg-config: see
-:mod:`lossd.native`), else grpcio.
+does not survive a fork) stay on grpcio. A blocked call still ends on Ctrl-C. Its module
+is built on first use where a C++ compiler and gRPC C++ with pkg-config are installed
+(see :mod:`lossd.native`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lossd.native import NativeUnavailable
 
 ENV_TRANSPORT = "LOSSD_TRANSPORT"
 TRANSPORTS = ("auto", "native", "grpcio")
+DEFAULT = "grpcio"  # until the native transport has run in production as long as grpcio
 
 _CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 # The process whose gRPC C++ has started (its first native channel): a child forked from it
@@ -99,10 +102,10 @@ class NativeChannel:
 def choose(transport: str | None, *, custom_channel: bool, tls: bool,
            env: Mapping[str, str] | None = None) -> str:
     """``native`` or ``grpcio`` for a client's unary Evaluate calls. ``transport`` None:
-    ``$LOSSD_TRANSPORT``, else ``auto``. ``native`` asked for where it cannot serve raises
+    ``$LOSSD_TRANSPORT``, else ``grpcio``. ``native`` asked for where it cannot serve raises
     :class:`NativeUnavailable` (or ValueError) saying why; ``auto`` falls back to grpcio."""
     env = os.environ if env is None else env
-    asked = transport if transport is not None else env.get(ENV_TRANSPORT) or "auto"
+    asked = transport if transport is not None else env.get(ENV_TRANSPORT) or DEFAULT
     if asked not in TRANSPORTS:
         raise ValueError(f"transport={asked!r}: one of {', '.join(TRANSPORTS)}")
     if asked == "grpcio":

@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <grpc/grpc.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
@@ -242,6 +243,10 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_native_transport",
 }  // namespace
 
 PyMODINIT_FUNC PyInit__native_transport() {
+  // gRPC C++ stays initialised for the life of the process. Otherwise the last channel or
+  // completion queue to go (at exit, say) starts gRPC's shutdown on a detached thread, which
+  // races the process's own exit.
+  grpc_init();
   ChannelType.tp_basicsize = sizeof(ChannelObject);
   ChannelType.tp_flags = Py_TPFLAGS_DEFAULT;
   ChannelType.tp_doc = "A gRPC C++ channel making unary calls with the GIL released.";
