@@ -125,6 +125,7 @@ class SmallBench:
         self.bench.t0 = time.monotonic()
         self.cases: list[dict[str, Any]] = []
         self.servers: dict[str, Any] = {}
+        self.transports: list[str] = []  # what each of --transports resolved to here
 
     def measure(self, pool: bench_run.Pool, label: str, kind: str, server: Any,
                 **extra: Any) -> None:
@@ -173,7 +174,7 @@ class SmallBench:
                     self.measure(pool, BARE if kind == "floor_torch" else kind, kind, server)
                 finally:
                     server.stop()
-            transports = [client_transport(t) for t in a.transports]
+            self.transports = transports = [client_transport(t) for t in a.transports]
             for front in a.fronts:
                 for spec in a.processes:
                     n = resolve(spec, a.device)
@@ -222,7 +223,7 @@ class SmallBench:
                              WORKLOAD.payload_bytes},
                 "config": {"clients": list(a.clients), "threads": list(a.threads),
                            "fronts": list(a.fronts),
-                           "transports": [client_transport(t) for t in a.transports],
+                           "transports": self.transports,
                            "processes": list(a.processes),
                            "device": a.device, "quick": a.quick, "git": bench_run.git_state(),
                            "cores": bench_run.os.cpu_count(), "argv": sys.argv[1:]},

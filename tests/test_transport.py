@@ -103,6 +103,21 @@ def test_a_failed_build_is_tried_once_per_process(tmp_path: Path,
 
 
 @needs_native
+def test_a_cached_build_loads_without_asking_the_build_tools(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pkg-config takes about a second on gRPC C++'s dependency tree: a process whose
+    module is built already must not run it (nor the compiler) to load it."""
+    transport.MODULE.build()  # (cached already: the suite's first native client built it)
+
+    def tools(*args: Any) -> Any:
+        raise AssertionError(f"build tools run to load a cached build: {args}")
+
+    monkeypatch.setattr(lossd.native, "_run", tools)
+    fresh = lossd.native.NativeModule(transport.MODULE.source, transport.MODULE.import_name)
+    assert fresh.load().Channel is not None
+
+
+@needs_native
 def test_a_child_forked_after_a_native_channel_uses_grpcio(srv: LossdServer) -> None:
     with _client(srv, "native") as client:
         client.evaluate(*batch(0)[:2])

@@ -165,9 +165,14 @@ def from_rpc_error(exc: grpc.RpcError, *, retry_attempts: int = 1) -> LossdError
 _BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
+def status_code(value: int) -> grpc.StatusCode:
+    """The StatusCode of a status in gRPC's numbering (UNKNOWN for one it does not know)."""
+    return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+
+
 def from_status(code: int, message: str, retry_after_ms: int = 0) -> LossdError:
     """The typed error for a status sent inside a message (a shared-memory session's
     answers): ``code`` in gRPC's numbering, ``retry_after_ms`` 0 for none."""
-    status = _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    status = status_code(code)
     return _BY_CODE.get(status, LossdError)(
         message, code=status, retry_after=retry_after_ms / 1000.0 if retry_after_ms else None)

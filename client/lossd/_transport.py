@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from lossd._errors import status_code
 from lossd.native import TRANSPORT as MODULE
 from lossd.native import NativeUnavailable
 
@@ -32,7 +33,6 @@ ENV_TRANSPORT = "LOSSD_TRANSPORT"
 TRANSPORTS = ("auto", "native", "grpcio")
 DEFAULT = "grpcio"  # until the native transport has run in production as long as grpcio
 
-_CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 # The process whose gRPC C++ has started (its first native channel): a child forked from it
 # inherits gRPC C++'s state without its threads, so clients there use grpcio.
 _started_in: int | None = None
@@ -88,8 +88,7 @@ class NativeChannel:
             code, details, trailing, response = native(
                 method, request, -1.0 if timeout is None else timeout, metadata)
             if code:
-                raise NativeRpcError(_CODES.get(code, grpc.StatusCode.UNKNOWN), details,
-                                     trailing)
+                raise NativeRpcError(status_code(code), details, trailing)
             return response_deserializer(response)
 
         return call

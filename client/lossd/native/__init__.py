@@ -112,13 +112,9 @@ class NativeModule:
                        key=lambda p: p.stat().st_mtime)
         return built[-1] if built else None
 
-    def find(self) -> Path:
-        """The module to load: a cached build where there is one (a runtime image holding
-        only gRPC's shared libraries has no build tools), else built now."""
-        return self.cached() or self.build()
-
     def load(self) -> ModuleType:
-        """The module, built first if needed (see :meth:`find`). A process tries once: a
+        """The module: its cached build where one loads (a runtime image holding only
+        gRPC's shared libraries has no build tools), else built now. A process tries once: a
         module that could not be built or loaded raises the same error at once after."""
         with self._lock:
             if self._failed is not None:

@@ -11,18 +11,13 @@ from lossd.native import NativeModule, NativeUnavailable
 SOURCE = Path(__file__).with_name("front.cpp")
 FRONT = NativeModule(SOURCE, "lossd_server._front")
 
-__all__ = ["FRONT", "SOURCE", "NativeUnavailable", "build", "find", "load"]
+__all__ = ["FRONT", "SOURCE", "NativeUnavailable", "build", "load"]
 
 
 def build(*, force: bool = False) -> Path:
     """Compile ``front.cpp`` unless its cached build exists (see
     :meth:`~lossd.native.NativeModule.build`)."""
     return FRONT.build(force=force)
-
-
-def find() -> Path:
-    """The front's module to load (see :meth:`~lossd.native.NativeModule.find`)."""
-    return FRONT.find()
 
 
 def load() -> ModuleType:
