@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -306,3 +308,47 @@ def test_a_read_only_cache_without_a_build_is_unavailable_not_a_crash(
         read_only.write_text("")
     with pytest.raises(NativeUnavailable, match="LOSSD_NATIVE_CACHE"):
         native.build()
+
+
+# A fresh process: gRPC C++'s threads are the process's, started by its first server.
+_THREAD_POLICIES = """
+import os, sys, threading
+from concurrent import futures
+import grpc
+from lossd_server.native import NativeServer
+
+def policies():
+    return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+
+before = policies()
+server = NativeServer(futures.ThreadPoolExecutor(2), yield_io_threads=sys.argv[1] == "on")
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+    "t.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda r, _c: r)})])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    assert ch.unary_unary("/t.Echo/Call")(b"x", timeout=10) == b"x"
+started = {t: p for t, p in policies().items() if t not in before}
+dispatcher = next(t.native_id for t in threading.enumerate() if t.name == "lossd-front")
+print(server.io_yielding, os.sched_getscheduler(0) == os.SCHED_OTHER,
+      started[dispatcher] == os.SCHED_OTHER,
+      sum(p == os.SCHED_BATCH for p in started.values()))
+server.stop(0).wait(10)
+"""
+
+
+@needs_native
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_the_server_threads_yield_to_the_dispatcher_unless_told_not_to(mode: str) -> None:
+    """With yield_io_threads the threads the server starts (gRPC C++'s, the finisher) run at
+    SCHED_BATCH, so they never preempt the dispatcher, which stays at the normal policy, as
+    does the thread that started the server; without it no thread is SCHED_BATCH."""
+    out = subprocess.run([sys.executable, "-c", _THREAD_POLICIES, mode], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    yielding, caller_normal, dispatcher_normal, batch = out
+    assert (yielding, caller_normal, dispatcher_normal) == (str(mode == "on"), "True", "True")
+    if mode == "on":
+        assert int(batch) >= 2  # gRPC's callback pollers and the finisher, at least
+    else:
+        assert int(batch) == 0

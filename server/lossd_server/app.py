@@ -333,7 +333,8 @@ def _front(settings: Settings, pool: futures.ThreadPoolExecutor, gate: Gate, *,
     server = NativeServer(pool, options=options, interceptors=[gate],
                           maximum_concurrent_rpcs=settings.rpc_limit,
                           initializer=_serving_thread, can_inline=can_inline,
-                          waits=gate.waits, require_auth=gate.tokens is not None)
+                          waits=gate.waits, require_auth=gate.tokens is not None,
+                          yield_io_threads=settings.yield_io_threads)
     pems = tls_pems(settings)
     if pems is None:
         return server, None

@@ -49,6 +49,11 @@ class Settings:
                                   "first use: needs g++, pkg-config and libgrpc++-dev), "
                                   "grpcio (Python's gRPC server), or auto (native where it "
                                   "builds, else grpcio)", choices=("auto", "native", "grpcio"))
+    yield_io_threads: bool = _setting(True, "native front, on Linux: the threads carrying "
+                                            "calls to and from Python (gRPC C++'s and the "
+                                            "front's) run at SCHED_BATCH, so they never "
+                                            "preempt the thread running the handlers: fewer "
+                                            "context switches a call on a busy host")
     workers: int = _setting(8, "threads serving calls concurrently (raised to --concurrency + "
                                "--max-waiting + --max-streams + --max-receiving + 2 when "
                                "lower, so waiting evaluations, open streams and unsent "
@@ -302,8 +307,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "network": ("host", "port", "metrics_host", "metrics_port", "health_port", "reflection",
                 "keepalive_seconds", "min_client_ping_seconds",
                 "max_connection_age_seconds", "shared_memory", "shm_socket_dir"),
-    "processes": ("processes", "torch_threads", "front", "workers", "concurrency",
-                  "grace_seconds", "malloc_reuse"),
+    "processes": ("processes", "torch_threads", "front", "yield_io_threads", "workers",
+                  "concurrency", "grace_seconds", "malloc_reuse"),
     "limits": ("max_message_mb", "max_elements", "max_waiting", "max_streams", "max_rpcs",
                "max_receiving", "message_timeout_seconds", "stream_idle_seconds",
                "max_map_entries", "shm_max_mb", "stall_seconds", "heartbeat_seconds"),

@@ -13,12 +13,15 @@
 // while they wait. Two threads of our own: the reaper (the bounds on calls whose message
 // has not arrived) and the finisher, which sends the answers Python hands over in
 // Call.finish, so that gRPC's work to send one runs beside the next call's Python.
+// With yield_io (Linux), the threads the server starts, gRPC's and ours, are SCHED_BATCH:
+// they never preempt the thread running the handlers, which keeps its caches and the GIL.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
+#include <sched.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -640,6 +643,35 @@ PyObject* make_call(std::shared_ptr<CallState> state, const std::shared_ptr<Queu
 
 // ---- Python type: Server --------------------------------------------------------------
 
+// While alive (when asked, on Linux): the calling thread at SCHED_BATCH, so that the threads
+// it starts inherit the policy; its own policy is restored after. applied: whether it took.
+class BatchPolicyScope {
+ public:
+  explicit BatchPolicyScope(bool wanted) {
+#ifdef SCHED_BATCH
+    if (!wanted) return;
+    old_policy_ = sched_getscheduler(0);
+    if (old_policy_ < 0 || sched_getparam(0, &old_param_) != 0) return;
+    sched_param batch{};
+    applied = sched_setscheduler(0, SCHED_BATCH, &batch) == 0;
+#else
+    (void)wanted;
+#endif
+  }
+  ~BatchPolicyScope() {
+#ifdef SCHED_BATCH
+    if (applied) sched_setscheduler(0, old_policy_, &old_param_);
+#endif
+  }
+  BatchPolicyScope(const BatchPolicyScope&) = delete;
+  BatchPolicyScope& operator=(const BatchPolicyScope&) = delete;
+  bool applied = false;
+
+ private:
+  int old_policy_ = 0;
+  sched_param old_param_{};
+};
+
 struct ServerObject {
   PyObject_HEAD
   grpc::ServerBuilder* builder;
@@ -649,6 +681,8 @@ struct ServerObject {
   std::vector<int*>* ports;
   std::thread* reaper;
   std::thread* finisher;
+  bool yield_io;     // start the server's threads SCHED_BATCH (see BatchPolicyScope)
+  bool io_yielding;  // they were
 };
 
 // Every 100 ms: end the calls whose first message is overdue, and report how many wait.
@@ -735,17 +769,21 @@ void server_dealloc(ServerObject* self) {
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
-// Server(options): options as grpcio takes them, [(name, int or str), ...].
-// Server(options, max_unsent, unsent_timeout, on_event): options as grpcio takes them,
-// [(name, int or str), ...]; the bounds on calls whose first message has not arrived; and
-// on_event(method, reason or None, waiting), told of each call those bounds end.
+// Server(options, max_unsent, unsent_timeout, on_event, yield_io=False): options as grpcio
+// takes them, [(name, int or str), ...]; the bounds on calls whose first message has not
+// arrived; on_event(method, reason or None, waiting), told of each call those bounds end;
+// yield_io: the threads start() starts run SCHED_BATCH (see BatchPolicyScope).
 int server_init(ServerObject* self, PyObject* args, PyObject*) {
   PyObject* options;
   PyObject* on_event;
   Py_ssize_t max_unsent;
   double unsent_timeout;
-  if (!PyArg_ParseTuple(args, "OndO", &options, &max_unsent, &unsent_timeout, &on_event))
+  int yield_io = 0;
+  if (!PyArg_ParseTuple(args, "OndO|p", &options, &max_unsent, &unsent_timeout, &on_event,
+                        &yield_io))
     return -1;
+  self->yield_io = yield_io != 0;
+  self->io_yielding = false;
   self->reaper = nullptr;
   self->finisher = nullptr;
   self->queue = new std::shared_ptr<Queue>(std::make_shared<Queue>());
@@ -828,20 +866,31 @@ PyObject* server_start(ServerObject* self, PyObject*) {
     return nullptr;
   }
   std::unique_ptr<grpc::Server> server;
-  Py_BEGIN_ALLOW_THREADS
-  server = self->builder->BuildAndStart();
-  Py_END_ALLOW_THREADS
-  if (!server) {
-    PyErr_SetString(PyExc_RuntimeError, "gRPC C++ could not start the server (a port taken?)");
-    return nullptr;
+  {
+    // gRPC starts the server's threads here (its callback pollers, event engine and
+    // timers), and so do we: they inherit the policy.
+    BatchPolicyScope policy(self->yield_io);
+    Py_BEGIN_ALLOW_THREADS
+    server = self->builder->BuildAndStart();
+    Py_END_ALLOW_THREADS
+    if (!server) {
+      PyErr_SetString(PyExc_RuntimeError, "gRPC C++ could not start the server (a port taken?)");
+      return nullptr;
+    }
+    self->server = server.release();
+    self->reaper = new std::thread(reap, *self->queue);
+    self->finisher = new std::thread(finisher, *self->queue);
+    self->io_yielding = policy.applied;
   }
-  self->server = server.release();
-  self->reaper = new std::thread(reap, *self->queue);
-  self->finisher = new std::thread(finisher, *self->queue);
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(self->ports->size()));
   for (size_t i = 0; i < self->ports->size(); ++i)
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), PyLong_FromLong(*(*self->ports)[i]));
   return out;
+}
+
+// io_yielding() -> whether start() started its threads SCHED_BATCH (yield_io, where it took).
+PyObject* server_io_yielding(ServerObject* self, PyObject*) {
+  return PyBool_FromLong(self->io_yielding);
 }
 
 // next_call(timeout, min_age=0) -> the oldest queued call, or None when timeout seconds
@@ -1007,6 +1056,8 @@ PyMethodDef server_methods[] = {
     {"add_port", reinterpret_cast<PyCFunction>(server_add_port), METH_VARARGS,
      "add_port(address, key=None, chain=None, roots=None, require_client_auth=False) -> index"},
     {"start", reinterpret_cast<PyCFunction>(server_start), METH_NOARGS, "start() -> bound ports"},
+    {"io_yielding", reinterpret_cast<PyCFunction>(server_io_yielding), METH_NOARGS,
+     "io_yielding() -> whether start() started its threads SCHED_BATCH"},
     {"next_call", reinterpret_cast<PyCFunction>(server_next_call), METH_VARARGS,
      "next_call(timeout, min_age=0) -> Call or None"},
     {"shutdown", reinterpret_cast<PyCFunction>(server_shutdown), METH_O, "shutdown(grace)"},

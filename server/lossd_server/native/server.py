@@ -21,12 +21,19 @@ A C++ thread sends each answer (``Call.finish`` returns at once), so the dispatc
 to the next call while gRPC writes. With grpcio every call moves between its polling thread
 and a pool thread, each move a GIL hand-off; here a small call makes none
 (docs/performance.md, "Small calls").
+
+With ``yield_io_threads`` (Linux), the threads that carry calls to and from Python (gRPC
+C++'s for the server and the front's own) run at ``SCHED_BATCH``: woken by a call's bytes,
+they wait for a core instead of preempting the dispatcher in the middle of a call, whose
+caches (and the GIL) it then keeps: fewer context switches a call on a host whose cores
+are busy (docs/performance.md, "Knobs"). Elsewhere the setting does nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -169,6 +176,8 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
     (which still bounds a stream's later messages, read in Python). ``require_auth``
     (tokens configured): a call without an ``authorization`` header reaches the
     interceptors before its message is read, so they refuse it at once.
+    ``yield_io_threads``: the server's gRPC and C++ threads run at ``SCHED_BATCH`` (see the
+    module docstring; :attr:`io_yielding` says whether they do).
     """
 
     def __init__(self, thread_pool: futures.ThreadPoolExecutor, *,
@@ -178,8 +187,10 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
                  initializer: Callable[[], None] | None = None,
                  can_inline: Callable[[], bool] = lambda: True,
                  inline_bytes: int = INLINE_BYTES,
-                 waits: MessageWaits | None = None, require_auth: bool = False) -> None:
+                 waits: MessageWaits | None = None, require_auth: bool = False,
+                 yield_io_threads: bool = False) -> None:
         self._module = load()
+        self._yield_io = yield_io_threads
         self._waits = waits if waits is not None else MessageWaits()
         self._require_auth = require_auth
         self._options = [(name, value) for name, value in options]
@@ -241,6 +252,11 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
             threading.Thread(target=run, name="lossd-front-stop", daemon=True).start()
         return self._stopped
 
+    @property
+    def io_yielding(self) -> bool:
+        """Whether the server's threads run at ``SCHED_BATCH`` (asked for, and started)."""
+        return self._server is not None and bool(self._server.io_yielding())
+
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
@@ -274,7 +290,7 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
         if self._server is not None:
             raise RuntimeError("the native front serves one port")
         server = self._module.Server(self._options, self._waits.max_receiving,
-                                     self._waits.timeout, self._waits_event)
+                                     self._waits.timeout, self._waits_event, self._yield_io)
         server.set_streaming([method for method, handler in self._registered.items()
                               if handler.request_streaming])
         if self._require_auth:
@@ -285,6 +301,9 @@ class NativeServer(grpc.Server):  # type: ignore[misc]
         except RuntimeError:
             return 0
         self._server = server
+        if self._yield_io and not server.io_yielding() and sys.platform == "linux":
+            log.warning("native front: could not start its threads at SCHED_BATCH; they run "
+                        "at the process's policy")
         return int(port)
 
     def _dispatch(self) -> None:
