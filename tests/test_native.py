@@ -321,6 +321,7 @@ def policies():
     return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
 
 before = policies()
+caller = os.sched_getscheduler(0)
 server = NativeServer(futures.ThreadPoolExecutor(2), yield_io_threads=sys.argv[1] == "on")
 server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
     "t.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda r, _c: r)})])
@@ -330,7 +331,7 @@ with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
     assert ch.unary_unary("/t.Echo/Call")(b"x", timeout=10) == b"x"
 started = {t: p for t, p in policies().items() if t not in before}
 dispatcher = next(t.native_id for t in threading.enumerate() if t.name == "lossd-front")
-print(server.io_yielding, os.sched_getscheduler(0) == os.SCHED_OTHER,
+print(server.io_yielding, os.sched_getscheduler(0) == caller == os.SCHED_OTHER,
       started[dispatcher] == os.SCHED_OTHER,
       sum(p == os.SCHED_BATCH for p in started.values()))
 server.stop(0).wait(10)
